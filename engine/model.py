@@ -1,0 +1,151 @@
+"""The GQA transformer shared by Llama 3, Mistral and Qwen2.5: RMSNorm, RoPE, SDPA, SwiGLU.
+
+Two entry points, both writing into a RaggedKV store:
+  prefill(tokens [B, N] right-padded, lens [B])  -> last-token logits, per-layer probe
+  decode(tokens [B])                             -> next-token logits
+The probe is what pruning policies see: each layer's attention of the last `probe_rows`
+prompt queries over all prompt keys ([L, B, H, w, N], fp32), never the N x N matrix.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weights.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x, cos, sin):
+    """HF rotate-half RoPE in fp32; cos/sin broadcast against x [..., D]."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.wqkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+
+    def qkv(self, x, cos, sin):
+        B, T, _ = x.shape
+        c = self.c
+        q, k, v = self.wqkv(x).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def out(self, o):  # [B, H, T, D] -> [B, T, dim]
+        B, H, T, D = o.shape
+        return self.wo(o.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(c.dim, 2 * c.ffn_dim, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(c.dim, c.norm_eps), Attention(c)
+        self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
+
+
+def causal_mask(q_pos, k_pos, window):
+    """Boolean [.., Tq, Tk]: key visible to query (causal, optionally within a sliding window)."""
+    d = q_pos[..., :, None] - k_pos[..., None, :]
+    return (d >= 0) & (d < window) if window else d >= 0
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def setup_rope(self, max_len: int, device=None):
+        """Precompute fp32 cos/sin for positions [0, max_len) (not a parameter: built after loading)."""
+        inv = rope_inv_freq(self.c).to(device)
+        freqs = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    @torch.no_grad()
+    def prefill(self, tokens, lens, kv, probe_rows: int = 1, all_logits: bool = False):
+        """Run right-padded prompts [B, N] (row b real up to lens[b]) and fill `kv`.
+
+        Returns (logits, probe): logits [B, V] at each row's last real token ([B, N, V] with
+        all_logits), probe [L, B, H, w, N] fp32 attention of the last w real queries of each
+        row (rows before the prompt start are zero), or None when probe_rows == 0."""
+        c, (B, N) = self.c, tokens.shape
+        cos, sin = self.cos[:N], self.sin[:N]
+        x = self.embed(tokens)
+        ar = torch.arange(N, device=tokens.device)
+        mask = causal_mask(ar, ar, c.sliding_window) if c.sliding_window else None
+        w = probe_rows
+        if w:
+            rows = lens[:, None] - w + torch.arange(w, device=tokens.device)  # [B, w] absolute positions
+            rmask = causal_mask(rows, ar, c.sliding_window) & (rows >= 0)[..., None] & (ar < lens[:, None, None])
+            probe = torch.empty(c.n_layers, B, c.n_heads, w, N, device=tokens.device)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
+            kv.prefill(i, k, v, lens)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            x = x + layer.attn.out(o)
+            x = x + layer.mlp(layer.mlp_norm(x))
+            if w:
+                probe[i] = self._probe(q, k, rows.clamp(min=0), rmask)
+        kv.next_pos.copy_(lens)
+        if not all_logits:
+            x = x[torch.arange(B, device=x.device), lens - 1]
+        return self.lm_head(self.norm(x)).float(), (probe if w else None)
+
+    def _probe(self, q, k, rows, rmask):
+        """Softmax attention (fp32) of the query rows [B, w] over all keys: [B, H, w, N]."""
+        B, H, N, D = q.shape
+        hkv, w = k.shape[1], rows.shape[1]
+        qr = q.gather(2, rows[:, None, :, None].expand(B, H, w, D)).float()
+        s = qr.view(B, hkv, -1, D) @ k.float().transpose(-1, -2) / math.sqrt(D)  # GQA: groups folded into rows
+        s = s.view(B, H, w, N).masked_fill(~rmask[:, None], float("-inf"))
+        return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows before the prompt start are all -inf -> 0
+
+    @torch.no_grad()
+    def decode(self, tokens, kv, span: int):
+        """One step for every sequence: tokens [B] at positions kv.next_pos. `span` bounds the
+        slots attention reads (>= every row's length after this append)."""
+        pos = kv.next_pos
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+        x = self.embed(tokens)[:, None]
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
+            kv.append(i, k, v)
+            x = x + layer.attn.out(kv.attend(i, q, span, self.c.sliding_window))
+            x = x + layer.mlp(layer.mlp_norm(x))
+        kv.next_pos += 1
+        return self.lm_head(self.norm(x[:, 0])).float()

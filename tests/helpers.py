@@ -1,0 +1,40 @@
+"""Shared test helpers: tiny random checkpoints written by transformers (the oracle)."""
+import torch
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, rms_norm_eps=1e-5)
+
+
+def hf_config(family):
+    import transformers as tf
+
+    if family == "llama":  # Llama 3.1-style frequency scaling, short original context so it bites
+        return tf.LlamaConfig(**TINY, rope_theta=500000.0, bos_token_id=1, eos_token_id=[2, 3], rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32})
+    if family == "mistral":  # window shorter than the test sequences
+        return tf.MistralConfig(**TINY, sliding_window=8, head_dim=24, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2":  # q/k/v bias, untied output
+        return tf.Qwen2Config(**{**TINY, "num_key_value_heads": 1}, tie_word_embeddings=False,
+                              bos_token_id=1, eos_token_id=2)
+    raise ValueError(family)
+
+
+def write_tiny(family, path, sharded=False, seed=0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager").float().eval()
+    if family == "qwen2":  # biases are zero-initialised: make them matter
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    model.save_pretrained(path, max_shard_size="100KB" if sharded else "1GB")
+    return path
+
+
+def hf_model(path):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager").eval()

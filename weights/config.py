@@ -1,0 +1,118 @@
+"""ModelConfig: every knob of the supported families, read from an HF config.json."""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from weights.errors import UserError
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass
+class ModelConfig:
+    family: str  # llama | mistral | qwen2
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...} is supported
+    sliding_window: int | None = None  # None: full attention
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    max_positions: int = 4096
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+def _ids(v) -> list[int]:
+    return [] if v is None else [int(x) for x in (v if isinstance(v, list) else [v])]
+
+
+def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED), None)
+    if arch is None:
+        got = ", ".join(archs) or f"model_type={cfg.get('model_type')!r}"
+        raise UserError(f"unsupported architecture {got} in {where}; supported: {', '.join(SUPPORTED)}")
+    family = SUPPORTED[arch]
+    try:
+        dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        head_dim = int(cfg.get("head_dim") or dim // n_heads)
+        # transformers 5 writes rope_parameters = {"rope_theta": .., "rope_type": ..}
+        rp = cfg.get("rope_parameters") or {}
+        theta = float(cfg.get("rope_theta") or rp.get("rope_theta") or 10000.0)
+        scaling = cfg.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise UserError(f"unsupported rope_scaling type {kind!r} in {where}; supported: llama3")
+        window = cfg.get("sliding_window")
+        if family == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None  # Qwen2 configs carry sliding_window with use_sliding_window=false
+        c = ModelConfig(
+            family=family, vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=int(cfg["intermediate_size"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=theta, rope_scaling=scaling,
+            sliding_window=int(window) if window else None, qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_positions=int(cfg.get("max_position_embeddings", 4096)),
+            bos_id=_ids(cfg.get("bos_token_id"))[0] if _ids(cfg.get("bos_token_id")) else None,
+            eos_ids=_ids(cfg.get("eos_token_id")),
+        )
+    except KeyError as e:
+        raise UserError(f"{where} lacks required field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where} has a malformed field: {e}") from None
+    if c.n_heads % c.n_kv_heads:
+        raise UserError(f"{where}: num_attention_heads {c.n_heads} is not a multiple of num_key_value_heads {c.n_kv_heads}")
+    return c
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"no config.json in {model_dir}: not a Hugging Face checkpoint directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    c = parse_config(cfg, str(path))
+    gen = Path(model_dir) / "generation_config.json"  # Llama 3 instruct lists its extra EOS ids here
+    if gen.is_file():
+        try:
+            extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            extra = []
+        c.eos_ids += [i for i in extra if i not in c.eos_ids]
+    return c
+
+
+def rope_inv_freq(c: ModelConfig):
+    """Rotary inverse frequencies (fp32), with Llama 3.1 frequency scaling when configured."""
+    import torch
+
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+    s = c.rope_scaling
+    if s:
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, mid, scaled)
+    return inv.float()

@@ -1,0 +1,43 @@
+"""Where a checkpoint lives: a local directory, a hub id (cache or download), or a bundled real model."""
+import os
+from pathlib import Path
+
+from weights.errors import UserError
+
+# Only what the engine reads: no *.bin, no *.pth, no original/ consolidated weights.
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve(model: str | None) -> Path:
+    """Return a local directory holding config.json, tokenizer and safetensors for `model`."""
+    from weights.gguf import BUNDLED, DEFAULT_MODEL, ensure_bundled
+
+    if model is None or model in BUNDLED:
+        return ensure_bundled(model or DEFAULT_MODEL)
+    p = Path(model).expanduser()
+    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        if not p.is_dir():
+            raise UserError(f"{model}: no such model directory (and not a hub id like Qwen/Qwen2.5-7B or one of: {', '.join(BUNDLED)})")
+        return p
+    return _from_hub(model)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise UserError(f"model {repo_id} is not in the local Hugging Face cache and {why}; on a connected machine "
+                        f"run `hf download {repo_id}` (and copy the cache to $HF_HOME), or pass a local directory") from None
+    except GatedRepoError:
+        raise UserError(f"model {repo_id} is gated: accept its licence on the hub and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model {repo_id} does not exist on the hub (or is private)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UserError(f"could not fetch {repo_id}: {str(e).splitlines()[0]}") from None
