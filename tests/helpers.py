@@ -31,6 +31,7 @@ def write_tiny(family, path, sharded=False, seed=0):
                 if n.endswith("bias"):
                     p.normal_(0, 0.5)
     model.save_pretrained(path, max_shard_size="100KB" if sharded else "1GB")
+    write_byte_tokenizer(path)
     return path
 
 
@@ -38,3 +39,14 @@ def hf_model(path):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def write_byte_tokenizer(path):
+    """A byte-level tokenizer.json (256 ids, no merges) so tiny checkpoints run end to end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))

@@ -1,0 +1,65 @@
+"""The checkpoint's own tokenizer (tokenizer.json) and chat template (Jinja, rendered as HF does)."""
+import json
+from datetime import datetime
+from pathlib import Path
+
+from weights.errors import UserError
+
+
+def _token_str(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+class Tokenizer:
+    def __init__(self, model_dir):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"no tokenizer.json in {model_dir} (the engine needs the fast-tokenizer file)")
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exceptions
+            raise UserError(f"{path} is not a valid tokenizer file: {str(e).splitlines()[0]}") from None
+        cfg = {}
+        if (model_dir / "tokenizer_config.json").is_file():
+            try:
+                cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{model_dir / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+        self.bos, self.eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+        tmpl = cfg.get("chat_template")
+        if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
+        if tmpl is None and (model_dir / "chat_template.jinja").is_file():
+            tmpl = (model_dir / "chat_template.jinja").read_text()
+        self.chat_template = tmpl
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """special: add the tokenizer's own BOS/EOS framing (off for chat-templated text, which has it)."""
+        return self.tok.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, text: str | None):
+        return None if text is None else self.tok.token_to_id(text)
+
+    def apply_chat(self, prompt: str, system: str | None = None) -> str:
+        if not self.chat_template:
+            raise UserError("this checkpoint has no chat template; use --raw")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos or "", eos_token=self.eos or "")
+        except TemplateError as e:
+            raise UserError(f"chat template failed: {e}") from None

@@ -1,0 +1,81 @@
+"""ReFreeKV (arXiv 2502.16886): threshold-free pruning, one cut per layer and sequence.
+
+For each pruned layer: a = attention of the last prompt query (k = 1) over the prompt keys,
+per query head. Candidates are the non-sink positions m..n-1, evicted oldest first. With
+S[p] = mean_h sqrt(sum_{t >= p} a[h, t]^2) over candidates and base = S[m], the cut is the
+deepest candidate p with (base - S[p]) / base <= T; the layer keeps sinks [0, m) and the
+suffix [p, n). This is the authors' code form (sinks excluded from the metric), which
+produced the published budgets. `include_sinks=True` is the paper-text form (Eq. 3 / Alg. 1):
+the sinks' attention counts in both the base and every retained norm.
+"""
+import torch
+
+from refreekv import Policy, Probe, register
+
+
+def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """[L, B, H, k, N] -> [L, B, H, N]: mean over the k probe rows, each key column divided by
+    the number of real rows that can causally see it (k = 1: the last row itself)."""
+    k, N = attn.shape[-2], attn.shape[-1]
+    rows = lens[:, None] - k + torch.arange(k, device=lens.device)  # [B, k] absolute query positions
+    sees = (rows[:, :, None] >= torch.arange(N, device=lens.device)) & (rows >= 0)[:, :, None]  # [B, k, N]
+    return attn.sum(-2) / sees.sum(1).clamp(min=1)[None, :, None, :]
+
+
+def cut_positions(a, lens, threshold, sinks, include_sinks=False):
+    """Vectorised cut over all layers and sequences. a: [L, B, H, N] scores, lens: [B].
+
+    Returns p [L, B]: each (layer, sequence) keeps [0, min(sinks, n)) and [p, n). Float64 so
+    the suffix sums (reverse cumsum) agree with a direct sum far below any sensible T."""
+    L, B, H, N = a.shape
+    pos = torch.arange(N, device=a.device)
+    real = pos < lens[:, None]  # [B, N]
+    cand = real & (pos >= sinks)
+    a2 = torch.where(cand[None, :, None], a.double(), 0.0).square()
+    suffix = a2.flip(-1).cumsum(-1).flip(-1)  # sum_{t >= p, t candidate} a^2
+    if include_sinks:
+        sink2 = torch.where((real & (pos < sinks))[None, :, None], a.double(), 0.0).square().sum(-1, keepdim=True)
+        suffix = suffix + sink2
+    S = suffix.sqrt().mean(2)  # [L, B, N]
+    base = S[..., :1]  # every candidate (and, in the paper form, the sinks) still retained
+    gap = torch.where(base > 0, (base - S) / base, torch.zeros_like(S))
+    ok = (gap <= threshold) & cand  # j = 0 (p = sinks) always qualifies since gap = 0 there
+    p = torch.where(ok, pos, -1).amax(-1)  # deepest qualifying candidate; -1: no candidates
+    return torch.where(p < 0, lens[None].expand(L, B), p)  # n <= sinks: keep everything
+
+
+@register("refreekv")
+class ReFreeKV(Policy):
+    def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1,
+                 protected: tuple[int, ...] = (0, 1), include_sinks: bool = False):
+        if not 0 <= threshold or sinks < 0 or rows < 1:
+            raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1")
+        self.threshold, self.sinks, self.probe_rows = float(threshold), int(sinks), int(rows)
+        self.protected, self.include_sinks = tuple(int(x) for x in protected), include_sinks
+
+    def plan(self, probe: Probe):
+        a = row_scores(probe.attn, probe.lens)
+        p = cut_positions(a, probe.lens, self.threshold, self.sinks, self.include_sinks)
+        for layer in self.protected:
+            if layer < probe.n_layers:
+                p[layer] = 0
+        pos = probe.positions
+        keep = ((pos < self.sinks) | (pos >= p[..., None])) & probe.real  # [L, B, N]
+        return probe.per_kv_head(keep)
+
+
+def cut_reference(a, n, threshold, sinks, include_sinks=False):
+    """Readable per-(layer, sequence) reference for tests: a [H, n] scores of one row."""
+    a = a[:, :n].double()
+    if n <= sinks:
+        return n
+    cand = a[:, sinks:]
+    extra = (a[:, :sinks] ** 2).sum(-1) if include_sinks else 0.0
+    base = ((cand ** 2).sum(-1) + extra).sqrt().mean().item()
+    best = 0
+    for j in range(cand.shape[1]):
+        S = ((cand[:, j:] ** 2).sum(-1) + extra).sqrt().mean().item()
+        gap = (base - S) / base if base > 0 else 0.0
+        if gap <= threshold:
+            best = j
+    return sinks + best
