@@ -211,6 +211,7 @@ def parse_args(argv=None):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--kv", default="refreekv", help="KV policy: " + ", ".join(refreekv.available()))
     p.add_argument("--threshold", type=float, help="ReFreeKV threshold T (default 0.01)")
+    p.add_argument("--budget", type=float, help="fixed-budget policies: fraction of the prompt (<= 1) or a token count (> 1)")
     p.add_argument("--kv-args", default="{}", help='policy knobs as JSON, e.g. \'{"sinks": 4, "protected": [0, 1]}\'')
     p.add_argument("--device")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
@@ -231,6 +232,8 @@ def policy_from_args(a) -> refreekv.Policy:
         if a.kv not in ("refreekv",) and "threshold" not in kw:
             raise UserError(f"--threshold applies to refreekv, not {a.kv!r}")
         kw["threshold"] = a.threshold
+    if a.budget is not None:
+        kw["budget"] = a.budget
     return refreekv.make(a.kv, **kw)
 
 
