@@ -25,20 +25,24 @@ def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
 def cut_positions(a, lens, threshold, sinks, include_sinks=False):
     """Vectorised cut over all layers and sequences. a: [L, B, H, N] scores, lens: [B].
 
-    Returns p [L, B]: each (layer, sequence) keeps [0, min(sinks, n)) and [p, n). Float64 so
-    the suffix sums (reverse cumsum) agree with a direct sum far below any sensible T."""
+    Returns p [L, B]: each (layer, sequence) keeps [0, min(sinks, n)) and [p, n). Float64, and
+    the gap is formed without subtracting near-equal norms, so it agrees with a direct sum far
+    below any sensible T and stays > 0 (T = 0 keeps all) however small the evicted attention."""
     L, B, H, N = a.shape
     pos = torch.arange(N, device=a.device)
     real = pos < lens[:, None]  # [B, N]
     cand = real & (pos >= sinks)
     a2 = torch.where(cand[None, :, None], a.double(), 0.0).square()
-    suffix = a2.flip(-1).cumsum(-1).flip(-1)  # sum_{t >= p, t candidate} a^2
+    suffix = a2.flip(-1).cumsum(-1).flip(-1)  # R[p] = sum_{t >= p} a^2 over candidates
     if include_sinks:
-        sink2 = torch.where((real & (pos < sinks))[None, :, None], a.double(), 0.0).square().sum(-1, keepdim=True)
-        suffix = suffix + sink2
-    S = suffix.sqrt().mean(2)  # [L, B, N]
-    base = S[..., :1]  # every candidate (and, in the paper form, the sinks) still retained
-    gap = torch.where(base > 0, (base - S) / base, torch.zeros_like(S))
+        suffix = suffix + torch.where((real & (pos < sinks))[None, :, None], a.double(), 0.0).square().sum(-1, keepdim=True)
+    base_h, S_h = suffix[..., :1].sqrt(), suffix.sqrt()
+    # base_h - S_h = removed / (base_h + S_h): no cancellation, so any evicted attention > 0 gives gap > 0
+    removed = torch.cat((torch.zeros_like(a2[..., :1]), a2[..., :-1].cumsum(-1)), -1)  # sum_{t < p} a^2 over candidates
+    den = base_h + S_h
+    drop = torch.where(den > 0, removed / den, 0.0).mean(2)  # [L, B, N] = base - S[p]
+    base = base_h.mean(2)
+    gap = torch.where(base > 0, drop / base, 0.0)
     ok = (gap <= threshold) & cand  # j = 0 (p = sinks) always qualifies since gap = 0 there
     p = torch.where(ok, pos, -1).amax(-1)  # deepest qualifying candidate; -1: no candidates
     return torch.where(p < 0, lens[None].expand(L, B), p)  # n <= sinks: keep everything

@@ -1,0 +1,135 @@
+"""Hypothesis invariants of the ReFreeKV cut (../shared/REFREEKV.md) and its loop reference."""
+import math
+
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+import refreekv
+from refreekv.refreekv import ReFreeKV, cut_positions, cut_reference, row_scores
+
+SET = settings(max_examples=60, deadline=None)
+
+
+@st.composite
+def scores(draw, max_l=3, max_b=3, max_h=4, max_n=40):
+    """Per-layer last-row attention [L, B, H, N] (strictly positive softmax rows), prompt lengths [B]."""
+    L, B, H = draw(st.integers(1, max_l)), draw(st.integers(1, max_b)), draw(st.integers(1, max_h))
+    lens = draw(st.lists(st.integers(1, max_n), min_size=B, max_size=B))
+    N = max(lens)
+    seed = draw(st.integers(0, 2**31 - 1))
+    sharp = draw(st.sampled_from([0.5, 2.0, 6.0]))
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(L, B, H, N, generator=g, dtype=torch.float64) * sharp
+    pos = torch.arange(N)
+    logits = logits.masked_fill(pos >= torch.tensor(lens)[None, :, None, None], -math.inf)
+    return logits.softmax(-1), torch.tensor(lens)
+
+
+def gaps(a, n, sinks):
+    """Reference gap[j] for one (layer, sequence): a [H, N]."""
+    cand = a[:, sinks:n].double()
+    base = cand.square().sum(-1).sqrt().mean()
+    return [((base - cand[:, j:].square().sum(-1).sqrt().mean()) / base).item() for j in range(cand.shape[1])]
+
+
+def probe_of(a, lens, kv_heads=1):
+    return refreekv.Probe(a[:, :, :, None].float(), lens, a.shape[0], kv_heads, a.shape[-1])
+
+
+thresholds = st.sampled_from([0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 0.5, 1.0])
+
+
+@SET
+@given(scores(), st.integers(0, 6))
+def test_t0_keeps_everything(sa, sinks):
+    a, lens = sa
+    p = cut_positions(a, lens, 0.0, sinks)
+    assert torch.equal(p, torch.minimum(torch.full_like(p, sinks), lens[None].expand_as(p)))
+
+
+@SET
+@given(scores(), st.integers(0, 6), thresholds, thresholds)
+def test_monotone_in_threshold(sa, sinks, t1, t2):
+    a, lens = sa
+    lo, hi = sorted((t1, t2))
+    assert (cut_positions(a, lens, lo, sinks) <= cut_positions(a, lens, hi, sinks)).all()
+
+
+@SET
+@given(scores(), st.integers(0, 6), thresholds)
+def test_cut_is_deepest_within_threshold_and_matches_loop(sa, sinks, t):
+    """Minimality: gap[j*] <= T and gap[j*+1] > T; equals the per-layer loop reference (float
+    rounding of the suffix sums is ~1e-15, so disagreement is allowed only within 1e-9 of T)."""
+    a, lens = sa
+    p = cut_positions(a, lens, t, sinks)
+    for l in range(a.shape[0]):
+        for b, n in enumerate(lens.tolist()):
+            got, ref = p[l, b].item(), cut_reference(a[l, b], n, t, sinks)
+            if n <= sinks:
+                assert got == ref == n
+                continue
+            g = gaps(a[l, b], n, sinks)
+            j = got - sinks
+            assert 0 <= j < n - sinks and g[j] <= t + 1e-9
+            assert j + 1 == len(g) or g[j + 1] > t - 1e-9
+            assert got == ref or abs(g[ref - sinks] - t) < 1e-9 or abs(g[j] - t) < 1e-9
+
+
+@SET
+@given(scores(), st.integers(0, 6), thresholds, st.integers(-20, 20))
+def test_scale_invariance(sa, sinks, t, k):
+    a, lens = sa
+    assert torch.equal(cut_positions(a, lens, t, sinks), cut_positions(a * 2.0**k, lens, t, sinks))
+
+
+@SET
+@given(scores(max_l=4), st.integers(0, 6), thresholds, st.lists(st.integers(0, 3), max_size=3))
+def test_plan_shape_sinks_suffix_protected_budget(sa, sinks, t, protected):
+    a, lens = sa
+    L, B, H, N = a.shape
+    keep = ReFreeKV(threshold=t, sinks=sinks, protected=tuple(protected)).plan(probe_of(a, lens, kv_heads=2))
+    assert keep.shape == (L, B, 2, N) and torch.equal(keep[:, :, 0], keep[:, :, 1])  # one cut shared by heads
+    for l in range(L):
+        for b, n in enumerate(lens.tolist()):
+            row = keep[l, b, 0].tolist()
+            assert not any(row[n:])  # padding never kept
+            assert all(row[: min(sinks, n)]) and row[n - 1]  # sinks and the last token
+            kept = [i for i in range(n) if row[i]]
+            rest = [i for i in kept if i >= sinks]
+            assert rest == list(range(rest[0], n)) if rest else True  # sinks U one suffix
+            if l in protected:
+                assert len(kept) == n
+            assert min(sinks + 1, n) <= len(kept) <= n  # budget in [(m+1)/n, 1]
+
+
+@SET
+@given(scores(max_b=4), st.integers(0, 6), thresholds)
+def test_batch_independence(sa, sinks, t):
+    a, lens = sa
+    keep = ReFreeKV(threshold=t, sinks=sinks).plan(probe_of(a, lens))
+    for b, n in enumerate(lens.tolist()):
+        alone = ReFreeKV(threshold=t, sinks=sinks).plan(probe_of(a[:, b : b + 1, :, :n].contiguous(), lens[b : b + 1]))
+        assert torch.equal(alone[:, 0], keep[:, b, :, :n])
+
+
+def test_row_scores_divides_by_rows_that_see_each_key():
+    attn = torch.zeros(1, 1, 1, 3, 5)
+    attn[0, 0, 0, 0, :3] = torch.tensor([0.2, 0.3, 0.5])  # query at position 2
+    attn[0, 0, 0, 1, :4] = torch.tensor([0.1, 0.1, 0.4, 0.4])  # position 3
+    attn[0, 0, 0, 2, :5] = 0.2  # position 4
+    s = row_scores(attn, torch.tensor([5]))[0, 0, 0]
+    expected = torch.tensor([(0.2 + 0.1 + 0.2) / 3, (0.3 + 0.1 + 0.2) / 3, (0.5 + 0.4 + 0.2) / 3, (0.4 + 0.2) / 2, 0.2])
+    assert torch.allclose(s, expected)
+
+
+def test_hand_worked_cut():
+    # one head, sinks 1: candidates 1..4 with attention .01 .01 .48 .48 (+ sink .02)
+    a = torch.tensor([[[[0.02, 0.01, 0.01, 0.48, 0.48]]]], dtype=torch.float64)
+    lens = torch.tensor([5])
+    # base = sqrt(2*.01^2 + 2*.48^2); dropping the two .01 loses (base - sqrt(2)*.48)/base ~ 2.2e-4
+    assert cut_positions(a, lens, 1e-3, 1).item() == 3
+    assert cut_positions(a, lens, 1.5e-4, 1).item() == 2  # dropping one .01 loses ~1.08e-4
+    assert cut_positions(a, lens, 1e-4, 1).item() == 1
+    assert cut_positions(a, lens, 0.3, 1).item() == 4  # dropping one .48 too loses 1 - 1/sqrt(2) ~ 0.29
+    # paper form: the sink's attention counts in the norm, so the same cut loses slightly less
+    assert cut_positions(a, lens, 0.2929, 1, include_sinks=True).item() == 4
