@@ -68,6 +68,7 @@ class Result:
 class Generator:
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  max_length: int | None = None):
+        from weights.config import load_config
         from weights.loader import load_model
         from weights.resolve import resolve
 
@@ -79,6 +80,7 @@ class Generator:
             raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dt!r}")
         self.dtype = getattr(torch, dt)
         self.path = resolve(model)
+        load_config(self.path)  # cheap checks first: a bad config.json or tokenizer fails before any weights load
         self.tokenizer = Tokenizer(self.path)
         self.model, self.config = load_model(self.path, self.device, self.dtype)
         self.context = min(max_length or self.config.max_positions, self.config.max_positions)

@@ -1,0 +1,140 @@
+"""config.json parsing, checkpoint resolution (local / hub cache) and clear errors on bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from weights.config import load_config, parse_config, rope_inv_freq
+from weights.errors import UserError
+from weights.loader import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 100}
+
+
+def run_cli(*args, env=None):
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "engine.generate", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+
+
+def test_hub_style_llama31_config():
+    c = parse_config({**BASE, "rope_theta": 500000.0, "eos_token_id": [128001, 128008, 128009], "bos_token_id": 128000,
+                      "max_position_embeddings": 131072, "tie_word_embeddings": True,
+                      "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}})
+    assert (c.family, c.rope_theta, c.eos_ids, c.bos_id, c.tie_embeddings, c.head_dim) == ("llama", 5e5, [128001, 128008, 128009], 128000, True, 16)
+    assert c.rope_scaling["factor"] == 8.0
+    plain = parse_config({**BASE, "rope_theta": 500000.0})
+    assert (rope_inv_freq(c) <= rope_inv_freq(plain)).all() and not torch.equal(rope_inv_freq(c), rope_inv_freq(plain))
+
+
+def test_transformers5_rope_parameters_and_family_quirks():
+    c = parse_config({**BASE, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}})
+    assert c.rope_theta == 1e6 and c.rope_scaling is None
+    q = parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 131072, "use_sliding_window": False})
+    assert q.sliding_window is None and q.qkv_bias  # Qwen2.5 carries a window it does not use
+    m = parse_config({**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 4096, "head_dim": 128})
+    assert m.sliding_window == 4096 and m.head_dim == 128 and not m.qkv_bias  # Mistral v0.1 window, Nemo's head_dim
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(UserError, match=r"unsupported architecture GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        parse_config({**BASE, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(UserError, match="unsupported rope_scaling type 'yarn'"):
+        parse_config({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UserError, match="lacks required field 'hidden_size'"):
+        parse_config({k: v for k, v in BASE.items() if k != "hidden_size"})
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json in"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        load_config(tmp_path)
+
+
+@pytest.fixture
+def sharded_copy(tiny_ckpts, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpts["qwen2", True], d)
+    return d
+
+
+def test_index_names_missing_shard(sharded_copy):
+    shard = sorted(sharded_copy.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(UserError, match=f"names shard {shard.name} which is missing"):
+        load_model(sharded_copy)
+
+
+def test_truncated_shard(sharded_copy):
+    shard = sorted(sharded_copy.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"{shard.name}: corrupt or truncated safetensors file"):
+        load_model(sharded_copy)
+
+
+def test_wrong_shape_and_missing_tensor(tiny_ckpts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpts["llama", False], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(UserError, match=r"tensor model\.layers\.\d+\.mlp\.\w+_proj\.weight has shape \(\d+, \d+\), expected"):
+        load_model(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(d / "model.safetensors")
+    del sd["model.layers.1.self_attn.k_proj.weight"]
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\), e\.g\. model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_model(d)
+
+
+def test_cli_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "architectures": ["FalconForCausalLM"]}))
+    cases = [
+        (["--model", str(tmp_path), "--prompt", "hi"], "unsupported architecture FalconForCausalLM"),
+        (["--model", str(tmp_path / "nope"), "--prompt", "hi"], "no such model directory"),
+        (["--model", str(tiny_ckpts["llama", False]), "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["--model", str(tiny_ckpts["llama", False]), "--prompt", "   "], "empty prompt"),
+        (["--model", str(tiny_ckpts["llama", False]), "--prompt", "x" * 300, "--max-length", "200", "--max-new-tokens", "10"],
+         "prompt has 300 tokens but the context is 200 tokens"),
+    ]
+    for args, msg in cases:
+        r = run_cli(*args)
+        assert r.returncode != 0 and msg in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def write_hub_cache(cache: Path, repo_id: str, src: Path):
+    """huggingface_hub's own cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src, repo / "snapshots" / commit)
+
+
+def test_hub_id_resolves_from_offline_cache(tiny_ckpts, tmp_path):
+    write_hub_cache(tmp_path / "hub", "Qwen/Qwen2.5-7B", tiny_ckpts["qwen2", True])
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
+    r = run_cli("--model", "Qwen/Qwen2.5-7B", "--prompt", "hello", "--max-new-tokens", "4", "--raw", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "[0123456789abcdef0123456789abcdef01234567]" in r.stderr and "KV budget" in r.stderr
+
+
+def test_hub_id_not_cached_says_how_to_get_it(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "home")}
+    r = run_cli("--model", "Qwen/Qwen2.5-7B", "--prompt", "hello", env=env)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: model Qwen/Qwen2.5-7B is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                "on a connected machine run `hf download Qwen/Qwen2.5-7B` (and copy the cache to $HF_HOME), "
+                                "or pass a local directory")
