@@ -17,3 +17,31 @@ def tiny_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return {(fam, sharded): write_tiny(fam, root / f"{fam}{'-sharded' if sharded else ''}", sharded)
             for fam in ("llama", "mistral", "qwen2") for sharded in (False, True)}
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The bundled default real model (SmolLM2-135M-Instruct), converted once into the cache."""
+    from weights.gguf import ensure_bundled
+
+    return ensure_bundled("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm_gen(smollm):
+    from engine.generate import Generator
+
+    return Generator(str(smollm), device="cpu")
+
+
+def real_text(n_chars: int, start: str = "assignment") -> str:
+    """Real English technical prose nobody here wrote: CPython's bundled documentation topics."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    text = ""
+    for k in keys[keys.index(start):] + keys:
+        text += topics[k]
+        if len(text) >= n_chars:
+            return text[:n_chars]
+    return text

@@ -1,0 +1,117 @@
+"""Generation with the ragged store and ReFreeKV at the prefill -> decode transition."""
+import json
+import math
+
+import pytest
+import torch
+
+import refreekv
+from conftest import real_text
+from engine.generate import Generator, Sampling
+from helpers import hf_model
+from refreekv.refreekv import cut_reference
+from test_weights import run_cli
+
+GREEDY = Sampling(max_new_tokens=32)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_full_kv_greedy_equals_transformers_and_refreekv_first_token(tiny_ckpts, family):
+    path = tiny_ckpts[family, False]
+    g = Generator(str(path), device="cpu")
+    ids = torch.randint(3, 256, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    g.eos = set()  # random weights: run all 32 steps
+    full = g.generate([ids], refreekv.make("full"), GREEDY)[0]
+    ref = hf_model(path).generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None)[0, 20:]
+    assert full.tokens == ref.tolist()
+    pruned = g.generate([ids], refreekv.make("refreekv", threshold=0.5, protected=()), GREEDY)[0]
+    assert pruned.stats["budget"] < 1 and pruned.tokens[0] == full.tokens[0]
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny_ckpts):
+    g = Generator(str(tiny_ckpts["llama", False]), device="cpu")
+    g.eos = set()
+    ids = list(range(10, 30))
+    s = Sampling(max_new_tokens=16, temperature=1.0, top_k=3, top_p=0.9, seed=7)
+    a = g.generate([ids], refreekv.make("full"), s)[0].tokens
+    assert a == g.generate([ids], refreekv.make("full"), s)[0].tokens
+    one = g.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=16, temperature=1.0, top_k=1, seed=1))[0]
+    assert one.tokens == g.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=16))[0].tokens  # top-1 = greedy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["full", "refreekv"])
+def test_cli_answers_paris_on_default_model(kv, smollm, tmp_path):
+    r = run_cli("--chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--kv", kv,
+                "--stats-json", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    st = json.loads((tmp_path / "s.json").read_text())
+    assert {"prompt_tokens", "kept_per_layer", "budget", "new_tokens", "prefill_s", "prune_s", "decode_tok_s"} <= set(st)
+    assert "KV budget" in r.stderr and "tok/s" in r.stderr
+
+
+@pytest.mark.slow
+def test_kept_per_layer_matches_transformers_eager_attention(smollm, smollm_gen, tmp_path):
+    """CLI's kept_per_layer == loop reference on attention rows from transformers' eager attention.
+
+    Disagreement is allowed only where the reference gap at the cut lies within float rounding of
+    T. Bound: with a = last-row attention and |da| <= d elementwise, each head's suffix norm moves
+    by at most sqrt(n) d, so S and base move by <= sqrt(n) d and gap = 1 - S/base by at most
+    eps = 2 sqrt(n) d / base. d is measured between our probe and transformers' attention."""
+    text = real_text(1500)
+    (tmp_path / "p.txt").write_text(text)
+    r = run_cli("--model", str(smollm), "--raw", "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "2",
+                "--stats-json", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    st = json.loads((tmp_path / "s.json").read_text())
+    ids = smollm_gen.tokenizer.encode(text)
+    n = len(ids)
+    assert st["prompt_tokens"] == n and 200 <= n <= 600
+    hf = hf_model(smollm)
+    with torch.no_grad():
+        att = hf(torch.tensor([ids]), output_attentions=True).attentions  # per layer [1, H, n, n]
+    from engine.kv import RaggedKV
+
+    c = smollm_gen.config
+    kv = RaggedKV(c.n_layers, 1, c.n_kv_heads, n, c.head_dim)
+    smollm_gen.model.setup_rope(n)
+    _, probe = smollm_gen.model.prefill(torch.tensor([ids]), torch.tensor([n]), kv, probe_rows=1)
+    exact = 0
+    for l in range(c.n_layers):
+        row = att[l][0, :, -1, :].double()  # [H, n]
+        d = (probe[l, 0, :, 0].double() - row).abs().max().item()
+        assert d < 1e-4
+        if l in (0, 1):
+            assert st["kept_per_layer"][l] == n
+            continue
+        ref_keep = 4 + n - cut_reference(row, n, 0.01, 4)
+        if st["kept_per_layer"][l] == ref_keep:
+            exact += 1
+            continue
+        cand = row[:, 4:]
+        base = cand.square().sum(-1).sqrt().mean().item()
+        eps = 2 * math.sqrt(n) * d / base
+        for kept in (st["kept_per_layer"][l], ref_keep):
+            j = n - kept
+            gap = (base - cand[:, j:].square().sum(-1).sqrt().mean().item()) / base
+            nxt = (base - cand[:, j + 1:].square().sum(-1).sqrt().mean().item()) / base
+            assert abs(gap - 0.01) <= eps or abs(nxt - 0.01) <= eps, (l, kept, gap, nxt, eps)
+    assert exact >= c.n_layers - 4  # boundary ties are rare
+    assert st["budget"] < 1
+
+
+@pytest.mark.slow
+def test_batch_of_three_equals_each_alone(smollm_gen):
+    g = smollm_gen
+    prompts = [g.encode("What is the capital of France?"),
+               g.encode("Summarise this:\n" + real_text(900, "for")),
+               g.encode("Explain what a Python list comprehension is, with an example.")]
+    assert len({len(p) for p in prompts}) == 3
+    s = Sampling(max_new_tokens=24)
+    batch = g.generate(prompts, refreekv.make("refreekv"), s)
+    for p, b in zip(prompts, batch):
+        alone = g.generate([p], refreekv.make("refreekv"), s)[0]
+        assert b.tokens == alone.tokens
+        assert b.stats["kept_per_layer"] == alone.stats["kept_per_layer"]
+        assert b.stats["prompt_tokens"] == alone.stats["prompt_tokens"] == len(p)
