@@ -67,7 +67,7 @@ class Result:
 
 class Generator:
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, compile: bool | None = None):
         from weights.config import load_config
         from weights.loader import load_model
         from weights.resolve import resolve
@@ -86,6 +86,16 @@ class Generator:
         self.context = min(max_length or self.config.max_positions, self.config.max_positions)
         if self.context < 2:
             raise UserError(f"--max-length must be >= 2, got {max_length}")
+        # torch.compile: one graph for every decode step, the span symbolic (dynamic=True) so a
+        # growing cache never recompiles; on GPU CUDA graphs, with spans bucketed so each
+        # bucket is recorded once. Off by default on CPU, where compiling costs more than it saves.
+        cuda = self.device.startswith("cuda")
+        self.compiled = cuda if compile is None else compile
+        self.decode = self.model.decode
+        self.span_bucket = 256 if self.compiled and cuda else 1
+        if self.compiled:
+            self.decode = torch.compile(self.model.decode, fullgraph=True, dynamic=True,
+                                        mode="reduce-overhead" if cuda else None)
         self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
         self._rope_len = 0
 
@@ -141,7 +151,7 @@ class Generator:
         out = [[] for _ in range(B)]
         texts = [""] * B
         done = [False] * B
-        span = int(kept.max())
+        live = int(kept.max())  # longest row; every decode step appends one token to each row
         tok = sample(logits, s, gen)
         steps = 0
         for step in range(s.max_new_tokens):
@@ -162,8 +172,8 @@ class Generator:
                 texts[b] = text
             if all(done) or step == s.max_new_tokens - 1:
                 break
-            span += 1
-            logits = self.model.decode(tok, kv, span)
+            live += 1
+            logits = self.decode(tok, kv, min(cap, -(-live // self.span_bucket) * self.span_bucket))
             steps += 1
             tok = sample(logits, s, gen)
         _sync(dev); t3 = time.perf_counter()
@@ -215,6 +225,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, help="ReFreeKV threshold T (default 0.01)")
     p.add_argument("--budget", type=float, help="fixed-budget policies: fraction of the prompt (<= 1) or a token count (> 1)")
     p.add_argument("--kv-args", default="{}", help='policy knobs as JSON, e.g. \'{"sinks": 4, "protected": [0, 1]}\'')
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default: on for CUDA, off on CPU)")
     p.add_argument("--device")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-length", type=int, help="context limit in tokens (prompt + new)")
@@ -253,7 +265,7 @@ def main(argv=None):
                 raise UserError(f"cannot read prompt file {f}: {e}") from None
         if not prompts:
             raise UserError("no prompt: pass --prompt TEXT or --prompt-file PATH")
-        g = Generator(a.model, a.device, a.dtype, a.max_length)
+        g = Generator(a.model, a.device, a.dtype, a.max_length, a.compile)
         ids = [g.fit(g.encode(p, a.chat), s.max_new_tokens, a.truncate) for p in prompts]
         print(f"[{g.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, "
               f"device={g.device}, dtype={str(g.dtype).removeprefix('torch.')}", file=sys.stderr)
