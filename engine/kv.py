@@ -20,6 +20,9 @@ class RaggedKV:
         self.capacity = capacity
         self._bi = torch.arange(batch, device=device)[:, None].expand(batch, n_kv_heads)
         self._hi = torch.arange(n_kv_heads, device=device)[None, :].expand(batch, n_kv_heads)
+        if torch.device(device).type == "cuda":  # fixed addresses: CUDA graphs may then mutate them in place
+            for t in (self.k, self.v, self.pos, self.lengths, self.next_pos):
+                torch._dynamo.mark_static_address(t)
 
     def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, prompt_lens: torch.Tensor):
         """Write a right-padded prompt's K/V [B, Hkv, N, D]; row b is live up to prompt_lens[b]."""
