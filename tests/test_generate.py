@@ -115,3 +115,31 @@ def test_batch_of_three_equals_each_alone(smollm_gen):
         assert b.tokens == alone.tokens
         assert b.stats["kept_per_layer"] == alone.stats["kept_per_layer"]
         assert b.stats["prompt_tokens"] == alone.stats["prompt_tokens"] == len(p)
+
+
+def test_context_limits_and_middle_truncation(tiny_ckpts):
+    from weights.errors import UserError
+
+    g = Generator(str(tiny_ckpts["llama", False]), device="cpu", max_length=64)
+    ids = list(range(100))
+    with pytest.raises(UserError, match="prompt has 100 tokens but the context is 64 tokens"):
+        g.fit(ids, 16)
+    cut = g.fit(ids, 16, "middle")
+    assert cut == ids[:24] + ids[-24:]
+    r = g.generate([cut], refreekv.make("full"), Sampling(max_new_tokens=16))[0]
+    assert r.stats["prompt_tokens"] == 48
+
+
+def test_cli_reads_prompt_from_stdin_and_writes_batch_stats(tiny_ckpts, tmp_path):
+    import subprocess
+    import sys
+
+    from test_weights import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "engine.generate", "--model", str(tiny_ckpts["mistral", False]),
+                        "--prompt-file", "-", "--prompt", "second prompt", "--max-new-tokens", "5",
+                        "--stats-json", str(tmp_path / "s.json")], cwd=ROOT, input="first prompt from stdin",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    st = json.loads((tmp_path / "s.json").read_text())
+    assert isinstance(st, list) and [s["prompt_tokens"] for s in st] == [len("second prompt"), len("first prompt from stdin")]
