@@ -6,6 +6,7 @@ prompt slots of each (layer, sequence, KV head) row survive into decode. The eng
 compacts the ragged store with it; everything else about generation is unchanged.
 Every module in this package is imported on first use, so a new method is one new file."""
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass
 
@@ -68,8 +69,68 @@ def make(name: str, **kwargs) -> Policy:
         raise UserError(f"unknown KV policy {name!r}; available: {', '.join(sorted(POLICIES))}")
     try:
         return POLICIES[name](**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"bad arguments for KV policy {name!r}: {e}") from None
+
+
+# --- helpers shared by the fixed-budget methods (streaming, h2o, snapkv); see README.md ---
+
+def check_budget(budget) -> float:
+    """Validate a fixed budget: a fraction of each prompt (0 < budget <= 1) or a whole token
+    count (> 1). ValueError otherwise (make() turns it into a UserError)."""
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a number, got {budget!r}") from None
+    if not (math.isfinite(b) and b > 0):
+        raise ValueError(f"budget must be > 0 (a fraction <= 1 or a token count > 1), got {budget!r}")
+    if b > 1 and b != int(b):
+        raise ValueError(f"a budget > 1 is a token count and must be a whole number, got {budget!r}")
+    return b
+
+
+def budget_tokens(budget: float, lens: torch.Tensor) -> torch.Tensor:
+    """Prompt tokens each sequence keeps per (layer, KV head): [B] int64 in [1, lens[b]].
+
+    budget <= 1: ceil(budget * n) of the sequence's own prompt length n (1.0 keeps everything);
+    budget > 1: min(budget, n) tokens. Sinks and recent windows are counted inside it."""
+    n = lens.long()
+    if budget <= 1:  # the 1e-6 absorbs float error in budget * n (0.3 * 10 = 3.0000000000000004)
+        k = torch.ceil(n.double() * budget - 1e-6).long().clamp(min=1)
+    else:
+        k = torch.full_like(n, int(budget))
+    return torch.minimum(k, n)
+
+
+def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the k highest-scoring eligible slots of each row: scores, eligible [..., N], k
+    broadcastable to scores.shape[:-1]. Equal scores prefer the later (more recent) slot."""
+    N = scores.shape[-1]
+    s = torch.where(eligible, scores, -math.inf)
+    order = (N - 1) - torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices  # ties: later slot first
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=s.device).expand_as(order))
+    return (rank < k[..., None]) & eligible
+
+
+def kv_head_scores(attn: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Probe [L, B, H, w, N] -> [L, B, Hkv, N]: attention summed over the w probe rows and over
+    the query heads of each KV head's group (query head h reads KV head h // (H // Hkv))."""
+    return attn.unflatten(2, (n_kv_heads, -1)).sum((3, 4))
+
+
+def check_layers(protected) -> tuple[int, ...]:
+    layers = tuple(int(x) for x in protected)
+    if any(x < 0 for x in layers):
+        raise ValueError(f"protected layers must be >= 0, got {list(protected)}")
+    return layers
+
+
+def protect(keep: torch.Tensor, probe: Probe, layers: tuple[int, ...]) -> torch.Tensor:
+    """Keep every real prompt token of the given layers (indices past the model are ignored)."""
+    for layer in layers:
+        if layer < probe.n_layers:
+            keep[layer] = probe.real[:, None]
+    return keep
 
 
 def available() -> list[str]:

@@ -1,0 +1,45 @@
+"""SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation").
+
+The last `window` prompt queries (the observation window, default 8) vote: a key's score is its
+attention summed over the window rows and over the query heads of the KV head's group (GQA),
+max-pooled along the keys (kernel 7, stride 1, same padding) so neighbours of an important key
+survive with it. Pooling runs over the non-window keys only (window and padding slots count as
+-inf), as in the original, which pools attn[..., :-window].
+
+Budget (see budget_tokens): k tokens per (layer, sequence, KV head): the window itself (the last
+min(window, n) tokens) is always kept, and the remaining k - window slots go to the top pooled
+scores among the older tokens, per KV head (ties: the more recent key). A budget smaller than
+the window keeps only the last k tokens. Every layer is pruned unless listed in `protected`
+(default none).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from refreekv import (Policy, Probe, budget_tokens, check_budget, check_layers, kv_head_scores, protect,
+                      register, top_k_mask)
+
+
+@register("snapkv")
+class SnapKV(Policy):
+    def __init__(self, budget: float = 0.5, window: int = 8, kernel: int = 7, protected: tuple[int, ...] = ()):
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if int(kernel) < 1 or int(kernel) % 2 == 0:
+            raise ValueError(f"kernel must be an odd number >= 1 (same padding), got {kernel}")
+        self.budget, self.probe_rows, self.kernel = check_budget(budget), int(window), int(kernel)
+        self.protected = check_layers(protected)
+
+    def plan(self, probe: Probe):
+        k = budget_tokens(self.budget, probe.lens)  # [B]
+        win = probe.lens.clamp(max=self.probe_rows)  # window slots of each sequence
+        kw = torch.minimum(win, k)  # window slots kept (all of them unless k < window)
+        pos = probe.positions
+        real = probe.real[None, :, None]  # [1, B, 1, N]
+        older = real & (pos < (probe.lens - win)[None, :, None, None])
+        scores = kv_head_scores(probe.attn, probe.n_kv_heads).masked_fill(~older, -math.inf)
+        L, B, Hkv, N = scores.shape
+        pooled = F.max_pool1d(scores.view(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2).view(L, B, Hkv, N)
+        heavy = top_k_mask(pooled, older, (k - kw)[None, :, None])
+        return protect(heavy | (real & (pos >= (probe.lens - kw)[None, :, None, None])), probe, self.protected)

@@ -1,0 +1,30 @@
+"""StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks"):
+keep the first `sinks` prompt tokens (attention sinks) and the most recent ones, so that each
+sequence keeps exactly budget_tokens(budget, n) prompt tokens per layer and KV head. Needs no
+attention at all (probe_rows = 0).
+
+The sinks are counted inside the budget: a budget of k tokens keeps [0, min(sinks, k)) and the
+last k - min(sinks, k) tokens (so a budget below `sinks` keeps only the first k tokens). Every
+layer is pruned unless listed in `protected` (default none, as in the paper's baseline).
+"""
+import torch
+
+from refreekv import Policy, Probe, budget_tokens, check_budget, check_layers, protect, register
+
+
+@register("streaming")
+class StreamingLLM(Policy):
+    probe_rows = 0
+
+    def __init__(self, budget: float = 0.5, sinks: int = 4, protected: tuple[int, ...] = ()):
+        if int(sinks) < 0:
+            raise ValueError(f"sinks must be >= 0, got {sinks}")
+        self.budget, self.sinks, self.protected = check_budget(budget), int(sinks), check_layers(protected)
+
+    def plan(self, probe: Probe):
+        k = budget_tokens(self.budget, probe.lens)  # [B]
+        s = k.clamp(max=self.sinks)
+        pos = probe.positions
+        keep = ((pos < s[:, None]) | (pos >= (probe.lens - (k - s))[:, None])) & probe.real  # [B, N]
+        keep = keep[None, :, None].expand(probe.n_layers, -1, probe.n_kv_heads, -1).clone()
+        return protect(keep, probe, self.protected)
