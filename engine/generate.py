@@ -185,7 +185,7 @@ class Generator:
             per_head = kept[:, b].tolist()  # [L][Hkv]
             per_layer = [round(sum(h) / len(h)) for h in per_head]
             stats = dict(policy=policy.name, prompt_tokens=n, kept_per_layer=per_layer,
-                         budget=sum(per_layer) / (n * len(per_layer)), new_tokens=len(out[b]),
+                         budget=kept[:, b].double().mean().item() / n, new_tokens=len(out[b]),
                          prefill_s=t1 - t0, prune_s=t2 - t1, decode_tok_s=steps / (t3 - t2) if steps else 0.0,
                          batch=B, peak_memory_bytes=peak)
             if any(len(set(h)) > 1 for h in per_head):
@@ -243,9 +243,7 @@ def policy_from_args(a) -> refreekv.Policy:
     if not isinstance(kw, dict):
         raise UserError("--kv-args must be a JSON object")
     if a.threshold is not None:
-        if a.kv not in ("refreekv",) and "threshold" not in kw:
-            raise UserError(f"--threshold applies to refreekv, not {a.kv!r}")
-        kw["threshold"] = a.threshold
+        kw["threshold"] = a.threshold  # a policy without a threshold rejects it in refreekv.make
     if a.budget is not None:
         kw["budget"] = a.budget
     return refreekv.make(a.kv, **kw)
