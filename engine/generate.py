@@ -187,9 +187,7 @@ class Generator:
             stats = dict(policy=policy.name, prompt_tokens=n, kept_per_layer=per_layer,
                          budget=kept[:, b].double().mean().item() / n, new_tokens=len(out[b]),
                          prefill_s=t1 - t0, prune_s=t2 - t1, decode_tok_s=steps / (t3 - t2) if steps else 0.0,
-                         batch=B, peak_memory_bytes=peak)
-            if any(len(set(h)) > 1 for h in per_head):
-                stats["kept_per_head"] = per_head
+                         batch=B, peak_memory_bytes=peak, kept_per_head=per_head)
             results.append(Result(out[b], texts[b], stats))
         return results
 
