@@ -151,7 +151,7 @@ class Generator:
         out = [[] for _ in range(B)]
         texts = [""] * B
         done = [False] * B
-        live = int(kept.max())  # longest row; every decode step appends one token to each row
+        live = kept.amax((1, 2))  # [L] longest row per layer; every decode step appends one token to each row
         tok = sample(logits, s, gen)
         steps = 0
         for step in range(s.max_new_tokens):
@@ -173,7 +173,8 @@ class Generator:
             if all(done) or step == s.max_new_tokens - 1:
                 break
             live += 1
-            logits = self.decode(tok, kv, min(cap, -(-live // self.span_bucket) * self.span_bucket))
+            spans = ((live + self.span_bucket - 1) // self.span_bucket * self.span_bucket).clamp(max=cap)
+            logits = self.decode(tok, kv, spans.tolist())
             steps += 1
             tok = sample(logits, s, gen)
         _sync(dev); t3 = time.perf_counter()

@@ -136,16 +136,18 @@ class Transformer(nn.Module):
         return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows before the prompt start are all -inf -> 0
 
     @torch.no_grad()
-    def decode(self, tokens, kv, span: int):
-        """One step for every sequence: tokens [B] at positions kv.next_pos. `span` bounds the
-        slots attention reads (>= every row's length after this append)."""
+    def decode(self, tokens, kv, span):
+        """One step for every sequence: tokens [B] at positions kv.next_pos. `span` (an int, or
+        one per layer) bounds the slots attention reads: >= every row's length after this append.
+        Per-layer spans let layers that were pruned harder read less."""
+        spans = span if isinstance(span, (list, tuple)) else [span] * len(self.layers)
         pos = kv.next_pos
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
         x = self.embed(tokens)[:, None]
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
             kv.append(i, k, v)
-            x = x + layer.attn.out(kv.attend(i, q, span, self.c.sliding_window))
+            x = x + layer.attn.out(kv.attend(i, q, spans[i], self.c.sliding_window))
             x = x + layer.mlp(layer.mlp_norm(x))
         kv.next_pos += 1
         return self.lm_head(self.norm(x[:, 0])).float()
