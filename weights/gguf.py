@@ -79,8 +79,16 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "refreekv"
 
 
+CONVERTER_VERSION = 2  # bump when the converted output changes, so stale caches are redone
+
+
 def _is_complete(d: Path) -> bool:
-    return all((d / f).is_file() for f in _REQUIRED)
+    if not all((d / f).is_file() for f in _REQUIRED):
+        return False
+    try:
+        return json.loads((d / "generation_config.json").read_text()).get("refreekv_converter") == CONVERTER_VERSION
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _spec(name: str) -> dict:
@@ -430,9 +438,13 @@ def _tokenizer_files(reader, tokens: list[str], cfg: dict) -> tuple[dict, dict]:
     template = _field(reader, "tokenizer.chat_template")
     if template is not None:
         tcfg["chat_template"] = template
-    gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id")}
+    gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"),
+           "refreekv_converter": CONVERTER_VERSION}
     if cfg.get("pad_token_id") is not None:
         gen["pad_token_id"] = cfg["pad_token_id"]
+        if cfg.get("model_type") == "qwen2" and cfg["pad_token_id"] != cfg.get("eos_token_id"):
+            # Qwen2.5's own generation_config stops on <|im_end|> and <|endoftext|> (its pad id)
+            gen["eos_token_id"] = [cfg.get("eos_token_id"), cfg["pad_token_id"]]
     return tcfg, gen
 
 
