@@ -97,7 +97,7 @@ class Generator:
             self.decode = torch.compile(self.model.decode, fullgraph=True, dynamic=True,
                                         mode="reduce-overhead" if cuda else None)
         self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
-        self._rope_len = 0
+        self.model.setup_rope(self.context, self.device)  # once: a fixed table keeps compiled graphs valid
 
     def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
         """chat=None: use the checkpoint's chat template when it has one."""
@@ -120,6 +120,16 @@ class Generator:
                         f"(--max-length / max_position_embeddings) and {max_new} new tokens were asked for; "
                         "shorten it, lower --max-new-tokens or pass --truncate middle")
 
+    def _store(self, batch: int, capacity: int) -> RaggedKV:
+        """The ragged KV store, reused while it is big enough: prefill overwrites every slot it
+        makes live, so reuse needs no reset, and fixed addresses keep compiled graphs valid."""
+        kv = getattr(self, "_kv", None)
+        if kv is None or kv.k.shape[1] != batch or kv.capacity < capacity:
+            self._kv = kv = None  # free the old one first
+            c = self.config
+            self._kv = kv = RaggedKV(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+        return kv
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], policy: refreekv.Policy, s: Sampling, on_token=None) -> list[Result]:
         """Generate for a batch of token-id prompts; on_token(b, text_so_far) streams each row's text."""
@@ -128,13 +138,12 @@ class Generator:
         lens = torch.tensor([len(p) for p in prompts], device=dev)
         N = int(lens.max())
         cap = N + s.max_new_tokens
-        if cap > self._rope_len:
-            self.model.setup_rope(cap, dev)
-            self._rope_len = cap
+        if cap > self.context:
+            raise UserError(f"prompt of {N} tokens + {s.max_new_tokens} new tokens exceeds the context of {self.context} tokens")
         tokens = torch.zeros(B, N, dtype=torch.long, device=dev)  # right padding: never read, never a sink
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.tensor(p)
-        kv = RaggedKV(c.n_layers, B, c.n_kv_heads, cap, c.head_dim, self.dtype, dev)
+        kv = self._store(B, cap)
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
 
@@ -151,7 +160,7 @@ class Generator:
         out = [[] for _ in range(B)]
         texts = [""] * B
         done = [False] * B
-        live = kept.amax((1, 2))  # [L] longest row per layer; every decode step appends one token to each row
+        longest = kept.amax((1, 2))  # [L] longest row per layer; every decode step appends one token to each row
         tok = sample(logits, s, gen)
         steps = 0
         for step in range(s.max_new_tokens):
@@ -172,10 +181,11 @@ class Generator:
                 texts[b] = text
             if all(done) or step == s.max_new_tokens - 1:
                 break
-            live += 1
-            spans = ((live + self.span_bucket - 1) // self.span_bucket * self.span_bucket).clamp(max=cap)
-            logits = self.decode(tok, kv, spans.tolist())
             steps += 1
+            # every layer's span grows by whole buckets at the same step, so a compiled decode
+            # sees one new set of spans per bucket of steps (one CUDA-graph recording), not one per layer
+            grown = -(-steps // self.span_bucket) * self.span_bucket
+            logits = self.decode(tok, kv, (longest + grown).clamp(max=kv.capacity).tolist())
             tok = sample(logits, s, gen)
         _sync(dev); t3 = time.perf_counter()
 

@@ -94,7 +94,9 @@ class Transformer(nn.Module):
         inv = rope_inv_freq(self.c).to(device)
         freqs = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        # buffers, not plain attributes: compiled graphs then read them in place (no per-replay copy)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
 
     @torch.no_grad()
     def prefill(self, tokens, lens, kv, probe_rows: int = 1, all_logits: bool = False):
