@@ -10,8 +10,9 @@ Task families (all generated from --seed; material is real text and code nobody 
   code        the same on CPython standard-library source files (inspect.getsourcefile).
   retrieval   RULER-style: a passkey / magic number inserted at 10%, 50% or 90% depth of a long
               real text, asked for at the end. Score: exact match (answer contained in the output, %).
-  arithmetic  generated multi-step word problems with known integer answers, few-shot
-              chain-of-thought, greedy; the last integer of the output is the answer. Score: accuracy (%).
+  arithmetic  generated multi-step word problems with known integer answers, few-shot chain-of-thought
+              (worked examples of the same problem kind fill the prompt, GSM8K-style), greedy; the last
+              integer of the output is the answer. Score: accuracy (%).
   summary     summarise / explain / answer over a real document (docs or code). Score: ROUGE-L F1
               (word tokens) of the greedy output against the full-cache output (full = 100).
 
@@ -229,9 +230,15 @@ NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines",
          "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sami", "Tara"]
 
 
-def word_problem(rng: random.Random) -> tuple[str, list[str], int]:
-    """A multi-step word problem: (question, worked steps, integer answer)."""
-    name, t = rng.choice(NAMES), rng.randrange(5)
+def word_problem(rng: random.Random, t: int | None = None) -> tuple[str, list[str], int, int]:
+    """A multi-step word problem of template t (random if None): (question, worked steps, answer, t)."""
+    name = rng.choice(NAMES)
+    t = rng.randrange(5) if t is None else t
+    q, s, ans = _problem(rng, name, t)
+    return q, s, ans, t
+
+
+def _problem(rng, name, t):
     if t == 0:
         a, b, c, d = rng.randint(5, 40), rng.randint(2, 6), rng.randint(3, 12), rng.randint(1, 20)
         q = (f"{name} has {a} marbles. {name} buys {b} bags with {c} marbles in each bag, then gives {d} marbles "
@@ -279,12 +286,12 @@ def word_problem(rng: random.Random) -> tuple[str, list[str], int]:
 def arithmetic_tasks(m: Material, rng, n, prompt_tokens) -> list[Task]:
     tasks = []
     for _ in range(n):
-        q, _, ans = word_problem(rng)
+        q, _, ans, kind = word_problem(rng)
         head = "Solve the math word problems. Think step by step and end with 'The answer is N.'\n\n"
         tail = f"Question: {q}\nAnswer:"
         shots, used = [], len(m.tok(head + tail)) + 24
         while True:  # few-shot worked examples up to about prompt_tokens (none if even one does not fit)
-            eq, es, ea = word_problem(rng)
+            eq, es, ea, _ = word_problem(rng, kind)  # worked examples of the same kind, GSM8K-style CoT shots
             shot = f"Question: {eq}\nAnswer: {' '.join(es)} The answer is {ea}.\n\n"
             k = len(m.tok(shot))
             if used + k > prompt_tokens:
@@ -292,7 +299,7 @@ def arithmetic_tasks(m: Material, rng, n, prompt_tokens) -> list[Task]:
             shots.append(shot)
             used += k
         tasks.append(Task("arithmetic", m.g.encode(head + "".join(shots) + tail), answer=str(ans),
-                          meta={"question": q, "shots": len(shots)}))
+                          meta={"question": q, "template": kind, "shots": len(shots)}))
     return tasks
 
 
@@ -364,10 +371,12 @@ def last_int(s: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 def ensure_rope(g, cap: int):
-    """Grow the model's rotary tables as Generator.generate does (and keep its bookkeeping)."""
-    if cap > g._rope_len:
-        g.model.setup_rope(cap, g.device)
-        g._rope_len = cap
+    """The Generator builds the rotary tables for its whole context; check they cover cap."""
+    if cap > g.context:
+        raise UserError(f"prompt + new tokens = {cap} exceed the context of {g.context} tokens")
+    cos = getattr(g.model, "cos", None)
+    if cos is None or cos.shape[0] < cap:
+        g.model.setup_rope(g.context, g.device)
 
 
 def clone_kv(kv):
@@ -431,7 +440,7 @@ def teacher_forced(g, kv, first_logits, targets: torch.Tensor, full_lp: torch.Te
     Returns per-sequence mean NLL, and with full_lp ([B, T, V] full-cache log-probs) the top-1
     agreement and mean KL(full || this); without it the log-probs themselves (the reference)."""
     B, T = targets.shape
-    span = int(kv.lengths.max())
+    base = kv.lengths.amax((1, 2))  # [L]
     logits = first_logits
     nll = torch.zeros(B, dtype=torch.float64)
     agree = torch.zeros(B, dtype=torch.float64)
@@ -446,9 +455,8 @@ def teacher_forced(g, kv, first_logits, targets: torch.Tensor, full_lp: torch.Te
             ref = full_lp[:, t]
             agree += (lp.argmax(-1) == ref.argmax(-1)).double().cpu()
             kl += (ref.exp() * (ref - lp)).sum(-1).clamp(min=0).double().cpu()
-        if t < T - 1:
-            span += 1
-            logits = g.model.decode(targets[:, t], kv, span)
+        if t < T - 1:  # eager decode: cloned stores would defeat compiled graphs' static addresses
+            logits = g.model.decode(targets[:, t], kv, (base + t + 1).clamp(max=kv.capacity).tolist())
     out = {"nll": (nll / T).tolist()}
     if full_lp is None:
         return out, torch.stack(lps, 1)
@@ -461,7 +469,7 @@ def greedy(g, kv, first_logits, max_new: int, stop: list[str]) -> list[list[int]
     temperature 0 (same eos set, same stop-string rule: a row stops at its first stop string)."""
     B = first_logits.shape[0]
     out, done = [[] for _ in range(B)], [False] * B
-    span = int(kv.lengths.max())
+    base = kv.lengths.amax((1, 2))  # [L]
     tok = first_logits.argmax(-1)
     for step in range(max_new):
         host = tok.tolist()
@@ -476,8 +484,7 @@ def greedy(g, kv, first_logits, max_new: int, stop: list[str]) -> list[list[int]
                 done[b] = True
         if all(done) or step == max_new - 1:
             break
-        span += 1
-        tok = g.model.decode(tok, kv, span).argmax(-1)
+        tok = g.model.decode(tok, kv, (base + step + 1).clamp(max=kv.capacity).tolist()).argmax(-1)
     return out
 
 
@@ -830,8 +837,8 @@ def plots(res: dict, out: Path, slug: str) -> list[str]:
         ax.set_title(f"{f} ({METRIC[f]})", fontsize=10)
         ax.set_xlabel("mean KV budget kept (%)")
         ax.set_xlim(0, 105)
-        lo = min(0, min(R[f][s["label"]]["score"] for s in specs))
-        ax.set_ylim(lo, max(105, full * 1.05))
+        lo = max(0, 10 * math.floor((min(R[f][s["label"]]["score"] for s in specs) - 5) / 10))  # zoom on the data
+        ax.set_ylim(lo, max(102, full * 1.02))
         ax.grid(alpha=0.3)
     for j in range(len(fams), rows * cols):
         axes[j // cols][j % cols].axis("off")
@@ -889,6 +896,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; 1 is much faster on a "
                    "machine whose cores are shared with other jobs: OpenMP barriers stall on a busy core)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the PNGs of an earlier run's JSON into --out")
     a = p.parse_args(argv)
     a.families = [f.strip() for f in a.families.split(",") if f.strip()]
     bad = [f for f in a.families if f not in FAMILIES]
@@ -919,6 +927,7 @@ def run(a, argv) -> dict:
     from engine.generate import Generator
 
     t_start = time.perf_counter()
+    commit = git_commit()  # at the start: the code this run imported
     if a.threads:
         torch.set_num_threads(a.threads)
     specs, notes = policy_specs(a.policies, a.budgets, a.threshold, a.sweep, a.variant)
@@ -955,7 +964,7 @@ def run(a, argv) -> dict:
     res = {
         "model": slug, "model_path": str(g.path), "device": device_name(g),
         "dtype": str(g.dtype).removeprefix("torch."), "torch": torch.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "commit": commit,
         "command": "python -m bench.quality " + shlex.join(argv), "chat": chat, "notes": notes,
         "config": {k: getattr(a, k) for k in ("families", "n", "prompt_tokens", "max_new_tokens", "retrieval_tokens",
                                                "fidelity_tokens", "batch", "seed", "policies", "budgets", "threshold",
@@ -982,7 +991,13 @@ def run(a, argv) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        run(parse_args(argv), argv)
+        a = parse_args(argv)
+        if a.replot:
+            res = json.loads(Path(a.replot).read_text())
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            print("\n".join(plots(res, Path(a.out), res["model"])))
+            return 0
+        run(a, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

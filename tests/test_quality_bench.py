@@ -127,7 +127,7 @@ def test_scoring_helpers():
     for seed in range(50):  # generated word problems: the worked steps end at the answer
         import random
 
-        q, steps, ans = quality.word_problem(random.Random(seed))
+        q, steps, ans, _ = quality.word_problem(random.Random(seed))
         assert quality.last_int(steps[-1]) == str(ans) and ans >= 0
 
 
