@@ -895,6 +895,7 @@ def parse_args(argv=None):
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"), help="markdown file to append to ('' for none)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; 1 is much faster on a "
                    "machine whose cores are shared with other jobs: OpenMP barriers stall on a busy core)")
+    p.add_argument("--tag", help="suffix for the output file names (they are quality-MODEL[-FAMILIES][-TAG].*)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--replot", metavar="JSON", help="only redraw the PNGs of an earlier run's JSON into --out")
     a = p.parse_args(argv)
@@ -961,6 +962,7 @@ def run(a, argv) -> dict:
             results[f] = summarise(f, records[f], specs)
     prog.close()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", (a.model or "smollm2-135m-instruct").rstrip("/").split("/")[-1]) or "model"
+    stem = slug + ("" if a.families == list(FAMILIES) else "-" + "-".join(a.families)) + (f"-{a.tag}" if a.tag else "")
     res = {
         "model": slug, "model_path": str(g.path), "device": device_name(g),
         "dtype": str(g.dtype).removeprefix("torch."), "torch": torch.__version__, "python": platform.python_version(),
@@ -968,7 +970,7 @@ def run(a, argv) -> dict:
         "command": "python -m bench.quality " + shlex.join(argv), "chat": chat, "notes": notes,
         "config": {k: getattr(a, k) for k in ("families", "n", "prompt_tokens", "max_new_tokens", "retrieval_tokens",
                                                "fidelity_tokens", "batch", "seed", "policies", "budgets", "threshold",
-                                               "sweep", "threads", "variant")},
+                                               "sweep", "threads", "variant", "tag")},
         "policies": [dict(label=s.label, name=s.name, kind=s.kind, value=s.value, kwargs=s.kwargs) for s in specs],
         "prompt_tokens": {f: _mean([len(t.ids) for t in tasks[f]]) for f in a.families},
         "runtime_s": time.perf_counter() - t_start,
@@ -977,15 +979,26 @@ def run(a, argv) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res["plots"] = [os.path.relpath(p, ROOT) if Path(p).resolve().is_relative_to(ROOT) else p
-                    for p in plots(res, out, slug)]
-    jpath = out / f"quality-{slug}.json"
-    jpath.write_text(json.dumps(res, indent=1))
+                    for p in plots(res, out, stem)]
+    jpath = out / f"quality-{stem}.json"
+    jpath.write_text(json.dumps(_round(res), indent=1))
     md = markdown(res)
     if a.results_md:
         append_results(Path(a.results_md), md)
     print(md)
     print(f"[quality] wrote {jpath}" + (f" and appended to {a.results_md}" if a.results_md else ""), file=sys.stderr)
     return res
+
+
+def _round(x, digits=5):
+    """Floats to `digits` significant digits, so result files stay small and diffable."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_round(v, digits) for v in x]
+    return x
 
 
 def main(argv=None):
@@ -995,7 +1008,7 @@ def main(argv=None):
         if a.replot:
             res = json.loads(Path(a.replot).read_text())
             Path(a.out).mkdir(parents=True, exist_ok=True)
-            print("\n".join(plots(res, Path(a.out), res["model"])))
+            print("\n".join(plots(res, Path(a.out), Path(a.replot).stem.removeprefix("quality-"))))
             return 0
         run(a, argv)
     except UserError as e:

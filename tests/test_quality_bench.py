@@ -29,7 +29,7 @@ def test_pipeline_writes_tables_json_plots(tiny, tmp_path):
     assert quality.main(argv) == 0
     assert quality.main(argv) == 0  # a second run appends a section, never rewrites
 
-    res = json.loads((out / "quality-tiny.json").read_text())
+    res = json.loads((out / "quality-tiny-code-arithmetic.json").read_text())
     assert res["config"]["families"] == ["code", "arithmetic"]
     assert any("no-such" in x for x in res["notes"]) and any("chat template" in x for x in res["notes"])
     labels = [p["label"] for p in res["policies"]]
