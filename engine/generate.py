@@ -53,6 +53,11 @@ def sample(logits, s: Sampling, gen: torch.Generator | None):
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
+def prune(policy: refreekv.Policy, probe: refreekv.Probe, kv: RaggedKV):
+    """The prefill -> decode transition: the policy's keep plan, then one compaction of the store."""
+    kv.compact(policy.plan(probe))
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -88,14 +93,18 @@ class Generator:
             raise UserError(f"--max-length must be >= 2, got {max_length}")
         # torch.compile: one graph for every decode step, the span symbolic (dynamic=True) so a
         # growing cache never recompiles; on GPU CUDA graphs, with spans bucketed so each
-        # bucket is recorded once. Off by default on CPU, where compiling costs more than it saves.
+        # bucket is recorded once. Prefill and pruning compile with dynamic prompt length and
+        # batch but no CUDA graphs (one would be recorded per length). Off by default on CPU,
+        # where compiling costs more than it saves.
         cuda = self.device.startswith("cuda")
         self.compiled = cuda if compile is None else compile
-        self.decode = self.model.decode
+        self.decode, self.prefill, self.prune = self.model.decode, self.model.prefill, prune
         self.span_bucket = 256 if self.compiled and cuda else 1
         if self.compiled:
             self.decode = torch.compile(self.model.decode, fullgraph=True, dynamic=True,
                                         mode="reduce-overhead" if cuda else None)
+            self.prefill = torch.compile(self.model.prefill, fullgraph=True, dynamic=True)
+            self.prune = torch.compile(prune, dynamic=True)  # a policy that breaks the graph still runs
         self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
         self.model.setup_rope(self.context, self.device)  # once: a fixed table keeps compiled graphs valid
 
@@ -148,11 +157,10 @@ class Generator:
             torch.cuda.reset_peak_memory_stats()
 
         _sync(dev); t0 = time.perf_counter()
-        logits, probe_attn = self.model.prefill(tokens, lens, kv, probe_rows=policy.probe_rows)
+        logits, probe_attn = self.prefill(tokens, lens, kv, probe_rows=policy.probe_rows)
         _sync(dev); t1 = time.perf_counter()
-        keep = policy.plan(refreekv.Probe(probe_attn, lens, c.n_layers, c.n_kv_heads, N))
+        self.prune(policy, refreekv.Probe(probe_attn, lens, c.n_layers, c.n_kv_heads, N), kv)
         del probe_attn
-        kv.compact(keep)
         _sync(dev); t2 = time.perf_counter()
         kept = kv.lengths.to("cpu", copy=True)  # [L, B, Hkv]; decode keeps appending to kv.lengths
 
@@ -162,9 +170,24 @@ class Generator:
         done = [False] * B
         longest = kept.amax((1, 2))  # [L] longest row per layer; every decode step appends one token to each row
         tok = sample(logits, s, gen)
+        host_tok = torch.empty(B, dtype=torch.long, pin_memory=dev.startswith("cuda"))
         steps = 0
         for step in range(s.max_new_tokens):
-            host = tok.tolist()
+            # the device never waits on the host: step t+1 is queued before token t is read back
+            # (one step may be wasted after the last EOS), and detokenising overlaps it
+            host_tok.copy_(tok, non_blocking=True)
+            ready = torch.cuda.Event() if dev.startswith("cuda") else None
+            if ready is not None:
+                ready.record()
+            if step < s.max_new_tokens - 1:
+                steps += 1
+                # every layer's span grows by whole buckets at the same step, so a compiled decode
+                # sees one new set of spans per bucket of steps (one CUDA-graph recording), not one per layer
+                grown = -(-steps // self.span_bucket) * self.span_bucket
+                nxt = sample(self.decode(tok, kv, (longest + grown).clamp(max=kv.capacity).tolist()), s, gen)
+            if ready is not None:
+                ready.synchronize()
+            host = host_tok.tolist()
             for b in range(B):
                 if done[b]:
                     continue
@@ -181,12 +204,7 @@ class Generator:
                 texts[b] = text
             if all(done) or step == s.max_new_tokens - 1:
                 break
-            steps += 1
-            # every layer's span grows by whole buckets at the same step, so a compiled decode
-            # sees one new set of spans per bucket of steps (one CUDA-graph recording), not one per layer
-            grown = -(-steps // self.span_bucket) * self.span_bucket
-            logits = self.decode(tok, kv, (longest + grown).clamp(max=kv.capacity).tolist())
-            tok = sample(logits, s, gen)
+            tok = nxt
         _sync(dev); t3 = time.perf_counter()
 
         peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else _rss()

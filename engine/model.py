@@ -109,7 +109,8 @@ class Transformer(nn.Module):
         cos, sin = self.cos[:N], self.sin[:N]
         x = self.embed(tokens)
         ar = torch.arange(N, device=tokens.device)
-        mask = causal_mask(ar, ar, c.sliding_window) if c.sliding_window else None
+        window = c.sliding_window if c.sliding_window and N > c.sliding_window else None  # else plain causal
+        mask = causal_mask(ar, ar, window) if window else None
         w = probe_rows
         if w:
             rows = lens[:, None] - w + torch.arange(w, device=tokens.device)  # [B, w] absolute positions

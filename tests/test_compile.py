@@ -1,4 +1,4 @@
-"""torch.compile'd decode: same tokens as eager, and no recompilation once warmed up."""
+"""torch.compile'd prefill, pruning and decode: same tokens as eager, no recompilation once warmed up."""
 import pytest
 import torch
 
@@ -14,17 +14,18 @@ def pair(tiny_ckpts):
     return eager, comp
 
 
-def test_compiled_decode_matches_eager_and_never_recompiles(pair):
+def test_compiled_generation_matches_eager_and_never_recompiles(pair):
     from torch._dynamo.utils import counters
 
     eager, comp = pair
     g = torch.Generator().manual_seed(0)
     warm = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (30, 17)]
-    s = Sampling(max_new_tokens=24)  # warm up with every layer's span equal (full cache) ...
+    s = Sampling(max_new_tokens=24)  # warm up decode with every layer's span equal (full cache) ...
     full = refreekv.make("full")
     assert [r.tokens for r in comp.generate(warm, full, s)] == [r.tokens for r in eager.generate(warm, full, s)]
-    counters.clear()  # ... then per-layer spans that differ (ReFreeKV prunes layers unequally)
     policy = refreekv.make("refreekv", threshold=0.2, protected=(0,))
+    comp.generate(warm, policy, Sampling(max_new_tokens=1))  # ... prefill with a probe and ReFreeKV's pruning (no decode step)
+    counters.clear()  # ... then new prompt lengths, and per-layer spans that differ (ReFreeKV prunes layers unequally)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (41, 9)]  # new lengths, longer spans
     s = Sampling(max_new_tokens=40)
     got, ref = comp.generate(prompts, policy, s), eager.generate(prompts, policy, s)

@@ -75,7 +75,6 @@ def test_kept_per_layer_matches_transformers_eager_attention(smollm, smollm_gen,
 
     c = smollm_gen.config
     kv = RaggedKV(c.n_layers, 1, c.n_kv_heads, n, c.head_dim)
-    smollm_gen.model.setup_rope(n)
     _, probe = smollm_gen.model.prefill(torch.tensor([ids]), torch.tensor([n]), kv, probe_rows=1)
     exact = 0
     for l in range(c.n_layers):

@@ -30,9 +30,7 @@ def pair(tiny_ckpts):
 def _prefill(g, ids, cap):
     from engine.kv import RaggedKV
 
-    c = g.config
-    g.model.setup_rope(cap, g.device)
-    g._rope_len = max(g._rope_len, cap)
+    c = g.config  # the RoPE tables already cover the whole context (Generator builds them once)
     kv = RaggedKV(c.n_layers, 1, c.n_kv_heads, cap, c.head_dim, g.dtype, g.device)
     tokens = torch.tensor([ids], device=g.device)
     logits, _ = g.model.prefill(tokens, torch.tensor([len(ids)], device=g.device), kv, probe_rows=0)
