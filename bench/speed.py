@@ -87,7 +87,6 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -421,20 +420,17 @@ class Bench:
     def one_run(self, policy, B, n, new, cap, seed):
         """Prefill -> plan -> compact -> new - 1 decode steps, as Generator.generate; returns raw timings."""
         gen, c, dev = self.gen, self.c, self.dev
-        model = gen.model
         kv = self.kv(B, cap)
         tokens = self.prompts(B, n, seed).to(dev)
         lens = torch.full((B,), n, dtype=torch.long, device=dev)
         reset_peak(dev)
         sync(dev)
         t0 = time.perf_counter()
-        logits, probe = model.prefill(tokens, lens, kv, probe_rows=policy.probe_rows)
+        logits, probe = gen.prefill(tokens, lens, kv, probe_rows=policy.probe_rows)  # compiled when gen.compiled
         sync(dev)
         t1 = time.perf_counter()
-        keep = policy.plan(refreekv.Probe(probe, lens, c.n_layers, c.n_kv_heads, n))
+        gen.prune(policy, refreekv.Probe(probe, lens, c.n_layers, c.n_kv_heads, n), kv)
         del probe
-        kv.compact(keep)
-        del keep
         sync(dev)
         t2 = time.perf_counter()
         kept = kv.lengths.to("cpu", copy=True)  # [L, B, Hkv]
@@ -462,9 +458,8 @@ class Bench:
 
     def measure(self, policy, B, n, new, cap, seed):
         """Warm-up run then measured run on the same store; the row of stats."""
-        if cap > self.gen._rope_len:  # done once up front for the largest capacity; kept for safety
-            self.gen.model.setup_rope(cap, self.dev)
-            self.gen._rope_len = cap
+        if cap > self.gen.model.cos.shape[0]:  # main() sized the tables for the largest capacity up front
+            raise ValueError(f"capacity {cap} exceeds the RoPE tables ({self.gen.model.cos.shape[0]} positions)")
         g0, s0 = dynamo_counts()
         tw = time.perf_counter()
         self.one_run(policy, B, n, new, cap, seed)
@@ -969,12 +964,12 @@ def main(argv=None):
     b.results["meta"] = meta(a, gen, label, argv)
     log(f"[bench.speed] {label} on {b.results['meta']['device_name']}, {b.results['meta']['params'] / 1e9:.3f} B params, "
         f"dtype {b.results['meta']['dtype']}, compiled decode {gen.compiled}")
-    # RoPE tables once, for the longest capacity any section uses (no re-setup mid-run)
+    # RoPE tables once, for the longest capacity any section uses (before anything is compiled)
     caps = [n + a.new_tokens for n in a.prompt_lens] + [a.batch_prompt + a.new_tokens, 16]
     if "scaling" in a.sections:
         caps.append(a.max_length or max(a.scaling_lens) + a.new_tokens)
-    gen.model.setup_rope(max(caps), gen.device)
-    gen._rope_len = max(caps)
+    if max(caps) > gen.model.cos.shape[0]:  # e.g. 32768 + new tokens: past the model's context
+        gen.model.setup_rope(max(caps), gen.device)
     b.save()
     steps = {"speed": section_speed, "hf": section_hf, "floor": section_floor, "scaling": section_scaling,
              "batch": section_batch}

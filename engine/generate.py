@@ -53,6 +53,12 @@ def sample(logits, s: Sampling, gen: torch.Generator | None):
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that could still grow into a stop string (held back from streaming)."""
+    return next((k for k in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1)
+                 if any(st.startswith(text[-k:]) for st in stops)), 0)
+
+
 def prune(policy: refreekv.Policy, probe: refreekv.Probe, kv: RaggedKV):
     """The prefill -> decode transition: the policy's keep plan, then one compaction of the store."""
     kv.compact(policy.plan(probe))
@@ -78,7 +84,13 @@ class Generator:
         from weights.resolve import resolve
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda requested but CUDA is not available")
         dt = dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
         if dt not in ("float32", "bfloat16", "float16"):
@@ -108,14 +120,16 @@ class Generator:
         self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
         self.model.setup_rope(self.context, self.device)  # once: a fixed table keeps compiled graphs valid
 
-    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+    def encode(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
         """chat=None: use the checkpoint's chat template when it has one."""
         if not prompt.strip():
             raise UserError("empty prompt")
         if chat is None:
             chat = self.tokenizer.chat_template is not None
         if chat:
-            return self.tokenizer.encode(self.tokenizer.apply_chat(prompt), special=False)
+            return self.tokenizer.encode(self.tokenizer.apply_chat(prompt, system), special=False)
+        if system is not None:
+            raise UserError("--system needs the chat template (the checkpoint has none, or --raw was given)")
         return self.tokenizer.encode(prompt)
 
     def fit(self, ids: list[int], max_new: int, truncate: str | None = None) -> list[int]:
@@ -200,7 +214,7 @@ class Generator:
                 if cut >= 0:
                     text, done[b] = text[:cut], True
                 if on_token and not text.endswith("\ufffd"):
-                    on_token(b, text)
+                    on_token(b, text if done[b] else text[: len(text) - _stop_prefix(text, s.stop)])
                 texts[b] = text
             if all(done) or step == s.max_new_tokens - 1:
                 break
@@ -236,8 +250,10 @@ def parse_args(argv=None):
     p = _Parser(prog="python -m engine.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory, hub id (e.g. Qwen/Qwen2.5-7B) or bundled name; "
                    "default: the bundled SmolLM2-135M-Instruct")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from a file ('-' for stdin)")
+    # both append to one list, so a batch keeps the command line's order
+    p.add_argument("--prompt", action="append", dest="inputs", type=lambda v: ("text", v), help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", action="append", dest="inputs", type=lambda v: ("file", v),
+                   help="read a prompt from a file ('-' for stdin); repeatable, mixes with --prompt in order")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template (default when the checkpoint has one)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
@@ -282,16 +298,16 @@ def main(argv=None):
         s = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.stop)
         s.check()
         policy = policy_from_args(a)
-        prompts = list(a.prompt)
-        for f in a.prompt_file:
+        prompts = []
+        for kind, v in a.inputs or []:
             try:
-                prompts.append(sys.stdin.read() if f == "-" else open(f, encoding="utf-8").read())
+                prompts.append(v if kind == "text" else sys.stdin.read() if v == "-" else open(v, encoding="utf-8").read())
             except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read prompt file {f}: {e}") from None
+                raise UserError(f"cannot read prompt file {v}: {e}") from None
         if not prompts:
             raise UserError("no prompt: pass --prompt TEXT or --prompt-file PATH")
         g = Generator(a.model, a.device, a.dtype, a.max_length, a.compile)
-        ids = [g.fit(g.encode(p, a.chat), s.max_new_tokens, a.truncate) for p in prompts]
+        ids = [g.fit(g.encode(p, a.chat, a.system), s.max_new_tokens, a.truncate) for p in prompts]
         print(f"[{g.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, "
               f"device={g.device}, dtype={str(g.dtype).removeprefix('torch.')}", file=sys.stderr)
         shown = [0]

@@ -13,8 +13,6 @@ split; an int caps at k), always kept; the other k - recent slots go to the per-
 scores among the older tokens (ties: the more recent key). Every layer is pruned unless listed
 in `protected` (default none).
 """
-import torch
-
 from refreekv import (Policy, Probe, budget_tokens, check_budget, check_layers, kv_head_scores, protect,
                       register, top_k_mask)
 

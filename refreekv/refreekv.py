@@ -10,7 +10,7 @@ the sinks' attention counts in both the base and every retained norm.
 """
 import torch
 
-from refreekv import Policy, Probe, register
+from refreekv import Policy, Probe, check_layers, register
 
 
 def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class ReFreeKV(Policy):
         if not 0 <= threshold or sinks < 0 or rows < 1:
             raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1")
         self.threshold, self.sinks, self.probe_rows = float(threshold), int(sinks), int(rows)
-        self.protected, self.include_sinks = tuple(int(x) for x in protected), include_sinks
+        self.protected, self.include_sinks = check_layers(protected), include_sinks
 
     def plan(self, probe: Probe):
         a = row_scores(probe.attn, probe.lens)

@@ -141,4 +141,62 @@ def test_cli_reads_prompt_from_stdin_and_writes_batch_stats(tiny_ckpts, tmp_path
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     st = json.loads((tmp_path / "s.json").read_text())
-    assert isinstance(st, list) and [s["prompt_tokens"] for s in st] == [len("second prompt"), len("first prompt from stdin")]
+    assert isinstance(st, list) and [s["prompt_tokens"] for s in st] == [len("first prompt from stdin"), len("second prompt")]
+
+
+def test_each_row_stops_at_its_own_eos(tiny_ckpts):
+    g = Generator(str(tiny_ckpts["llama", False]), device="cpu")
+    g.eos = set()
+    prompts = [list(range(10, 40)), list(range(50, 62))]
+    s = Sampling(max_new_tokens=24)
+    free = [r.tokens for r in g.generate(prompts, refreekv.make("refreekv"), s)]
+    g.eos = {free[0][5]}  # row 0 stops at step 5 (or earlier); row 1 at its own first occurrence, if any
+    got = [r.tokens for r in g.generate(prompts, refreekv.make("refreekv"), s)]
+    for f, t in zip(free, got):
+        cut = next((i for i, x in enumerate(f) if x in g.eos), len(f))
+        assert t == f[:cut]
+    assert len(got[0]) <= 5
+
+
+def test_stop_strings_are_never_streamed(tiny_ckpts):
+    from engine.generate import _stop_prefix
+
+    assert _stop_prefix("abc</s", ["</stop>"]) == 3 and _stop_prefix("abc", ["xyz"]) == 0 and _stop_prefix("a", []) == 0
+    g = Generator(str(tiny_ckpts["qwen2", False]), device="cpu")
+    g.eos = set()
+    ids = list(range(60, 90))
+    text = g.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=24))[0].text
+    stop = text[6:9]
+    streamed = []
+    r = g.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=24, stop=[stop]),
+                   on_token=lambda b, t: streamed.append(t))[0]
+    assert r.text == text[: text.find(stop)] and streamed
+    assert all(r.text.startswith(t) for t in streamed), (streamed, r.text)
+
+
+def test_cli_kv_args_and_per_head_stats(tiny_ckpts, tmp_path, capsys):
+    from engine.generate import main
+
+    out = tmp_path / "s.json"
+    rc = main(["--model", str(tiny_ckpts["llama", False]), "--prompt", "x" * 40, "--prompt", "y" * 25, "--kv", "snapkv",
+               "--budget", "10", "--kv-args", '{"window": 4, "protected": [0]}', "--max-new-tokens", "3",
+               "--stats-json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    st = json.loads(out.read_text())
+    assert [s["prompt_tokens"] for s in st] == [40, 25]  # command-line order
+    for s in st:
+        heads = s["kept_per_head"]
+        assert len(heads) == 3 and all(len(h) == 2 for h in heads)  # [layer][KV head]
+        assert heads[0] == [s["prompt_tokens"]] * 2 and heads[1] == heads[2] == [10, 10]
+        assert s["kept_per_layer"] == [s["prompt_tokens"], 10, 10]
+
+
+@pytest.mark.slow
+def test_system_message_goes_through_the_chat_template(smollm_gen):
+    g = smollm_gen
+    plain, sys_ = g.encode("Hi"), g.encode("Hi", system="You are a pirate.")
+    assert "You are a pirate." in g.tokenizer.decode(sys_) and "You are a pirate." not in g.tokenizer.decode(plain)
+    from weights.errors import UserError
+
+    with pytest.raises(UserError, match="--system needs the chat template"):
+        g.encode("Hi", chat=False, system="You are a pirate.")

@@ -2,7 +2,7 @@
 import math
 
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import refreekv
 from refreekv.refreekv import ReFreeKV, cut_positions, cut_reference, row_scores

@@ -138,3 +138,66 @@ def test_hub_id_not_cached_says_how_to_get_it(tmp_path):
     assert r.stderr.strip() == ("error: model Qwen/Qwen2.5-7B is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                                 "on a connected machine run `hf download Qwen/Qwen2.5-7B` (and copy the cache to $HF_HOME), "
                                 "or pass a local directory")
+
+
+def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
+    """Sampling, device, dtype, policy knobs, a directory without weights: exit 2 and one `error:` line."""
+    from engine.generate import main
+
+    tiny = str(tiny_ckpts["llama", False])
+    shutil.copy(tiny_ckpts["llama", False] / "config.json", tmp_path / "config.json")
+    shutil.copy(tiny_ckpts["llama", False] / "tokenizer.json", tmp_path / "tokenizer.json")
+    cases = [
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k must be >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--dtype", "float8"], "--dtype must be float32, bfloat16 or float16"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+        (["--system", "be brief"], "--system needs the chat template"),
+        (["--kv-args", "[1]"], "--kv-args must be a JSON object"),
+        (["--kv-args", "{"], "--kv-args is not valid JSON"),
+        (["--kv-args", '{"protected": [-1]}'], "protected layers must be >= 0"),
+        (["--kv", "snapkv", "--threshold", "0.1"], "bad arguments for KV policy 'snapkv'"),
+        (["--kv", "streaming", "--budget", "2.5"], "a budget > 1 is a token count and must be a whole number"),
+        (["--kv", "nope"], "unknown KV policy 'nope'"),
+        (["--model", str(tmp_path)], f"no *.safetensors weights in {tmp_path}"),
+    ]
+    for args, msg in cases:
+        argv = ["--model", tiny, "--prompt", "hi", "--max-new-tokens", "2", *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and msg in err and "\n" not in err, (args, err)
+
+
+def test_hub_unreachable_says_how_to_get_it(tmp_path):
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "home")}
+    r = run_cli("--model", "Qwen/Qwen2.5-7B", "--prompt", "hello", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "Qwen/Qwen2.5-7B is not in the local Hugging Face cache and the hub cannot be reached" in r.stderr
+
+
+def test_hub_download_fetches_only_the_indexed_shards(tmp_path, monkeypatch):
+    """Mistral repos hold consolidated.safetensors beside the HF shards: only the index's shards are fetched."""
+    import huggingface_hub
+
+    from weights import resolve
+
+    calls = []
+
+    def fake(repo_id, allow_patterns):
+        calls.append(list(allow_patterns))
+        if len(calls) == 1 and repo_id.startswith("mistralai/"):
+            (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}}))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert resolve.resolve("mistralai/Mistral-7B-Instruct-v0.3") == tmp_path
+    assert not any("*" in p for p in calls[0]) and "config.json" in calls[0] and "model.safetensors.index.json" in calls[0]
+    assert calls[1] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (tmp_path / "model.safetensors.index.json").unlink()
+    calls.clear()
+    resolve.resolve("org/unsharded")  # no index: the single-file checkpoint only
+    assert calls[1] == ["model.safetensors"]

@@ -1,12 +1,14 @@
 """Where a checkpoint lives: a local directory, a hub id (cache or download), or a bundled real model."""
+import json
 import os
 from pathlib import Path
 
 from weights.errors import UserError
 
-# Only what the engine reads: no *.bin, no *.pth, no original/ consolidated weights.
+# Only what the engine reads: no *.bin, no *.pth, no original/ or consolidated.safetensors
+# (Mistral repos carry both): first these small files, then exactly the shards the index names.
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"]
+             "special_tokens_map.json", "chat_template.jinja", "model.safetensors.index.json"]
 
 
 def resolve(model: str | None) -> Path:
@@ -30,7 +32,13 @@ def _from_hub(repo_id: str) -> Path:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        index = path / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+        except (ValueError, KeyError, AttributeError, TypeError):
+            shards = []  # the loader reports a malformed index
+        return Path(snapshot_download(repo_id, allow_patterns=shards or ["model.safetensors"]))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
         raise UserError(f"model {repo_id} is not in the local Hugging Face cache and {why}; on a connected machine "
