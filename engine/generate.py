@@ -50,7 +50,9 @@ def sample(logits, s: Sampling, gen: torch.Generator | None):
         probs = srt.softmax(-1)
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+    # exponential race (as gpt-fast): argmax p / E with E ~ Exp(1) draws from p, with no host sync
+    q = torch.empty_like(logits).exponential_(1, generator=gen)
+    return (logits.softmax(-1) / q).argmax(-1)
 
 
 def _stop_prefix(text: str, stops: list[str]) -> int:

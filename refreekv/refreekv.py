@@ -7,6 +7,13 @@ deepest candidate p with (base - S[p]) / base <= T; the layer keeps sinks [0, m)
 suffix [p, n). This is the authors' code form (sinks excluded from the metric), which
 produced the published budgets. `include_sinks=True` is the paper-text form (Eq. 3 / Alg. 1):
 the sinks' attention counts in both the base and every retained norm.
+
+`metric="mass"` (not in the paper; see bench/RESULTS.md, "What would fix it") measures the gap
+as evicted attention mass instead of L2 norm: gap[p] = mean_h sum_{m <= t < p} a[h, t] /
+mean_h sum a[h, candidates (+ sinks with include_sinks)]. With sinks included and k = 1 that is
+the share of the last query's softmax that eviction removes, which bounds the change of that
+query's attention output (<= 2 gap max|v|). On small models the L2 gap lets a diffuse 25% of
+the attention go at T = 1%; the mass gap does not.
 """
 import torch
 
@@ -22,26 +29,29 @@ def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     return attn.sum(-2) / sees.sum(1).clamp(min=1)[None, :, None, :]
 
 
-def cut_positions(a, lens, threshold, sinks, include_sinks=False):
+def cut_positions(a, lens, threshold, sinks, include_sinks=False, metric="l2"):
     """Vectorised cut over all layers and sequences. a: [L, B, H, N] scores, lens: [B].
 
     Returns p [L, B]: each (layer, sequence) keeps [0, min(sinks, n)) and [p, n). Float64, and
-    the gap is formed without subtracting near-equal norms, so it agrees with a direct sum far
-    below any sensible T and stays > 0 (T = 0 keeps all) however small the evicted attention."""
+    the gap is formed without subtracting near-equal quantities, so it agrees with a direct sum
+    far below any sensible T and stays > 0 (T = 0 keeps all) however small the evicted attention."""
     L, B, H, N = a.shape
     pos = torch.arange(N, device=a.device)
     real = pos < lens[:, None]  # [B, N]
     cand = real & (pos >= sinks)
-    a2 = torch.where(cand[None, :, None], a.double(), 0.0).square()
-    suffix = a2.flip(-1).cumsum(-1).flip(-1)  # R[p] = sum_{t >= p} a^2 over candidates
-    if include_sinks:
-        suffix = suffix + torch.where((real & (pos < sinks))[None, :, None], a.double(), 0.0).square().sum(-1, keepdim=True)
-    base_h, S_h = suffix[..., :1].sqrt(), suffix.sqrt()
-    # base_h - S_h = removed / (base_h + S_h): no cancellation, so any evicted attention > 0 gives gap > 0
-    removed = torch.cat((torch.zeros_like(a2[..., :1]), a2[..., :-1].cumsum(-1)), -1)  # sum_{t < p} a^2 over candidates
-    den = base_h + S_h
-    drop = torch.where(den > 0, removed / den, 0.0).mean(2)  # [L, B, N] = base - S[p]
-    base = base_h.mean(2)
+    x = torch.where(cand[None, :, None], a.double(), 0.0)  # candidates only
+    sink = torch.where((real & (pos < sinks))[None, :, None], a.double(), 0.0) if include_sinks else torch.zeros_like(x)
+    if metric == "l2":
+        x, sink = x.square(), sink.square()
+    removed = torch.cat((torch.zeros_like(x[..., :1]), x[..., :-1].cumsum(-1)), -1)  # sum_{t < p} over candidates
+    whole = x.sum(-1, keepdim=True) + sink.sum(-1, keepdim=True)
+    if metric == "l2":
+        base_h, S_h = whole.sqrt(), (x.flip(-1).cumsum(-1).flip(-1) + sink.sum(-1, keepdim=True)).sqrt()  # S[p]: t >= p
+        # base_h - S_h = removed / (base_h + S_h): no cancellation, so any evicted attention > 0 gives gap > 0
+        den = base_h + S_h
+        drop, base = torch.where(den > 0, removed / den, 0.0).mean(2), base_h.mean(2)  # [L, B, N], [L, B, 1]
+    else:
+        drop, base = removed.mean(2), whole.mean(2)
     gap = torch.where(base > 0, drop / base, 0.0)
     ok = (gap <= threshold) & cand  # j = 0 (p = sinks) always qualifies since gap = 0 there
     p = torch.where(ok, pos, -1).amax(-1)  # deepest qualifying candidate; -1: no candidates
@@ -51,15 +61,15 @@ def cut_positions(a, lens, threshold, sinks, include_sinks=False):
 @register("refreekv")
 class ReFreeKV(Policy):
     def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1,
-                 protected: tuple[int, ...] = (0, 1), include_sinks: bool = False):
-        if not 0 <= threshold or sinks < 0 or rows < 1:
-            raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1")
+                 protected: tuple[int, ...] = (0, 1), include_sinks: bool = False, metric: str = "l2"):
+        if not 0 <= threshold or sinks < 0 or rows < 1 or metric not in ("l2", "mass"):
+            raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1, metric 'l2' or 'mass'")
         self.threshold, self.sinks, self.probe_rows = float(threshold), int(sinks), int(rows)
-        self.protected, self.include_sinks = check_layers(protected), include_sinks
+        self.protected, self.include_sinks, self.metric = check_layers(protected), bool(include_sinks), metric
 
     def plan(self, probe: Probe):
         a = row_scores(probe.attn, probe.lens)
-        p = cut_positions(a, probe.lens, self.threshold, self.sinks, self.include_sinks)
+        p = cut_positions(a, probe.lens, self.threshold, self.sinks, self.include_sinks, self.metric)
         for layer in self.protected:
             if layer < probe.n_layers:
                 p[layer] = 0
@@ -68,18 +78,23 @@ class ReFreeKV(Policy):
         return probe.per_kv_head(keep)
 
 
-def cut_reference(a, n, threshold, sinks, include_sinks=False):
-    """Readable per-(layer, sequence) reference for tests: a [H, n] scores of one row."""
+def gap_reference(a, n, sinks, include_sinks=False, metric="l2"):
+    """Readable reference for tests: gap[j] (evicting candidates sinks .. sinks+j-1) of one
+    (layer, sequence), a [H, >= n] scores."""
     a = a[:, :n].double()
+    cand, sink = a[:, sinks:], a[:, :sinks] if include_sinks else a[:, :0]
+    if metric == "mass":
+        base = (cand.sum(-1) + sink.sum(-1)).mean().item()
+        return [cand[:, :j].sum(-1).mean().item() / base if base > 0 else 0.0 for j in range(cand.shape[1])]
+    extra = (sink ** 2).sum(-1)
+    base = ((cand ** 2).sum(-1) + extra).sqrt().mean().item()
+    return [(base - ((cand[:, j:] ** 2).sum(-1) + extra).sqrt().mean().item()) / base if base > 0 else 0.0
+            for j in range(cand.shape[1])]
+
+
+def cut_reference(a, n, threshold, sinks, include_sinks=False, metric="l2"):
+    """Per-(layer, sequence) loop reference: the kept suffix starts at sinks + the deepest j with gap[j] <= T."""
     if n <= sinks:
         return n
-    cand = a[:, sinks:]
-    extra = (a[:, :sinks] ** 2).sum(-1) if include_sinks else 0.0
-    base = ((cand ** 2).sum(-1) + extra).sqrt().mean().item()
-    best = 0
-    for j in range(cand.shape[1]):
-        S = ((cand[:, j:] ** 2).sum(-1) + extra).sqrt().mean().item()
-        gap = (base - S) / base if base > 0 else 0.0
-        if gap <= threshold:
-            best = j
-    return sinks + best
+    gaps = gap_reference(a, n, sinks, include_sinks, metric)
+    return sinks + max(j for j, g in enumerate(gaps) if g <= threshold or j == 0)

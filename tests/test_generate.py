@@ -200,3 +200,21 @@ def test_system_message_goes_through_the_chat_template(smollm_gen):
 
     with pytest.raises(UserError, match="--system needs the chat template"):
         g.encode("Hi", chat=False, system="You are a pirate.")
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    """Temperature, top-k and top-p shape the distribution the (sync-free) sampler draws from."""
+    from engine.generate import sample
+
+    p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = p.log().expand(40000, -1)
+    g = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        return torch.bincount(sample(logits, Sampling(temperature=1.0, **kw), g), minlength=5).double() / 40000
+
+    for got, want in [(freq(), p), (freq(top_k=2), torch.tensor([4 / 7, 3 / 7, 0, 0, 0])),
+                      (freq(top_p=0.8), torch.tensor([0.4, 0.3, 0.15, 0, 0]) / 0.85)]:
+        assert (got - want.double()).abs().max() < 0.01, (got, want)
+    hot = torch.bincount(sample(logits, Sampling(temperature=2.0), g), minlength=5).double() / 40000
+    assert (hot - (p.sqrt() / p.sqrt().sum()).double()).abs().max() < 0.01

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import refreekv
-from refreekv.refreekv import ReFreeKV, cut_positions, cut_reference, row_scores
+from refreekv.refreekv import ReFreeKV, cut_positions, cut_reference, gap_reference, row_scores
 
 SET = settings(max_examples=60, deadline=None)
 
@@ -25,50 +25,45 @@ def scores(draw, max_l=3, max_b=3, max_h=4, max_n=40):
     return logits.softmax(-1), torch.tensor(lens)
 
 
-def gaps(a, n, sinks):
-    """Reference gap[j] for one (layer, sequence): a [H, N]."""
-    cand = a[:, sinks:n].double()
-    base = cand.square().sum(-1).sqrt().mean()
-    return [((base - cand[:, j:].square().sum(-1).sqrt().mean()) / base).item() for j in range(cand.shape[1])]
-
-
 def probe_of(a, lens, kv_heads=1):
     return refreekv.Probe(a[:, :, :, None].float(), lens, a.shape[0], kv_heads, a.shape[-1])
 
 
 thresholds = st.sampled_from([0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 0.5, 1.0])
+# the gap's forms: the authors' code (L2, sinks out), the paper text (sinks in), evicted mass (ours)
+forms = st.tuples(st.booleans(), st.sampled_from(["l2", "mass"]))
 
 
 @SET
-@given(scores(), st.integers(0, 6))
-def test_t0_keeps_everything(sa, sinks):
+@given(scores(), st.integers(0, 6), forms)
+def test_t0_keeps_everything(sa, sinks, form):
     a, lens = sa
-    p = cut_positions(a, lens, 0.0, sinks)
+    p = cut_positions(a, lens, 0.0, sinks, *form)
     assert torch.equal(p, torch.minimum(torch.full_like(p, sinks), lens[None].expand_as(p)))
 
 
 @SET
-@given(scores(), st.integers(0, 6), thresholds, thresholds)
-def test_monotone_in_threshold(sa, sinks, t1, t2):
+@given(scores(), st.integers(0, 6), thresholds, thresholds, forms)
+def test_monotone_in_threshold(sa, sinks, t1, t2, form):
     a, lens = sa
     lo, hi = sorted((t1, t2))
-    assert (cut_positions(a, lens, lo, sinks) <= cut_positions(a, lens, hi, sinks)).all()
+    assert (cut_positions(a, lens, lo, sinks, *form) <= cut_positions(a, lens, hi, sinks, *form)).all()
 
 
 @SET
-@given(scores(), st.integers(0, 6), thresholds)
-def test_cut_is_deepest_within_threshold_and_matches_loop(sa, sinks, t):
+@given(scores(), st.integers(0, 6), thresholds, forms)
+def test_cut_is_deepest_within_threshold_and_matches_loop(sa, sinks, t, form):
     """Minimality: gap[j*] <= T and gap[j*+1] > T; equals the per-layer loop reference (float
     rounding of the suffix sums is ~1e-15, so disagreement is allowed only within 1e-9 of T)."""
     a, lens = sa
-    p = cut_positions(a, lens, t, sinks)
+    p = cut_positions(a, lens, t, sinks, *form)
     for l in range(a.shape[0]):
         for b, n in enumerate(lens.tolist()):
-            got, ref = p[l, b].item(), cut_reference(a[l, b], n, t, sinks)
+            got, ref = p[l, b].item(), cut_reference(a[l, b], n, t, sinks, *form)
             if n <= sinks:
                 assert got == ref == n
                 continue
-            g = gaps(a[l, b], n, sinks)
+            g = gap_reference(a[l, b], n, sinks, *form)
             j = got - sinks
             assert 0 <= j < n - sinks and g[j] <= t + 1e-9
             assert j + 1 == len(g) or g[j + 1] > t - 1e-9
@@ -76,10 +71,28 @@ def test_cut_is_deepest_within_threshold_and_matches_loop(sa, sinks, t):
 
 
 @SET
-@given(scores(), st.integers(0, 6), thresholds, st.integers(-20, 20))
-def test_scale_invariance(sa, sinks, t, k):
+@given(scores(), st.integers(0, 6), thresholds, st.integers(-20, 20), forms)
+def test_scale_invariance(sa, sinks, t, k, form):
+    """Powers of two scale exactly in floating point; any other c > 0 can only move a cut whose gap
+    lies within rounding of T."""
     a, lens = sa
-    assert torch.equal(cut_positions(a, lens, t, sinks), cut_positions(a * 2.0**k, lens, t, sinks))
+    assert torch.equal(cut_positions(a, lens, t, sinks, *form), cut_positions(a * 2.0**k, lens, t, sinks, *form))
+
+
+@SET
+@given(scores(), st.integers(0, 6), thresholds)
+def test_mass_gap_bounds_the_evicted_softmax_share(sa, sinks, t):
+    """metric="mass" with the sinks in the total: the evicted share of each layer's last-row softmax
+    (mean over heads) is at most T, and evicting one more candidate would exceed it."""
+    a, lens = sa
+    p = cut_positions(a, lens, t, sinks, True, "mass")
+    for l in range(a.shape[0]):
+        for b, n in enumerate(lens.tolist()):
+            j = p[l, b].item()
+            evicted = a[l, b, :, sinks:j].sum(-1).mean().item()  # rows sum to 1
+            assert evicted <= t + 1e-12
+            if sinks <= j < n - 1:
+                assert a[l, b, :, sinks:j + 1].sum(-1).mean().item() > t - 1e-12
 
 
 @SET
