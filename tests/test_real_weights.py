@@ -34,3 +34,41 @@ def test_perplexity_matches_transformers(name):
     print(f"{name}: perplexity ours {ours:.4f} transformers {theirs:.4f}")
     assert abs(ours - theirs) / theirs < 0.005
     assert 3 < theirs < 60  # a correct conversion reads real English documentation sensibly
+
+
+@pytest.mark.slow
+def test_loading_keeps_no_second_copy_in_host_memory():
+    """Weights stream tensor by tensor into the model: while Qwen2.5-Coder-0.5B (2.5 GB fp32) loads,
+    the process's anonymous memory (the mmap'd safetensors pages are file-backed, not counted)
+    never rises by more than the model plus its largest tensor (the 0.54 GB embedding table)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from weights.gguf import ensure_bundled
+
+    path = ensure_bundled("qwen2.5-coder-0.5b-instruct")
+    code = ("import sys, torch; from weights.loader import load_model; print('ready', flush=True); sys.stdin.readline(); "
+            f"m, c = load_model({str(path)!r}); print(sum(p.numel() * p.element_size() for p in m.parameters()), flush=True)")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+
+    def anon():
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("RssAnon:"))) * 1024
+
+    assert p.stdout.readline().strip() == "ready"
+    base, peak = anon(), 0
+    p.stdin.write("\n"); p.stdin.flush()
+    while p.poll() is None:
+        try:
+            peak = max(peak, anon())
+        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            break
+        time.sleep(0.005)
+    model_bytes = int(p.stdout.read().split()[-1])
+    assert p.wait() == 0
+    assert 2.3e9 < model_bytes < 2.7e9  # 630 M parameters (untied head)
+    assert peak - base < model_bytes + 0.6e9, (peak - base, model_bytes)
+    print(f"anonymous memory rose by {(peak - base) / 1e9:.2f} GB for {model_bytes / 1e9:.2f} GB of weights")
