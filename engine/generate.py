@@ -160,6 +160,7 @@ class Generator:
         """Generate for a batch of token-id prompts; on_token(b, text_so_far) streams each row's text."""
         s.check()
         c, dev, B = self.config, self.device, len(prompts)
+        cuda = dev.startswith("cuda")
         lens = torch.tensor([len(p) for p in prompts], device=dev)
         N = int(lens.max())
         cap = N + s.max_new_tokens
@@ -169,7 +170,7 @@ class Generator:
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.tensor(p)
         kv = self._store(B, cap)
-        if dev.startswith("cuda"):
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
 
         _sync(dev); t0 = time.perf_counter()
@@ -186,14 +187,14 @@ class Generator:
         done = [False] * B
         longest = kept.amax((1, 2))  # [L] longest row per layer; every decode step appends one token to each row
         tok = sample(logits, s, gen)
-        host_tok = torch.empty(B, dtype=torch.long, pin_memory=dev.startswith("cuda"))
+        host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
         steps = 0
         for step in range(s.max_new_tokens):
             # the device never waits on the host: step t+1 is queued before token t is read back
             # (one step may be wasted after the last EOS), and detokenising overlaps it
             host_tok.copy_(tok, non_blocking=True)
-            ready = torch.cuda.Event() if dev.startswith("cuda") else None
-            if ready is not None:
+            if cuda:
+                ready = torch.cuda.Event()
                 ready.record()
             if step < s.max_new_tokens - 1:
                 steps += 1
@@ -201,7 +202,7 @@ class Generator:
                 # sees one new set of spans per bucket of steps (one CUDA-graph recording), not one per layer
                 grown = -(-steps // self.span_bucket) * self.span_bucket
                 nxt = sample(self.decode(tok, kv, (longest + grown).clamp(max=kv.capacity).tolist()), s, gen)
-            if ready is not None:
+            if cuda:
                 ready.synchronize()
             host = host_tok.tolist()
             for b in range(B):
@@ -223,7 +224,7 @@ class Generator:
             tok = nxt
         _sync(dev); t3 = time.perf_counter()
 
-        peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else _rss()
+        peak = torch.cuda.max_memory_allocated() if cuda else _rss()
         results = []
         for b in range(B):
             n = int(lens[b])
