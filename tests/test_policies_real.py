@@ -8,7 +8,7 @@ from conftest import real_text
 from test_weights import run_cli
 
 ARGS = {"full": [], "refreekv": [], "streaming": ["--budget", "0.3"], "h2o": ["--budget", "0.3"],
-        "snapkv": ["--budget", "512"], "refreekv-h2o": ["--threshold", "0.01"]}
+        "snapkv": ["--budget", "512"], "refreekv-h2o": ["--threshold", "0.01"], "refreekv-topp": ["--kv-args", '{"rows": 8}']}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_each_method_runs_on_a_long_real_prompt(smollm, long_prompt, tmp_path):
     assert results["full"][1]["budget"] == 1.0
     assert results["streaming"][1]["kept_per_layer"] == [-(-3 * n // 10)] * 30
     assert results["snapkv"][1]["kept_per_layer"] == [512] * 30
-    assert 0 < results["refreekv"][1]["budget"] < 1 and 0 < results["refreekv-h2o"][1]["budget"] < 1
+    assert all(0 < results[kv][1]["budget"] < 1 for kv in ("refreekv", "refreekv-h2o", "refreekv-topp"))
     # streaming at budget 1.0 keeps everything and reproduces full exactly
     text, st = cli(long_prompt, tmp_path, "streaming", "--budget", "1.0")
     assert text == results["full"][0] and st["kept_per_layer"] == results["full"][1]["kept_per_layer"]

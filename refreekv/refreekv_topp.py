@@ -1,0 +1,44 @@
+"""Threshold-only pruning by attention mass, per KV head ("refreekv-topp"; not in the paper).
+
+ReFreeKV's promise (one universal T, no budget) with the two changes bench/RESULTS.md points to:
+the gap is evicted attention *mass* (ReFreeKV's metric="mass"), and keys are evicted in order of
+their own attention, per KV head, instead of oldest-first per layer.
+
+Per (layer, sequence, KV head): s[j] = probe attention of the last `rows` prompt queries
+(row_scores: mean over rows, each key divided by the rows that see it), summed over the query
+heads of the group. The candidates (not a sink, not the last prompt token) are evicted lowest
+score first (ties: the older key) for as long as the evicted mass stays <= T * sum_j s[j] (sinks
+included in the total): the kept set is the smallest "top-p" set of the head's attention with
+p = 1 - T. T = 0 keeps everything; layers in `protected` are never pruned.
+"""
+import math
+
+import torch
+
+from refreekv import Policy, Probe, check_layers, register
+from refreekv.refreekv import row_scores
+
+
+@register("refreekv-topp")
+class ReFreeKVTopP(Policy):
+    def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1, protected: tuple[int, ...] = (0, 1)):
+        if not 0 <= threshold or sinks < 0 or rows < 1:
+            raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1")
+        self.threshold, self.sinks, self.probe_rows = float(threshold), int(sinks), int(rows)
+        self.protected = check_layers(protected)
+
+    def plan(self, probe: Probe):
+        a = row_scores(probe.attn[..., -self.probe_rows:, :], probe.lens)  # [L, B, H, N]
+        s = a.unflatten(2, (probe.n_kv_heads, -1)).sum(3).double()  # [L, B, Hkv, N]
+        pos, lens = probe.positions, probe.lens[:, None]
+        real = probe.real[None, :, None]
+        cand = real & (pos >= self.sinks) & (pos < lens - 1)[None, :, None]
+        total = torch.where(real, s, 0.0).sum(-1, keepdim=True)
+        order = torch.sort(torch.where(cand, s, math.inf), dim=-1, stable=True).indices  # lowest first, older first
+        mass = torch.where(cand, s, 0.0).gather(-1, order).cumsum(-1)  # evicted mass after each eviction
+        evict = (mass <= self.threshold * total) & cand.expand_as(s).gather(-1, order) & (self.threshold > 0)
+        keep = real & ~torch.zeros_like(evict).scatter_(-1, order, evict)
+        for layer in self.protected:
+            if layer < probe.n_layers:
+                keep[layer] = real[0]
+        return keep

@@ -1,0 +1,94 @@
+"""refreekv-topp (threshold-only, per-KV-head attention mass): hand-worked plan, Hypothesis
+invariants and a plain loop reference (on the dyadic probes of test_baselines)."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+import refreekv
+from refreekv.refreekv import row_scores
+from test_baselines import probe, probes
+
+SET = settings(max_examples=40, deadline=None)
+thresholds = st.sampled_from([0.0, 0.01, 0.0731, 0.2113, 0.5831, 1.0])
+
+
+def head_scores(attn, lens, n_kv, rows):
+    """[L, B, Hkv, N] float64: row_scores of the last `rows` probe rows, summed over each KV head's group."""
+    a = row_scores(attn[..., -rows:, :], torch.as_tensor(lens)).double()
+    return a.unflatten(2, (n_kv, -1)).sum(3)
+
+
+def reference(attn, lens, n_kv, threshold, sinks, rows, protected):
+    """Loop reference: kept slot sets [l][b][kv head]."""
+    s = head_scores(attn, lens, n_kv, rows)
+    out = []
+    for l in range(s.shape[0]):
+        out.append([])
+        for b, n in enumerate(lens):
+            out[l].append([])
+            for h in range(n_kv):
+                sc = s[l, b, h, :n].tolist()
+                keep, budget, evicted = set(range(n)), threshold * sum(sc), 0.0
+                if l not in protected and threshold > 0:
+                    for j in sorted(range(sinks, n - 1), key=lambda j: (sc[j], j)):  # lowest first, older first
+                        if evicted + sc[j] > budget:
+                            break
+                        evicted += sc[j]
+                        keep.discard(j)
+                out[l][b].append(keep)
+    return out
+
+
+@st.composite
+def knobs(draw):
+    return dict(threshold=draw(thresholds), sinks=draw(st.integers(0, 6)), rows=draw(st.integers(1, 3)),
+                protected=tuple(draw(st.lists(st.integers(0, 3), max_size=2))))
+
+
+@SET
+@given(probes(w=3), knobs())
+def test_plan_equals_loop_reference_and_bounds_the_evicted_mass(pa, kw):
+    attn, lens, n_kv = pa
+    keep = refreekv.make("refreekv-topp", **kw).plan(probe(attn, lens, n_kv))
+    ref = reference(attn, lens, n_kv, kw["threshold"], kw["sinks"], kw["rows"], kw["protected"])
+    s = head_scores(attn, lens, n_kv, kw["rows"])
+    N = attn.shape[-1]
+    for l in range(keep.shape[0]):
+        for b, n in enumerate(lens):
+            for h in range(n_kv):
+                row = keep[l, b, h]
+                assert set(torch.nonzero(row).flatten().tolist()) == ref[l][b][h]
+                assert not row[n:N].any() and row[: min(kw["sinks"], n)].all() and row[n - 1]
+                total, ev = s[l, b, h, :n].sum().item(), s[l, b, h, :n][~row[:n]].sum().item()
+                assert ev <= kw["threshold"] * total + 1e-12
+
+
+@SET
+@given(probes(w=3), knobs(), thresholds)
+def test_t0_keeps_all_monotone_scale_invariant_batch_independent(pa, kw, t2):
+    attn, lens, n_kv = pa
+    mk = lambda t: refreekv.make("refreekv-topp", **{**kw, "threshold": t})
+    real = torch.arange(attn.shape[-1]) < torch.tensor(lens)[:, None]
+    assert torch.equal(mk(0.0).plan(probe(attn, lens, n_kv)), real[None, :, None].expand(attn.shape[0], -1, n_kv, -1))
+    lo, hi = sorted((kw["threshold"], t2))
+    a, b = mk(lo).plan(probe(attn, lens, n_kv)), mk(hi).plan(probe(attn, lens, n_kv))
+    assert (a.sum(-1) >= b.sum(-1)).all()
+    assert torch.equal(mk(lo).plan(probe(attn * 4, lens, n_kv)), a)
+    for i, n in enumerate(lens):
+        assert torch.equal(mk(lo).plan(probe(attn[:, i : i + 1, ..., :n], [n], n_kv))[:, 0], a[:, i, :, :n])
+
+
+def test_hand_worked():
+    # one layer, one KV head of two query heads, 7 keys, sinks 1; head scores (sum of both rows):
+    # [.30, .02, .01, .05, .02, .10, .50] -> candidates 1..5 evicted lowest first: 2 (.01), 1 (.02, older
+    # than 4), 4 (.02), 3 (.05), 5 (.10); total 1.0
+    attn = torch.tensor([[.20, .01, .00, .03, .01, .05, .20], [.10, .01, .01, .02, .01, .05, .30]])[None, None, :, None]
+    lens = [7]
+    kept = lambda t: torch.nonzero(refreekv.make("refreekv-topp", threshold=t, sinks=1, protected=())
+                                   .plan(probe(attn, lens, 1))[0, 0, 0]).flatten().tolist()
+    assert kept(0.0) == [0, 1, 2, 3, 4, 5, 6]
+    assert kept(0.01) == [0, 1, 3, 4, 5, 6]
+    assert kept(0.03) == [0, 3, 4, 5, 6]
+    assert kept(0.05) == [0, 3, 5, 6]
+    assert kept(0.1) == [0, 5, 6]
+    assert kept(0.2) == [0, 6]  # the last token and the sink stay whatever T
+    assert kept(1.0) == [0, 6]
