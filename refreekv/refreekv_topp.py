@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from refreekv import Policy, Probe, check_layers, register
+from refreekv import Policy, Probe, check_layers, protect, register
 from refreekv.refreekv import row_scores
 
 
@@ -40,8 +40,4 @@ class ReFreeKVTopP(Policy):
         order = torch.sort(torch.where(cand, s, math.inf), dim=-1, stable=True).indices  # lowest first, older first
         mass = torch.where(cand, s, 0.0).gather(-1, order).cumsum(-1)  # evicted mass after each eviction
         evict = (mass <= self.threshold * total) & cand.expand_as(s).gather(-1, order) & (self.threshold > 0)
-        keep = real & ~torch.zeros_like(evict).scatter_(-1, order, evict)
-        for layer in self.protected:
-            if layer < probe.n_layers:
-                keep[layer] = real[0]
-        return keep
+        return protect(real & ~torch.zeros_like(evict).scatter_(-1, order, evict), probe, self.protected)
