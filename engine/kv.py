@@ -1,68 +1,215 @@
-"""The ragged KV store: allocated once, every (layer, sequence, KV head) row has its own length.
+"""The paged KV pool: allocated once, shared by every layer, KV head and sequence.
 
-Buffers are [layers, batch, kv_heads, capacity, head_dim]. Row r = (l, b, h) holds live
-entries in slots [0, lengths[r]); slots at or past that are never read. Keys are stored
-post-RoPE with their original absolute positions in `pos` (needed for sliding windows and
-for researchers who inspect what survived), so compaction never touches the rotary phase.
+The pool is cut into pages of `page_size` tokens holding K (post-RoPE), V and each token's
+absolute position. A page belongs to one (layer, slot, KV head) row; one free list serves every
+row, so a page freed by pruning in one layer of one sequence can go to any row of any sequence.
+A sequence occupies a slot; its rows have their own lengths (pruning is per layer and KV head).
+
+Device state (read by the compiled steps, updated in place, fixed addresses):
+  k, v [pages + 1, page_size, D], pos [pages + 1, page_size]: page 0 is the trash page: every
+        unassigned table entry points at it, so padding rows of a batch write there harmlessly;
+  table [L, slots, Hkv, P] page ids, lengths [L, slots, Hkv], next_pos [slots], live [slots].
+Host state (the allocator; the host hands out pages, so it never reads the device back):
+  h_table, h_pages (pages owned per row), h_len (each row's length once the queued steps ran),
+  and the free stack. Invariant: a row owns exactly ceil(h_len / page_size) pages, entries past
+  them are 0, and the device table equals h_table.
 """
 import torch
-import torch.nn.functional as F
+
+from engine.attention import paged_decode_torch, paged_decode_triton, use_triton
+from weights.errors import UserError
 
 
-class RaggedKV:
-    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, dtype=torch.float32, device="cpu"):
-        shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = torch.zeros(shape[:4], dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(shape[:3], dtype=torch.int64, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.int64, device=device)  # absolute position of the next token
-        self.capacity = capacity
-        self._bi = torch.arange(batch, device=device)[:, None].expand(batch, n_kv_heads)
-        self._hi = torch.arange(n_kv_heads, device=device)[None, :].expand(batch, n_kv_heads)
-        if torch.device(device).type == "cuda":  # fixed addresses: CUDA graphs may then mutate them in place
-            for t in (self.k, self.v, self.pos, self.lengths, self.next_pos):
-                torch._dynamo.mark_static_address(t)
+def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    return page_size * (2 * head_dim * dtype.itemsize + 4)  # K, V, int32 position
 
-    def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, prompt_lens: torch.Tensor):
-        """Write a right-padded prompt's K/V [B, Hkv, N, D]; row b is live up to prompt_lens[b]."""
-        n = k.shape[2]
-        self.k[layer, :, :, :n] = k
-        self.v[layer, :, :, :n] = v
-        self.pos[layer, :, :, :n] = torch.arange(n, dtype=torch.int32, device=k.device)
-        self.lengths[layer] = prompt_lens[:, None]
+
+class PagedKV:
+    def __init__(self, n_layers, n_kv_heads, head_dim, n_pages, page_size=16, max_seqs=8, max_len=4096,
+                 dtype=torch.float32, device="cpu"):
+        if page_size < 1 or page_size & (page_size - 1):
+            raise UserError(f"--page-size must be a power of two >= 1, got {page_size}")
+        if max_seqs < 1:
+            raise UserError(f"--max-seqs must be >= 1, got {max_seqs}")
+        if n_pages < 1:
+            raise UserError(f"the KV pool must hold at least one page, got {n_pages}")
+        L, H, S = n_layers, n_kv_heads, max_seqs
+        self.L, self.H, self.D, self.S, self.ps, self.n_pages = L, H, head_dim, S, page_size, n_pages
+        self.P = -(-max_len // page_size)  # table width: pages of the longest row
+        self.device = torch.device(device)
+        dev = self.device
+        self.k = torch.zeros(n_pages + 1, page_size, head_dim, dtype=dtype, device=dev)
+        self.v = torch.zeros(n_pages + 1, page_size, head_dim, dtype=dtype, device=dev)
+        self.pos = torch.zeros(n_pages + 1, page_size, dtype=torch.int32, device=dev)
+        self.table = torch.zeros(L, S, H, self.P, dtype=torch.int32, device=dev)
+        self.lengths = torch.zeros(L, S, H, dtype=torch.int32, device=dev)
+        self.next_pos = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.live = torch.zeros(S, dtype=torch.int32, device=dev)
+        if dev.type == "cuda":  # fixed addresses: CUDA graphs mutate them in place; no guard, no recompiles
+            for t in (self.k, self.v, self.pos, self.table, self.lengths, self.next_pos, self.live):
+                torch._dynamo.mark_static_address(t, guard=False)
+        self.h_table = torch.zeros(L, S, H, self.P, dtype=torch.int32)
+        self.h_pages = torch.zeros(L, S, H, dtype=torch.int64)
+        self.h_len = torch.zeros(L, S, H, dtype=torch.int64)
+        self._free = torch.arange(n_pages, 0, -1, dtype=torch.int32)  # a stack: the top is the end
+        self.n_free = n_pages
+        self.triton = use_triton(dev)  # decode attention: the Triton kernel, or PyTorch (reads `span` pages)
+        self._attn = paged_decode_triton if self.triton else paged_decode_torch
+
+    # ----------------------------------------------------------------------------- host allocator
+    def pages_for(self, n_tokens):
+        """Pages a row of n tokens owns (int or tensor)."""
+        return -(-n_tokens // self.ps)
+
+    def seq_pages(self, n_tokens: int) -> int:
+        """Pages a sequence whose every row holds n tokens owns."""
+        return self.L * self.H * self.pages_for(n_tokens)
+
+    @property
+    def used(self) -> int:
+        return self.n_pages - self.n_free
+
+    def _alloc(self, k: int) -> torch.Tensor:
+        assert k <= self.n_free, (k, self.n_free)
+        self.n_free -= k
+        return self._free[self.n_free:self.n_free + k].clone()
+
+    def _release(self, ids: torch.Tensor):
+        k = ids.numel()
+        self._free[self.n_free:self.n_free + k] = ids.reshape(-1)
+        self.n_free += k
+
+    def _h2d(self, dst: torch.Tensor, src: torch.Tensor):
+        """Host -> device without waiting for the device (pinned staging on CUDA)."""
+        if dst.is_cuda:
+            dst.copy_(src.pin_memory(), non_blocking=True)
+        else:
+            dst.copy_(src)
+
+    def _push(self, slot: int):
+        self._h2d(self.table[:, slot], self.h_table[:, slot])
+
+    def assign(self, slot: int, lengths) -> None:
+        """Give an empty slot's rows pages for `lengths` tokens (an int, or [L, Hkv] per row)."""
+        ln = torch.as_tensor(lengths, dtype=torch.int64).expand(self.L, self.H)
+        assert self.h_pages[:, slot].sum() == 0, f"slot {slot} is not empty"
+        need = self.pages_for(ln)
+        ids = self._alloc(int(need.sum()))
+        owned = torch.arange(self.P) < need[..., None]  # [L, Hkv, P]
+        self.h_table[:, slot][owned] = ids  # row-major: each row's pages in order
+        self.h_pages[:, slot], self.h_len[:, slot] = need, ln
+        self._push(slot)
+
+    def trim(self, slot: int, lengths: torch.Tensor) -> None:
+        """After compaction: rows keep `lengths` [L, Hkv] tokens; the emptied trailing pages go back."""
+        ln = lengths.to(torch.int64)
+        need = self.pages_for(ln)
+        assert (need <= self.h_pages[:, slot]).all()
+        tab = self.h_table[:, slot]
+        gone = (torch.arange(self.P) >= need[..., None]) & (torch.arange(self.P) < self.h_pages[:, slot, :, None])
+        self._release(tab[gone])
+        tab[gone] = 0
+        self.h_pages[:, slot], self.h_len[:, slot] = need, ln
+        self._push(slot)
+
+    def release(self, slot: int) -> None:
+        """Return every page of a slot (a finished or preempted sequence) and clear it."""
+        tab = self.h_table[:, slot]
+        self._release(tab[tab > 0])
+        tab.zero_()
+        self.h_pages[:, slot] = 0
+        self.h_len[:, slot] = 0
+        self._push(slot)
+        self.lengths[:, slot] = 0
+        self.live[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Move a sequence from slot src to the empty slot dst (keeps running slots contiguous)."""
+        for t in (self.h_table, self.h_pages, self.h_len):
+            t[:, dst] = t[:, src]
+            t[:, src] = 0
+        self.table[:, dst] = self.table[:, src]
+        self.lengths[:, dst] = self.lengths[:, src]
+        self.next_pos[dst], self.live[dst] = self.next_pos[src], self.live[src]
+        self.table[:, src], self.lengths[:, src], self.live[src] = 0, 0, 0
+
+    def grow(self, live: list[bool]) -> int:
+        """Reserve room for one more token in every row of the slots [0, len(live)) marked live
+        (the next decode step). Returns 0 when done, else how many pages are missing (then
+        nothing changed)."""
+        n = len(live)
+        grows = torch.tensor(live, dtype=torch.bool)[None, :, None]
+        ln, pg = self.h_len[:, :n], self.h_pages[:, :n]
+        full = (ln >= pg * self.ps) & grows  # rows whose last page is full
+        k = int(full.sum())
+        if k > self.n_free:
+            return k - self.n_free
+        if k:
+            l, s, h = full.nonzero(as_tuple=True)
+            ids = self._alloc(k)
+            cols = pg[full]
+            self.h_table[l, s, h, cols] = ids
+            pg[full] += 1
+            flat = ((l * self.S + s) * self.H + h) * self.P + cols
+            if self.table.is_cuda:
+                flat, ids = (t.pin_memory().to(self.device, non_blocking=True) for t in (flat, ids))
+            self.table.view(-1)[flat] = ids
+        ln += grows
+        return 0
+
+    def set_live(self, live: list[bool]) -> None:
+        """Which of the slots [0, len(live)) advance in the next decode steps (the rest of the
+        batch, and every other slot, is padding: it writes into the trash page)."""
+        mask = torch.zeros(self.S, dtype=torch.int32)
+        mask[:len(live)] = torch.tensor(live, dtype=torch.int32)
+        self._h2d(self.live, mask)
+
+    def owned(self, slot: int) -> int:
+        return int(self.h_pages[:, slot].sum())
+
+    # ------------------------------------------------------------------------- device (compiled)
+    def write_prompt(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor):
+        """Prefill: write right-padded prompts' K/V [B, Hkv, N, D] into the slots' pages; row b is
+        live up to lens[b] (padding lands past the length or in the trash page)."""
+        B, H, N, D = k.shape
+        t = torch.arange(N, device=k.device)
+        page = self.table[layer, slots].gather(-1, (t // self.ps).expand(B, H, N))
+        flat = (page.long() * self.ps + t % self.ps).reshape(-1)
+        self.k.view(-1, D)[flat] = k.reshape(-1, D)
+        self.v.view(-1, D)[flat] = v.reshape(-1, D)
+        self.pos.view(-1)[flat] = t.int().expand(B * H, N).reshape(-1)
+        self.lengths[layer, slots] = lens[:, None].int()
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write one new token per sequence [B, Hkv, 1, D] at each row's own length."""
-        slot = self.lengths[layer]
-        self.k[layer].index_put_((self._bi, self._hi, slot), k[:, :, 0])
-        self.v[layer].index_put_((self._bi, self._hi, slot), v[:, :, 0])
-        self.pos[layer].index_put_((self._bi, self._hi, slot), self.next_pos[:, None].expand_as(slot).int())
-        self.lengths[layer] += 1
+        """Decode: write one token per slot [B, Hkv, 1, D] at each row's own length (slots [0, B))."""
+        B, H, _, D = k.shape
+        ln = self.lengths[layer, :B]
+        page = self.table[layer, :B].gather(-1, (ln // self.ps).long()[..., None])[..., 0]
+        flat = (page.long() * self.ps + ln % self.ps).reshape(-1)
+        self.k.view(-1, D)[flat] = k.reshape(-1, D)
+        self.v.view(-1, D)[flat] = v.reshape(-1, D)
+        self.pos.view(-1)[flat] = self.next_pos[:B, None].expand(B, H).reshape(-1).int()
+        self.lengths[layer, :B] += self.live[:B, None]
 
-    def attend(self, layer: int, q: torch.Tensor, span: int, window: int | None = None) -> torch.Tensor:
-        """Decode attention of q [B, H, 1, D] over the live slots of `layer`, reading only [0, span).
+    def attend(self, layer: int, q: torch.Tensor, window=None, span=None) -> torch.Tensor:
+        """Decode attention of q [B, H, D] (slots [0, B)) over each row's live tokens."""
+        B = q.shape[0]
+        return self._attn(q, self.k, self.v, self.pos, self.table[layer, :B], self.lengths[layer, :B],
+                          self.next_pos[:B], window, span)
 
-        `span` must cover every row's length (the caller knows it on the host); GQA is done by
-        folding each group's query heads into the query-length axis, so K/V are never repeated."""
-        B, H, _, D = q.shape
-        hkv = self.k.shape[2]
-        k, v = self.k[layer, :, :, :span], self.v[layer, :, :, :span]
-        live = torch.arange(span, device=q.device) < self.lengths[layer][..., None]  # [B, Hkv, span]
-        if window is not None:
-            live &= (self.next_pos[:, None, None] - self.pos[layer, :, :, :span]) < window
-        out = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), k, v, attn_mask=live[:, :, None, :])
-        return out.reshape(B, H, 1, D)
-
-    def compact(self, keep: torch.Tensor):
-        """Keep the slots marked in keep [L, B, Hkv, N] (N <= capacity), moved to the front in order.
-
-        One batched gather for all layers; afterwards lengths = keep.sum(-1). Slots of a row
-        that were not live before must not be marked."""
-        n = keep.shape[-1]
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept slots first, in order
-        for buf in (self.k, self.v):
-            idx = order[..., None].expand(*order.shape, buf.shape[-1])
-            buf[:, :, :, :n] = torch.gather(buf[:, :, :, :n], 3, idx)
-        self.pos[:, :, :, :n] = torch.gather(self.pos[:, :, :, :n], 3, order)
-        self.lengths.copy_(keep.sum(-1))
+    def compact(self, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor):
+        """Keep the prompt slots marked in keep [L, B, Hkv, N] of the sequences in slots `src`,
+        moved to the front of the rows of slots `dst` in order (dst == src: in place; otherwise
+        dst rows must own pages for keep.sum(-1) tokens). Gathers before it scatters, layer by layer."""
+        ps, D = self.ps, self.D
+        N = keep.shape[-1]
+        j = torch.arange(N, device=keep.device)
+        for layer in range(self.L):
+            order = torch.argsort((~keep[layer]).to(torch.int8), dim=-1, stable=True)  # [B, Hkv, N] source of slot j
+            s_flat = (self.table[layer, src].gather(-1, order // ps).long() * ps + order % ps).reshape(-1)
+            d_tab = self.table[layer, dst]
+            d_flat = (d_tab.gather(-1, (j // ps).expand_as(order)).long() * ps + j % ps).reshape(-1)
+            for buf in (self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)):
+                buf[d_flat] = buf[s_flat]
+            self.lengths[layer, dst] = keep[layer].sum(-1).int()
+        self.next_pos[dst] = self.next_pos[src]

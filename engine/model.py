@@ -1,8 +1,8 @@
 """The GQA transformer shared by Llama 3, Mistral and Qwen2.5: RMSNorm, RoPE, SDPA, SwiGLU.
 
-Two entry points, both writing into a RaggedKV store:
-  prefill(tokens [B, N] right-padded, lens [B])  -> last-token logits, per-layer probe
-  decode(tokens [B])                             -> next-token logits
+Two entry points, both writing into the paged KV pool (engine/kv.py):
+  prefill(tokens [B, N] right-padded, lens [B], slots [B]) -> last-token logits, per-layer probe
+  decode(tokens [B])  (the sequences in pool slots [0, B))  -> next-token logits
 The probe is what pruning policies see: each layer's attention of the last `probe_rows`
 prompt queries over all prompt keys ([L, B, H, w, N], fp32), never the N x N matrix.
 """
@@ -99,8 +99,9 @@ class Transformer(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     @torch.no_grad()
-    def prefill(self, tokens, lens, kv, probe_rows: int = 1, all_logits: bool = False):
-        """Run right-padded prompts [B, N] (row b real up to lens[b]) and fill `kv`.
+    def prefill(self, tokens, lens, kv, slots, probe_rows: int = 1, all_logits: bool = False):
+        """Run right-padded prompts [B, N] (row b real up to lens[b]) and write their K/V into the
+        pool slots `slots` [B] (whose rows own pages for their prompts).
 
         Returns (logits, probe): logits [B, V] at each row's last real token ([B, N, V] with
         all_logits), probe [L, B, H, w, N] fp32 attention of the last w real queries of each
@@ -118,13 +119,13 @@ class Transformer(nn.Module):
             probe = torch.empty(c.n_layers, B, c.n_heads, w, N, device=tokens.device)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
-            kv.prefill(i, k, v, lens)
+            kv.write_prompt(i, slots, k, v, lens)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             x = x + layer.attn.out(o)
             x = x + layer.mlp(layer.mlp_norm(x))
             if w:
                 probe[i] = self._probe(q, k, rows.clamp(min=0), rmask)
-        kv.next_pos.copy_(lens)
+        kv.next_pos[slots] = lens
         if not all_logits:
             x = x[torch.arange(B, device=x.device), lens - 1]
         return self.lm_head(self.norm(x)).float(), (probe if w else None)
@@ -139,18 +140,19 @@ class Transformer(nn.Module):
         return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows before the prompt start are all -inf -> 0
 
     @torch.no_grad()
-    def decode(self, tokens, kv, span):
-        """One step for every sequence: tokens [B] at positions kv.next_pos. `span` (an int, or
-        one per layer) bounds the slots attention reads: >= every row's length after this append.
-        Per-layer spans let layers that were pruned harder read less."""
-        spans = span if isinstance(span, (list, tuple)) else [span] * len(self.layers)
-        pos = kv.next_pos
+    def decode(self, tokens, kv, span=None):
+        """One step for the sequences in pool slots [0, B): tokens [B] at positions kv.next_pos.
+        Slots whose kv.live is 0 are padding (a CUDA-graph bucket): they write into the trash
+        page and advance nothing. `span` (pages, or None) bounds what the PyTorch attention reads."""
+        B = tokens.shape[0]
+        pos = kv.next_pos[:B]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
         x = self.embed(tokens)[:, None]
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
             kv.append(i, k, v)
-            x = x + layer.attn.out(kv.attend(i, q, spans[i], self.c.sliding_window))
+            o = kv.attend(i, q[:, :, 0], self.c.sliding_window, span)
+            x = x + layer.attn.out(o[:, :, None])
             x = x + layer.mlp(layer.mlp_norm(x))
-        kv.next_pos += 1
+        kv.next_pos[:B] += kv.live[:B]
         return self.lm_head(self.norm(x[:, 0])).float()

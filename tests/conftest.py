@@ -7,6 +7,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +31,9 @@ def smollm():
 
 @pytest.fixture(scope="session")
 def smollm_gen(smollm):
-    from engine.generate import Generator
+    from engine.engine import Engine
 
-    return Generator(str(smollm), device="cpu")
+    return Engine(str(smollm), device="cpu")
 
 
 def real_text(n_chars: int, start: str = "assignment") -> str:

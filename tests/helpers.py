@@ -50,3 +50,17 @@ def write_byte_tokenizer(path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(path / "tokenizer.json"))
+
+
+def paged(c, lens, cap=None, page_size=16, dtype=torch.float32):
+    """A paged pool whose slots 0..B-1 own pages for `cap` tokens each: for driving the model
+    directly (prefill into slots arange(B), then decode). Returns (kv, slots)."""
+    from engine.kv import PagedKV
+
+    cap = cap or max(lens)
+    pages = len(lens) * c.n_layers * c.n_kv_heads * -(-cap // page_size)
+    kv = PagedKV(c.n_layers, c.n_kv_heads, c.head_dim, pages, page_size, max_seqs=len(lens), max_len=cap, dtype=dtype)
+    for b in range(len(lens)):
+        kv.assign(b, cap)
+    kv.set_live([True] * len(lens))
+    return kv, torch.arange(len(lens))

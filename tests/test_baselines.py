@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import refreekv
-from engine.kv import RaggedKV
+from engine.kv import PagedKV
 from refreekv import Probe, budget_tokens
 from refreekv.refreekv import cut_reference, row_scores
 from weights.errors import UserError
@@ -348,41 +348,48 @@ def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, step
         attn = torch.rand(L, B, H, 3, N, generator=g)
         keep = refreekv.make(plan, budget=data.draw(budgets)).plan(Probe(attn, lt, L, n_kv, N))
     K, V = rnd(L, B, n_kv, N, D), rnd(L, B, n_kv, N, D)
-    kv = RaggedKV(L, B, n_kv, N + steps, D, torch.float64)
+    ps = data.draw(st.sampled_from([1, 4, 16]))
+    kv = PagedKV(L, n_kv, D, B * L * n_kv * -(-(N + steps) // ps), ps, max_seqs=B, max_len=N + steps, dtype=torch.float64)
+    slots = torch.arange(B)
+    for b, n in enumerate(lens):
+        kv.assign(b, n)
     for l in range(L):
-        kv.prefill(l, K[l], V[l], lt)
-    kv.next_pos.copy_(lt)
-    kv.compact(keep)
-    assert torch.equal(kv.lengths, keep.sum(-1))
+        kv.write_prompt(l, slots, K[l], V[l], lt)
+    kv.next_pos[:B] = lt
+    kv.compact(slots, slots, keep)
+    for b in range(B):
+        kv.trim(b, keep[:, b].sum(-1))
+    assert torch.equal(kv.lengths.long(), keep.sum(-1))
+    kv.set_live([True] * B)
     kpos = torch.cat([torch.arange(N).expand(B, N), lt[:, None] + torch.arange(steps)], 1)  # [B, N + steps]
     for t in range(steps):
-        newK, newV, q = rnd(L, B, n_kv, 1, D), rnd(L, B, n_kv, 1, D), rnd(L, B, H, 1, D)
+        newK, newV, q = rnd(L, B, n_kv, 1, D), rnd(L, B, n_kv, 1, D), rnd(L, B, H, D)
         K, V = torch.cat([K, newK], 3), torch.cat([V, newV], 3)
         keep = torch.cat([keep, torch.ones(L, B, n_kv, 1, dtype=torch.bool)], 3)
-        span = int(kv.lengths.max()) + 1
+        assert kv.grow([True] * B) == 0
         for l in range(L):
             kv.append(l, newK[l], newV[l])
-            got = kv.attend(l, q[l], span, window)[:, :, 0]
+            got = kv.attend(l, q[l], window)
             visible = keep[l].clone()
             if window:
                 visible &= ((lt + t)[:, None] - kpos[:, : N + t + 1] < window)[:, None]
-            ref = masked_attention(q[l, :, :, 0], K[l], V[l], visible, group)
+            ref = masked_attention(q[l], K[l], V[l], visible, group)
             assert torch.allclose(got, ref, atol=1e-10)
-        kv.next_pos += 1
+        kv.next_pos[:B] += 1
 
 
 # ---------------------------------------------------------------- end to end on a tiny model
 
 @pytest.fixture(scope="module")
 def tiny_generator(tmp_path_factory):
-    from engine.generate import Generator
+    from engine.engine import Engine
     from helpers import write_tiny
 
-    return Generator(str(write_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")), device="cpu")
+    return Engine(str(write_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")), device="cpu")
 
 
 def test_end_to_end(tiny_generator):
-    from engine.generate import Sampling
+    from engine.sampling import Sampling
 
     g = tiny_generator
     prompts = [list(range(5, 45)), list(range(50, 71))]

@@ -3,13 +3,14 @@ import pytest
 import torch
 
 import refreekv
-from engine.generate import Generator, Sampling
+from engine.engine import Engine
+from engine.sampling import Sampling
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_ckpts):
     path = str(tiny_ckpts["qwen2", False])
-    eager, comp = Generator(path, device="cpu"), Generator(path, device="cpu", compile=True)
+    eager, comp = Engine(path, device="cpu"), Engine(path, device="cpu", compile=True)
     eager.eos = comp.eos = set()
     return eager, comp
 

@@ -1,4 +1,4 @@
-"""Generation with the ragged store and ReFreeKV at the prefill -> decode transition."""
+"""Generation through the engine: transformers parity, sampling, limits, stop strings, EOS, the CLI."""
 import json
 import math
 
@@ -7,7 +7,9 @@ import torch
 
 import refreekv
 from conftest import real_text
-from engine.generate import Generator, Sampling
+from dense_reference import dense_generate
+from engine.engine import Engine
+from engine.sampling import Sampling
 from helpers import hf_model
 from refreekv.refreekv import cut_reference
 from test_weights import run_cli
@@ -18,18 +20,20 @@ GREEDY = Sampling(max_new_tokens=32)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_full_kv_greedy_equals_transformers_and_refreekv_first_token(tiny_ckpts, family):
     path = tiny_ckpts[family, False]
-    g = Generator(str(path), device="cpu")
+    g = Engine(str(path), device="cpu")
     ids = torch.randint(3, 256, (20,), generator=torch.Generator().manual_seed(3)).tolist()
     g.eos = set()  # random weights: run all 32 steps
     full = g.generate([ids], refreekv.make("full"), GREEDY)[0]
     ref = hf_model(path).generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None)[0, 20:]
     assert full.tokens == ref.tolist()
-    pruned = g.generate([ids], refreekv.make("refreekv", threshold=0.5, protected=()), GREEDY)[0]
-    assert pruned.stats["budget"] < 1 and pruned.tokens[0] == full.tokens[0]
+    policy = refreekv.make("refreekv", threshold=0.5, protected=())
+    pruned = g.generate([ids], policy, GREEDY)[0]
+    want, kept = dense_generate(g.model, [ids], policy, 32)
+    assert pruned.stats["budget"] < 1 and pruned.tokens == want[0] and pruned.stats["kept_per_head"] == kept[:, 0].tolist()
 
 
 def test_sampling_is_seeded_and_respects_top_k(tiny_ckpts):
-    g = Generator(str(tiny_ckpts["llama", False]), device="cpu")
+    g = Engine(str(tiny_ckpts["llama", False]), device="cpu")
     g.eos = set()
     ids = list(range(10, 30))
     s = Sampling(max_new_tokens=16, temperature=1.0, top_k=3, top_p=0.9, seed=7)
@@ -71,11 +75,11 @@ def test_kept_per_layer_matches_transformers_eager_attention(smollm, smollm_gen,
     hf = hf_model(smollm)
     with torch.no_grad():
         att = hf(torch.tensor([ids]), output_attentions=True).attentions  # per layer [1, H, n, n]
-    from engine.kv import RaggedKV
+    from helpers import paged
 
     c = smollm_gen.config
-    kv = RaggedKV(c.n_layers, 1, c.n_kv_heads, n, c.head_dim)
-    _, probe = smollm_gen.model.prefill(torch.tensor([ids]), torch.tensor([n]), kv, probe_rows=1)
+    kv, slots = paged(c, [n])
+    _, probe = smollm_gen.model.prefill(torch.tensor([ids]), torch.tensor([n]), kv, slots, probe_rows=1)
     exact = 0
     for l in range(c.n_layers):
         row = att[l][0, :, -1, :].double()  # [H, n]
@@ -119,7 +123,7 @@ def test_batch_of_three_equals_each_alone(smollm_gen):
 def test_context_limits_and_middle_truncation(tiny_ckpts):
     from weights.errors import UserError
 
-    g = Generator(str(tiny_ckpts["llama", False]), device="cpu", max_length=64)
+    g = Engine(str(tiny_ckpts["llama", False]), device="cpu", max_length=64)
     ids = list(range(100))
     with pytest.raises(UserError, match="prompt has 100 tokens but the context is 64 tokens"):
         g.fit(ids, 16)
@@ -145,7 +149,7 @@ def test_cli_reads_prompt_from_stdin_and_writes_batch_stats(tiny_ckpts, tmp_path
 
 
 def test_each_row_stops_at_its_own_eos(tiny_ckpts):
-    g = Generator(str(tiny_ckpts["llama", False]), device="cpu")
+    g = Engine(str(tiny_ckpts["llama", False]), device="cpu")
     g.eos = set()
     prompts = [list(range(10, 40)), list(range(50, 62))]
     s = Sampling(max_new_tokens=24)
@@ -159,10 +163,10 @@ def test_each_row_stops_at_its_own_eos(tiny_ckpts):
 
 
 def test_stop_strings_are_never_streamed(tiny_ckpts):
-    from engine.generate import _stop_prefix
+    from engine.sampling import stop_prefix as _stop_prefix
 
     assert _stop_prefix("abc</s", ["</stop>"]) == 3 and _stop_prefix("abc", ["xyz"]) == 0 and _stop_prefix("a", []) == 0
-    g = Generator(str(tiny_ckpts["qwen2", False]), device="cpu")
+    g = Engine(str(tiny_ckpts["qwen2", False]), device="cpu")
     g.eos = set()
     ids = list(range(60, 90))
     text = g.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=24))[0].text
@@ -204,7 +208,7 @@ def test_system_message_goes_through_the_chat_template(smollm_gen):
 
 def test_sampling_draws_from_the_filtered_distribution():
     """Temperature, top-k and top-p shape the distribution the (sync-free) sampler draws from."""
-    from engine.generate import sample
+    from engine.sampling import sample
 
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
     logits = p.log().expand(40000, -1)

@@ -4,7 +4,8 @@ import types
 from pathlib import Path
 
 import refreekv
-from engine.generate import Generator, Sampling
+from engine.engine import Engine
+from engine.sampling import Sampling
 
 README = Path(__file__).resolve().parents[1] / "refreekv" / "README.md"
 
@@ -16,7 +17,7 @@ def test_readme_worked_example(tiny_ckpts):
         ns = types.ModuleType("test_recent").__dict__
         exec(compile(test_src, "tests/test_recent.py", "exec"), ns)
         ns["test_recent"]()
-        g = Generator(str(tiny_ckpts["mistral", False]), device="cpu")  # and through the engine
+        g = Engine(str(tiny_ckpts["mistral", False]), device="cpu")  # and through the engine
         r = g.generate([list(range(10, 50))], refreekv.make("recent", budget=0.25), Sampling(max_new_tokens=4))[0]
         assert r.stats["kept_per_layer"] == [10] * g.config.n_layers
     finally:

@@ -1,78 +1,224 @@
-"""The ragged store: after compaction and appends, attention equals masked full attention."""
+"""The paged pool: page ownership under any sequence of scheduler operations (a Hypothesis state
+machine with a shadow copy of every row's tokens), and paged decode attention (PyTorch and the
+Triton kernel under TRITON_INTERPRET=1) against plain masked attention."""
 import math
+import os
 
+import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.kv import RaggedKV
+from engine import attention
+from engine.attention import paged_decode_torch
+from engine.kv import PagedKV
+from engine.scheduler import Scheduler, Sequence
+
+L, H, D = 2, 2, 4
 
 
-def masked_reference(q, keys, vals, visible):
-    """Plain attention of one query head q [D] over keys [T, D] where visible [T] (bool)."""
-    s = (keys @ q) / math.sqrt(q.shape[0])
-    p = torch.softmax(s.masked_fill(~visible, -math.inf), 0)
-    return p @ vals
+class PoolMachine(RuleBasedStateMachine):
+    """Admit / prefill / compact / append / finish / preempt in any order. Every token written
+    carries a unique id (K = id, V = -id, pos = id), and a shadow list per (sequence, layer, KV head)
+    says which ids the row must hold, in order."""
 
+    @initialize(ps=st.sampled_from([1, 2, 4, 8]), pages=st.integers(30, 160), forks=st.integers(1, 2))
+    def setup(self, ps, pages, forks):
+        self.kv = PagedKV(L, H, D, pages, ps, max_seqs=4, max_len=64)
+        self.sched = Scheduler(self.kv, 4, max_prefill_tokens=48)
+        self.forks, self.uid, self.shadow, self.next, self.retired = forks, 0, {}, {}, []
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 4),
-       st.sampled_from([None, 3, 6]), st.integers(0, 2**31 - 1), st.data())
-def test_compacted_store_equals_masked_full_attention(L, B, hkv, group, steps, window, seed, data):
-    D, H = 8, hkv * group
-    lens = data.draw(st.lists(st.integers(1, 12), min_size=B, max_size=B))
-    N = max(lens)
-    g = torch.Generator().manual_seed(seed)
-    kv = RaggedKV(L, B, hkv, N + steps + 1, D, torch.float64)
-    K, V = torch.randn(L, B, hkv, N, D, generator=g, dtype=torch.float64), torch.randn(L, B, hkv, N, D, generator=g, dtype=torch.float64)
-    lt = torch.tensor(lens)
-    for l in range(L):
-        kv.prefill(l, K[l], V[l], lt)
-    kv.next_pos.copy_(lt)
-    keep = (torch.rand(L, B, hkv, N, generator=g) < 0.6) & (torch.arange(N) < lt[:, None, None])
-    kv.compact(keep)
-    assert torch.equal(kv.lengths, keep.sum(-1))
-    newK, newV = [], []
-    for t in range(steps + 1):
-        k1, v1 = torch.randn(L, B, hkv, 1, D, generator=g, dtype=torch.float64), torch.randn(L, B, hkv, 1, D, generator=g, dtype=torch.float64)
-        newK.append(k1), newV.append(v1)
-        q = torch.randn(L, B, H, 1, D, generator=g, dtype=torch.float64)
-        span = int(kv.lengths.max()) + 1
+    def _ids(self, shape):
+        n = math.prod(shape)
+        ids = torch.arange(self.uid + 1, self.uid + 1 + n, dtype=torch.float32).view(shape)
+        self.uid += n
+        return ids
+
+    @rule(n=st.integers(1, 30))
+    def add(self, n):
+        assume(self.forks * self.kv.seq_pages(n + 8) <= self.kv.n_pages)  # fits alone (the engine checks this)
+        self.sched.add([Sequence(0, j, [1] * n, policy=None) for j in range(self.forks)])
+
+    @rule(data=st.data())
+    def admit_prefill_prune(self, data):
+        kv = self.kv
+        for grp in self.sched.admit():
+            src, n = grp[0].slot, len(grp[0].prompt)
+            ids = self._ids((L, 1, H, n))
+            for l in range(L):  # prefill (padded to a longer batch width: the padding must land harmlessly)
+                pad = torch.cat([ids[l], torch.full((1, H, 3), -7.0)], -1)
+                kv.write_prompt(l, torch.tensor([src]), pad[..., None].expand(1, H, n + 3, D),
+                                -pad[..., None].expand(1, H, n + 3, D), torch.tensor([n]))
+            keeps = [torch.tensor(data.draw(st.lists(st.booleans(), min_size=L * H * n, max_size=L * H * n))).view(L, 1, H, n)
+                     for _ in grp]
+            kv.next_pos[src] = n  # as the model's prefill does
+            for j, q in enumerate(grp[1:], 1):
+                kv.assign(q.slot, keeps[j].sum(-1)[:, 0])
+                kv.compact(torch.tensor([src]), torch.tensor([q.slot]), keeps[j])
+            kv.compact(torch.tensor([src]), torch.tensor([src]), keeps[0])
+            kv.trim(src, keeps[0].sum(-1)[:, 0])
+            t = torch.arange(n)
+            for j, q in enumerate(grp):  # (id, absolute position) of every kept token
+                self.shadow[id(q)] = [[list(zip(ids[l, 0, h][keeps[j][l, 0, h]].tolist(), t[keeps[j][l, 0, h]].tolist()))
+                                       for h in range(H)] for l in range(L)]
+                self.next[id(q)] = n
+            self.sched.start(grp)
+
+    @precondition(lambda self: self.sched.running)
+    @rule(data=st.data())
+    def decode_step(self, data):
+        """One step over a batch padded past the running sequences, some of them draining (not live:
+        their token is not kept, as the engine does for a sequence whose last token is chosen)."""
+        kv, sched = self.kv, self.sched
+        drawn = data.draw(st.lists(st.booleans(), min_size=len(sched.running), max_size=len(sched.running)))
+        flag = {id(q): f for q, f in zip(sched.running, drawn)}
+        while kv.grow(live := [flag[id(q)] for q in sched.running]):
+            self._drop(sched.preempt())
+        n = len(sched.running)
+        if not n:
+            return
+        B = data.draw(st.integers(n, kv.S))  # a CUDA-graph bucket: rows past n are padding
+        kv.set_live(live)
+        ids = self._ids((L, B, H))
         for l in range(L):
-            kv.append(l, k1[l], v1[l])
-            got = kv.attend(l, q[l], span, window)
-            for b, n in enumerate(lens):
-                qpos = n + t
+            kv.append(l, ids[l, :, :, None, None].expand(B, H, 1, D), -ids[l, :, :, None, None].expand(B, H, 1, D))
+        for q, lv in zip(sched.running, live):
+            if lv:
+                for l in range(L):
+                    for h in range(H):
+                        self.shadow[id(q)][l][h].append((ids[l, q.slot, h].item(), self.next[id(q)]))
+                self.next[id(q)] += 1
+        kv.next_pos[:B] += kv.live[:B]  # as the model's decode does
+
+    @precondition(lambda self: self.sched.running)
+    @rule(data=st.data())
+    def finish(self, data):
+        q = data.draw(st.sampled_from(self.sched.running))
+        self.sched.finish(q)
+        self._drop(q)
+
+    @precondition(lambda self: self.sched.running)
+    @rule()
+    def preempt(self):
+        self._drop(self.sched.preempt())
+
+    def _drop(self, q):
+        self.shadow.pop(id(q))
+        self.next.pop(id(q))
+        self.retired.append(q)
+
+    @invariant()
+    def pages_are_owned_once(self):
+        kv = self.kv
+        owned = kv.h_table[kv.h_table > 0]
+        free = kv._free[:kv.n_free]
+        assert owned.numel() == owned.unique().numel(), "a page is owned twice"
+        assert owned.numel() + kv.n_free == kv.n_pages, "owned + free != pool"
+        assert not set(owned.tolist()) & set(free.tolist()) and free.numel() == free.unique().numel()
+        assert set(owned.tolist()) | set(free.tolist()) == set(range(1, kv.n_pages + 1))
+
+    @invariant()
+    def rows_own_exactly_their_length(self):
+        kv = self.kv
+        assert torch.equal(kv.h_pages, -(-kv.h_len // kv.ps)), "a row owns other than ceil(length / page_size) pages"
+        col = torch.arange(kv.P)
+        assert ((kv.h_table > 0) == (col < kv.h_pages[..., None])).all()
+        assert torch.equal(kv.table, kv.h_table), "device page table differs from the host's"
+        n = len(self.sched.running)
+        assert kv.h_pages[:, n:].sum() == 0, "a slot no sequence runs in owns pages"
+        assert kv.lengths[:, n:].sum() == 0 and kv.live[n:].sum() == 0
+        assert all(q.slot == -1 for q in self.retired if q not in self.sched.running)
+        assert [q.slot for q in self.sched.running] == list(range(n))
+
+    @invariant()
+    def rows_hold_their_tokens(self):
+        kv = self.kv
+        for q in self.sched.running:
+            assert kv.next_pos[q.slot] == self.next[id(q)]
+            for l in range(L):
                 for h in range(H):
-                    kh = h // group
-                    keys = torch.cat([K[l, b, kh, :n]] + [x[l, b, kh] for x in newK])
-                    vals = torch.cat([V[l, b, kh, :n]] + [x[l, b, kh] for x in newV])
-                    kpos = torch.arange(n + t + 1)
-                    visible = torch.cat([keep[l, b, kh, :n], torch.ones(t + 1, dtype=torch.bool)])
-                    if window:
-                        visible &= qpos - kpos < window
-                    if not visible.any():
-                        continue  # cannot happen for the current token; kept for clarity
-                    ref = masked_reference(q[l, b, h, 0], keys, vals, visible)
-                    assert torch.allclose(got[b, h, 0], ref, atol=1e-10)
-        kv.next_pos += 1
-    # kept keys keep their absolute positions
-    for l in range(L):
-        for b, n in enumerate(lens):
-            for h in range(hkv):
-                kept_pos = torch.arange(N)[keep[l, b, h]].tolist() + list(range(n, n + steps + 1))
-                assert kv.pos[l, b, h, : kv.lengths[l, b, h]].tolist() == kept_pos
+                    want = self.shadow[id(q)][l][h]
+                    m = len(want)
+                    assert kv.h_len[l, q.slot, h] == m and kv.lengths[l, q.slot, h] == m
+                    t = torch.arange(m)
+                    page = kv.table[l, q.slot, h, t // kv.ps].long()
+                    assert kv.k[page, t % kv.ps, 0].tolist() == [x for x, _ in want]
+                    assert kv.v[page, t % kv.ps, 1].tolist() == [-x for x, _ in want]
+                    assert kv.pos[page, t % kv.ps].tolist() == [p for _, p in want]
 
 
-def test_nothing_reallocated_during_decode():
-    kv = RaggedKV(2, 2, 2, 16, 4)
-    ptrs = [t.data_ptr() for t in (kv.k, kv.v, kv.pos, kv.lengths)]
-    k = torch.randn(2, 2, 5, 4)
-    for l in range(2):
-        kv.prefill(l, k, k, torch.tensor([5, 3]))
-    kv.compact((torch.rand(2, 2, 2, 5) < 0.5) & (torch.arange(5) < torch.tensor([5, 3])[:, None, None]))
-    for _ in range(4):
-        for l in range(2):
-            kv.append(l, k[:, :, :1], k[:, :, :1])
-            kv.attend(l, torch.randn(2, 4, 1, 4), 16)
-        kv.next_pos += 1
-    assert ptrs == [t.data_ptr() for t in (kv.k, kv.v, kv.pos, kv.lengths)]
+TestPool = PoolMachine.TestCase
+TestPool.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+def masked_attention(q, keys, vals, visible):
+    """q [H, D]; keys/vals [Hkv, T, D]; visible [Hkv, T] -> [H, D] (query head h reads KV head h // group)."""
+    g = q.shape[0] // keys.shape[0]
+    k, v, vis = keys.repeat_interleave(g, 0), vals.repeat_interleave(g, 0), visible.repeat_interleave(g, 0)
+    s = (k @ q[..., None])[..., 0] / math.sqrt(q.shape[-1])
+    p = torch.softmax(s.masked_fill(~vis, -math.inf), -1).nan_to_num(0.0)
+    return (p[..., None] * v).sum(-2)
+
+
+def _paged_case(data, seed, dtype):
+    B, hkv, group = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))
+    ps, Dh = data.draw(st.sampled_from([1, 2, 4, 16])), data.draw(st.sampled_from([4, 16, 24]))
+    lens = torch.tensor(data.draw(st.lists(st.integers(0, 70), min_size=B * hkv, max_size=B * hkv))).view(B, hkv)
+    window = data.draw(st.sampled_from([None, 5, 40]))
+    P = -(-int(lens.max().clamp(min=1)) // ps) + data.draw(st.integers(0, 2))
+    g = torch.Generator().manual_seed(seed)
+    n_pages = B * hkv * P + 3
+    perm = torch.randperm(n_pages, generator=g)[: B * hkv * P] + 1  # pages scattered over the pool
+    table = perm.view(B, hkv, P).int()
+    k = torch.randn(n_pages + 1, ps, Dh, generator=g).to(dtype)
+    v = torch.randn(n_pages + 1, ps, Dh, generator=g).to(dtype)
+    qpos = lens.amax(1).long() + torch.randint(0, 5, (B,), generator=g)
+    pos = torch.randint(0, 80, (n_pages + 1, ps), generator=g, dtype=torch.int32)
+    q = torch.randn(B, hkv * group, Dh, generator=g).to(dtype)
+    return q, k, v, pos, table, lens.int(), qpos, window
+
+
+def _reference(q, k, v, pos, table, lens, qpos, window):
+    B, hkv, P = table.shape
+    ps = k.shape[1]
+    out = []
+    for b in range(B):
+        t = torch.arange(P * ps)
+        pages = table[b].long()[:, t // ps]  # [Hkv, T]
+        keys, vals = k[pages, t % ps].double(), v[pages, t % ps].double()
+        visible = t < lens[b][:, None].long()
+        if window:
+            visible &= (qpos[b] - pos[pages, t % ps]) < window
+        out.append(masked_attention(q[b].double(), keys, vals, visible))
+    return torch.stack(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.data())
+def test_torch_paged_attention_equals_masked_attention(seed, data):
+    case = _paged_case(data, seed, torch.float64)
+    span = data.draw(st.sampled_from([None, "tight"]))
+    lens = case[5]
+    if span == "tight":
+        span = max(1, -(-int(lens.max()) // case[1].shape[1]))
+    got = paged_decode_torch(*case, span=span)
+    torch.testing.assert_close(got, _reference(*case), atol=1e-10, rtol=0)
+
+
+@pytest.mark.skipif(attention.triton is None, reason="triton is not installed")
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([16, 32, 64]), st.data())
+def test_triton_paged_attention_equals_masked_attention(seed, min_split, data):
+    """On CPU the kernel runs under TRITON_INTERPRET=1 (conftest sets it without CUDA); small
+    minimum splits make long rows spread over several splits, so the combine is exercised."""
+    case = _paged_case(data, seed, torch.float32)
+    got = attention.paged_decode_triton(*case, min_split=min_split)
+    torch.testing.assert_close(got.double(), _reference(*case), atol=2e-5, rtol=0)
+
+
+def test_attention_implementation_choice(monkeypatch):
+    monkeypatch.setenv("REFREEKV_ATTENTION", "torch")
+    assert not attention.use_triton("cuda")
+    monkeypatch.setenv("REFREEKV_ATTENTION", "")
+    assert not attention.use_triton("cpu")
+    assert attention.use_triton("cuda") == (attention.triton is not None)

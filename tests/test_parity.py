@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from engine.kv import RaggedKV
-from helpers import hf_model
+from helpers import hf_model, paged
 from weights.loader import load_model
 
 CASES = [(f, s) for f in ("llama", "mistral", "qwen2") for s in (False, True)]
@@ -15,10 +14,6 @@ def ours(path):
     return model, c
 
 
-def new_kv(c, batch, cap=256):
-    return RaggedKV(c.n_layers, batch, c.n_kv_heads, cap, c.head_dim)
-
-
 @pytest.mark.parametrize("family,sharded", CASES)
 def test_full_sequence_logits(tiny_ckpts, family, sharded):
     path = tiny_ckpts[family, sharded]
@@ -27,7 +22,8 @@ def test_full_sequence_logits(tiny_ckpts, family, sharded):
     model, c = ours(path)
     ids = torch.randint(0, c.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     ref = hf_model(path)(ids).logits
-    got, _ = model.prefill(ids, torch.tensor([40, 40]), new_kv(c, 2), probe_rows=0, all_logits=True)
+    kv, slots = paged(c, [40, 40])
+    got, _ = model.prefill(ids, torch.tensor([40, 40]), kv, slots, probe_rows=0, all_logits=True)
     assert (got - ref).abs().max().item() < 1e-4
 
 
@@ -37,11 +33,11 @@ def test_greedy_decode_matches(tiny_ckpts, family, sharded):
     model, c = ours(path)
     ids = torch.randint(3, c.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
     ref = hf_model(path).generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, 12:].tolist()
-    kv = new_kv(c, 1)
-    logits, _ = model.prefill(ids, torch.tensor([12]), kv, probe_rows=0)
+    kv, slots = paged(c, [12], cap=12 + 32, page_size=4)  # decode crosses page boundaries
+    logits, _ = model.prefill(ids, torch.tensor([12]), kv, slots, probe_rows=0)
     out = []
     for step in range(32):
         tok = logits.argmax(-1)
         out.append(tok.item())
-        logits = model.decode(tok, kv, span=12 + step + 1)
+        logits = model.decode(tok, kv)
     assert out == ref

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from conftest import real_text
-from engine.kv import RaggedKV
 from engine.tokenizer import Tokenizer
-from helpers import hf_model
+from helpers import hf_model, paged
 from weights.loader import load_model
 
 
@@ -26,7 +25,8 @@ def test_perplexity_matches_transformers(name):
     assert n == 2048
     model, c = load_model(path)
     model.setup_rope(n)
-    logits, _ = model.prefill(ids, torch.tensor([n]), RaggedKV(c.n_layers, 1, c.n_kv_heads, n, c.head_dim), probe_rows=0, all_logits=True)
+    kv, slots = paged(c, [n])
+    logits, _ = model.prefill(ids, torch.tensor([n]), kv, slots, probe_rows=0, all_logits=True)
     ours = math.exp(nll(logits, ids))
     del model, logits
     with torch.no_grad():

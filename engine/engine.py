@@ -1,0 +1,412 @@
+"""The engine: a checkpoint, the paged KV pool allocated once, and continuous batching.
+
+    eng = Engine("Qwen/Qwen2.5-7B-Instruct", kv_memory=20, max_seqs=32)
+    results = eng.generate([eng.encode(p) for p in prompts], refreekv.make("refreekv"), Sampling())
+
+Each request is admitted when the pool holds its prompt, prefilled (with others admitted at the
+same time), pruned by its policy at the prefill -> decode transition (the kept tokens move to the
+front of each row's pages and the emptied pages go back to the pool at once), and then decoded
+together with every running sequence, one token per step, until it stops; its pages then go to
+the next request in the queue (engine/scheduler.py decides who runs).
+
+Research hooks: `policy` may be a list (fan-out: each prompt is prefilled once and pruned by every
+policy, one result per pair); `forced` feeds given tokens instead of sampling (teacher forcing);
+`on_logits(keys, steps, logits)` sees every row of logits before a token is chosen from it.
+
+The decode step never waits for the host: step t+1 is queued before the tokens of step t are read
+back, and the pages a step needs are handed out by the host beforehand (it knows every row's
+length). On CUDA the step is compiled with CUDA graphs, one recording per batch-size bucket.
+"""
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import refreekv
+from engine.kv import PagedKV, page_bytes
+from engine.sampling import Detok, Sampling, find_stop, sample, stop_prefix
+from engine.scheduler import Scheduler, Sequence
+from engine.tokenizer import Tokenizer
+from weights.errors import UserError
+
+CPU_KV_GIB = 2.0  # default pool on CPU
+CUDA_KV_SHARE = 0.8  # default pool on CUDA: this share of the memory left after loading the weights
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    text: str
+    stats: dict
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Engine:
+    def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                 max_length: int | None = None, compile: bool | None = None, kv_memory: float | None = None,
+                 max_seqs: int | None = None, page_size: int = 16, max_prefill_tokens: int | None = None,
+                 load: bool = True):
+        """Cheap checks and the tokenizer first; `load=False` stops there (call load() later), so
+        a caller can check its prompts before the weights are read."""
+        from weights.config import load_config
+        from weights.resolve import resolve
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda requested but CUDA is not available")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.dev, self.cuda = dev, dev.type == "cuda"
+        dt = dtype or ("bfloat16" if self.cuda else "float32")
+        if dt not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dt!r}")
+        self.dtype = getattr(torch, dt)
+        if page_size < 1 or page_size & (page_size - 1):
+            raise UserError(f"--page-size must be a power of two >= 1, got {page_size}")
+        if max_seqs is not None and max_seqs < 1:
+            raise UserError(f"--max-seqs must be >= 1, got {max_seqs}")
+        if kv_memory is not None and not kv_memory > 0:
+            raise UserError(f"--kv-memory must be > 0 GiB, got {kv_memory}")
+        self.page_size, self.kv_memory = page_size, kv_memory
+        self.max_seqs = max_seqs or (64 if self.cuda else 16)
+        self.max_prefill_tokens = max_prefill_tokens or (16384 if self.cuda else 4096)
+        self.path = resolve(model)
+        self.config = load_config(self.path)  # a bad config.json or tokenizer fails before any weights load
+        self.tokenizer = Tokenizer(self.path)
+        self.context = min(max_length or self.config.max_positions, self.config.max_positions)
+        if self.context < 2:
+            raise UserError(f"--max-length must be >= 2, got {max_length}")
+        self.compiled = self.cuda if compile is None else compile
+        self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
+        self.kv = None
+        self.stats: dict = {}  # the last generate() call's workload figures
+        if load:
+            self.load()
+
+    # --------------------------------------------------------------------------------- set-up
+    def pool_pages(self) -> int | None:
+        """Pages the pool will hold (None on CUDA without --kv-memory until the weights are loaded)."""
+        if self.kv is not None:
+            return self.kv.n_pages
+        c = self.config
+        if self.kv_memory is not None:
+            budget = self.kv_memory * 2**30
+        elif not self.cuda:
+            budget = CPU_KV_GIB * 2**30
+        elif getattr(self, "model", None) is not None:
+            budget = CUDA_KV_SHARE * torch.cuda.mem_get_info(self.dev)[0]
+        else:
+            return None
+        rows = c.n_layers * c.n_kv_heads * self.max_seqs * -(-self.context // self.page_size)
+        return min(int(budget // page_bytes(self.page_size, c.head_dim, self.dtype)), rows)  # no more than can be used
+
+    def load(self):
+        from weights.loader import load_model
+
+        self.model, self.config = load_model(self.path, self.device, self.dtype)
+        self.model.setup_rope(self.context, self.dev)  # once: a fixed table keeps compiled graphs valid
+        c = self.config
+        slots = _pow2(self.max_seqs) if self.cuda and self.compiled else self.max_seqs  # room for the last bucket
+        self.kv = PagedKV(c.n_layers, c.n_kv_heads, c.head_dim, self.pool_pages(), self.page_size, slots,
+                          self.context, self.dtype, self.dev)
+        # torch.compile: the decode step with the batch symbolic (dynamic=True) and, on CUDA, CUDA
+        # graphs: one recording per batch-size bucket, the page tables and lengths static inputs.
+        # Prefill and pruning compile with dynamic prompt length and batch but no CUDA graphs.
+        # Off by default on CPU, where compiling costs more than it saves.
+        self._decode, self._prefill, self._plan = self.model.decode, self.model.prefill, _plan
+        if self.compiled:
+            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=True,
+                                         mode="reduce-overhead" if self.cuda else None)
+            self._prefill = torch.compile(self.model.prefill, fullgraph=True, dynamic=True)
+            self._plan = torch.compile(_plan, dynamic=True)  # a policy that breaks the graph still runs
+        return self
+
+    def encode(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
+        """chat=None: use the checkpoint's chat template when it has one."""
+        if not prompt.strip():
+            raise UserError("empty prompt")
+        if chat is None:
+            chat = self.tokenizer.chat_template is not None
+        if chat:
+            return self.tokenizer.encode(self.tokenizer.apply_chat(prompt, system), special=False)
+        if system is not None:
+            raise UserError("--system needs the chat template (the checkpoint has none, or --raw was given)")
+        return self.tokenizer.encode(prompt)
+
+    def fit(self, ids: list[int], max_new: int, truncate: str | None = None) -> list[int]:
+        """Check a prompt against the context; middle-truncate when asked."""
+        room = self.context - max_new
+        if len(ids) <= room:
+            return ids
+        if room < 1:
+            raise UserError(f"--max-new-tokens {max_new} leaves no room for a prompt in the context of "
+                            f"{self.context} tokens; lower it")
+        if truncate == "middle" and room >= 2:
+            return ids[: room // 2] + ids[len(ids) - (room - room // 2):]
+        raise UserError(f"prompt has {len(ids)} tokens but the context is {self.context} tokens "
+                        f"(--max-length / max_position_embeddings) and {max_new} new tokens were asked for; "
+                        "shorten it, lower --max-new-tokens or pass --truncate middle")
+
+    def check_fits(self, prompts: list[list[int]], max_new: int, forks: int = 1):
+        """Every request must fit the context, and alone in the pool at its largest (no pruning)."""
+        c, ps = self.config, self.page_size
+        if forks > self.max_seqs:
+            raise UserError(f"{forks} policies per prompt need {forks} sequences at once but --max-seqs is {self.max_seqs}")
+        pages = self.pool_pages()
+        for i, p in enumerate(prompts):
+            n = len(p)
+            if n + max_new > self.context:
+                raise UserError(f"prompt of {n} tokens + {max_new} new tokens exceeds the context of {self.context} tokens")
+            rows = -(-(n + max_new - 1) // ps)
+            need = forks * c.n_layers * c.n_kv_heads * rows
+            if pages is not None and need > pages:
+                per = f"{c.n_layers} layers x {c.n_kv_heads} KV heads x {rows} pages of {ps} tokens" + (f" x {forks} policies" if forks > 1 else "")
+                size = pages * page_bytes(ps, c.head_dim, self.dtype)
+                size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.3g} MiB"
+                raise UserError(f"prompt {i} ({n} tokens + {max_new} new) needs {need} KV pages ({per}) but the pool "
+                                f"holds {pages} pages ({size}); raise --kv-memory or lower --max-new-tokens")
+
+    # ------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], policy, s: Sampling, on_token=None, on_finish=None,
+                 forced: list[list[int]] | None = None, on_logits=None, probe_rows: int = 0):
+        """Serve token-id prompts with one policy (results in prompt order) or a list of policies
+        (fan-out: results[i][j] for prompt i and policy j). on_token(key, text_so_far) streams,
+        on_finish(key, Result) fires as each sequence ends; key = i, or (i, j) with fan-out.
+        `forced[i]` are tokens prompt i takes instead of sampling; `probe_rows`: at least this many
+        probe rows (>= 1 adds each sequence's evicted attention mass to its stats)."""
+        s.check()
+        fan = isinstance(policy, (list, tuple))
+        policies = list(policy) if fan else [policy]
+        K = len(policies)
+        if forced is not None and len(forced) != len(prompts):
+            raise ValueError("forced needs one token list per prompt")
+        self.check_fits(prompts, s.max_new_tokens, K)
+        sched = Scheduler(self.kv, self.max_seqs, self.max_prefill_tokens)
+        groups = [[Sequence(i, j, list(p), pol, list(forced[i]) if forced else []) for j, pol in enumerate(policies)]
+                  for i, p in enumerate(prompts)]
+        for grp in groups:
+            for q in grp:
+                q.detok, q.text, q.shown = Detok(self.tokenizer), "", 0
+            sched.add(grp)
+        key = (lambda q: (q.idx, q.fork)) if fan else (lambda q: q.idx)
+        run = _Run(s, torch.Generator(device=self.dev).manual_seed(s.seed) if s.seed is not None else None,
+                   on_token, on_finish, on_logits, probe_rows, key)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        kv, M = self.kv, s.max_new_tokens
+        w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages_prefill=[], pages_pruned=[])
+        t_start = time.perf_counter()
+        cur_seqs: list[Sequence] = []  # the running batch whose chosen tokens are `cur`
+        cur = new = None
+        cur_host = torch.empty(0, dtype=torch.long)
+        ready = None
+        while sched.busy():
+            if cur_seqs:  # queue the next step before reading the last one back
+                n = len(cur_seqs)
+                nb = _pow2(n) if self.cuda and self.compiled else n
+                toks = cur if nb == n else torch.cat([cur, cur.new_zeros(nb - n)])
+                span = None if kv.triton else max(1, int(kv.h_pages[:, :n].max()))
+                logits = self._decode(toks, kv, span)[:n]
+                live = [q.n_chosen < M for q in cur_seqs]
+                new = self._choose(logits, cur_seqs, live, run)
+                w["steps"] = run.steps = w["steps"] + 1
+                w["live_sum"] += n
+            if cur_seqs:  # the tokens that step was fed: emit, stop, finish
+                if ready is not None:
+                    ready.synchronize()
+                for q, t in zip(cur_seqs, cur_host.tolist()):
+                    if not q.done and q.slot >= 0 and self._accept(q, t, run):
+                        self._finish(q, sched, run)
+            index = {id(q): i for i, q in enumerate(cur_seqs)}
+            batch = sched.admit()
+            firsts = None
+            if batch:
+                firsts, admitted = self._prefill_prune(batch, run, w)
+                sched.start(admitted)
+                for i, q in enumerate(admitted):
+                    index[id(q)] = len(cur_seqs) + i
+            elif not sched.running and sched.waiting:
+                raise RuntimeError("scheduler stalled with an empty pool")  # check_fits rules this out
+            while True:  # pages for the next step; the newest sequence makes room when there are none
+                live = [q.n_chosen < M for q in sched.running]
+                if kv.grow(live) == 0:
+                    break
+                sched.preempt()
+            kv.set_live(live)  # every step: slots change hands as sequences finish, move and arrive
+            w["peak_seqs"] = max(w["peak_seqs"], len(sched.running))
+            w["peak_pages"] = max(w["peak_pages"], kv.used)
+            pool = [t for t in (new, firsts) if t is not None]
+            order = [index[id(q)] for q in sched.running]
+            if not order:
+                cur_seqs, cur = [], None
+                continue
+            allc = pool[0] if len(pool) == 1 else torch.cat(pool)
+            cur = allc if order == list(range(allc.shape[0])) else allc[self._dev_long(order)]
+            cur_seqs = list(sched.running)
+            cur_host = torch.empty(len(cur_seqs), dtype=torch.long, pin_memory=self.cuda)
+            cur_host.copy_(cur, non_blocking=self.cuda)
+            if self.cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+        wall = time.perf_counter() - t_start
+        peak = torch.cuda.max_memory_allocated(self.dev) if self.cuda else _rss()
+        seqs = [q for grp in groups for q in grp]
+        new_tokens = sum(len(q.out) for q in seqs)
+        self.stats = dict(requests=len(prompts), sequences=len(seqs), policies=[p.name for p in policies],
+                          new_tokens=new_tokens, steps=w["steps"], wall_s=wall, tok_s=new_tokens / wall,
+                          req_s=len(prompts) / wall, pool_pages=kv.n_pages, page_size=kv.ps,
+                          peak_pages=w["peak_pages"], peak_concurrent=w["peak_seqs"],
+                          mean_concurrent=w["live_sum"] / w["steps"] if w["steps"] else 0.0,
+                          preemptions=sched.preemptions, admission_waits=sched.waits,
+                          pages_after_prefill=sum(w["pages_prefill"]), pages_after_pruning=sum(w["pages_pruned"]),
+                          peak_memory_bytes=peak)
+        results = [[Result(q.out, q.text, dict(q.stats, peak_memory_bytes=peak)) for q in grp] for grp in groups]
+        return results if fan else [r[0] for r in results]
+
+    def _dev_long(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long, pin_memory=self.cuda)
+        return t.to(self.dev, non_blocking=True) if self.cuda else t
+
+    def _choose(self, logits, seqs, live, run) -> torch.Tensor:
+        """Tokens from logits [n, V] for seqs: forced where a sequence has one left, else sampled."""
+        if run.on_logits is not None:
+            rows = [i for i, lv in enumerate(live) if lv]  # draining rows' logits are padding
+            run.on_logits([run.key(seqs[i]) for i in rows], [seqs[i].n_chosen for i in rows],
+                          logits if len(rows) == len(seqs) else logits[self._dev_long(rows)])
+        tok = sample(logits, run.s, run.gen)
+        forced = [(i, q.forced[q.n_chosen]) for i, q in enumerate(seqs) if live[i] and q.n_chosen < len(q.forced)]
+        if forced:
+            at, val = zip(*forced)
+            tok = tok.index_put((self._dev_long(list(at)),), self._dev_long(list(val)))
+        for q, lv in zip(seqs, live):
+            q.n_chosen += lv
+        return tok
+
+    def _accept(self, q: Sequence, tok: int, run) -> bool:
+        """A token read back for q; returns True when q is done."""
+        s, i = run.s, q.n_seen
+        q.n_seen += 1
+        if i < len(q.out):  # replayed after a preemption: produced, streamed and checked before
+            return False
+        forced = i < len(q.forced)  # forced tokens are taken as given: no EOS or stop-string check
+        if not forced and tok in self.eos:
+            return True
+        q.out.append(tok)
+        before = len(q.text)
+        text = q.detok.push(tok)
+        done = len(q.out) >= s.max_new_tokens
+        cut = -1 if forced or not s.stop else find_stop(text, s.stop, before)
+        if cut >= 0:
+            text, done = text[:cut], True
+        q.text = text
+        if run.on_token is not None:
+            shown = text if done else text[: len(text) - stop_prefix(text, s.stop)]  # a stop's prefix waits
+            if len(shown) > q.shown or done:
+                q.shown = len(shown)
+                run.on_token(run.key(q), shown)
+        return done
+
+    def _finish(self, q: Sequence, sched: Scheduler, run):
+        sched.finish(q)
+        t = time.perf_counter() - q.stats.pop("_t0")
+        q.stats.update(new_tokens=len(q.out), decode_tok_s=(len(q.out) - 1) / t if len(q.out) > 1 and t > 0 else 0.0,
+                       finished_at_step=run.steps)
+        if run.on_finish is not None:
+            run.on_finish(run.key(q), Result(q.out, q.text, dict(q.stats)))
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    def _prefill_prune(self, batch: list[list[Sequence]], run, w):
+        """Prefill a batch of admitted groups into their sources' pages, plan every policy on the
+        probe, copy each fork's kept tokens into its own pages, compact the source in place and
+        free its emptied pages. Returns the first chosen tokens and the sequences, in slot order."""
+        c, kv, dev = self.config, self.kv, self.dev
+        pols = [q.policy for q in batch[0]]
+        K, B = len(pols), len(batch)
+        wide = max([run.probe_rows] + [p.probe_rows for p in pols])
+        lens_l = [len(g[0].prompt) for g in batch]
+        N = max(lens_l)
+        tokens = torch.zeros(B, N, dtype=torch.long)  # right padding: never read, never a sink
+        for b, g in enumerate(batch):
+            tokens[b, : lens_l[b]] = torch.tensor(g[0].prompt)
+        tokens, lens = tokens.to(dev), torch.tensor(lens_l, device=dev)
+        src = torch.tensor([g[0].slot for g in batch], device=dev)
+        pages_prefill = [kv.owned(g[0].slot) for g in batch]
+        self._sync()
+        t0 = time.perf_counter()
+        logits, probe = self._prefill(tokens, lens, kv, src, probe_rows=wide)
+        self._sync()
+        t1 = time.perf_counter()
+        keeps = []
+        for p in pols:
+            attn = probe[..., probe.shape[-2] - p.probe_rows:, :] if p.probe_rows else None
+            keeps.append(self._plan(p, refreekv.Probe(attn, lens, c.n_layers, c.n_kv_heads, N)))
+        kept = torch.stack([k.sum(-1) for k in keeps]).cpu()  # [K, L, B, Hkv]: the one read-back of pruning
+        for j in range(1, K):  # forks first: they copy from the source before it compacts in place
+            for b, g in enumerate(batch):
+                kv.assign(g[j].slot, kept[j, :, b])
+            kv.compact(src, torch.tensor([g[j].slot for g in batch], device=dev), keeps[j])
+        kv.compact(src, src, keeps[0])
+        for b, g in enumerate(batch):
+            kv.trim(g[0].slot, kept[0, :, b])
+        self._sync()
+        t2 = time.perf_counter()
+        evicted = None
+        if wide:  # share of the last prompt query's attention (mean over query heads) on evicted keys
+            last = probe[..., -1, :]  # [L, B, H, N]
+            G = c.n_heads // c.n_kv_heads
+            evicted = torch.stack([(last * (~k).repeat_interleave(G, 2)).sum(-1).mean(-1) for k in keeps]).cpu()  # [K, L, B]
+        del probe
+        seqs = [q for g in batch for q in g]
+        for b, g in enumerate(batch):
+            n = lens_l[b]
+            for j, q in enumerate(g):
+                per_head = kept[j, :, b].tolist()
+                q.stats.update(policy=pols[j].name, prompt_tokens=n, kept_per_layer=[round(sum(h) / len(h)) for h in per_head],
+                               budget=kept[j, :, b].double().mean().item() / n, prefill_s=t1 - t0, prune_s=t2 - t1,
+                               batch=B, pages_after_prefill=pages_prefill[b], pages_after_pruning=kv.owned(q.slot),
+                               preempted=q.stats.get("preempted", -1) + 1, kept_per_head=per_head,
+                               evicted_per_layer=None if evicted is None else evicted[j, :, b].tolist(), _t0=t2)
+                w["pages_prefill"].append(pages_prefill[b])
+                w["pages_pruned"].append(kv.owned(q.slot))
+        first = logits.repeat_interleave(K, 0) if K > 1 else logits
+        return self._choose(first, seqs, [True] * len(seqs), run), seqs
+
+
+def _plan(policy, probe):
+    return policy.plan(probe)
+
+
+@dataclass
+class _Run:
+    s: Sampling
+    gen: torch.Generator | None
+    on_token: object
+    on_finish: object
+    on_logits: object
+    probe_rows: int
+    key: object
+    steps: int = 0  # decode steps so far
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr)

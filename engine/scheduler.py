@@ -1,0 +1,110 @@
+"""Continuous batching over the paged pool: who runs, who waits, who makes room.
+
+A request is a *group*: one prompt prefilled once and pruned by one or more policies, each
+result a Sequence of its own (fan-out: "prefill once, try several policies"). Running sequences
+occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is one batch.
+
+- admit: take waiting groups in order while the running set stays within max_seqs and the free
+  pages hold every admitted prompt whole (prefill writes it all before pruning shrinks it), with
+  one page per running row left over so the next step can grow without preempting.
+- finish: a sequence that stops frees all its pages at once; the last running sequence moves
+  into its slot.
+- preempt: when a decode step finds no free page, the most recently admitted sequence gives
+  back every page and goes back to the head of the queue. It keeps the tokens it produced and
+  replays them as forced tokens when it is admitted again (greedy recomputation gives the same
+  cache; nothing already streamed is streamed twice).
+"""
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.kv import PagedKV
+
+
+@dataclass(eq=False)
+class Sequence:
+    idx: int  # prompt index in the request
+    fork: int  # policy index (fan-out)
+    prompt: list[int]
+    policy: object
+    forced: list[int] = field(default_factory=list)  # tokens taken instead of sampling, in order
+    out: list[int] = field(default_factory=list)  # tokens produced so far (forced and sampled)
+    slot: int = -1
+    order: int = -1  # admission counter: the highest is preempted first
+    n_chosen: int = 0  # tokens chosen on the device in this admission (some not yet read back)
+    n_seen: int = 0  # of those, read back and accepted
+    done: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, kv: PagedKV, max_seqs: int, max_prefill_tokens: int):
+        self.kv, self.max_seqs, self.max_prefill_tokens = kv, min(max_seqs, kv.S), max_prefill_tokens
+        self.waiting: deque[list[Sequence]] = deque()
+        self.running: list[Sequence] = []
+        self._admitted = 0
+        self.preemptions = 0
+        self.waits = 0  # admission rounds where the head of the queue did not fit in the free pages
+
+    def add(self, group: list[Sequence]):
+        self.waiting.append(group)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[list[Sequence]]:
+        """Groups to prefill now (one batch: same policies, within the prefill token budget); their
+        sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
+        kv, batch, tokens, pages, seqs = self.kv, [], 0, 0, len(self.running)
+        reserve = kv.L * kv.H * len(self.running)  # one page per running row for the next step
+        while self.waiting:
+            grp = self.waiting[0]
+            n, k = len(grp[0].prompt), len(grp)
+            if batch and ([s.policy for s in grp] != [s.policy for s in batch[0]] or tokens + n > self.max_prefill_tokens):
+                break
+            if seqs + k > self.max_seqs:
+                break
+            need = k * kv.seq_pages(n)  # the prompt whole, and room to copy its kept part into each fork
+            if pages + need + reserve > kv.n_free:  # (alone in an empty pool it always fits: Engine checks)
+                self.waits += 1
+                break
+            self.waiting.popleft()
+            batch.append(grp)
+            tokens, pages, seqs = tokens + n, pages + need, seqs + k
+        slot = len(self.running)
+        for grp in batch:
+            for s in grp:
+                s.slot, s.order = slot, self._admitted
+                s.n_chosen = s.n_seen = 0
+                slot += 1
+            self._admitted += 1
+            kv.assign(grp[0].slot, len(grp[0].prompt))
+        return batch
+
+    def start(self, seqs: list[Sequence]):
+        """Admitted sequences, prefilled and pruned, join the running batch (in slot order)."""
+        for s in seqs:
+            assert s.slot == len(self.running)
+            self.running.append(s)
+
+    def _remove(self, s: Sequence):
+        kv, last = self.kv, self.running[-1]
+        kv.release(s.slot)
+        if last is not s:
+            kv.move(last.slot, s.slot)
+            self.running[s.slot], last.slot = last, s.slot
+        self.running.pop()
+        s.slot = -1
+
+    def finish(self, s: Sequence):
+        s.done = True
+        self._remove(s)
+
+    def preempt(self) -> Sequence:
+        """Free the most recently admitted running sequence; it waits at the head of the queue and
+        will replay what it produced."""
+        s = max(self.running, key=lambda x: x.order)
+        self._remove(s)
+        s.forced = s.out + s.forced[len(s.out):]
+        self.waiting.appendleft([s])
+        self.preemptions += 1
+        return s

@@ -1,0 +1,83 @@
+"""The test oracle for the paged pool and the scheduler: the dense ragged store the engine used
+before pages (one [layers, batch, kv_heads, capacity, head_dim] buffer, rows compacted in place,
+attention masked to each row's length) and a plain greedy loop over one fixed batch. No pages,
+no queue, no preemption, no pipelining: what the engine must reproduce token for token."""
+import torch
+import torch.nn.functional as F
+
+import refreekv
+
+
+class DenseKV:
+    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, dtype=torch.float32):
+        shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
+        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.pos = torch.zeros(shape[:4], dtype=torch.int64)
+        self.lengths = torch.zeros(shape[:3], dtype=torch.int64)
+        self.next_pos = torch.zeros(batch, dtype=torch.int64)
+        self.live = torch.ones(batch, dtype=torch.int64)
+
+    def write_prompt(self, layer, slots, k, v, lens):
+        n = k.shape[2]
+        self.k[layer, :, :, :n], self.v[layer, :, :, :n] = k, v
+        self.pos[layer, :, :, :n] = torch.arange(n)
+        self.lengths[layer] = lens[:, None]
+
+    def append(self, layer, k, v):
+        for b in range(k.shape[0]):
+            for h in range(k.shape[1]):
+                n = self.lengths[layer, b, h]
+                self.k[layer, b, h, n], self.v[layer, b, h, n] = k[b, h, 0], v[b, h, 0]
+                self.pos[layer, b, h, n] = self.next_pos[b]
+        self.lengths[layer] += 1
+
+    def attend(self, layer, q, window=None, span=None):
+        B, H, D = q.shape
+        hkv = self.k.shape[2]
+        live = torch.arange(self.k.shape[3]) < self.lengths[layer][..., None]
+        if window:
+            live &= (self.next_pos[:, None, None] - self.pos[layer]) < window
+        o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), self.k[layer], self.v[layer],
+                                           attn_mask=live[:, :, None, :])
+        return o.reshape(B, H, D)
+
+    def compact(self, keep):
+        """Kept slots of each row to its front, in order."""
+        n = keep.shape[-1]
+        for idx in torch.nonzero(torch.ones(keep.shape[:3], dtype=torch.bool)).tolist():
+            l, b, h = idx
+            src = torch.nonzero(keep[l, b, h])[:, 0]
+            m = src.numel()
+            for buf in (self.k, self.v, self.pos):
+                buf[l, b, h, :m] = buf[l, b, h, src].clone()
+            self.lengths[l, b, h] = m
+        assert n <= self.k.shape[3]
+
+
+@torch.no_grad()
+def dense_generate(model, prompts, policy, max_new, eos=()):
+    """Greedy generation of a fixed batch through the dense store: prefill -> plan -> compact ->
+    decode, each row stopping at its own EOS. Returns (tokens per prompt, kept [L, B, Hkv])."""
+    c, B = model.c, len(prompts)
+    lens = torch.tensor([len(p) for p in prompts])
+    N = int(lens.max())
+    tokens = torch.zeros(B, N, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p)
+    kv = DenseKV(c.n_layers, B, c.n_kv_heads, N + max_new, c.head_dim, model.embed.weight.dtype)
+    logits, probe = model.prefill(tokens, lens, kv, torch.arange(B), probe_rows=policy.probe_rows)
+    kv.compact(policy.plan(refreekv.Probe(probe, lens, c.n_layers, c.n_kv_heads, N)))
+    kept = kv.lengths.clone()
+    out, done = [[] for _ in range(B)], [False] * B
+    tok = logits.argmax(-1)
+    for step in range(max_new):
+        for b, t in enumerate(tok.tolist()):
+            if not done[b]:
+                if t in eos:
+                    done[b] = True
+                else:
+                    out[b].append(t)
+        if all(done) or step == max_new - 1:
+            break
+        tok = model.decode(tok, kv).argmax(-1)
+    return out, kept
