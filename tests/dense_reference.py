@@ -9,13 +9,12 @@ import refreekv
 
 
 class DenseKV:
-    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, dtype=torch.float32):
+    def __init__(self, n_layers, batch, n_kv_heads, capacity, head_dim, dtype=torch.float32, device="cpu"):
         shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
-        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
-        self.pos = torch.zeros(shape[:4], dtype=torch.int64)
-        self.lengths = torch.zeros(shape[:3], dtype=torch.int64)
-        self.next_pos = torch.zeros(batch, dtype=torch.int64)
-        self.live = torch.ones(batch, dtype=torch.int64)
+        z = lambda s, dt: torch.zeros(s, dtype=dt, device=device)
+        self.k, self.v = z(shape, dtype), z(shape, dtype)
+        self.pos, self.lengths = z(shape[:4], torch.int64), z(shape[:3], torch.int64)
+        self.next_pos, self.live = z(batch, torch.int64), z(batch, torch.int64) + 1
 
     def write_prompt(self, layer, slots, k, v, lens):
         n = k.shape[2]
@@ -34,7 +33,7 @@ class DenseKV:
     def attend(self, layer, q, window=None, span=None):
         B, H, D = q.shape
         hkv = self.k.shape[2]
-        live = torch.arange(self.k.shape[3]) < self.lengths[layer][..., None]
+        live = torch.arange(self.k.shape[3], device=q.device) < self.lengths[layer][..., None]
         if window:
             live &= (self.next_pos[:, None, None] - self.pos[layer]) < window
         o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), self.k[layer], self.v[layer],
@@ -46,7 +45,7 @@ class DenseKV:
         n = keep.shape[-1]
         for idx in torch.nonzero(torch.ones(keep.shape[:3], dtype=torch.bool)).tolist():
             l, b, h = idx
-            src = torch.nonzero(keep[l, b, h])[:, 0]
+            src = torch.nonzero(keep[l, b, h])[:, 0].to(self.k.device)
             m = src.numel()
             for buf in (self.k, self.v, self.pos):
                 buf[l, b, h, :m] = buf[l, b, h, src].clone()
@@ -58,16 +57,16 @@ class DenseKV:
 def dense_generate(model, prompts, policy, max_new, eos=()):
     """Greedy generation of a fixed batch through the dense store: prefill -> plan -> compact ->
     decode, each row stopping at its own EOS. Returns (tokens per prompt, kept [L, B, Hkv])."""
-    c, B = model.c, len(prompts)
-    lens = torch.tensor([len(p) for p in prompts])
+    c, B, dev = model.c, len(prompts), model.embed.weight.device
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
     N = int(lens.max())
     tokens = torch.zeros(B, N, dtype=torch.long)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p)
-    kv = DenseKV(c.n_layers, B, c.n_kv_heads, N + max_new, c.head_dim, model.embed.weight.dtype)
-    logits, probe = model.prefill(tokens, lens, kv, torch.arange(B), probe_rows=policy.probe_rows)
+    kv = DenseKV(c.n_layers, B, c.n_kv_heads, N + max_new, c.head_dim, model.embed.weight.dtype, dev)
+    logits, probe = model.prefill(tokens.to(dev), lens, kv, torch.arange(B, device=dev), probe_rows=policy.probe_rows)
     kv.compact(policy.plan(refreekv.Probe(probe, lens, c.n_layers, c.n_kv_heads, N)))
-    kept = kv.lengths.clone()
+    kept = kv.lengths.to("cpu", copy=True)
     out, done = [[] for _ in range(B)], [False] * B
     tok = logits.argmax(-1)
     for step in range(max_new):

@@ -1,115 +1,115 @@
-"""CUDA only (skipped cleanly without it): the compiled bf16 decode path (torch.compile,
-mode="reduce-overhead": CUDA graphs) against eager on a tiny random model, ReFreeKV's kept counts
-compiled vs eager, no recompiles across generations, and bench/speed.py end to end on the GPU."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
+"""CUDA only (skipped cleanly without it): the Triton decode kernel at GPU sizes, the compiled
+CUDA-graph engine against eager and against the dense store, and no recompiles or CUDA-graph
+re-recordings once the batch-size buckets are warm."""
 import pytest
 import torch
 
 import refreekv
-from engine.generate import Generator, Sampling
+from dense_reference import dense_generate
+from engine.engine import Engine
+from engine.sampling import Sampling
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _pool(B, hkv, G, D, ps, lengths, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    P = -(-int(lengths.max()) // ps)
+    n_pages = B * hkv * P
+    table = (torch.randperm(n_pages, device="cuda", generator=g) + 1).view(B, hkv, P).int()
+    k = torch.randn(n_pages + 1, ps, D, device="cuda", generator=g).to(dtype)
+    v = torch.randn(n_pages + 1, ps, D, device="cuda", generator=g).to(dtype)
+    pos = torch.zeros(n_pages + 1, ps, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, hkv * G, D, device="cuda", generator=g).to(dtype)
+    qpos = lengths.amax(1).long()
+    return q, k, v, pos, table, lengths.int().cuda(), qpos.cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,lens", [(1, [[5000, 3, 0, 4096]]), (4, None), (16, None)])
+def test_kernel_equals_reference_at_gpu_sizes(dtype, B, lens):
+    from engine.attention import paged_decode_torch, paged_decode_triton
+
+    lengths = torch.tensor(lens) if lens else torch.randint(0, 3000, (B, 4), generator=torch.Generator().manual_seed(B))
+    case = _pool(B, 4, 7, 128, 16, lengths, dtype)
+    ref = paged_decode_torch(*[t.double() if t.is_floating_point() else t for t in case])
+    got = paged_decode_triton(*case).double()
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_ckpts):
     path = str(tiny_ckpts["qwen2", False])
-    eager = Generator(path, device="cuda", dtype="bfloat16", compile=False)
-    comp = Generator(path, device="cuda", dtype="bfloat16", compile=True)
-    assert comp.compiled and not eager.compiled and comp.span_bucket > 1
+    eager = Engine(path, device="cuda", dtype="bfloat16", compile=False, max_seqs=8, page_size=4)
+    comp = Engine(path, device="cuda", dtype="bfloat16", compile=True, max_seqs=8, page_size=4)
     eager.eos = comp.eos = set()
     return eager, comp
 
 
-def _prefill(g, ids, cap):
-    from engine.kv import RaggedKV
-
-    c = g.config  # the RoPE tables already cover the whole context (Generator builds them once)
-    kv = RaggedKV(c.n_layers, 1, c.n_kv_heads, cap, c.head_dim, g.dtype, g.device)
-    tokens = torch.tensor([ids], device=g.device)
-    logits, _ = g.model.prefill(tokens, torch.tensor([len(ids)], device=g.device), kv, probe_rows=0)
-    return logits, kv
+def _prompts(seed, lengths):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
 
 
-@torch.no_grad()
-def test_compiled_bf16_decode_matches_eager(pair):
-    """Teacher-forced: both paths get the same tokens, so every step's logits must agree within bf16
-    tolerance, and their greedy choice must agree unless the eager top two are a near tie."""
+def test_compiled_cuda_graphs_match_eager_teacher_forced(pair):
+    """Same forced tokens through both: every step's logits agree within bf16 tolerance (rows of
+    unequal lengths, decode crossing page boundaries, sequences joining and leaving the batch)."""
     eager, comp = pair
-    ids = torch.randint(3, 256, (37,), generator=torch.Generator().manual_seed(0)).tolist()
-    steps, cap = 24, 37 + 24 + 1
-    le, kv_e = _prefill(eager, ids, cap)
-    lc, kv_c = _prefill(comp, ids, cap)
-    torch.testing.assert_close(lc, le)  # prefill is eager in both: identical
-    tok, live, agree = le.argmax(-1), len(ids), 0
-    for step in range(steps):
-        live += 1
-        span_c = min(cap, -(-live // comp.span_bucket) * comp.span_bucket)
-        a = eager.decode(tok, kv_e, live)
-        b = comp.decode(tok, kv_c, [span_c] * comp.config.n_layers).clone()  # CUDA-graph output: copy before the next replay
-        scale = a.abs().max().item()
-        assert torch.isfinite(b).all()
-        torch.testing.assert_close(b, a, rtol=0.0, atol=0.05 * scale + 0.05, msg=lambda m: f"step {step}: {m}")
-        ta, tb = a.argmax(-1), b.argmax(-1)
-        if torch.equal(ta, tb):
-            agree += 1
-        else:
-            top2 = a[0].topk(2).values
-            assert (top2[0] - top2[1]).item() < 0.05 * scale + 0.05, f"step {step}: greedy differs without a near tie"
-        tok = ta
-    assert agree >= steps - 2
-    assert torch.equal(kv_e.lengths, kv_c.lengths) and torch.equal(kv_e.next_pos, kv_c.next_pos)
-
-
-def test_compiled_generate_first_tokens_and_refreekv_kept_counts(pair):
-    eager, comp = pair
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (45, 20)]
+    prompts, forced = _prompts(0, (37, 12, 60, 5, 23)), _prompts(1, (24,) * 5)
     policy = refreekv.make("refreekv", threshold=0.2, protected=(0,))
-    s = Sampling(max_new_tokens=16)
-    got, ref = comp.generate(prompts, policy, s), eager.generate(prompts, policy, s)
-    for x, y in zip(got, ref):
-        assert x.stats["kept_per_head"] == y.stats["kept_per_head"]
-        assert x.stats["kept_per_layer"] == y.stats["kept_per_layer"] and x.stats["budget"] == y.stats["budget"]
-        assert x.tokens[:4] == y.tokens[:4]
-    assert any(r.stats["budget"] < 1 for r in ref)  # the cut actually pruned something
+    logs = []
+    for eng in (eager, comp):
+        got = {}
+        eng.generate(prompts, policy, Sampling(max_new_tokens=24), forced=forced,
+                     on_logits=lambda keys, steps, lg: got.update({(k, s): r.float().cpu() for k, s, r in zip(keys, steps, lg)}))
+        logs.append(got)
+    assert logs[0].keys() == logs[1].keys() and len(logs[0]) == 5 * 24
+    for key, a in logs[0].items():
+        b = logs[1][key]
+        assert torch.isfinite(b).all()
+        assert ((a - b).norm() / a.norm()).item() < 2e-2, key
 
 
-def test_no_recompiles_across_generations_on_cuda(pair):
-    """A fresh RaggedKV per generate (new addresses of mark_static_address'd buffers) and new prompt
-    lengths must not recompile the decode graph (CUDA graphs may re-record; dynamo must not)."""
+def test_fp32_engine_equals_the_dense_store_on_cuda(tiny_ckpts):
+    eng = Engine(str(tiny_ckpts["llama", False]), device="cuda", dtype="float32", compile=True, max_seqs=4,
+                 page_size=4, kv_memory=0.0002)
+    eng.eos = set()
+    prompts = _prompts(2, (40, 17, 55, 9, 31, 26))
+    for name in ("full", "refreekv", "snapkv"):
+        p = refreekv.make(name, **({"threshold": 0.2} if name == "refreekv" else {}))
+        res = eng.generate(prompts, p, Sampling(max_new_tokens=20))
+        want, kept = dense_generate(eng.model, prompts, p, 20)
+        for i, r in enumerate(res):
+            assert r.stats["kept_per_head"] == kept[:, i].tolist(), (name, i)
+            agree = sum(a == b for a, b in zip(r.tokens, want[i]))
+            assert agree >= len(want[i]) - 2, (name, i, r.tokens, want[i])  # fp32 (ieee dots): at most a late near-tie
+
+
+def test_no_recompiles_or_rerecordings_after_warmup(pair):
     from torch._dynamo.utils import counters
 
     _, comp = pair
-    g = torch.Generator().manual_seed(2)
-    s = Sampling(max_new_tokens=12)
-    comp.generate([torch.randint(3, 256, (30,), generator=g).tolist()], refreekv.make("full"), s)  # warm
-    counters.clear()
-    for n in (33, 50):
-        comp.generate([torch.randint(3, 256, (n,), generator=g).tolist()], refreekv.make("full"), s)
-    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
-    assert not counters["recompiles"]
+    recorded = []
+    orig = torch.cuda.CUDAGraph.capture_begin
+
+    def counting(self, *a, **kw):
+        recorded.append(1)
+        return orig(self, *a, **kw)
+
+    torch.cuda.CUDAGraph.capture_begin = counting
+    try:
+        s = Sampling(max_new_tokens=12)
+        for n in range(1, 9):  # every bucket 1, 2, 4, 8, with and without pruning
+            comp.generate(_prompts(n, [20 + 3 * i for i in range(n)]), refreekv.make("refreekv", threshold=0.2), s)
+            comp.generate(_prompts(n, [9 + 5 * i for i in range(n)]), refreekv.make("full"), s)
+        counters.clear()
+        recorded.clear()
+        for seed, lens in [(20, (33, 50, 7)), (21, (61,)), (22, (8, 9, 10, 11, 12, 13, 14))]:
+            for p in (refreekv.make("refreekv", threshold=0.05), refreekv.make("snapkv", budget=0.3), refreekv.make("full")):
+                comp.generate(_prompts(seed, lens), p, s)
+    finally:
+        torch.cuda.CUDAGraph.capture_begin = orig
+    assert not counters["recompiles"] and counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-
-
-def test_speed_bench_tiny_on_cuda(tmp_path):
-    """bench/speed.py on the GPU: compiled decode, transformers eager and static + compile."""
-    out = tmp_path / "speed.json"
-    p = subprocess.run([sys.executable, "-m", "bench.speed", "--tiny", "--device", "cuda", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=540)
-    assert p.returncode == 0, p.stderr[-6000:]
-    res = json.loads(out.read_text())
-    assert res["errors"] == [] and res["meta"]["compiled"] is True and res["meta"]["dtype"] == "bfloat16"
-    assert {h["mode"] for h in res["hf"]} == {"eager", "static-compile"}
-    assert res["meta"]["parity_max_abs_logit_diff"] < 0.5  # bf16, same weights
-    for r in res["speed"] + res["scaling"]["rows"] + res["batch"]:
-        assert r["graphs_compiled_measured"] == 0, r  # the measured run replays what the warm-up compiled
-        assert r["decode_ms_median"] > 0 and r["peak_mem_bytes"] > 0
-    assert all(r["cudagraph_skips"] == 0 for r in res["speed"]), [r["cudagraph_skips"] for r in res["speed"]]
-    assert res["floor"]["copy_GBps"] > 100
+    assert recorded == [], f"{len(recorded)} CUDA graphs recorded after warm-up"

@@ -212,7 +212,8 @@ def test_triton_paged_attention_equals_masked_attention(seed, min_split, data):
     """On CPU the kernel runs under TRITON_INTERPRET=1 (conftest sets it without CUDA); small
     minimum splits make long rows spread over several splits, so the combine is exercised."""
     case = _paged_case(data, seed, torch.float32)
-    got = attention.paged_decode_triton(*case, min_split=min_split)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got = attention.paged_decode_triton(*[t.to(dev) for t in case[:-1]], case[-1], min_split=min_split).cpu()
     torch.testing.assert_close(got.double(), _reference(*case), atol=2e-5, rtol=0)
 
 
