@@ -1,13 +1,12 @@
-"""bench/quality.py end to end on a tiny random checkpoint (byte tokenizer, no chat template), plus
-the pieces it builds on: its shared-prefill decode equals Generator.generate, its teacher forcing
-equals one full-sequence prefill, and its scoring helpers."""
+"""bench/quality.py end to end on a tiny random checkpoint (byte tokenizer, no chat template), its
+fidelity scoring against a direct computation, and its scoring and task helpers."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import quality
+from bench import quality, quality_metrics, quality_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,76 +62,55 @@ def test_pipeline_writes_tables_json_plots(tiny, tmp_path):
     assert (results_md.read_bytes() if results_md.exists() else None) == before
 
 
-def _gen(tiny):
-    from engine.generate import Generator
+def test_fidelity_scores_equal_a_direct_computation(tiny):
+    """The bench's teacher-forced scores (fan-out, logits hook) equal top-1 / KL / NLL computed
+    directly from each policy's logits captured in a run of its own."""
+    import math
 
-    return Generator(str(tiny), device="cpu")
-
-
-@pytest.mark.parametrize("name,kw", [("refreekv", {"threshold": 0.05}), ("snapkv", {"budget": 0.3}),
-                                     ("streaming", {"budget": 0.4}), ("full", {})])
-def test_shared_prefill_greedy_equals_generator(tiny, name, kw):
-    """One prefill with a wide probe, cloned per policy, decodes exactly as Generator.generate."""
     import refreekv
-    from engine.generate import Sampling
+    from bench.quality_metrics import Fidelity
+    from engine.engine import Engine
+    from engine.sampling import Sampling
 
-    if name not in refreekv.available():
-        pytest.skip(f"{name} not registered")
-    g = _gen(tiny)
-    torch.manual_seed(0)
-    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (70, 41, 90)]
-    pol = refreekv.make(name, **kw)
-    want = g.generate(prompts, pol, Sampling(max_new_tokens=12))
-    pf = quality.prefill(g, prompts, probe_rows=8, new_tokens=12)
-    for _ in range(2):  # the shared prefill stays intact for the next policy
-        kv, frac, _ = quality.pruned(g, pf, pol)
-        got = quality.greedy(g, kv, pf.logits, 12, [])
-        assert got == [r.tokens for r in want]
-        for b, r in enumerate(want):
-            assert abs(sum(frac[b]) / len(frac[b]) - r.stats["budget"]) < 0.02
-
-
-def test_teacher_forcing_matches_one_prefill(tiny):
-    """Full cache: decode-step log-probs over the real continuation equal a prefill of the whole text."""
-    import refreekv
-
-    g = _gen(tiny)
-    torch.manual_seed(1)
-    ctx, tgt = torch.randint(0, 256, (2, 50)), torch.randint(0, 256, (2, 10))
-    pf = quality.prefill(g, ctx.tolist(), probe_rows=1, new_tokens=10)
-    kv, _, _ = quality.pruned(g, pf, refreekv.make("full"))
-    m, lp = quality.teacher_forced(g, kv, pf.logits, tgt, None)
-    whole = quality.prefill(g, torch.cat([ctx, tgt], 1).tolist(), probe_rows=0, new_tokens=1)
-    from engine.kv import RaggedKV
-    c = g.config
-    kv2 = RaggedKV(c.n_layers, 2, c.n_kv_heads, 61, c.head_dim, g.dtype, "cpu")
-    logits, _ = g.model.prefill(torch.cat([ctx, tgt], 1), torch.tensor([60, 60]), kv2, probe_rows=0, all_logits=True)
-    ref = torch.log_softmax(logits[:, 49:59], -1)
-    assert torch.allclose(lp, ref, atol=1e-4)
-    nll = -ref.gather(-1, tgt[..., None])[..., 0].mean(-1)
-    assert torch.allclose(torch.tensor(m["nll"], dtype=torch.float32), nll, atol=1e-4)
-    del whole
-    # a pruned cache scored against that reference: agreement and KL are in range, KL(full||full) = 0
-    m2, _ = quality.teacher_forced(g, quality.pruned(g, pf, refreekv.make("full"))[0], pf.logits, tgt, lp)
-    assert m2["top1"] == [1.0, 1.0] and max(m2["kl"]) < 1e-6
+    eng = Engine(str(tiny), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    ctx, tgt = torch.randint(0, 256, (2, 50), generator=g).tolist(), torch.randint(0, 256, (2, 10), generator=g).tolist()
+    policies = [refreekv.make("full"), refreekv.make("streaming", budget=0.3), refreekv.make("refreekv", threshold=0.3)]
+    score = Fidelity(tgt, full_j=0)
+    eng.generate(ctx, policies, Sampling(max_new_tokens=10), forced=tgt, on_logits=score)
+    lps = []
+    for p in policies:
+        got = {}
+        eng.generate(ctx, p, Sampling(max_new_tokens=10), forced=tgt,
+                     on_logits=lambda keys, steps, lg: got.update({(k, s): r.double().log_softmax(-1) for k, s, r in zip(keys, steps, lg)}))
+        lps.append(got)
+    for i in range(2):
+        for j in range(3):
+            nll = sum(-lps[j][i, t][tgt[i][t]].item() for t in range(10)) / 10
+            kl = sum((lps[0][i, t].exp() * (lps[0][i, t] - lps[j][i, t])).sum().item() for t in range(10)) / 10
+            top1 = sum(float(lps[0][i, t].argmax() == lps[j][i, t].argmax()) for t in range(10)) / 10
+            m = score.result(i, j)
+            assert math.isclose(m["nll"], nll, abs_tol=1e-4) and math.isclose(m["kl"], kl, abs_tol=1e-4)
+            assert m["top1"] == top1
+    assert any(score.result(i, 1)["kl"] > 1e-3 for i in range(2))  # the budget policy really differs
 
 
 def test_scoring_helpers():
-    assert quality.lcs(list("abcbdab"), list("bdcaba")) == 4
-    assert quality.rouge_l("the cat sat", "the cat sat") == 1.0
-    assert quality.rouge_l("", "") == 1.0 and quality.rouge_l("a", "") == 0.0
-    assert abs(quality.rouge_l("the cat sat on the mat", "the cat on a mat") - 2 * 0.8 * (4 / 6) / (0.8 + 4 / 6)) < 1e-9
-    assert quality.last_int("3 + 4 = 7. The answer is 1,234.") == "1234"
-    assert quality.last_int("no digits") is None
+    assert quality_metrics.lcs(list("abcbdab"), list("bdcaba")) == 4
+    assert quality_metrics.rouge_l("the cat sat", "the cat sat") == 1.0
+    assert quality_metrics.rouge_l("", "") == 1.0 and quality_metrics.rouge_l("a", "") == 0.0
+    assert abs(quality_metrics.rouge_l("the cat sat on the mat", "the cat on a mat") - 2 * 0.8 * (4 / 6) / (0.8 + 4 / 6)) < 1e-9
+    assert quality_metrics.last_int("3 + 4 = 7. The answer is 1,234.") == "1234"
+    assert quality_metrics.last_int("no digits") is None
     for seed in range(50):  # generated word problems: the worked steps end at the answer
         import random
 
-        q, steps, ans, _ = quality.word_problem(random.Random(seed))
-        assert quality.last_int(steps[-1]) == str(ans) and ans >= 0
+        q, steps, ans, _ = quality_tasks.word_problem(random.Random(seed))
+        assert quality_metrics.last_int(steps[-1]) == str(ans) and ans >= 0
 
 
 def test_insert_at_depth():
     hay = " ".join(f"Sentence number {i}." for i in range(100))
-    for d in quality.DEPTHS:
-        s = quality.insert_at(hay, d, "NEEDLE 12345.")
+    for d in quality_tasks.DEPTHS:
+        s = quality_tasks.insert_at(hay, d, "NEEDLE 12345.")
         assert abs(s.index("NEEDLE") / len(s) - d) < 0.05 and s.count("NEEDLE") == 1
