@@ -211,7 +211,7 @@ class Engine:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
         kv, M = self.kv, s.max_new_tokens
-        w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages_prefill=[], pages_pruned=[])
+        w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages_prefill=[], pages_pruned=[], launches=[])
         t_start = time.perf_counter()
         cur_seqs: list[Sequence] = []  # the running batch whose chosen tokens are `cur`
         cur = new = None
@@ -223,6 +223,7 @@ class Engine:
                 nb = _pow2(n) if self.cuda and self.compiled else n
                 toks = cur if nb == n else torch.cat([cur, cur.new_zeros(nb - n)])
                 span = None if kv.triton else max(1, int(kv.h_pages[:, :n].max()))
+                w["launches"].append(time.perf_counter())
                 logits = self._decode(toks, kv, span)[:n]
                 live = [q.n_chosen < M for q in cur_seqs]
                 new = self._choose(logits, cur_seqs, live, run)
@@ -276,7 +277,10 @@ class Engine:
                           mean_concurrent=w["live_sum"] / w["steps"] if w["steps"] else 0.0,
                           preemptions=sched.preemptions, admission_waits=sched.waits,
                           pages_after_prefill=sum(w["pages_prefill"]), pages_after_pruning=sum(w["pages_pruned"]),
-                          peak_memory_bytes=peak)
+                          peak_memory_bytes=peak,
+                          # launch-to-launch intervals: the host waits on step t-1 before launching t+1, so in
+                          # steady state each interval is one device step (prefills show up as outliers)
+                          step_ms=[1e3 * (b - a) for a, b in zip(w["launches"], w["launches"][1:])])
         results = [[Result(q.out, q.text, dict(q.stats, peak_memory_bytes=peak)) for q in grp] for grp in groups]
         return results if fan else [r[0] for r in results]
 
@@ -286,8 +290,8 @@ class Engine:
 
     def _choose(self, logits, seqs, live, run) -> torch.Tensor:
         """Tokens from logits [n, V] for seqs: forced where a sequence has one left, else sampled."""
-        if run.on_logits is not None:
-            rows = [i for i, lv in enumerate(live) if lv]  # draining rows' logits are padding
+        rows = [i for i, lv in enumerate(live) if lv]  # draining rows' logits are padding
+        if run.on_logits is not None and rows:
             run.on_logits([run.key(seqs[i]) for i in rows], [seqs[i].n_chosen for i in rows],
                           logits if len(rows) == len(seqs) else logits[self._dev_long(rows)])
         tok = sample(logits, run.s, run.gen)

@@ -113,3 +113,25 @@ def test_no_recompiles_or_rerecordings_after_warmup(pair):
     assert not counters["recompiles"] and counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert recorded == [], f"{len(recorded)} CUDA graphs recorded after warm-up"
+
+
+def test_speed_bench_tiny_on_cuda(tmp_path):
+    """bench/speed.py on the GPU: the compiled engine, transformers eager and static + compile."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "speed.json"
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "bench.speed", "--tiny", "--device", "cuda", "--json", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=540)
+    assert p.returncode == 0, p.stderr[-6000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["meta"]["compiled"] is True and res["meta"]["dtype"] == "bfloat16"
+    assert {h["mode"] for h in res["hf"]} == {"eager", "static-compile"}
+    assert res["meta"]["parity_max_abs_logit_diff"] < 0.5  # bf16, same weights
+    for r in res["speed"] + res["scaling"]["rows"] + res["batch"]:
+        assert r["graphs_compiled_measured"] == 0, r  # the measured run replays what the warm-up compiled
+        assert r["cudagraph_skips"] == 0 and r["decode_ms_median"] > 0 and r["peak_mem_bytes"] > 0
+    assert res["floor"]["copy_GBps"] > 100
