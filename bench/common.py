@@ -138,7 +138,7 @@ def build_engine(a, **kw):
     from engine.engine import Engine
 
     kw = dict(kw, compile=a.compile)
-    if a.model:
+    if a.model or not getattr(a, "shape", None):  # no model and no shape: the bundled default
         eng = Engine(a.model, a.device, a.dtype, **kw)
         return eng, f"{eng.path.name} (real weights)"
     cfg = SHAPES[a.shape]

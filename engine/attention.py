@@ -35,10 +35,12 @@ def paged_decode_torch(q, k, v, pos, table, lengths, qpos, window=None, span=Non
     hkv, ps = table.shape[1], k.shape[1]
     pages = table if span is None else table[:, :, :span]
     n = pages.shape[-1] * ps
-    keys, vals = k[pages].view(B, hkv, n, D), v[pages].view(B, hkv, n, D)
+    flat = pages.reshape(-1).long()  # index_select on whole pages: the cheapest gather on the CPU
+    keys = k.view(k.shape[0], ps * D).index_select(0, flat).view(B, hkv, n, D)
+    vals = v.view(v.shape[0], ps * D).index_select(0, flat).view(B, hkv, n, D)
     live = torch.arange(n, device=q.device) < lengths[..., None]  # [B, Hkv, n]
     if window:
-        live &= (qpos[:, None, None] - pos[pages].view(B, hkv, n)) < window
+        live &= (qpos[:, None, None] - pos.index_select(0, flat).view(B, hkv, n)) < window
     o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), keys, vals, attn_mask=live[:, :, None, :])
     return torch.where(live.any(-1)[..., None, None], o, 0.0).reshape(B, H, D)  # a row with nothing live: 0
 

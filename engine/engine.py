@@ -211,38 +211,44 @@ class Engine:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
         kv, M = self.kv, s.max_new_tokens
-        w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages_prefill=[], pages_pruned=[], launches=[])
+        w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages_prefill=[], pages_pruned=[], launches=[],
+                 pool_bound_steps=0, pool_bound_sum=0)
         t_start = time.perf_counter()
         cur_seqs: list[Sequence] = []  # the running batch whose chosen tokens are `cur`
-        cur = new = None
+        cur = None
         cur_host = torch.empty(0, dtype=torch.long)
         ready = None
         while sched.busy():
-            if cur_seqs:  # queue the next step before reading the last one back
+            new = None
+            live = [q.n_chosen < M for q in cur_seqs]  # a sequence with all its tokens chosen only drains
+            if any(live):  # queue the next step before reading the last one back
                 n = len(cur_seqs)
                 nb = _pow2(n) if self.cuda and self.compiled else n
                 toks = cur if nb == n else torch.cat([cur, cur.new_zeros(nb - n)])
                 span = None if kv.triton else max(1, int(kv.h_pages[:, :n].max()))
                 w["launches"].append(time.perf_counter())
                 logits = self._decode(toks, kv, span)[:n]
-                live = [q.n_chosen < M for q in cur_seqs]
                 new = self._choose(logits, cur_seqs, live, run)
                 w["steps"] = run.steps = w["steps"] + 1
                 w["live_sum"] += n
+                if sched.waiting and n < sched.max_seqs:  # requests wait for pages: the pool is the limit
+                    w["pool_bound_steps"] += 1
+                    w["pool_bound_sum"] += n
             if cur_seqs:  # the tokens that step was fed: emit, stop, finish
                 if ready is not None:
                     ready.synchronize()
                 for q, t in zip(cur_seqs, cur_host.tolist()):
                     if not q.done and q.slot >= 0 and self._accept(q, t, run):
                         self._finish(q, sched, run)
-            index = {id(q): i for i, q in enumerate(cur_seqs)}
+            # where each running sequence's next input is: `new` (the step just queued), then `firsts`
+            index = {id(q): i for i, q in enumerate(cur_seqs)} if new is not None else {}
             batch = sched.admit()
             firsts = None
             if batch:
                 firsts, admitted = self._prefill_prune(batch, run, w)
                 sched.start(admitted)
                 for i, q in enumerate(admitted):
-                    index[id(q)] = len(cur_seqs) + i
+                    index[id(q)] = (0 if new is None else len(cur_seqs)) + i
             elif not sched.running and sched.waiting:
                 raise RuntimeError("scheduler stalled with an empty pool")  # check_fits rules this out
             while True:  # pages for the next step; the newest sequence makes room when there are none
@@ -275,6 +281,8 @@ class Engine:
                           req_s=len(prompts) / wall, pool_pages=kv.n_pages, page_size=kv.ps,
                           peak_pages=w["peak_pages"], peak_concurrent=w["peak_seqs"],
                           mean_concurrent=w["live_sum"] / w["steps"] if w["steps"] else 0.0,
+                          pool_bound_steps=w["pool_bound_steps"],  # steps while requests waited for pages
+                          mean_concurrent_pool_bound=w["pool_bound_sum"] / w["pool_bound_steps"] if w["pool_bound_steps"] else None,
                           preemptions=sched.preemptions, admission_waits=sched.waits,
                           pages_after_prefill=sum(w["pages_prefill"]), pages_after_pruning=sum(w["pages_pruned"]),
                           peak_memory_bytes=peak,

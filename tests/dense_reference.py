@@ -23,21 +23,26 @@ class DenseKV:
         self.lengths[layer] = lens[:, None]
 
     def append(self, layer, k, v):
-        for b in range(k.shape[0]):
-            for h in range(k.shape[1]):
-                n = self.lengths[layer, b, h]
-                self.k[layer, b, h, n], self.v[layer, b, h, n] = k[b, h, 0], v[b, h, 0]
-                self.pos[layer, b, h, n] = self.next_pos[b]
+        """One new token per sequence [B, Hkv, 1, D] at each row's own length."""
+        B, H = k.shape[:2]
+        bi = torch.arange(B, device=k.device)[:, None].expand(B, H)
+        hi = torch.arange(H, device=k.device)[None, :].expand(B, H)
+        slot = self.lengths[layer]
+        self.k[layer].index_put_((bi, hi, slot), k[:, :, 0])
+        self.v[layer].index_put_((bi, hi, slot), v[:, :, 0])
+        self.pos[layer].index_put_((bi, hi, slot), self.next_pos[:, None].expand(B, H))
         self.lengths[layer] += 1
 
     def attend(self, layer, q, window=None, span=None):
+        """q [B, H, D] over each row's live slots, reading [0, span) (span in tokens; None: all)."""
         B, H, D = q.shape
         hkv = self.k.shape[2]
-        live = torch.arange(self.k.shape[3], device=q.device) < self.lengths[layer][..., None]
+        span = span or self.k.shape[3]
+        k, v = self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+        live = torch.arange(span, device=q.device) < self.lengths[layer][..., None]
         if window:
-            live &= (self.next_pos[:, None, None] - self.pos[layer]) < window
-        o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), self.k[layer], self.v[layer],
-                                           attn_mask=live[:, :, None, :])
+            live &= (self.next_pos[:, None, None] - self.pos[layer, :, :, :span]) < window
+        o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), k, v, attn_mask=live[:, :, None, :])
         return o.reshape(B, H, D)
 
     def compact(self, keep):
