@@ -127,14 +127,16 @@ class Engine:
                           self.context, self.dtype, self.dev)
         # torch.compile: the decode step with the batch symbolic (dynamic=True) and, on CUDA, CUDA
         # graphs: one recording per batch-size bucket, the page tables and lengths static inputs.
-        # Prefill and pruning compile with dynamic prompt length and batch but no CUDA graphs.
+        # Prefill compiles with dynamic prompt length and batch but no CUDA graphs (one program per
+        # probe width, i.e. per policy). Policies' plans run eagerly: once per admitted batch, a few
+        # dozen small ops (well under 1% of prefill), and a researcher's Python control flow, int
+        # fields (prompt width) and new policy types would otherwise recompile per prompt length.
         # Off by default on CPU, where compiling costs more than it saves.
-        self._decode, self._prefill, self._plan = self.model.decode, self.model.prefill, _plan
+        self._decode, self._prefill = self.model.decode, self.model.prefill
         if self.compiled:
             self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=True,
                                          mode="reduce-overhead" if self.cuda else None)
             self._prefill = torch.compile(self.model.prefill, fullgraph=True, dynamic=True)
-            self._plan = torch.compile(_plan, dynamic=True)  # a policy that breaks the graph still runs
         return self
 
     def encode(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -371,7 +373,7 @@ class Engine:
         keeps = []
         for p in pols:
             attn = probe[..., probe.shape[-2] - p.probe_rows:, :] if p.probe_rows else None
-            keeps.append(self._plan(p, refreekv.Probe(attn, lens, c.n_layers, c.n_kv_heads, N)))
+            keeps.append(p.plan(refreekv.Probe(attn, lens, c.n_layers, c.n_kv_heads, N)))
         kept = torch.stack([k.sum(-1) for k in keeps]).cpu()  # [K, L, B, Hkv]: the one read-back of pruning
         for j in range(1, K):  # forks first: they copy from the source before it compacts in place
             for b, g in enumerate(batch):
@@ -402,10 +404,6 @@ class Engine:
                 w["pages_pruned"].append(kv.owned(q.slot))
         first = logits.repeat_interleave(K, 0) if K > 1 else logits
         return self._choose(first, seqs, [True] * len(seqs), run), seqs
-
-
-def _plan(policy, probe):
-    return policy.plan(probe)
 
 
 @dataclass

@@ -1,37 +1,47 @@
-"""torch.compile'd prefill, pruning and decode: same tokens as eager, no recompilation once warmed up."""
+"""torch.compile'd prefill, pruning and decode under continuous batching: the same tokens as eager,
+and no recompilation once warmed up, across prompt lengths, budgets, batch sizes and preemptions."""
 import pytest
 import torch
 
 import refreekv
 from engine.engine import Engine
+from engine.kv import page_bytes
 from engine.sampling import Sampling
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_ckpts):
+    from weights.config import load_config
+
     path = str(tiny_ckpts["qwen2", False])
-    eager, comp = Engine(path, device="cpu"), Engine(path, device="cpu", compile=True)
+    c = load_config(path)
+    gib = 40 * c.n_layers * c.n_kv_heads * page_bytes(4, c.head_dim, torch.float32) / 2**30  # 40 pages per row
+    eager, comp = (Engine(path, device="cpu", compile=x, kv_memory=gib, max_seqs=4, page_size=4) for x in (False, True))
     eager.eos = comp.eos = set()
     return eager, comp
+
+
+def prompts(seed, lens):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lens]
 
 
 def test_compiled_generation_matches_eager_and_never_recompiles(pair):
     from torch._dynamo.utils import counters
 
     eager, comp = pair
-    g = torch.Generator().manual_seed(0)
-    warm = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (30, 17)]
-    s = Sampling(max_new_tokens=24)  # warm up decode with every layer's span equal (full cache) ...
-    full = refreekv.make("full")
-    assert [r.tokens for r in comp.generate(warm, full, s)] == [r.tokens for r in eager.generate(warm, full, s)]
-    policy = refreekv.make("refreekv", threshold=0.2, protected=(0,))
-    comp.generate(warm, policy, Sampling(max_new_tokens=1))  # ... prefill with a probe and ReFreeKV's pruning (no decode step)
-    counters.clear()  # ... then new prompt lengths, and per-layer spans that differ (ReFreeKV prunes layers unequally)
-    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (41, 9)]  # new lengths, longer spans
-    s = Sampling(max_new_tokens=40)
-    got, ref = comp.generate(prompts, policy, s), eager.generate(prompts, policy, s)
-    assert [r.tokens for r in got] == [r.tokens for r in ref]
-    assert [r.stats["kept_per_layer"] for r in got] == [r.stats["kept_per_layer"] for r in ref]
-    assert len(set(got[0].stats["kept_per_layer"])) > 1
+    s = Sampling(max_new_tokens=24)
+    full, cut = refreekv.make("full"), refreekv.make("refreekv", threshold=0.2, protected=(0,))
+    snap = refreekv.make("snapkv", budget=0.4)
+    for p in (full, cut, snap):  # warm up each policy (its probe width): batches and prefills of 1 and of more
+        comp.generate(prompts(0, (30,)), p, s)
+        comp.generate(prompts(1, (30, 17, 22)), p, s)
+    counters.clear()
+    work = prompts(2, (41, 9, 33, 60, 12, 27))  # new lengths; more than the pool holds: queueing and preemption
+    for p in (cut, refreekv.make("snapkv", budget=0.25), full):  # a new budget is no new program
+        got, ref = comp.generate(work, p, s), eager.generate(work, p, s)
+        assert [r.tokens for r in got] == [r.tokens for r in ref]
+        assert [r.stats["kept_per_head"] for r in got] == [r.stats["kept_per_head"] for r in ref]
+    assert comp.stats["preemptions"] > 0 and comp.stats["admission_waits"] > 0
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert not counters["recompiles"]
