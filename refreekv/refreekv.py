@@ -34,7 +34,8 @@ def cut_positions(a, lens, threshold, sinks, include_sinks=False, metric="l2"):
 
     Returns p [L, B]: each (layer, sequence) keeps [0, min(sinks, n)) and [p, n). Float64, and
     the gap is formed without subtracting near-equal quantities, so it agrees with a direct sum
-    far below any sensible T and stays > 0 (T = 0 keeps all) however small the evicted attention."""
+    far below any sensible T and stays > 0 however small the evicted attention. T = 0 keeps all,
+    keys with exactly zero attention included."""
     L, B, H, N = a.shape
     pos = torch.arange(N, device=a.device)
     real = pos < lens[:, None]  # [B, N]
@@ -53,7 +54,10 @@ def cut_positions(a, lens, threshold, sinks, include_sinks=False, metric="l2"):
     else:
         drop, base = removed.mean(2), whole.mean(2)
     gap = torch.where(base > 0, drop / base, 0.0)
-    ok = (gap <= threshold) & cand  # j = 0 (p = sinks) always qualifies since gap = 0 there
+    # j = 0 (p = sinks) always qualifies since gap = 0 there. T = 0 keeps everything: a prefix of
+    # keys with exactly zero attention (sliding-window probes, all mass on the sinks) has gap 0 too,
+    # and is evicted only when T > 0.
+    ok = ((gap <= threshold) if threshold > 0 else (pos == sinks)) & cand
     p = torch.where(ok, pos, -1).amax(-1)  # deepest qualifying candidate; -1: no candidates
     return torch.where(p < 0, lens[None].expand(L, B), p)  # n <= sinks: keep everything
 
@@ -94,7 +98,7 @@ def gap_reference(a, n, sinks, include_sinks=False, metric="l2"):
 
 def cut_reference(a, n, threshold, sinks, include_sinks=False, metric="l2"):
     """Per-(layer, sequence) loop reference: the kept suffix starts at sinks + the deepest j with gap[j] <= T."""
-    if n <= sinks:
-        return n
+    if n <= sinks or threshold == 0:
+        return min(n, sinks) if n > sinks else n
     gaps = gap_reference(a, n, sinks, include_sinks, metric)
     return sinks + max(j for j, g in enumerate(gaps) if g <= threshold or j == 0)

@@ -4,6 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# `ci` (default): derandomized, so the suite is the same run every time; `thorough`: fresh random
+# draws and 50x the examples (tests/helpers.py: examples), for a long run before a release.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("thorough", derandomize=False, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))

@@ -1,4 +1,7 @@
-"""Shared test helpers: tiny random checkpoints written by transformers (the oracle)."""
+"""Shared test helpers: tiny random checkpoints written by transformers (the oracle), a paged pool
+for driving the model directly, and the Hypothesis example counts."""
+import os
+
 import torch
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -64,3 +67,9 @@ def paged(c, lens, cap=None, page_size=16, dtype=torch.float32):
         kv.assign(b, cap)
     kv.set_live([True] * len(lens))
     return kv, torch.arange(len(lens))
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples for a property: n in CI (the `ci` profile, derandomized: a run never
+    passes or fails by luck), 50 n with HYPOTHESIS_PROFILE=thorough (random draws, thousands each)."""
+    return n * 50 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else n

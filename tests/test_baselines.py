@@ -5,15 +5,15 @@ from fractions import Fraction
 
 import pytest
 import torch
+from helpers import examples
 from hypothesis import given, settings, strategies as st
 
 import refreekv
 from engine.kv import PagedKV
 from refreekv import Probe, budget_tokens
-from refreekv.refreekv import cut_reference, row_scores
 from weights.errors import UserError
 
-SET = settings(max_examples=40, deadline=None)
+SET = settings(max_examples=examples(40), deadline=None)
 
 
 def probe(attn, lens, n_kv_heads=1):
@@ -187,14 +187,30 @@ def ref_plan(name, kw, attn, lens, L, n_kv):
 
 
 def ref_refreekv_h2o(kw, attn, lens, l, b, n):
-    sinks, rows_, window = kw.get("sinks", 4), kw.get("rows", 1), kw.get("window", 8)
-    if n <= sinks:
+    """Loops only, no policy helper: the metric is each key's mean attention over the probe rows that
+    see it; candidates are ranked by accumulated window attention and cut by the L2 gap."""
+    sinks, rows_, window, T = kw.get("sinks", 4), kw.get("rows", 1), kw.get("window", 8), kw.get("threshold", 0.01)
+    if n <= sinks or T == 0:  # T = 0 keeps everything, zero-attention keys included
         return set(range(n))
-    a = row_scores(attn[..., -rows_:, :], torch.as_tensor(lens))[l, b]  # [H, N] metric (shared helper)
+    w = attn.shape[-2]
+    pos = [n - w + r for r in range(w)][-rows_:]  # absolute positions of the metric's rows
+    rows = attn[l, b, :, -rows_:].double()  # [H, rows, N]
+    H = rows.shape[0]
+    a = [[0.0] * n for _ in range(H)]
+    for h in range(H):
+        for j in range(n):
+            seers = [i for i, q in enumerate(pos) if q >= 0 and j <= q]
+            a[h][j] = sum(float(rows[h, i, j]) for i in seers) / len(seers) if seers else 0.0
     rank = [sum(x) for x in zip(*[r for h in attn[l, b, :, -window:].tolist() for r in h])]
     perm = list(range(sinks)) + sorted(range(sinks, n), key=lambda j: (rank[j], j))
-    p = cut_reference(a[:, perm], n, kw.get("threshold", 0.01), sinks)
-    return set(perm[:sinks]) | set(perm[p:])
+    cand = [[a[h][j] for j in perm[sinks:]] for h in range(H)]  # in eviction order
+    norm = lambda h, k: math.sqrt(sum(x * x for x in cand[h][k:]))
+    base = sum(norm(h, 0) for h in range(H)) / H
+    keep_from = 0
+    for k in range(1, len(perm) - sinks):  # evict the first k candidates while the L2 gap stays <= T
+        if base > 0 and (base - sum(norm(h, k) for h in range(H)) / H) / base <= T:
+            keep_from = k
+    return set(perm[:sinks]) | set(perm[sinks + keep_from:])
 
 
 def as_sets(keep, lens):
@@ -205,7 +221,8 @@ def as_sets(keep, lens):
 @st.composite
 def probes(draw, w=None, max_n=30):
     """Dyadic attention (multiples of 1/8, so every sum is exact in any order) [L, B, H, w, N]:
-    rows before a short prompt's start are 0 as in the engine; padding columns hold garbage."""
+    as in the engine, rows before a short prompt's start are 0 and a row is 0 on keys after its own
+    position; padding columns hold garbage."""
     L, B = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     n_kv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     w = w if w is not None else draw(st.integers(1, 5))
@@ -220,6 +237,7 @@ def probes(draw, w=None, max_n=30):
     lt = torch.tensor(lens)
     row_pos = lt[:, None] - w + torch.arange(w)  # [B, w]
     attn *= (row_pos >= 0)[None, :, None, :, None]
+    attn *= (torch.arange(N) <= row_pos[..., None])[None, :, None]  # a row sees keys up to its own position
     attn = torch.where(torch.arange(N) < lt[:, None, None, None], attn, 7.0)  # garbage in the padding
     return attn, lens, n_kv
 
@@ -331,7 +349,7 @@ def masked_attention(q, K, V, visible, group):
     return (p[..., None] * v).sum(-2)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
        st.sampled_from(["random", "h2o", "snapkv", "streaming"]), st.sampled_from([None, 5]),
        st.integers(0, 2**31 - 1), st.data())
@@ -383,7 +401,7 @@ def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, step
 @pytest.fixture(scope="module")
 def tiny_generator(tmp_path_factory):
     from engine.engine import Engine
-    from helpers import write_tiny
+    from helpers import examples, write_tiny
 
     return Engine(str(write_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")), device="cpu")
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import examples
 from hypothesis import assume, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -148,7 +149,7 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 TestPool = PoolMachine.TestCase
-TestPool.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+TestPool.settings = settings(max_examples=examples(60), stateful_step_count=25, deadline=None)
 
 
 def masked_attention(q, keys, vals, visible):
@@ -193,7 +194,7 @@ def _reference(q, k, v, pos, table, lens, qpos, window):
     return torch.stack(out)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.integers(0, 2**31 - 1), st.data())
 def test_torch_paged_attention_equals_masked_attention(seed, data):
     case = _paged_case(data, seed, torch.float64)
@@ -206,7 +207,7 @@ def test_torch_paged_attention_equals_masked_attention(seed, data):
 
 
 @pytest.mark.skipif(attention.triton is None, reason="triton is not installed")
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.integers(0, 2**31 - 1), st.sampled_from([16, 32, 64]), st.data())
 def test_triton_paged_attention_equals_masked_attention(seed, min_split, data):
     """On CPU the kernel runs under TRITON_INTERPRET=1 (conftest sets it without CUDA); small

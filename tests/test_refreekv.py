@@ -2,27 +2,42 @@
 import math
 
 import torch
+from helpers import examples
 from hypothesis import given, settings, strategies as st
 
 import refreekv
 from refreekv.refreekv import ReFreeKV, cut_positions, cut_reference, gap_reference, row_scores
 
-SET = settings(max_examples=60, deadline=None)
+SET = settings(max_examples=examples(60), deadline=None)
 
 
 @st.composite
-def scores(draw, max_l=3, max_b=3, max_h=4, max_n=40):
-    """Per-layer last-row attention [L, B, H, N] (strictly positive softmax rows), prompt lengths [B]."""
+def scores(draw, max_l=3, max_b=3, max_h=4, max_n=40, garbage=False):
+    """Per-layer last-row attention [L, B, H, N] (softmax rows), prompt lengths [B]. Besides strictly
+    positive rows: exact zeros (keys a sliding window hides), rows with all their mass on the first
+    keys (the sinks), all-zero rows (a probe row before the prompt start); with `garbage`, padding
+    slots hold garbage instead of zeros (the cut must never read them)."""
     L, B, H = draw(st.integers(1, max_l)), draw(st.integers(1, max_b)), draw(st.integers(1, max_h))
     lens = draw(st.lists(st.integers(1, max_n), min_size=B, max_size=B))
     N = max(lens)
     seed = draw(st.integers(0, 2**31 - 1))
     sharp = draw(st.sampled_from([0.5, 2.0, 6.0]))
+    kind = draw(st.sampled_from(["positive", "positive", "zeros", "on_first", "all_zero"]))
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(L, B, H, N, generator=g, dtype=torch.float64) * sharp
     pos = torch.arange(N)
-    logits = logits.masked_fill(pos >= torch.tensor(lens)[None, :, None, None], -math.inf)
-    return logits.softmax(-1), torch.tensor(lens)
+    lt = torch.tensor(lens)[None, :, None, None]
+    hidden = torch.zeros_like(logits, dtype=torch.bool)
+    if kind == "zeros":  # a random share of keys gets exactly zero attention (never the last one)
+        hidden = (torch.rand(logits.shape, generator=g) < 0.5) & (pos < lt - 1)
+    elif kind == "on_first":  # every key past the first few gets exactly zero
+        hidden = (pos >= draw(st.integers(1, 6))) & (pos < lt - 1) | ((pos >= 1) & (pos == lt - 1) & draw(st.booleans()))
+    a = logits.masked_fill(hidden | (pos >= lt), -math.inf).softmax(-1).nan_to_num(0.0)
+    if kind == "all_zero":
+        a = a * (torch.rand(L, B, 1, 1, generator=g) < 0.5)
+    if garbage:
+        a = torch.where(pos >= lt, torch.rand(a.shape, generator=g, dtype=torch.float64) * 3, a)
+    return a, torch.tensor(lens)
 
 
 def probe_of(a, lens, kv_heads=1):
@@ -37,9 +52,20 @@ forms = st.tuples(st.booleans(), st.sampled_from(["l2", "mass"]))
 @SET
 @given(scores(), st.integers(0, 6), forms)
 def test_t0_keeps_everything(sa, sinks, form):
+    """Zero-attention keys included: `cut_positions([.5, 0, 0, .2, .3], T=0, sinks=1)` once cut at 3."""
     a, lens = sa
     p = cut_positions(a, lens, 0.0, sinks, *form)
     assert torch.equal(p, torch.minimum(torch.full_like(p, sinks), lens[None].expand_as(p)))
+
+
+def test_t0_keeps_zero_attention_keys_and_t_above_0_drops_them():
+    a = torch.tensor([[[[0.5, 0.0, 0.0, 0.2, 0.3]]]], dtype=torch.float64)
+    lens = torch.tensor([5])
+    assert cut_positions(a, lens, 0.0, 1).item() == 1
+    assert cut_positions(a, lens, 1e-9, 1).item() == 3  # the zero-mass prefix goes as soon as T > 0
+    assert cut_reference(a[0, 0], 5, 0.0, 1) == 1 and cut_reference(a[0, 0], 5, 1e-9, 1) == 3
+    keep = ReFreeKV(threshold=0.0, sinks=1, protected=()).plan(probe_of(torch.zeros(2, 1, 3, 6), torch.tensor([6])))
+    assert keep.all()  # all-zero probe rows: nothing to measure, T = 0 keeps every key
 
 
 @SET
@@ -51,7 +77,7 @@ def test_monotone_in_threshold(sa, sinks, t1, t2, form):
 
 
 @SET
-@given(scores(), st.integers(0, 6), thresholds, forms)
+@given(scores(garbage=True), st.integers(0, 6), thresholds, forms)
 def test_cut_is_deepest_within_threshold_and_matches_loop(sa, sinks, t, form):
     """Minimality: gap[j*] <= T and gap[j*+1] > T; equals the per-layer loop reference (float
     rounding of the suffix sums is ~1e-15, so disagreement is allowed only within 1e-9 of T)."""
@@ -65,6 +91,9 @@ def test_cut_is_deepest_within_threshold_and_matches_loop(sa, sinks, t, form):
                 continue
             g = gap_reference(a[l, b], n, sinks, *form)
             j = got - sinks
+            if t == 0:
+                assert j == 0 and ref == sinks
+                continue
             assert 0 <= j < n - sinks and g[j] <= t + 1e-9
             assert j + 1 == len(g) or g[j + 1] > t - 1e-9
             assert got == ref or abs(g[ref - sinks] - t) < 1e-9 or abs(g[j] - t) < 1e-9
@@ -146,3 +175,39 @@ def test_hand_worked_cut():
     assert cut_positions(a, lens, 0.3, 1).item() == 4  # dropping one .48 too loses 1 - 1/sqrt(2) ~ 0.29
     # paper form: the sink's attention counts in the norm, so the same cut loses slightly less
     assert cut_positions(a, lens, 0.2929, 1, include_sinks=True).item() == 4
+
+
+@SET
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(0, 4), thresholds, forms)
+def test_multi_row_probe_with_garbage_padding_matches_a_loop(seed, rows, sinks, t, form):
+    """rows > 1: each key's score is the mean attention over the probe rows that can see it (a row
+    at position r sees keys <= r; rows before the prompt start see nothing). Padding slots hold
+    garbage; the plan must equal this loop, written without the policy's helpers."""
+    g = torch.Generator().manual_seed(seed)
+    L, B, H, N = 2, 3, 2, 12
+    lens = torch.randint(1, N + 1, (B,), generator=g)
+    attn = torch.rand(L, B, H, rows, N, generator=g) * 5  # garbage everywhere first
+    for b, n in enumerate(lens.tolist()):
+        for r in range(rows):
+            q = n - rows + r  # absolute position of probe row r
+            if q >= 0:  # a softmax over keys <= q; keys in (q, n) are causally hidden (0); >= n stays garbage
+                row = torch.rand(L, H, q + 1, generator=g, dtype=torch.float64)
+                attn[:, b, :, r, : q + 1] = (row / row.sum(-1, keepdim=True)).float()
+                attn[:, b, :, r, q + 1: n] = 0.0
+            else:
+                attn[:, b, :, r, :] = 0.0  # rows before the prompt start are zero (Probe's contract)
+    keep = ReFreeKV(threshold=t, sinks=sinks, rows=rows, protected=(), include_sinks=form[0], metric=form[1]).plan(
+        refreekv.Probe(attn, lens, L, 1, N))
+    for l in range(L):
+        for b, n in enumerate(lens.tolist()):
+            sc = torch.zeros(H, n, dtype=torch.float64)
+            for j in range(n):
+                seers = [r for r in range(rows) if 0 <= n - rows + r and j <= n - rows + r]
+                if seers:
+                    sc[:, j] = sum(attn[l, b, :, r, j].double() for r in seers) / len(seers)
+            p = cut_reference(sc, n, t, sinks, *form)
+            want = [j < min(sinks, n) or j >= p for j in range(n)] + [False] * (N - n)
+            got = keep[l, b, 0].tolist()
+            if got != want:  # only a cut whose gap lies within float32 rounding of T may move
+                g_ = gap_reference(sc, n, sinks, *form)
+                assert any(abs(x - t) < 1e-6 for x in g_), (l, b, got, want)

@@ -1,20 +1,35 @@
 """refreekv-topp (threshold-only, per-KV-head attention mass): hand-worked plan, Hypothesis
 invariants and a plain loop reference (on the dyadic probes of test_baselines)."""
 import torch
+from helpers import examples
 from hypothesis import given, settings, strategies as st
 
 import refreekv
-from refreekv.refreekv import row_scores
 from test_baselines import probe, probes
 
-SET = settings(max_examples=40, deadline=None)
+SET = settings(max_examples=examples(40), deadline=None)
 thresholds = st.sampled_from([0.0, 0.01, 0.0731, 0.2113, 0.5831, 1.0])
 
 
 def head_scores(attn, lens, n_kv, rows):
-    """[L, B, Hkv, N] float64: row_scores of the last `rows` probe rows, summed over each KV head's group."""
-    a = row_scores(attn[..., -rows:, :], torch.as_tensor(lens)).double()
-    return a.unflatten(2, (n_kv, -1)).sum(3)
+    """[L, B, Hkv, N] float64 by plain loops (no policy helper): key j's attention summed over the last
+    `rows` probe rows that see it (row r of a prompt of n tokens sits at position n - rows + r and sees
+    keys <= it) and over the KV head's query heads, times lcm(1..rows) / (rows that see it)."""
+    import math
+
+    a = attn[..., -rows:, :].double()
+    L, B, H, _, N = a.shape
+    lcm = math.lcm(*range(1, rows + 1))
+    out = torch.zeros(L, B, n_kv, N, dtype=torch.float64)
+    for b, n in enumerate(lens):
+        for j in range(N):
+            seers = [r for r in range(rows) if j <= n - rows + r and n - rows + r >= 0]
+            if not seers:
+                continue
+            for l in range(L):
+                for h in range(H):
+                    out[l, b, h // (H // n_kv), j] += sum(a[l, b, h, r, j].item() for r in seers) * (lcm // len(seers))
+    return out
 
 
 def reference(attn, lens, n_kv, threshold, sinks, rows, protected):
