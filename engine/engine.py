@@ -165,6 +165,13 @@ class Engine:
                         f"(--max-length / max_position_embeddings) and {max_new} new tokens were asked for; "
                         "shorten it, lower --max-new-tokens or pass --truncate middle")
 
+    def check_policy(self, policy):
+        """Knobs that only the model can judge: protected layers must exist."""
+        bad = [x for x in getattr(policy, "protected", ()) if x >= self.config.n_layers]
+        if bad:
+            raise UserError(f"KV policy {policy.name!r}: protected layer {bad[0]} does not exist (the model has "
+                            f"{self.config.n_layers} layers, 0-{self.config.n_layers - 1})")
+
     def check_fits(self, prompts: list[list[int]], max_new: int, forks: int = 1):
         """Every request must fit the context, and alone in the pool at its largest (no pruning)."""
         c, ps = self.config, self.page_size
@@ -199,6 +206,8 @@ class Engine:
         K = len(policies)
         if forced is not None and len(forced) != len(prompts):
             raise ValueError("forced needs one token list per prompt")
+        for p in policies:
+            self.check_policy(p)
         self.check_fits(prompts, s.max_new_tokens, K)
         sched = Scheduler(self.kv, self.max_seqs, self.max_prefill_tokens)
         groups = [[Sequence(i, j, list(p), pol, list(forced[i]) if forced else []) for j, pol in enumerate(policies)]

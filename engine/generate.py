@@ -98,6 +98,7 @@ def main(argv=None):
             raise UserError("empty prompt")
         eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size, load=False)
         ids = [eng.fit(eng.encode(p, a.chat, a.system), s.max_new_tokens, a.truncate) for p in prompts]
+        eng.check_policy(policy)
         eng.check_fits(ids, s.max_new_tokens)  # before the weights load, where the pool size is known
         eng.load()
         print(f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, device={eng.device}, "

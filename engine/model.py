@@ -38,7 +38,7 @@ class Attention(nn.Module):
         super().__init__()
         self.c = c
         self.wqkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
-        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
@@ -57,8 +57,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(c.dim, 2 * c.ffn_dim, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=False)
+        self.w13 = nn.Linear(c.dim, 2 * c.ffn_dim, bias=c.mlp_bias)  # gate and up, fused
+        self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=c.mlp_bias)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)

@@ -63,14 +63,26 @@ def _discover():
         importlib.import_module(f"{__name__}.{m.name}")
 
 
+def knobs(name: str) -> list[str]:
+    """The keyword arguments a registered policy takes."""
+    import inspect
+
+    _discover()
+    return [p for p in inspect.signature(POLICIES[name].__init__).parameters if p != "self"]
+
+
 def make(name: str, **kwargs) -> Policy:
     _discover()
     if name not in POLICIES:
         raise UserError(f"unknown KV policy {name!r}; available: {', '.join(sorted(POLICIES))}")
+    takes = knobs(name)
+    bad = [k for k in kwargs if k not in takes]
+    if bad:
+        raise UserError(f"KV policy {name!r} has no knob {bad[0]!r}; it takes: {', '.join(takes) or 'nothing'}")
     try:
         return POLICIES[name](**kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"bad arguments for KV policy {name!r}: {e}") from None
+        raise UserError(f"KV policy {name!r}: {e}") from None
 
 
 # --- helpers shared by the fixed-budget methods (streaming, h2o, snapkv); see README.md ---
@@ -119,10 +131,26 @@ def kv_head_scores(attn: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
 
 
 def check_layers(protected) -> tuple[int, ...]:
-    layers = tuple(int(x) for x in protected)
+    try:
+        layers = tuple(int(x) for x in protected)
+    except (TypeError, ValueError):
+        raise ValueError(f"protected must be a list of layer indices, got {protected!r}") from None
     if any(x < 0 for x in layers):
         raise ValueError(f"protected layers must be >= 0, got {list(protected)}")
     return layers
+
+
+def check_threshold(threshold) -> float:
+    t = float(threshold)
+    if not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    return t
+
+
+def check_count(name: str, value, least: int) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
 
 
 def protect(keep: torch.Tensor, probe: Probe, layers: tuple[int, ...]) -> torch.Tensor:

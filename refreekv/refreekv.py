@@ -17,7 +17,7 @@ the attention go at T = 1%; the mass gap does not.
 """
 import torch
 
-from refreekv import Policy, Probe, check_layers, register
+from refreekv import Policy, Probe, check_count, check_layers, check_threshold, register
 
 
 def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -66,9 +66,10 @@ def cut_positions(a, lens, threshold, sinks, include_sinks=False, metric="l2"):
 class ReFreeKV(Policy):
     def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1,
                  protected: tuple[int, ...] = (0, 1), include_sinks: bool = False, metric: str = "l2"):
-        if not 0 <= threshold or sinks < 0 or rows < 1 or metric not in ("l2", "mass"):
-            raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1, metric 'l2' or 'mass'")
-        self.threshold, self.sinks, self.probe_rows = float(threshold), int(sinks), int(rows)
+        if metric not in ("l2", "mass"):
+            raise ValueError(f"metric must be 'l2' or 'mass', got {metric!r}")
+        self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
+        self.probe_rows = check_count("rows", rows, 1)
         self.protected, self.include_sinks, self.metric = check_layers(protected), bool(include_sinks), metric
 
     def plan(self, probe: Probe):

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from refreekv import Policy, Probe, check_layers, register
+from refreekv import Policy, Probe, check_count, check_layers, check_threshold, register
 from refreekv.refreekv import cut_positions, row_scores
 
 
@@ -35,9 +35,8 @@ def eviction_order(rank: torch.Tensor, lens: torch.Tensor, sinks: int) -> torch.
 class ReFreeKVH2O(Policy):
     def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1, window: int = 8,
                  protected: tuple[int, ...] = (0, 1), include_sinks: bool = False):
-        if not 0 <= threshold or sinks < 0 or rows < 1 or window < 1:
-            raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1, window >= 1")
-        self.threshold, self.sinks, self.rows, self.window = float(threshold), int(sinks), int(rows), int(window)
+        self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
+        self.rows, self.window = check_count("rows", rows, 1), check_count("window", window, 1)
         self.probe_rows = max(self.rows, self.window)
         self.protected, self.include_sinks = check_layers(protected), include_sinks
 

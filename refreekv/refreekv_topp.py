@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from refreekv import Policy, Probe, check_layers, protect, register
+from refreekv import Policy, Probe, check_count, check_layers, check_threshold, protect, register
 
 
 def head_mass(attn: torch.Tensor, lens: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -38,9 +38,8 @@ def head_mass(attn: torch.Tensor, lens: torch.Tensor, n_kv_heads: int) -> torch.
 @register("refreekv-topp")
 class ReFreeKVTopP(Policy):
     def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1, protected: tuple[int, ...] = (0, 1)):
-        if not 0 <= threshold or sinks < 0 or rows < 1:
-            raise ValueError("need threshold >= 0, sinks >= 0, rows >= 1")
-        self.threshold, self.sinks, self.probe_rows = float(threshold), int(sinks), int(rows)
+        self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
+        self.probe_rows = check_count("rows", rows, 1)
         self.protected = check_layers(protected)
 
     def plan(self, probe: Probe):

@@ -15,6 +15,8 @@ def hf_config(family):
         return tf.LlamaConfig(**TINY, rope_theta=500000.0, bos_token_id=1, eos_token_id=[2, 3], rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32})
+    if family == "llama-bias":  # attention_bias (q/k/v/o) and mlp_bias, plain LlamaConfig options
+        return tf.LlamaConfig(**TINY, attention_bias=True, mlp_bias=True, bos_token_id=1, eos_token_id=2)
     if family == "mistral":  # window shorter than the test sequences
         return tf.MistralConfig(**TINY, sliding_window=8, head_dim=24, bos_token_id=1, eos_token_id=2)
     if family == "qwen2":  # q/k/v bias, untied output
@@ -28,7 +30,7 @@ def write_tiny(family, path, sharded=False, seed=0):
 
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager").float().eval()
-    if family == "qwen2":  # biases are zero-initialised: make them matter
+    if family in ("qwen2", "llama-bias"):  # biases are zero-initialised: make them matter
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith("bias"):

@@ -222,3 +222,21 @@ def test_sampling_draws_from_the_filtered_distribution():
         assert (got - want.double()).abs().max() < 0.01, (got, want)
     hot = torch.bincount(sample(logits, Sampling(temperature=2.0), g), minlength=5).double() / 40000
     assert (hot - (p.sqrt() / p.sqrt().sum()).double()).abs().max() < 0.01
+
+
+def test_policy_knob_errors_name_the_policy_and_what_it_takes(tiny_ckpts, capsys):
+    from engine.generate import main
+
+    path = str(tiny_ckpts["llama", False])
+    cases = [(["--budget", "0.5"], "KV policy 'refreekv' has no knob 'budget'; it takes: threshold, sinks, rows, protected"),
+             (["--kv-args", '{"sinks": -1}'], "KV policy 'refreekv': sinks must be a whole number >= 0, got -1"),
+             (["--kv-args", '{"metric": "l1"}'], "metric must be 'l2' or 'mass', got 'l1'"),
+             (["--kv", "snapkv", "--threshold", "0.1"], "KV policy 'snapkv' has no knob 'threshold'; it takes: budget"),
+             (["--kv-args", '{"protected": [0, 99]}'], "protected layer 99 does not exist (the model has 3 layers, 0-2)"),
+             (["--stop", ""], "--stop must not be empty"),
+             (["--stats-json", "/no/such/dir/s.json"], "--stats-json: directory of /no/such/dir/s.json does not exist"),
+             (["--max-new-tokens", "100000"], "--max-new-tokens 100000 leaves no room for a prompt")]
+    for extra, msg in cases:
+        rc = main(["--model", path, "--prompt", "hello", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and err.count("\n") == 1, (extra, err)

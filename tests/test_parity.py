@@ -1,11 +1,14 @@
-"""Our model vs transformers on tiny random checkpoints of each family (CPU, fp32)."""
+"""Our model vs transformers on tiny random checkpoints of each family (CPU, fp32): whole-sequence
+logits, a right-padded batch of different lengths, and 32 greedy decode steps logit by logit."""
 import pytest
 import torch
 
 from helpers import hf_model, paged
+from weights.errors import UserError
 from weights.loader import load_model
 
-CASES = [(f, s) for f in ("llama", "mistral", "qwen2") for s in (False, True)]
+FAMILIES = ("llama", "mistral", "qwen2", "llama-bias")
+CASES = [(f, s) for f in FAMILIES for s in (False, True)]
 
 
 def ours(path):
@@ -27,17 +30,60 @@ def test_full_sequence_logits(tiny_ckpts, family, sharded):
     assert (got - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_equals_each_prompt_alone(tiny_ckpts, family):
+    """Right-padded prompts of different lengths in one batch: every real position's logits equal
+    transformers' on that prompt alone (padding is never attended)."""
+    path = tiny_ckpts[family, False]
+    model, c = ours(path)
+    hf = hf_model(path)
+    g = torch.Generator().manual_seed(4)
+    lens = [37, 12, 25]
+    ids = torch.randint(3, c.vocab_size, (3, 37), generator=g)
+    kv, slots = paged(c, lens, cap=37)
+    got, _ = model.prefill(ids, torch.tensor(lens), kv, slots, probe_rows=0, all_logits=True)
+    for b, n in enumerate(lens):
+        ref = hf(ids[b: b + 1, :n]).logits[0]
+        assert (got[b, :n] - ref).abs().max().item() < 1e-4, (family, b)
+
+
 @pytest.mark.parametrize("family,sharded", CASES)
-def test_greedy_decode_matches(tiny_ckpts, family, sharded):
+def test_greedy_decode_logits_step_by_step(tiny_ckpts, family, sharded):
+    """32 greedy steps through the paged pool (crossing page boundaries): every step's logits, not
+    only its token, equal transformers' (generate with output_logits)."""
     path = tiny_ckpts[family, sharded]
     model, c = ours(path)
     ids = torch.randint(3, c.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
-    ref = hf_model(path).generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, 12:].tolist()
-    kv, slots = paged(c, [12], cap=12 + 32, page_size=4)  # decode crosses page boundaries
+    out = hf_model(path).generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, output_logits=True,
+                                  return_dict_in_generate=True)
+    ref_tokens, ref_logits = out.sequences[0, 12:].tolist(), torch.stack(out.logits)[:, 0]  # [32, V]
+    kv, slots = paged(c, [12], cap=12 + 32, page_size=4)
     logits, _ = model.prefill(ids, torch.tensor([12]), kv, slots, probe_rows=0)
-    out = []
+    toks = []
     for step in range(32):
+        assert (logits[0] - ref_logits[step]).abs().max().item() < 1e-4, (family, step)
         tok = logits.argmax(-1)
-        out.append(tok.item())
+        toks.append(tok.item())
         logits = model.decode(tok, kv)
-    assert out == ref
+    assert toks == ref_tokens
+
+
+def test_tensors_the_model_does_not_use_are_an_error(tiny_ckpts, tmp_path):
+    """A checkpoint tensor the name map does not consume (here an o_proj bias in a config without
+    attention_bias) must fail loudly, naming it, not be skipped into different output."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_ckpts["llama", False]
+    dst = tmp_path / "extra"
+    shutil.copytree(src, dst)
+    t = load_file(dst / "model.safetensors")
+    t["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    t["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # a known extra: fine
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.bias is not part of a llama model"):
+        load_model(dst)
+    del t["model.layers.0.self_attn.o_proj.bias"]
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    load_model(dst)

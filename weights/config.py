@@ -24,6 +24,8 @@ class ModelConfig:
     rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...} is supported
     sliding_window: int | None = None  # None: full attention
     qkv_bias: bool = False
+    o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too (Qwen2's q/k/v bias does not)
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down projections
     tie_embeddings: bool = False
     max_positions: int = 4096
     bos_id: int | None = None
@@ -66,7 +68,9 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
             family=family, vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=int(cfg["num_hidden_layers"]),
             n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=int(cfg["intermediate_size"]),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=theta, rope_scaling=scaling,
-            sliding_window=int(window) if window else None, qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
+            sliding_window=int(window) if window else None,
+            qkv_bias=family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias"))),
+            o_bias=family == "llama" and bool(cfg.get("attention_bias")), mlp_bias=family == "llama" and bool(cfg.get("mlp_bias")),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_positions=int(cfg.get("max_position_embeddings", 4096)),
             bos_id=_ids(cfg.get("bos_token_id"))[0] if _ids(cfg.get("bos_token_id")) else None,

@@ -15,7 +15,8 @@ from weights.errors import UserError
 
 def name_map(c: ModelConfig) -> dict[str, tuple[str, slice | None]]:
     """HF tensor name -> (our parameter, row slice in a fused weight). Llama, Mistral and
-    Qwen2 share HF's names; Qwen2 adds q/k/v biases."""
+    Qwen2 share HF's names; Qwen2 adds q/k/v biases, Llama's attention_bias q/k/v/o biases and
+    its mlp_bias gate/up/down biases."""
     qd, kd, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
     m = {"model.embed_tokens.weight": ("embed.weight", None), "model.norm.weight": ("norm.weight", None)}
     if not c.tie_embeddings:
@@ -28,12 +29,21 @@ def name_map(c: ModelConfig) -> dict[str, tuple[str, slice | None]]:
             if c.qkv_bias:
                 m[f"{hf}self_attn.{proj}.bias"] = (f"{us}attn.wqkv.bias", rows)
         m[f"{hf}self_attn.o_proj.weight"] = (f"{us}attn.wo.weight", None)
-        m[f"{hf}mlp.gate_proj.weight"] = (f"{us}mlp.w13.weight", slice(0, f))
-        m[f"{hf}mlp.up_proj.weight"] = (f"{us}mlp.w13.weight", slice(f, 2 * f))
-        m[f"{hf}mlp.down_proj.weight"] = (f"{us}mlp.w2.weight", None)
+        if c.o_bias:
+            m[f"{hf}self_attn.o_proj.bias"] = (f"{us}attn.wo.bias", None)
+        for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+            m[f"{hf}mlp.gate_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(0, f))
+            m[f"{hf}mlp.up_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(f, 2 * f))
+            m[f"{hf}mlp.down_proj.{kind}"] = (f"{us}mlp.w2.{kind}", None)
         m[f"{hf}input_layernorm.weight"] = (f"{us}attn_norm.weight", None)
         m[f"{hf}post_attention_layernorm.weight"] = (f"{us}mlp_norm.weight", None)
     return m
+
+
+def known_extra(key: str, c: ModelConfig) -> bool:
+    """Tensors some checkpoints carry that the model does not need: rotary caches (recomputed from
+    the config) and, for tied embeddings, a duplicate lm_head."""
+    return key.endswith("rotary_emb.inv_freq") or (c.tie_embeddings and key == "lm_head.weight")
 
 
 def shard_files(model_dir: Path) -> list[Path]:
@@ -71,7 +81,10 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     if key not in table:
-                        continue  # e.g. rotary inv_freq buffers, a duplicate lm_head of a tied model
+                        if known_extra(key, c):
+                            continue
+                        raise UserError(f"{path.name}: tensor {key} is not part of a {c.family} model as its config.json "
+                                        "describes it (the engine would ignore it and compute something else)")
                     name, rows = table[key]
                     dst = params[name].data if rows is None else params[name].data[rows]
                     t = f.get_tensor(key)
