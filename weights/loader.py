@@ -4,6 +4,7 @@ The model is built on the meta device, materialised once in the target dtype, an
 checkpoint tensor is copied into its slot (q/k/v and gate/up land in slices of fused
 weights), so host memory never holds a second full copy of the weights."""
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -75,8 +76,15 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
     if c.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     params = dict(model.named_parameters())
+    from tqdm import tqdm  # a dependency of huggingface-hub
+
     table, seen = name_map(c), set()
-    for path in shard_files(model_dir):
+    files = shard_files(model_dir)
+    size = sum(p.stat().st_size for p in files)
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"loading {model_dir.name}", file=sys.stderr, leave=False,
+               disable=None if size > 2**30 else True)  # a bar for large checkpoints, on a terminal
+    for path in files:
+        bar.update(path.stat().st_size)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -94,6 +102,7 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
                     seen.add(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+    bar.close()
     missing = [k for k in table if k not in seen]
     if missing:
         raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
