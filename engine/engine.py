@@ -136,7 +136,9 @@ class Engine:
         if self.compiled:
             self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=True,
                                          mode="reduce-overhead" if self.cuda else None)
-            self._prefill = torch.compile(self.model.prefill, fullgraph=True, dynamic=True)
+            if not c.sliding_window:  # the windowed prefill loops over query chunks: compiled, it would
+                # specialise on the prompt length (one program per length); eager it is matmul-bound anyway
+                self._prefill = torch.compile(self.model.prefill, fullgraph=True, dynamic=True)
         return self
 
     def encode(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:

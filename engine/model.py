@@ -72,6 +72,35 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
 
 
+def causal_attention(q, k, v):
+    """Causal GQA attention over a whole prompt without an N x N tensor. float32 on CUDA: flash
+    attention has no fp32 kernel and the memory-efficient one no GQA, so K/V are repeated for it
+    (a copy of K/V, not the fp32 B x H x N x N scores of the math kernel)."""
+    if q.is_cuda and q.dtype == torch.float32 and k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def windowed_attention(q, k, v, window: int, chunk: int = 256):
+    """Causal sliding-window attention, query chunk by query chunk: each chunk of `chunk` queries
+    attends to the keys from `window` - 1 before its first query to its last, with a mask of
+    chunk x (chunk + window) instead of N x N (a 32k prompt with a 4k window: 40 MB of scores per
+    head group, not 137 GB)."""
+    N = q.shape[2]
+    if q.is_cuda and q.dtype == torch.float32 and k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    outs = []
+    for i in range(0, N, chunk):
+        lo, hi = max(0, i - window + 1), min(N, i + chunk)
+        qp = torch.arange(i, hi, device=q.device)
+        mask = causal_mask(qp, torch.arange(lo, hi, device=q.device), window)
+        outs.append(F.scaled_dot_product_attention(q[:, :, i:hi], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask,
+                                                   enable_gqa=k.shape[1] != q.shape[1]))
+    return torch.cat(outs, 2)
+
+
 def causal_mask(q_pos, k_pos, window):
     """Boolean [.., Tq, Tk]: key visible to query (causal, optionally within a sliding window)."""
     d = q_pos[..., :, None] - k_pos[..., None, :]
@@ -111,7 +140,6 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         ar = torch.arange(N, device=tokens.device)
         window = c.sliding_window if c.sliding_window and N > c.sliding_window else None  # else plain causal
-        mask = causal_mask(ar, ar, window) if window else None
         w = probe_rows
         if w:
             rows = lens[:, None] - w + torch.arange(w, device=tokens.device)  # [B, w] absolute positions
@@ -120,7 +148,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
             kv.write_prompt(i, slots, k, v, lens)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            o = windowed_attention(q, k, v, window) if window else causal_attention(q, k, v)
             x = x + layer.attn.out(o)
             x = x + layer.mlp(layer.mlp_norm(x))
             if w:
