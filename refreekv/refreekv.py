@@ -30,24 +30,33 @@ def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
 
 
 def cut_positions(a, lens, threshold, sinks, include_sinks=False, metric="l2"):
-    """Vectorised cut over all layers and sequences. a: [L, B, H, N] scores, lens: [B].
+    """The cut of every layer and sequence. a: [L, B, H, N] scores, lens: [B]. Layer by layer, so
+    the float64 temporaries are [B, H, N] (a 7B at 32k tokens: 7 MB each, not 200 MB per layer stack).
 
     Returns p [L, B]: each (layer, sequence) keeps [0, min(sinks, n)) and [p, n). Float64, and
     the gap is formed without subtracting near-equal quantities, so it agrees with a direct sum
     far below any sensible T and stays > 0 however small the evicted attention. T = 0 keeps all,
     keys with exactly zero attention included."""
+    return torch.cat([_cut(a[l: l + 1], lens, threshold, sinks, include_sinks, metric) for l in range(a.shape[0])])
+
+
+def _cut(a, lens, threshold, sinks, include_sinks, metric):
+    """cut_positions of a [L, B, H, N] slab, vectorised (float64)."""
     L, B, H, N = a.shape
     pos = torch.arange(N, device=a.device)
     real = pos < lens[:, None]  # [B, N]
     cand = real & (pos >= sinks)
     x = torch.where(cand[None, :, None], a.double(), 0.0)  # candidates only
-    sink = torch.where((real & (pos < sinks))[None, :, None], a.double(), 0.0) if include_sinks else torch.zeros_like(x)
+    sink = 0.0  # the sinks' share of each head's total (paper-text form only)
+    if include_sinks:
+        s = torch.where((real & (pos < sinks))[None, :, None], a.double(), 0.0)
+        sink = (s.square() if metric == "l2" else s).sum(-1, keepdim=True)
     if metric == "l2":
-        x, sink = x.square(), sink.square()
+        x = x.square()
     removed = torch.cat((torch.zeros_like(x[..., :1]), x[..., :-1].cumsum(-1)), -1)  # sum_{t < p} over candidates
-    whole = x.sum(-1, keepdim=True) + sink.sum(-1, keepdim=True)
+    whole = x.sum(-1, keepdim=True) + sink
     if metric == "l2":
-        base_h, S_h = whole.sqrt(), (x.flip(-1).cumsum(-1).flip(-1) + sink.sum(-1, keepdim=True)).sqrt()  # S[p]: t >= p
+        base_h, S_h = whole.sqrt(), (x.flip(-1).cumsum(-1).flip(-1) + sink).sqrt()  # S[p]: t >= p
         # base_h - S_h = removed / (base_h + S_h): no cancellation, so any evicted attention > 0 gives gap > 0
         den = base_h + S_h
         drop, base = torch.where(den > 0, removed / den, 0.0).mean(2), base_h.mean(2)  # [L, B, N], [L, B, 1]
@@ -73,8 +82,8 @@ class ReFreeKV(Policy):
         self.protected, self.include_sinks, self.metric = check_layers(protected), bool(include_sinks), metric
 
     def plan(self, probe: Probe):
-        a = row_scores(probe.attn, probe.lens)
-        p = cut_positions(a, probe.lens, self.threshold, self.sinks, self.include_sinks, self.metric)
+        p = torch.cat([cut_positions(row_scores(probe.attn[l: l + 1], probe.lens), probe.lens, self.threshold, self.sinks,
+                                     self.include_sinks, self.metric) for l in range(probe.n_layers)])  # layer by layer
         for layer in self.protected:
             if layer < probe.n_layers:
                 p[layer] = 0

@@ -211,3 +211,27 @@ def test_multi_row_probe_with_garbage_padding_matches_a_loop(seed, rows, sinks, 
             if got != want:  # only a cut whose gap lies within float32 rounding of T may move
                 g_ = gap_reference(sc, n, sinks, *form)
                 assert any(abs(x - t) < 1e-6 for x in g_), (l, b, got, want)
+
+
+def test_plan_memory_is_a_small_multiple_of_the_probe():
+    """A 7B-shaped probe (28 layers x 28 heads) of 8k tokens: the plan's peak RSS growth stays under
+    3x the probe's size (the cut runs layer by layer; all layers at once in float64 took ~15x)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import resource, torch
+torch.set_num_threads(1)
+import refreekv
+L, H, N = 28, 28, 8192
+attn = torch.rand(L, 1, H, 1, N, generator=torch.Generator().manual_seed(0))
+attn /= attn.sum(-1, keepdim=True)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+refreekv.make("refreekv").plan(refreekv.Probe(attn, torch.tensor([N]), L, 4, N))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, attn.numel() * 4)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    grow, probe = int(out[-2]), int(out[-1])
+    assert grow < 3 * probe, (grow, probe)
