@@ -132,13 +132,20 @@ class Engine:
         # dozen small ops (well under 1% of prefill), and a researcher's Python control flow, int
         # fields (prompt width) and new policy types would otherwise recompile per prompt length.
         # Off by default on CPU, where compiling costs more than it saves.
-        self._decode, self._prefill = self.model.decode, self.model.prefill
+        self._decode, self._prefill = _decode_step, _prefill_step
         if self.compiled:
-            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=True,
+            # no duck shaping: a prompt of 16 tokens must not be unified with the page size 16 (or a
+            # batch of 2 with 2 KV heads) and so compile a program for that length alone
+            import torch.fx.experimental._config as fx_config
+
+            fx_config.use_duck_shape = False
+            # module-level wrappers, not the no_grad-decorated methods themselves: the decorator's inner
+            # function would be one code object (one cache, one recompile budget) for both
+            self._decode = torch.compile(_decode_step, fullgraph=True, dynamic=True,
                                          mode="reduce-overhead" if self.cuda else None)
             if not c.sliding_window:  # the windowed prefill loops over query chunks: compiled, it would
                 # specialise on the prompt length (one program per length); eager it is matmul-bound anyway
-                self._prefill = torch.compile(self.model.prefill, fullgraph=True, dynamic=True)
+                self._prefill = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
         return self
 
     def encode(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -193,10 +200,32 @@ class Engine:
                 raise UserError(f"prompt {i} ({n} tokens + {max_new} new) needs {need} KV pages ({per}) but the pool "
                                 f"holds {pages} pages ({size}); raise --kv-memory or lower --max-new-tokens")
 
+    def warmup(self, policy) -> float:
+        """Compile ahead of the real work (prefill with this policy's probe, decode at batch 1 and 2,
+        the CUDA graphs of those buckets); returns the seconds it took. Later buckets only record."""
+        t0 = time.perf_counter()
+        if self.compiled:
+            ids = [[self.config.bos_id or 1] * 37, [self.config.bos_id or 1] * 29]
+            eos, self.eos = self.eos, set()
+            try:
+                for batch in (ids[:1], ids):
+                    self.generate(batch, policy, Sampling(max_new_tokens=3))
+            finally:
+                self.eos = eos
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], policy, s: Sampling, on_token=None, on_finish=None,
                  forced: list[list[int]] | None = None, on_logits=None, probe_rows: int = 0):
+        """See _generate; on CUDA it runs with the engine's device current (events, streams)."""
+        if self.cuda:
+            with torch.cuda.device(self.dev):
+                return self._generate(prompts, policy, s, on_token, on_finish, forced, on_logits, probe_rows)
+        return self._generate(prompts, policy, s, on_token, on_finish, forced, on_logits, probe_rows)
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], policy, s: Sampling, on_token=None, on_finish=None,
+                  forced: list[list[int]] | None = None, on_logits=None, probe_rows: int = 0):
         """Serve token-id prompts with one policy (results in prompt order) or a list of policies
         (fan-out: results[i][j] for prompt i and policy j). on_token(key, text_so_far) streams,
         on_finish(key, Result) fires as each sequence ends; key = i, or (i, j) with fan-out.
@@ -240,7 +269,7 @@ class Engine:
                 toks = cur if nb == n else torch.cat([cur, cur.new_zeros(nb - n)])
                 span = None if kv.triton else max(1, int(kv.h_pages[:, :n].max()))
                 w["launches"].append(time.perf_counter())
-                logits = self._decode(toks, kv, span)[:n]
+                logits = self._decode(self.model, toks, kv, span)[:n]
                 new = self._choose(logits, cur_seqs, live, run)
                 w["steps"] = run.steps = w["steps"] + 1
                 w["live_sum"] += n
@@ -378,7 +407,7 @@ class Engine:
         pages_prefill = [kv.owned(g[0].slot) for g in batch]
         self._sync()
         t0 = time.perf_counter()
-        logits, probe = self._prefill(tokens, lens, kv, src, probe_rows=wide)
+        logits, probe = self._prefill(self.model, tokens, lens, kv, src, wide)
         self._sync()
         t1 = time.perf_counter()
         keeps = []
@@ -415,6 +444,14 @@ class Engine:
                 w["pages_pruned"].append(kv.owned(q.slot))
         first = logits.repeat_interleave(K, 0) if K > 1 else logits
         return self._choose(first, seqs, [True] * len(seqs), run), seqs
+
+
+def _decode_step(model, tokens, kv, span):
+    return model.decode(tokens, kv, span)
+
+
+def _prefill_step(model, tokens, lens, kv, slots, probe_rows):
+    return model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows)
 
 
 @dataclass

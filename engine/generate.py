@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile prefill, pruning and the decode step (CUDA graphs on GPU); default: on for CUDA, off on CPU")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; on a machine whose cores are "
+                   "busy with other work, 1 can be several times faster)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-length", type=int, help="context limit in tokens (prompt + new)")
     p.add_argument("--truncate", choices=["middle"], help="middle-truncate prompts that do not fit")
@@ -96,11 +98,19 @@ def main(argv=None):
             raise UserError("no prompt: pass --prompt TEXT or --prompt-file PATH")
         if any(not p.strip() for p in prompts):
             raise UserError("empty prompt")
+        if a.threads is not None:
+            if a.threads < 1:
+                raise UserError(f"--threads must be >= 1, got {a.threads}")
+            import torch
+
+            torch.set_num_threads(a.threads)
         eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size, load=False)
         ids = [eng.fit(eng.encode(p, a.chat, a.system), s.max_new_tokens, a.truncate) for p in prompts]
         eng.check_policy(policy)
         eng.check_fits(ids, s.max_new_tokens)  # before the weights load, where the pool size is known
         eng.load()
+        if eng.compiled:  # compile now, so every figure below is steady state
+            print(f"compile warm-up {eng.warmup(policy):.1f} s (not in the figures below)", file=sys.stderr)
         print(f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, device={eng.device}, "
               f"dtype={str(eng.dtype).removeprefix('torch.')}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens",
               file=sys.stderr)
