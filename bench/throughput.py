@@ -174,6 +174,7 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    commit = git_commit()  # at the start: the code this run imported
     try:
         a = parse_args(argv)
         if a.threads:
@@ -226,7 +227,7 @@ def main(argv=None):
     res = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), model=name,
                device=torch.cuda.get_device_name(dev) if is_cuda(dev) else
                f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-               dtype=str(eng.dtype).removeprefix("torch."), commit=git_commit(),
+               dtype=str(eng.dtype).removeprefix("torch."), commit=commit,
                command="python -m bench.throughput " + shlex.join(argv), pool_pages=eng.kv.n_pages, page_size=eng.page_size,
                pool_gib=kv_gib, prompt_tokens=[len(p) for p in prompts], kinds=kinds, rows=rows, hf=hf)
     text = render(res)
