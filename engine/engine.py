@@ -77,8 +77,8 @@ class Engine:
         if dt not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dt!r}")
         self.dtype = getattr(torch, dt)
-        if page_size < 1 or page_size & (page_size - 1):
-            raise UserError(f"--page-size must be a power of two >= 1, got {page_size}")
+        if page_size < 1 or page_size & (page_size - 1) or page_size > 256:
+            raise UserError(f"--page-size must be a power of two from 1 to 256, got {page_size}")
         if max_seqs is not None and max_seqs < 1:
             raise UserError(f"--max-seqs must be >= 1, got {max_seqs}")
         if kv_memory is not None and not kv_memory > 0:
@@ -89,9 +89,9 @@ class Engine:
         self.path = resolve(model)
         self.config = load_config(self.path)  # a bad config.json or tokenizer fails before any weights load
         self.tokenizer = Tokenizer(self.path)
-        self.context = min(max_length or self.config.max_positions, self.config.max_positions)
-        if self.context < 2:
+        if max_length is not None and max_length < 2:
             raise UserError(f"--max-length must be >= 2, got {max_length}")
+        self.context = min(max_length or self.config.max_positions, self.config.max_positions)
         self.compiled = self.cuda if compile is None else compile
         self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
         self.kv = None
@@ -205,7 +205,10 @@ class Engine:
         the CUDA graphs of those buckets); returns the seconds it took. Later buckets only record."""
         t0 = time.perf_counter()
         if self.compiled:
-            ids = [[self.config.bos_id or 1] * 37, [self.config.bos_id or 1] * 29]
+            n = max(2, min(37, self.context - 3))  # lengths equal to no static size (page size, heads), within limits
+            while n > 2 and self.kv.seq_pages(n + 2) * 2 > self.kv.n_pages:
+                n //= 2
+            ids = [[self.config.bos_id or 1] * n, [self.config.bos_id or 1] * max(1, n - 8)]
             eos, self.eos = self.eos, set()
             try:
                 for batch in (ids[:1], ids):
@@ -230,7 +233,13 @@ class Engine:
         (fan-out: results[i][j] for prompt i and policy j). on_token(key, text_so_far) streams,
         on_finish(key, Result) fires as each sequence ends; key = i, or (i, j) with fan-out.
         `forced[i]` are tokens prompt i takes instead of sampling; `probe_rows`: at least this many
-        probe rows (>= 1 adds each sequence's evicted attention mass to its stats)."""
+        probe rows (>= 1 adds each sequence's evicted attention mass to its stats).
+        on_logits(keys, steps, logits [n, V]) sees the logits each token is chosen from; they are
+        valid during the call only (a CUDA graph reuses the buffer: clone what you keep), and a
+        sequence preempted and resumed shows the steps it replays again.
+        With a seed, a run repeats exactly; a prompt's sampled text still depends on the others
+        (one generator for the batch), and batch composition can move near-ties in greedy output
+        on a GPU (kernels' summation order depends on the batch)."""
         s.check()
         fan = isinstance(policy, (list, tuple))
         policies = list(policy) if fan else [policy]
@@ -239,6 +248,13 @@ class Engine:
             raise ValueError("forced needs one token list per prompt")
         for p in policies:
             self.check_policy(p)
+        V = self.config.vocab_size
+        for i, ids in enumerate(prompts + (forced or [])):
+            what = f"prompt {i}" if i < len(prompts) else f"forced tokens of prompt {i - len(prompts)}"
+            if i < len(prompts) and not ids:
+                raise UserError(f"{what} is empty")
+            if any(not 0 <= t < V for t in ids):
+                raise UserError(f"{what} holds a token id outside the vocabulary [0, {V})")
         self.check_fits(prompts, s.max_new_tokens, K)
         sched = Scheduler(self.kv, self.max_seqs, self.max_prefill_tokens)
         groups = [[Sequence(i, j, list(p), pol, list(forced[i]) if forced else []) for j, pol in enumerate(policies)]
@@ -252,7 +268,16 @@ class Engine:
                    on_token, on_finish, on_logits, probe_rows, key)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
-        kv, M = self.kv, s.max_new_tokens
+        kv = self.kv
+        try:
+            return self._run(sched, groups, policies, run, fan)
+        except BaseException:
+            kv.reset()  # an error or an interrupt mid-generation: the pool is whole again for the next call
+            raise
+
+    def _run(self, sched, groups, policies, run, fan):
+        """The step loop (see the module docstring)."""
+        kv, M = self.kv, run.s.max_new_tokens
         w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages_prefill=[], pages_pruned=[], launches=[],
                  pool_bound_steps=0, pool_bound_sum=0)
         t_start = time.perf_counter()
@@ -267,7 +292,9 @@ class Engine:
                 n = len(cur_seqs)
                 nb = _pow2(n) if self.cuda and self.compiled else n
                 toks = cur if nb == n else torch.cat([cur, cur.new_zeros(nb - n)])
-                span = None if kv.triton else max(1, int(kv.h_pages[:, :n].max()))
+                # the PyTorch attention reads `span` pages; under CUDA graphs a changing host value would
+                # re-record per span, so there it reads the whole table (a debugging path on GPUs)
+                span = None if kv.triton or (self.cuda and self.compiled) else max(1, int(kv.h_pages[:, :n].max()))
                 w["launches"].append(time.perf_counter())
                 logits = self._decode(self.model, toks, kv, span)[:n]
                 new = self._choose(logits, cur_seqs, live, run)
@@ -318,9 +345,9 @@ class Engine:
         peak = torch.cuda.max_memory_allocated(self.dev) if self.cuda else _rss()
         seqs = [q for grp in groups for q in grp]
         new_tokens = sum(len(q.out) for q in seqs)
-        self.stats = dict(requests=len(prompts), sequences=len(seqs), policies=[p.name for p in policies],
+        self.stats = dict(requests=len(groups), sequences=len(seqs), policies=[p.name for p in policies],
                           new_tokens=new_tokens, steps=w["steps"], wall_s=wall, tok_s=new_tokens / wall,
-                          req_s=len(prompts) / wall, pool_pages=kv.n_pages, page_size=kv.ps,
+                          req_s=len(groups) / wall, pool_pages=kv.n_pages, page_size=kv.ps,
                           peak_pages=w["peak_pages"], peak_concurrent=w["peak_seqs"],
                           mean_concurrent=w["live_sum"] / w["steps"] if w["steps"] else 0.0,
                           pool_bound_steps=w["pool_bound_steps"],  # steps while requests waited for pages

@@ -27,8 +27,8 @@ def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:
 class PagedKV:
     def __init__(self, n_layers, n_kv_heads, head_dim, n_pages, page_size=16, max_seqs=8, max_len=4096,
                  dtype=torch.float32, device="cpu"):
-        if page_size < 1 or page_size & (page_size - 1):
-            raise UserError(f"--page-size must be a power of two >= 1, got {page_size}")
+        if page_size < 1 or page_size & (page_size - 1) or page_size > 256:
+            raise UserError(f"--page-size must be a power of two from 1 to 256, got {page_size}")
         if max_seqs < 1:
             raise UserError(f"--max-seqs must be >= 1, got {max_seqs}")
         if n_pages < 1:
@@ -122,6 +122,13 @@ class PagedKV:
         self._push(slot)
         self.lengths[:, slot] = 0
         self.live[slot] = 0
+
+    def reset(self) -> None:
+        """Release every slot (after a generation that did not finish: an error, an interrupt)."""
+        for slot in range(self.S):
+            if self.h_pages[:, slot].any() or self.h_len[:, slot].any():
+                self.release(slot)
+        self.live.zero_()
 
     def move(self, src: int, dst: int) -> None:
         """Move a sequence from slot src to the empty slot dst (keeps running slots contiguous)."""

@@ -6,7 +6,8 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
 
 - admit: take waiting groups in order while the running set stays within max_seqs and the free
   pages hold every admitted prompt whole (prefill writes it all before pruning shrinks it), with
-  one page per running row left over so the next step can grow without preempting.
+  one page per row of every sequence, running or admitted, left over so that the next step can
+  grow without preempting (a sequence just admitted is otherwise the first to go).
 - finish: a sequence that stops frees all its pages at once; the last running sequence moves
   into its slot.
 - preempt: when a decode step finds no free page, the most recently admitted sequence gives
@@ -55,7 +56,7 @@ class Scheduler:
         """Groups to prefill now (one batch: same policies, within the prefill token budget); their
         sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
         kv, batch, tokens, pages, seqs = self.kv, [], 0, 0, len(self.running)
-        reserve = kv.L * kv.H * len(self.running)  # one page per running row for the next step
+        row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         while self.waiting:
             grp = self.waiting[0]
             n, k = len(grp[0].prompt), len(grp)
@@ -64,7 +65,9 @@ class Scheduler:
             if seqs + k > self.max_seqs:
                 break
             need = k * kv.seq_pages(n)  # the prompt whole, and room to copy its kept part into each fork
-            if pages + need + reserve > kv.n_free:  # (alone in an empty pool it always fits: Engine checks)
+            reserve = row_pages * (seqs + k)  # the next step of every sequence, this group's included
+            if pages + need + reserve > kv.n_free and (seqs or batch):  # alone in an empty pool it always goes
+                # (Engine checks that it fits there at its largest)
                 self.waits += 1
                 break
             self.waiting.popleft()

@@ -3,7 +3,8 @@
 A policy sees a Probe (each layer's attention of the last `probe_rows` prompt queries over
 every prompt key, captured during prefill) and returns a keep mask [L, B, Hkv, N]: which
 prompt slots of each (layer, sequence, KV head) row survive into decode. The engine
-compacts the ragged store with it; everything else about generation is unchanged.
+compacts the paged KV pool with it (the emptied pages go back to the pool); everything else about
+generation is unchanged.
 Every module in this package is imported on first use, so a new method is one new file."""
 import importlib
 import math

@@ -338,7 +338,7 @@ def test_refreekv_h2o_monotone_and_scale_invariant(pa, sinks, window, t1, t2):
     assert torch.equal(mk(lo).plan(probe(attn * 4, lens, n_kv)), a)
 
 
-# ---------------------------------------------------------------- ragged store with per-head plans
+# ---------------------------------------------------------------- the paged pool with per-head plans
 
 def masked_attention(q, K, V, visible, group):
     """Plain attention: q [B, H, D], K/V [B, Hkv, T, D], visible [B, Hkv, T] -> [B, H, D]."""

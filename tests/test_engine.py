@@ -220,3 +220,31 @@ def test_cli_batch_prints_every_answer_in_order(smollm, tmp_path):
     assert "Paris" in r.stdout.split("\n\n")[0]
     assert all(s["pages_after_pruning"] <= s["pages_after_prefill"] for s in st)
     assert "workload:" in r.stderr and "peak 1 seqs" in r.stderr
+
+
+def test_an_error_mid_generation_leaves_the_pool_whole(tiny_ckpts):
+    eng = small_engine(tiny_ckpts["llama", False], 40)
+    eng.eos = set()
+    prompts = [list(range(3, 40)), list(range(50, 70))]
+
+    def boom(i, text):
+        if len(text) > 3:
+            raise KeyboardInterrupt  # a user's Ctrl-C, or a callback's bug
+
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate(prompts, refreekv.make("refreekv"), Sampling(max_new_tokens=10), on_token=boom)
+    assert eng.kv.n_free == eng.kv.n_pages and not eng.kv.h_pages.any() and not eng.kv.lengths.any()
+    again = eng.generate(prompts, refreekv.make("refreekv"), Sampling(max_new_tokens=10))
+    want, _ = dense_generate(eng.model, prompts, refreekv.make("refreekv"), 10)
+    assert [r.tokens for r in again] == want
+
+
+def test_token_ids_are_checked(tiny_ckpts):
+    eng = small_engine(tiny_ckpts["llama", False], 40)
+    with pytest.raises(UserError, match=r"prompt 1 holds a token id outside the vocabulary \[0, 256\)"):
+        eng.generate([[5, 6], [7, 256]], refreekv.make("full"), Sampling(max_new_tokens=2))
+    with pytest.raises(UserError, match="prompt 0 is empty"):
+        eng.generate([[]], refreekv.make("full"), Sampling(max_new_tokens=2))
+    with pytest.raises(UserError, match="forced tokens of prompt 0 holds a token id outside"):
+        eng.generate([[5, 6]], refreekv.make("full"), Sampling(max_new_tokens=2), forced=[[-1]])
+    assert eng.kv.n_free == eng.kv.n_pages

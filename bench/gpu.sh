@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU measurements of the paged engine, for a session with a lent H100 (device tool's `run`):
+# each stage fits one 10-minute call; logs and JSON go to $OUT, the markdown sections to
+# $OUT/RESULTS-gpu.md (append them to bench/RESULTS.md here afterwards). The device has no model
+# hub and no package index: only random-weight shapes run there (the bundled real models' wheels
+# are over the 64 MiB a call may carry).
+#
+#   bash bench/gpu.sh tests        # tests/test_gpu.py + the kernel/pool/engine tests on CUDA
+#   bash bench/gpu.sh kernel       # bench/attention.py: kernel vs reference vs dense SDPA, page sizes
+#   bash bench/gpu.sh speed        # bench/speed.py, Qwen2.5-7B shape: batch 1 (512, 8k), floor, scaling, batch 16 x 4k
+#   bash bench/gpu.sh hf           # bench/speed.py's transformers rows (eager + static compile) on the same weights
+#   bash bench/gpu.sh throughput   # bench/throughput.py, 7B shape, forced budgets 100/50/25%, transformers static batching
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+MD="$OUT/RESULTS-gpu.md"
+case "${1:-}" in
+  tests)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python -m pytest -q -x tests/test_gpu.py tests/test_kv.py tests/test_engine.py -m "not slow" 2>&1 | tee "$OUT/pytest-gpu.log" ;;
+  kernel)
+    python -m bench.attention --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
+  speed)
+    python -m bench.speed --sections speed,floor,scaling,batch --json "$OUT/speed.json" --results-md "$MD" 2>&1 | tee "$OUT/speed.log" ;;
+  hf)
+    python -m bench.speed --sections speed,hf --policies full --prompt-lens 512,8192 --json "$OUT/speed-hf.json" \
+      --results-md "$MD" 2>&1 | tee "$OUT/speed-hf.log" ;;
+  throughput)
+    python -m bench.throughput --shape qwen2.5-7b --device cuda --budgets 1,0.5,0.25 --requests 64 --new-tokens 128 \
+      --pool-tokens 60000 --max-seqs 64 --hf static-compile --hf-batch 16 --json "$OUT/throughput-7b.json" \
+      --results-md "$MD" 2>&1 | tee "$OUT/throughput.log" ;;
+  *)
+    echo "usage: bash bench/gpu.sh tests|kernel|speed|hf|throughput" >&2
+    exit 2 ;;
+esac
