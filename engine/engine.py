@@ -55,13 +55,18 @@ class Engine:
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  max_length: int | None = None, compile: bool | None = None, kv_memory: float | None = None,
                  max_seqs: int | None = None, page_size: int = 16, max_prefill_tokens: int | None = None,
-                 load: bool = True):
+                 load: bool = True, tp: int | None = None):
         """Cheap checks and the tokenizer first; `load=False` stops there (call load() later), so
         a caller can check its prompts before the weights are read."""
         from weights.config import load_config
         from weights.resolve import resolve
 
+        from engine import tp as tp_mod
+
+        self.tp = tp_mod.init(tp, device)  # rank 0 of 1 without a tensor-parallel group
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.tp.on and self.device.startswith("cuda"):
+            self.device = f"cuda:{torch.cuda.current_device()}"  # each rank its own GPU (LOCAL_RANK)
         try:
             dev = torch.device(self.device)
         except RuntimeError:
@@ -88,6 +93,9 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens or (16384 if self.cuda else 4096)
         self.path = resolve(model)
         self.config = load_config(self.path)  # a bad config.json or tokenizer fails before any weights load
+        from weights.shard import shard_config
+
+        self.local = shard_config(self.config, self.tp.rank, self.tp.world)  # this rank's heads and ffn units
         self.tokenizer = Tokenizer(self.path)
         if max_length is not None and max_length < 2:
             raise UserError(f"--max-length must be >= 2, got {max_length}")
@@ -113,17 +121,31 @@ class Engine:
             budget = CUDA_KV_SHARE * torch.cuda.mem_get_info(self.dev)[0]
         else:
             return None
-        rows = c.n_layers * c.n_kv_heads * self.max_seqs * -(-self.context // self.page_size)
+        rows = c.n_layers * self.local.n_kv_heads * self.max_seqs * -(-self.context // self.page_size)
         return min(int(budget // page_bytes(self.page_size, c.head_dim, self.dtype)), rows)  # no more than can be used
 
     def load(self):
         from weights.loader import load_model
 
-        self.model, self.config = load_model(self.path, self.device, self.dtype)
+        err = None
+        try:
+            self.model, _ = load_model(self.path, self.device, self.dtype, self.tp.rank, self.tp.world)
+        except UserError as e:
+            err = str(e)
+        if self.tp.on:  # every rank learns whether every rank loaded its shard: none is left waiting
+            failed = self.tp.errors(err)
+            if failed:
+                raise UserError("; ".join(failed))
+            self.model.tp = self.tp
+        elif err:
+            raise UserError(err)
         self.model.setup_rope(self.context, self.dev)  # once: a fixed table keeps compiled graphs valid
-        c = self.config
+        c = self.local
         slots = _pow2(self.max_seqs) if self.cuda and self.compiled else self.max_seqs  # room for the last bucket
-        self.kv = PagedKV(c.n_layers, c.n_kv_heads, c.head_dim, self.pool_pages(), self.page_size, slots,
+        pages = self.pool_pages()
+        if self.tp.on:
+            pages = self.tp.host_min(pages)  # the same pool on every rank (free memory may differ)
+        self.kv = PagedKV(c.n_layers, c.n_kv_heads, c.head_dim, pages, self.page_size, slots,
                           self.context, self.dtype, self.dev)
         # torch.compile: the decode step with the batch symbolic (dynamic=True) and, on CUDA, CUDA
         # graphs: one recording per batch-size bucket, the page tables and lengths static inputs.
@@ -183,7 +205,7 @@ class Engine:
 
     def check_fits(self, prompts: list[list[int]], max_new: int, forks: int = 1):
         """Every request must fit the context, and alone in the pool at its largest (no pruning)."""
-        c, ps = self.config, self.page_size
+        c, ps = self.local, self.page_size
         if forks > self.max_seqs:
             raise UserError(f"{forks} policies per prompt need {forks} sequences at once but --max-seqs is {self.max_seqs}")
         pages = self.pool_pages()
@@ -256,7 +278,8 @@ class Engine:
             if any(not 0 <= t < V for t in ids):
                 raise UserError(f"{what} holds a token id outside the vocabulary [0, {V})")
         self.check_fits(prompts, s.max_new_tokens, K)
-        sched = Scheduler(self.kv, self.max_seqs, self.max_prefill_tokens)
+        sched = Scheduler(self.kv, self.max_seqs, self.max_prefill_tokens,
+                          (lambda: self.tp.host_min(self.kv.n_free)) if self.tp.on else None)
         groups = [[Sequence(i, j, list(p), pol, list(forced[i]) if forced else []) for j, pol in enumerate(policies)]
                   for i, p in enumerate(prompts)]
         for grp in groups:
@@ -322,7 +345,11 @@ class Engine:
                 raise RuntimeError("scheduler stalled with an empty pool")  # check_fits rules this out
             while True:  # pages for the next step; the newest sequence makes room when there are none
                 live = [q.n_chosen < M for q in sched.running]
-                if kv.grow(live) == 0:
+                short = kv.shortage(live)
+                if self.tp.on:  # every rank preempts when any rank is short (ranks hold different heads)
+                    short = self.tp.host_max(short)
+                if short == 0:
+                    kv.grow(live)
                     break
                 sched.preempt()
             kv.set_live(live)  # every step: slots change hands as sequences finish, move and arrive
@@ -378,7 +405,7 @@ class Engine:
             tok = tok.index_put((self._dev_long(list(at)),), self._dev_long(list(val)))
         for q, lv in zip(seqs, live):
             q.n_chosen += lv
-        return tok
+        return self.tp.broadcast(tok) if self.tp.on else tok  # rank 0's tokens everywhere
 
     def _accept(self, q: Sequence, tok: int, run) -> bool:
         """A token read back for q; returns True when q is done."""
@@ -435,13 +462,22 @@ class Engine:
         self._sync()
         t0 = time.perf_counter()
         logits, probe = self._prefill(self.model, tokens, lens, kv, src, wide)
+        if self.tp.on and probe is not None:
+            probe = self.tp.gather(probe, 2)  # every query head: each policy plans exactly as on one process
         self._sync()
         t1 = time.perf_counter()
         keeps = []
         for p in pols:
             attn = probe[..., probe.shape[-2] - p.probe_rows:, :] if p.probe_rows else None
             keeps.append(p.plan(refreekv.Probe(attn, lens, c.n_layers, c.n_kv_heads, N)))
-        kept = torch.stack([k.sum(-1) for k in keeps]).cpu()  # [K, L, B, Hkv]: the one read-back of pruning
+        full_keeps = keeps
+        if self.tp.on:  # this rank's KV heads of the plan
+            from weights.shard import kv_heads
+
+            h0, nh = kv_heads(c, self.tp.rank, self.tp.world)
+            keeps = [k[:, :, h0:h0 + nh] for k in full_keeps]
+        counts = torch.stack([torch.cat((f.sum(-1), k.sum(-1)), -1) for f, k in zip(full_keeps, keeps)]).cpu()  # one read-back
+        kept_all, kept = counts[..., :c.n_kv_heads], counts[..., c.n_kv_heads:]  # [K, L, B, .]: every KV head / this rank's
         for j in range(1, K):  # forks first: they copy from the source before it compacts in place
             for b, g in enumerate(batch):
                 kv.assign(g[j].slot, kept[j, :, b])
@@ -455,15 +491,15 @@ class Engine:
         if wide:  # share of the last prompt query's attention (mean over query heads) on evicted keys
             last = probe[..., -1, :]  # [L, B, H, N]
             G = c.n_heads // c.n_kv_heads
-            evicted = torch.stack([(last * (~k).repeat_interleave(G, 2)).sum(-1).mean(-1) for k in keeps]).cpu()  # [K, L, B]
+            evicted = torch.stack([(last * (~k).repeat_interleave(G, 2)).sum(-1).mean(-1) for k in full_keeps]).cpu()  # [K, L, B]
         del probe
         seqs = [q for g in batch for q in g]
         for b, g in enumerate(batch):
             n = lens_l[b]
             for j, q in enumerate(g):
-                per_head = kept[j, :, b].tolist()
+                per_head = kept_all[j, :, b].tolist()  # every KV head (tensor parallel: not only this rank's)
                 q.stats.update(policy=pols[j].name, prompt_tokens=n, kept_per_layer=[round(sum(h) / len(h)) for h in per_head],
-                               budget=kept[j, :, b].double().mean().item() / n, prefill_s=t1 - t0, prune_s=t2 - t1,
+                               budget=kept_all[j, :, b].double().mean().item() / n, prefill_s=t1 - t0, prune_s=t2 - t1,
                                batch=B, pages_after_prefill=pages_prefill[b], pages_after_pruning=kv.owned(q.slot),
                                preempted=q.stats.get("preempted", -1) + 1, kept_per_head=per_head,
                                evicted_per_layer=None if evicted is None else evicted[j, :, b].tolist(), _t0=t2)

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile prefill, pruning and the decode step (CUDA graphs on GPU); default: on for CUDA, off on CPU")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--tp", type=int, help="tensor parallel over this many ranks (one GPU each; gloo on CPU): spawns them, "
+                   "or, under torchrun, must equal its --nproc-per-node")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; on a machine whose cores are "
                    "busy with other work, 1 can be several times faster)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
@@ -81,8 +83,18 @@ def summary(st: dict) -> str:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # tensor parallel: only rank 0 speaks
     try:
         a = parse_args(argv)
+        if a.tp is not None and a.tp < 1:
+            raise UserError(f"--tp must be >= 1, got {a.tp}")
+        if a.tp and a.tp > 1 and "WORLD_SIZE" not in os.environ:
+            if any(kind == "file" and v == "-" for kind, v in a.inputs or []):
+                raise UserError("--prompt-file - (stdin) cannot be combined with --tp: pass the prompt in a file")
+            from engine.tp import spawn
+
+            return spawn(argv, a.tp)
         s = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.stop)
         s.check()
         policy = policy_from_args(a)
@@ -104,16 +116,18 @@ def main(argv=None):
             import torch
 
             torch.set_num_threads(a.threads)
-        eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size, load=False)
+        eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size, load=False,
+                     tp=a.tp)
         ids = [eng.fit(eng.encode(p, a.chat, a.system), s.max_new_tokens, a.truncate) for p in prompts]
         eng.check_policy(policy)
         eng.check_fits(ids, s.max_new_tokens)  # before the weights load, where the pool size is known
         eng.load()
+        out = sys.stderr if rank0 else open(os.devnull, "w")
         if eng.compiled:  # compile now, so every figure below is steady state
-            print(f"compile warm-up {eng.warmup(policy):.1f} s (not in the figures below)", file=sys.stderr)
+            print(f"compile warm-up {eng.warmup(policy):.1f} s (not in the figures below)", file=out)
         print(f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, device={eng.device}, "
-              f"dtype={str(eng.dtype).removeprefix('torch.')}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens",
-              file=sys.stderr)
+              f"dtype={str(eng.dtype).removeprefix('torch.')}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens"
+              + (f" per rank, tensor parallel over {eng.tp.world} ranks" if eng.tp.on else ""), file=out)
         shown, done, printed = [0], {}, [0]
 
         def stream(i, text):  # one prompt: stream as produced
@@ -129,7 +143,9 @@ def main(argv=None):
                 sys.stdout.flush()
                 printed[0] += 1
 
-        results = eng.generate(ids, policy, s, on_token=stream, on_finish=finished)
+        results = eng.generate(ids, policy, s, on_token=stream if rank0 else None, on_finish=finished if rank0 else None)
+        if not rank0:
+            return 0
         if len(ids) == 1:
             sys.stdout.write(results[0].text[shown[0]:] + "\n")
             sys.stdout.flush()
@@ -144,10 +160,16 @@ def main(argv=None):
             with open(a.stats_json, "w") as f:
                 json.dump(stats[0] if len(stats) == 1 else stats, f, indent=1)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

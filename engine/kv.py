@@ -140,10 +140,17 @@ class PagedKV:
         self.next_pos[dst], self.live[dst] = self.next_pos[src], self.live[src]
         self.table[:, src], self.lengths[:, src], self.live[src] = 0, 0, 0
 
+    def shortage(self, live: list[bool]) -> int:
+        """Pages missing for the next decode step of the slots [0, len(live)) marked live (0: it fits)."""
+        n = len(live)
+        grows = torch.tensor(live, dtype=torch.bool)[None, :, None]
+        full = (self.h_len[:, :n] >= self.h_pages[:, :n] * self.ps) & grows  # rows whose last page is full
+        return max(0, int(full.sum()) - self.n_free)
+
     def grow(self, live: list[bool]) -> int:
         """Reserve room for one more token in every row of the slots [0, len(live)) marked live
-        (the next decode step). Returns 0 when done, else how many pages are missing (then
-        nothing changed)."""
+        (the next decode step). Returns 0 when done, else how many pages are missing (then nothing
+        changed)."""
         n = len(live)
         grows = torch.tensor(live, dtype=torch.bool)[None, :, None]
         ln, pg = self.h_len[:, :n], self.h_pages[:, :n]

@@ -111,6 +111,7 @@ class Transformer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.c = c
+        self.tp = None  # engine/tp.py's TP when this is one rank's shard: sums the row-parallel outputs
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
@@ -149,14 +150,18 @@ class Transformer(nn.Module):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
             kv.write_prompt(i, slots, k, v, lens)
             o = windowed_attention(q, k, v, window) if window else causal_attention(q, k, v)
-            x = x + layer.attn.out(o)
-            x = x + layer.mlp(layer.mlp_norm(x))
+            x = x + self._sum(layer.attn.out(o))
+            x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if w:
                 probe[i] = self._probe(q, k, rows.clamp(min=0), rmask)
         kv.next_pos[slots] = lens
         if not all_logits:
             x = x[torch.arange(B, device=x.device), lens - 1]
         return self.lm_head(self.norm(x)).float(), (probe if w else None)
+
+    def _sum(self, x):
+        """Row-parallel outputs (o_proj, down_proj) summed over tensor-parallel ranks."""
+        return x if self.tp is None else self.tp.all_reduce(x)
 
     def _probe(self, q, k, rows, rmask):
         """Softmax attention (fp32) of the query rows [B, w] over all keys: [B, H, w, N]."""
@@ -180,7 +185,7 @@ class Transformer(nn.Module):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
             kv.append(i, k, v)
             o = kv.attend(i, q[:, :, 0], self.c.sliding_window, span)
-            x = x + layer.attn.out(o[:, :, None])
-            x = x + layer.mlp(layer.mlp_norm(x))
+            x = x + self._sum(layer.attn.out(o[:, :, None]))
+            x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
         kv.next_pos[:B] += kv.live[:B]
         return self.lm_head(self.norm(x[:, 0])).float()

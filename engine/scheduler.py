@@ -38,8 +38,9 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, kv: PagedKV, max_seqs: int, max_prefill_tokens: int):
+    def __init__(self, kv: PagedKV, max_seqs: int, max_prefill_tokens: int, free=None):
         self.kv, self.max_seqs, self.max_prefill_tokens = kv, min(max_seqs, kv.S), max_prefill_tokens
+        self.free = free or (lambda: kv.n_free)  # tensor parallel: the least free pages of any rank
         self.waiting: deque[list[Sequence]] = deque()
         self.running: list[Sequence] = []
         self._admitted = 0
@@ -57,6 +58,7 @@ class Scheduler:
         sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
         kv, batch, tokens, pages, seqs = self.kv, [], 0, 0, len(self.running)
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
+        free = self.free() if self.waiting else 0
         while self.waiting:
             grp = self.waiting[0]
             n, k = len(grp[0].prompt), len(grp)
@@ -66,7 +68,7 @@ class Scheduler:
                 break
             need = k * kv.seq_pages(n)  # the prompt whole, and room to copy its kept part into each fork
             reserve = row_pages * (seqs + k)  # the next step of every sequence, this group's included
-            if pages + need + reserve > kv.n_free and (seqs or batch):  # alone in an empty pool it always goes
+            if pages + need + reserve > free and (seqs or batch):  # alone in an empty pool it always goes
                 # (Engine checks that it fits there at its largest)
                 self.waits += 1
                 break

@@ -14,30 +14,45 @@ from weights.config import ModelConfig, load_config
 from weights.errors import UserError
 
 
-def name_map(c: ModelConfig) -> dict[str, tuple[str, slice | None]]:
-    """HF tensor name -> (our parameter, row slice in a fused weight). Llama, Mistral and
-    Qwen2 share HF's names; Qwen2 adds q/k/v biases, Llama's attention_bias q/k/v/o biases and
-    its mlp_bias gate/up/down biases."""
-    qd, kd, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
-    m = {"model.embed_tokens.weight": ("embed.weight", None), "model.norm.weight": ("norm.weight", None)}
+def name_map(c: ModelConfig, rank: int = 0, world: int = 1) -> dict[str, tuple[str, slice | None, tuple | None]]:
+    """HF tensor name -> (our parameter, row slice in a fused weight, the part of the checkpoint
+    tensor this rank reads: None = all of it). Llama, Mistral and Qwen2 share HF's names; Qwen2 adds
+    q/k/v biases, Llama's attention_bias q/k/v/o biases and its mlp_bias gate/up/down biases.
+
+    Tensor parallel over `world` ranks (weights/shard.py): q/k/v and gate/up are split by output
+    rows (query heads, KV heads, ffn units), o_proj and down_proj by input columns, and their
+    biases are read by rank 0 alone (the others hold zeros: the all-reduce adds them once);
+    embeddings, norms and the LM head are whole on every rank."""
+    from weights.shard import kv_heads, shard_config
+
+    lc = shard_config(c, rank, world)
+    D = c.head_dim
+    qd, kd, f = lc.n_heads * D, lc.n_kv_heads * D, lc.ffn_dim
+    q0, kv0, f0 = rank * lc.n_heads * D, kv_heads(c, rank, world)[0] * D, rank * f
+    whole = world == 1
+    m = {"model.embed_tokens.weight": ("embed.weight", None, None), "model.norm.weight": ("norm.weight", None, None)}
     if not c.tie_embeddings:
-        m["lm_head.weight"] = ("lm_head.weight", None)
+        m["lm_head.weight"] = ("lm_head.weight", None, None)
     for i in range(c.n_layers):
         hf, us = f"model.layers.{i}.", f"layers.{i}."
-        parts = {"q_proj": slice(0, qd), "k_proj": slice(qd, qd + kd), "v_proj": slice(qd + kd, qd + 2 * kd)}
-        for proj, rows in parts.items():
-            m[f"{hf}self_attn.{proj}.weight"] = (f"{us}attn.wqkv.weight", rows)
+        parts = {"q_proj": (slice(0, qd), slice(q0, q0 + qd)), "k_proj": (slice(qd, qd + kd), slice(kv0, kv0 + kd)),
+                 "v_proj": (slice(qd + kd, qd + 2 * kd), slice(kv0, kv0 + kd))}
+        for proj, (rows, src) in parts.items():
+            m[f"{hf}self_attn.{proj}.weight"] = (f"{us}attn.wqkv.weight", rows, None if whole else (src,))
             if c.qkv_bias:
-                m[f"{hf}self_attn.{proj}.bias"] = (f"{us}attn.wqkv.bias", rows)
-        m[f"{hf}self_attn.o_proj.weight"] = (f"{us}attn.wo.weight", None)
+                m[f"{hf}self_attn.{proj}.bias"] = (f"{us}attn.wqkv.bias", rows, None if whole else (src,))
+        m[f"{hf}self_attn.o_proj.weight"] = (f"{us}attn.wo.weight", None, None if whole else (slice(None), slice(q0, q0 + qd)))
         if c.o_bias:
-            m[f"{hf}self_attn.o_proj.bias"] = (f"{us}attn.wo.bias", None)
+            m[f"{hf}self_attn.o_proj.bias"] = (f"{us}attn.wo.bias", None, None if rank == 0 else "zero")
         for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
-            m[f"{hf}mlp.gate_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(0, f))
-            m[f"{hf}mlp.up_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(f, 2 * f))
-            m[f"{hf}mlp.down_proj.{kind}"] = (f"{us}mlp.w2.{kind}", None)
-        m[f"{hf}input_layernorm.weight"] = (f"{us}attn_norm.weight", None)
-        m[f"{hf}post_attention_layernorm.weight"] = (f"{us}mlp_norm.weight", None)
+            src = None if whole else (slice(f0, f0 + f),)
+            m[f"{hf}mlp.gate_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(0, f), src)
+            m[f"{hf}mlp.up_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(f, 2 * f), src)
+        m[f"{hf}mlp.down_proj.weight"] = (f"{us}mlp.w2.weight", None, None if whole else (slice(None), slice(f0, f0 + f)))
+        if c.mlp_bias:
+            m[f"{hf}mlp.down_proj.bias"] = (f"{us}mlp.w2.bias", None, None if rank == 0 else "zero")
+        m[f"{hf}input_layernorm.weight"] = (f"{us}attn_norm.weight", None, None)
+        m[f"{hf}post_attention_layernorm.weight"] = (f"{us}mlp_norm.weight", None, None)
     return m
 
 
@@ -64,25 +79,28 @@ def shard_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir, device="cpu", dtype=torch.float32):
-    """Build our Transformer for an HF checkpoint directory and load its weights."""
+def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, world: int = 1):
+    """Build our Transformer for an HF checkpoint directory and load its weights; with world > 1,
+    rank `rank`'s shard only, read slice by slice (model.bytes_read counts what was read)."""
     from engine.model import Transformer
+    from weights.shard import shard_config
 
     model_dir = Path(model_dir)
     c = load_config(model_dir)
+    lc = shard_config(c, rank, world)
     with torch.device("meta"):
-        model = Transformer(c).to(dtype)
+        model = Transformer(lc).to(dtype)
     model = model.to_empty(device=device)
     if c.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     params = dict(model.named_parameters())
     from tqdm import tqdm  # a dependency of huggingface-hub
 
-    table, seen = name_map(c), set()
+    table, seen, read = name_map(c, rank, world), set(), 0
     files = shard_files(model_dir)
     size = sum(p.stat().st_size for p in files)
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"loading {model_dir.name}", file=sys.stderr, leave=False,
-               disable=None if size > 2**30 else True)  # a bar for large checkpoints, on a terminal
+               disable=None if size > 2**30 and rank == 0 else True)  # a bar for large checkpoints, on a terminal
     for path in files:
         bar.update(path.stat().st_size)
         try:
@@ -93,12 +111,19 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
                             continue
                         raise UserError(f"{path.name}: tensor {key} is not part of a {c.family} model as its config.json "
                                         "describes it (the engine would ignore it and compute something else)")
-                    name, rows = table[key]
+                    name, rows, src = table[key]
                     dst = params[name].data if rows is None else params[name].data[rows]
-                    t = f.get_tensor(key)
+                    if src == "zero":  # a row-parallel bias: added once, by rank 0
+                        dst.zero_()
+                        seen.add(key)
+                        continue
+                    t = f.get_tensor(key) if src is None else f.get_slice(key)[src]
                     if t.shape != dst.shape:
-                        raise UserError(f"{path.name}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(dst.shape)} from config.json")
+                        want = "" if src is None else f" (this rank's part of {tuple(f.get_slice(key).get_shape())})"
+                        raise UserError(f"{path.name}: tensor {key} has shape {tuple(t.shape)}{want}, expected "
+                                        f"{tuple(dst.shape)} from config.json")
                     dst.copy_(t)
+                    read += t.numel() * t.element_size()
                     seen.add(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
@@ -106,4 +131,5 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
     missing = [k for k in table if k not in seen]
     if missing:
         raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    model.bytes_read = read
     return model.eval(), c

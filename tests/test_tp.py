@@ -1,0 +1,143 @@
+"""Tensor parallelism on CPU: two gloo ranks spawned from the test must give, for tiny checkpoints of
+each family, exactly the single-process tokens and kept counts (fp32) for every policy, with a
+batch of different lengths through a small pool; each rank reads only its shard; bad input is one
+clear error on rank 0 while the other rank exits."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import refreekv
+from engine.engine import Engine
+from engine.kv import page_bytes
+from engine.sampling import Sampling
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = [("full", {}), ("refreekv", {"threshold": 0.2, "protected": [0]}), ("snapkv", {"budget": 0.4}),
+            ("h2o", {"budget": 0.4})]
+PROMPT_LENS = (37, 12, 60, 25, 44)
+RUNNER = """
+import json, sys, torch
+import refreekv
+from engine.engine import Engine
+from engine.sampling import Sampling
+path, out, gib, prompts, policies = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+eng = Engine(path, device="cpu", kv_memory=gib, max_seqs=3, page_size=4, tp=2)
+eng.eos = set()
+res = {name: [dict(tokens=r.tokens, kept=r.stats["kept_per_head"]) for r in
+              eng.generate(prompts, refreekv.make(name, **kw), Sampling(max_new_tokens=20))] for name, kw in policies}
+json.dump(dict(rank=eng.tp.rank, results=res, bytes_read=eng.model.bytes_read, stats=eng.stats), open(out + f".{eng.tp.rank}", "w"))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(args: list[str], n: int = 2, timeout: int = 600, code: str | None = None) -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", REFREEKV_TP_TIMEOUT="120")
+        cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "engine.generate", *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]
+
+
+def prompts():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama-bias"])
+def test_two_ranks_equal_one_process(tiny_ckpts, tmp_path, family):
+    """llama: llama3 rope scaling; mistral: sliding window, head_dim 24; qwen2: q/k/v bias and one KV
+    head for two ranks (replicated); llama-bias: o_proj and down_proj biases added once."""
+    from weights.config import load_config
+
+    path = tiny_ckpts[family, False]
+    c = load_config(path)
+    per_rank_kv = max(1, c.n_kv_heads // 2)
+    gib = 30 * c.n_layers * per_rank_kv * page_bytes(4, c.head_dim, torch.float32) / 2**30  # 30 pages per row and rank
+    out = tmp_path / "r"
+    done = ranks([str(path), str(out), str(gib), json.dumps(prompts()), json.dumps(POLICIES)], code=RUNNER)
+    assert all(p.returncode == 0 for p in done), [p.stderr[-3000:] for p in done]
+    got = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    assert got[0]["results"] == got[1]["results"]  # every rank holds the same tokens and plans
+
+    single = Engine(str(path), device="cpu", max_seqs=3, page_size=4,
+                    kv_memory=30 * c.n_layers * c.n_kv_heads * page_bytes(4, c.head_dim, torch.float32) / 2**30)
+    single.eos = set()
+    for name, kw in POLICIES:
+        ref = single.generate(prompts(), refreekv.make(name, **kw), Sampling(max_new_tokens=20))
+        for i, r in enumerate(ref):
+            assert got[0]["results"][name][i]["tokens"] == r.tokens, (family, name, i)
+            assert got[0]["results"][name][i]["kept"] == r.stats["kept_per_head"], (family, name, i)
+    assert got[0]["stats"]["admission_waits"] > 0  # the pool held fewer than all five at once
+
+    # each rank read its shard: the replicated tensors (embeddings, head, norms; a KV head shared by
+    # both ranks) whole, everything else half
+    from safetensors import safe_open
+
+    whole = half = 0
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            n = f.get_slice(k).get_shape()
+            size = 4 * int(torch.tensor(n).prod())
+            shared = ("embed" in k or "lm_head" in k or "norm" in k or
+                      (c.n_kv_heads < 2 and ("k_proj" in k or "v_proj" in k)) or k.endswith(("o_proj.bias", "down_proj.bias")))
+            whole += size if shared else 0
+            half += 0 if shared else size
+    for g in got:  # rank 0 reads the row-parallel biases, rank 1 holds zeros
+        bias = sum(4 * c.dim * c.n_layers for b in ("o_proj", "down_proj") if family == "llama-bias") if g["rank"] else 0
+        assert g["bytes_read"] == whole - bias + half // 2, (g["rank"], g["bytes_read"], whole, half)
+
+
+def test_cli_tp_prints_once_and_matches_one_process(tiny_ckpts):
+    path = str(tiny_ckpts["llama", False])
+    args = ["--model", path, "--raw", "--prompt", "Tensor parallel", "--prompt", "two", "--max-new-tokens", "6"]
+    one = subprocess.run([sys.executable, "-m", "engine.generate", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "engine.generate", *args, "--tp", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and "tensor parallel over 2 ranks" in two.stderr
+    assert two.stderr.count("workload:") == 1
+
+
+def test_bad_tensor_parallel_input_is_one_error_and_no_rank_hangs(tiny_ckpts, tmp_path):
+    path = str(tiny_ckpts["llama", False])  # 4 query heads, 2 KV heads, ffn 96
+    base = ["--model", path, "--prompt", "hi", "--max-new-tokens", "2"]
+    bad = subprocess.run([sys.executable, "-m", "engine.generate", *base, "--tp", "3"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --tp 3 does not divide the model's 4 query heads"
+    done = ranks([*base, "--tp", "4"])  # torchrun started 2, --tp says 4
+    assert [p.returncode for p in done] == [2, 2]
+    assert done[0].stderr.strip().splitlines()[-1] == "error: --tp 4 but 2 ranks were started (WORLD_SIZE)" and not done[1].stderr.strip()
+    # rank 1's shard cannot be read (a truncated file seen by rank 1 only is hard to stage: a checkpoint whose
+    # ffn width does not split evenly is refused before loading on every rank, and rank 0 reports it)
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(path, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["intermediate_size"] = 95
+    (odd / "config.json").write_text(json.dumps(cfg))
+    done = ranks(["--model", str(odd), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert [p.returncode for p in done] == [2, 2]
+    assert "--tp 2 does not divide the model's ffn width 95" in done[0].stderr and not done[1].stderr.strip()
+    # a shard that cannot be read: every rank reports, rank 0 prints them all, nobody waits forever
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:1000])
+    done = ranks(["--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert [p.returncode for p in done] == [2, 2]
+    err = done[0].stderr.strip().splitlines()[-1]
+    assert err.startswith("error: rank 0: ") and "; rank 1: " in err and "corrupt or truncated" in err, err
