@@ -127,7 +127,7 @@ def main(argv=None):
             print(f"compile warm-up {eng.warmup(policy):.1f} s (not in the figures below)", file=out)
         print(f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, device={eng.device}, "
               f"dtype={str(eng.dtype).removeprefix('torch.')}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens"
-              + (f" per rank, tensor parallel over {eng.tp.world} ranks" if eng.tp.on else ""), file=out)
+              + (f" per rank, tensor parallel over {eng.tp.world} rank(s)" if eng.tp.on else ""), file=out)
         shown, done, printed = [0], {}, [0]
 
         def stream(i, text):  # one prompt: stream as produced

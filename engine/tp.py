@@ -23,12 +23,9 @@ TIMEOUT_S = int(os.environ.get("REFREEKV_TP_TIMEOUT", "300"))  # a rank that han
 class TP:
     """This process's place in the tensor-parallel group (rank 0 of 1 when there is none)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, cpu_group=None):
+    def __init__(self, rank: int = 0, world: int = 1, cpu_group=None, on: bool = False):
         self.rank, self.world, self.cpu_group = rank, world, cpu_group
-
-    @property
-    def on(self) -> bool:
-        return self.world > 1
+        self.on = on  # in a process group (torchrun, --tp): collectives run, also with a single rank
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (functional collective: traceable by torch.compile)."""
@@ -64,12 +61,12 @@ class TP:
 
 def init(tp: int | None, device: str | None) -> TP:
     """Join the group torchrun (or --tp) started; no group: a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if "WORLD_SIZE" not in os.environ:
         if tp is not None and tp > 1:
             raise UserError(f"--tp {tp} needs {tp} ranks: run it through torchrun --nproc-per-node {tp}, or let "
                             "engine.generate spawn them")
         return TP()
+    world = int(os.environ["WORLD_SIZE"])
     if tp is not None and tp != world:
         raise UserError(f"--tp {tp} but {world} ranks were started (WORLD_SIZE)")
     if not dist.is_initialized():
@@ -78,7 +75,7 @@ def init(tp: int | None, device: str | None) -> TP:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
     cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    return TP(dist.get_rank(), dist.get_world_size(), cpu)
+    return TP(dist.get_rank(), dist.get_world_size(), cpu, on=True)
 
 
 def spawn(argv: list[str], n: int) -> int:

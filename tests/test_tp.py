@@ -108,8 +108,35 @@ def test_cli_tp_prints_once_and_matches_one_process(tiny_ckpts):
     two = subprocess.run([sys.executable, "-m", "engine.generate", *args, "--tp", "2"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert one.returncode == two.returncode == 0, two.stderr
-    assert two.stdout == one.stdout and "tensor parallel over 2 ranks" in two.stderr
+    assert two.stdout == one.stdout and "tensor parallel over 2 rank(s)" in two.stderr
     assert two.stderr.count("workload:") == 1
+    solo = ranks(args, n=1)[0]  # torchrun with one rank: the process group and its collectives, one shard = the model
+    assert solo.returncode == 0 and solo.stdout == one.stdout and "tensor parallel over 1 rank(s)" in solo.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_holds_about_its_share_of_host_memory():
+    """Qwen2.5-Coder-0.5B fp32, rank 0 of 2: the anonymous memory the loaded shard holds, against the
+    whole model's. Embeddings and LM head (1.09 GB) are whole on every rank; the layers (1.43 GB)
+    split in two, so a rank holds 1.8 GB of 2.5."""
+    from weights.gguf import ensure_bundled
+
+    path = ensure_bundled("qwen2.5-coder-0.5b-instruct")
+
+    def peak(world):
+        code = ("from pathlib import Path; from weights.loader import load_model; "
+                "anon = lambda: int(next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() "
+                "if l.startswith('RssAnon:'))) * 1024; b = anon(); "
+                f"m, c = load_model({str(path)!r}, rank=0, world={world}); "
+                "print(anon() - b, m.bytes_read)")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+        return [int(x) for x in out.stdout.split()[-2:]]
+
+    (whole, read1), (half, read2) = peak(1), peak(2)
+    layers = read1 - 2 * 151936 * 896 * 4 - (2 * 24 + 1) * 896 * 4  # all but embeddings, LM head and norms
+    assert read2 == read1 - layers // 2  # bytes read from the checkpoint: the replicated part plus half the layers
+    assert abs(half - (whole - layers // 2)) < 0.1e9, (half, whole, layers)  # resident: the same split
+    print(f"rank 0 of 2: {half / 1e9:.2f} GB of anonymous memory, one process {whole / 1e9:.2f} GB")
 
 
 def test_bad_tensor_parallel_input_is_one_error_and_no_rank_hangs(tiny_ckpts, tmp_path):
