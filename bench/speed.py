@@ -204,7 +204,7 @@ def section_hf(b: Bench):
                     f"{row['decode_tok_s']:.1f} tok/s ({row['decode_tok_s_anchor']:.1f} anchor method), warm-up {row['warmup_s']:.1f} s")
             b.attempt(what, run)
         free_cache(b.dev)
-    del hf
+    hf = None  # let its memory go before the ratios
     free_cache(b.dev)
     b.results["ratios"] = [dict(batch=h["batch"], prompt=h["prompt"], hf_mode=h["mode"], ours=r["policy"],
                                 decode_speedup=r["decode_tok_s"] / h["decode_tok_s"] if h["decode_tok_s"] else None,

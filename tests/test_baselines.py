@@ -401,7 +401,7 @@ def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, step
 @pytest.fixture(scope="module")
 def tiny_generator(tmp_path_factory):
     from engine.engine import Engine
-    from helpers import examples, write_tiny
+    from helpers import write_tiny
 
     return Engine(str(write_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")), device="cpu")
 

@@ -2,7 +2,6 @@
 machine with a shadow copy of every row's tokens), and paged decode attention (PyTorch and the
 Triton kernel under TRITON_INTERPRET=1) against plain masked attention."""
 import math
-import os
 
 import pytest
 import torch
