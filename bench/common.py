@@ -144,7 +144,12 @@ def build_engine(a, **kw):
     cfg = SHAPES[a.shape]
     root = write_shape_dir(cfg, Path(tempfile.mkdtemp(prefix="bench-")) / a.shape)
     std = float(cfg.get("initializer_range", 0.02))
-    with mock.patch("weights.loader.load_model", lambda path, device, dtype: random_model(path, device, dtype, std, a.seed)):
+    def load(path, device, dtype, rank=0, world=1):
+        if world > 1:
+            raise NotImplementedError("random-weight shapes run on one rank")
+        return random_model(path, device, dtype, std, a.seed)
+
+    with mock.patch("weights.loader.load_model", load):
         eng = Engine(str(root), a.device, a.dtype, **kw)
     return eng, f"{a.shape} (random {str(eng.dtype).removeprefix('torch.')} weights)"
 
