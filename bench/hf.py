@@ -54,7 +54,7 @@ def views(eng, copy: bool = False):
             if tied and hname == "lm_head.weight":
                 continue
             raise RuntimeError(f"transformers parameter {hname} has no counterpart in the engine's name map")
-        name, rows = table[hname]
+        name, rows, _ = table[hname]
         src = ours[name].detach() if rows is None else ours[name].detach()[rows]
         if src.shape != p.shape:
             raise RuntimeError(f"{hname}: ours {tuple(src.shape)} vs transformers {tuple(p.shape)}")
