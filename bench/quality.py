@@ -51,7 +51,16 @@ import torch
 
 import refreekv
 from bench.quality_metrics import Fidelity, _mean, last_int, rouge_l, summarise
-from bench.quality_report import ROOT, append_results, device_name, git_commit, hms, markdown, model_source, plots
+from bench.quality_report import (
+    ROOT,
+    append_results,
+    device_name,
+    git_commit,
+    hms,
+    markdown,
+    model_source,
+    plots,
+)
 from bench.quality_tasks import FAMILIES, FIDELITY, Material, make_tasks
 from engine.sampling import Sampling
 from weights.errors import UserError

@@ -7,6 +7,7 @@ import torch
 
 from bench.quality_tasks import DEPTHS, FIDELITY
 
+
 def words(s: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", s.lower())
 

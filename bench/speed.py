@@ -52,9 +52,24 @@ import torch
 
 import refreekv
 from bench import hf as hfb
-from bench.common import (build_engine, copy_bandwidth, dynamo_counts, floats, free_cache, git_commit,
-                          gptfast_model_bytes, ints, is_cuda, log, make_policy, names, policy_label, prefill_flops,
-                          random_prompts, weight_bytes_per_token)
+from bench.common import (
+    build_engine,
+    copy_bandwidth,
+    dynamo_counts,
+    floats,
+    free_cache,
+    git_commit,
+    gptfast_model_bytes,
+    ints,
+    is_cuda,
+    log,
+    make_policy,
+    names,
+    policy_label,
+    prefill_flops,
+    random_prompts,
+    weight_bytes_per_token,
+)
 from engine.sampling import Sampling
 from weights.errors import UserError
 

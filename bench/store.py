@@ -78,7 +78,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from bench.quality_tasks import doc_corpus  # real prose nobody here wrote (Python's documentation topics)
+    from bench.quality_tasks import (
+        doc_corpus,  # real prose nobody here wrote (Python's documentation topics)
+    )
 
     rows = []
     for name in a.models.split(","):
@@ -91,7 +93,7 @@ def main(argv=None):
                 td, tokd = steps_dense(eng, prompts, a.steps)
                 tp, tokp = steps_paged(eng, prompts, a.steps)
                 eng.generate(prompts, refreekv.make("full"), Sampling(max_new_tokens=4))  # warm
-                res = eng.generate(prompts, refreekv.make("full"), Sampling(max_new_tokens=a.steps + 1))
+                eng.generate(prompts, refreekv.make("full"), Sampling(max_new_tokens=a.steps + 1))
                 d, pg = statistics.median(td) * 1e3, statistics.median(tp) * 1e3
                 rate = 1e3 / statistics.median(eng.stats["step_ms"])  # prefill batches interleave: the median step
                 rows.append([name, n, B, f"{d:.1f}", f"{pg:.1f}", f"{pg / d:.2f}", f"{1e3 / d:.1f}", f"{rate:.1f}",

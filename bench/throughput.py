@@ -183,8 +183,9 @@ def main(argv=None):
         from weights.resolve import resolve
 
         if a.shape:
-            from bench.common import SHAPES, write_shape_dir
             import tempfile
+
+            from bench.common import SHAPES, write_shape_dir
 
             c = load_config(write_shape_dir(SHAPES[a.shape], Path(tempfile.mkdtemp()) / "cfg"))
         else:

@@ -39,10 +39,9 @@ class Engine:
                  load: bool = True, tp: int | None = None):
         """Cheap checks and the tokenizer first; `load=False` stops there (call load() later), so
         a caller can check its prompts before the weights are read."""
+        from engine import tp as tp_mod
         from weights.config import load_config
         from weights.resolve import resolve
-
-        from engine import tp as tp_mod
 
         self.tp = tp_mod.init(tp, device)  # rank 0 of 1 without a tensor-parallel group
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

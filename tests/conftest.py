@@ -31,7 +31,7 @@ def tiny_ckpts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm():
     """The bundled default real model (SmolLM2-135M-Instruct), converted once into the cache."""
-    from weights.gguf import ensure_bundled
+    from weights.bundled import ensure_bundled
 
     return ensure_bundled("smollm2-135m-instruct")
 

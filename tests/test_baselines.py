@@ -6,7 +6,8 @@ from fractions import Fraction
 import pytest
 import torch
 from helpers import examples
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import refreekv
 from engine.kv import PagedKV
@@ -400,8 +401,9 @@ def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, step
 
 @pytest.fixture(scope="module")
 def tiny_generator(tmp_path_factory):
-    from engine.engine import Engine
     from helpers import write_tiny
+
+    from engine.engine import Engine
 
     return Engine(str(write_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")), device="cpu")
 

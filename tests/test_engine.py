@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
-
-import refreekv
 from conftest import real_text
 from dense_reference import dense_generate
+from test_weights import run_cli
+
+import refreekv
 from engine.engine import Engine
 from engine.kv import page_bytes
 from engine.sampling import Detok, Sampling
-from test_weights import run_cli
 from weights.errors import UserError
 
 POLICIES = {"full": {}, "refreekv": dict(threshold=0.2, protected=(0,)), "streaming": dict(budget=0.5),
@@ -181,7 +181,7 @@ def test_real_models_every_policy_equals_the_dense_store(name):
     prompt's fan-out at a time; (2) full and ReFreeKV alone through a pool of about two sequences,
     long enough answers that running sequences outgrow it and get preempted. Every sequence's
     tokens and kept counts equal the dense store's (tests/dense_reference.py)."""
-    from weights.gguf import ensure_bundled
+    from weights.bundled import ensure_bundled
 
     eng = Engine(str(ensure_bundled(name)), device="cpu", max_seqs=28, page_size=4, load=False)
     c = eng.config

@@ -4,15 +4,15 @@ import math
 
 import pytest
 import torch
-
-import refreekv
 from conftest import real_text
 from dense_reference import dense_generate
+from helpers import hf_model
+from test_weights import run_cli
+
+import refreekv
 from engine.engine import Engine
 from engine.sampling import Sampling
-from helpers import hf_model
 from refreekv.refreekv import cut_reference
-from test_weights import run_cli
 
 GREEDY = Sampling(max_new_tokens=32)
 

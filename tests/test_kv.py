@@ -6,8 +6,15 @@ import math
 import pytest
 import torch
 from helpers import examples
-from hypothesis import assume, given, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from engine import attention
 from engine.attention import paged_decode_torch

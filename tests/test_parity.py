@@ -2,8 +2,8 @@
 logits, a right-padded batch of different lengths, and 32 greedy decode steps logit by logit."""
 import pytest
 import torch
-
 from helpers import hf_model, paged
+
 from weights.errors import UserError
 from weights.loader import load_model
 

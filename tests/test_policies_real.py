@@ -2,10 +2,10 @@
 import json
 
 import pytest
-
-import refreekv
 from conftest import real_text
 from test_weights import run_cli
+
+import refreekv
 
 ARGS = {"full": [], "refreekv": [], "streaming": ["--budget", "0.3"], "h2o": ["--budget", "0.3"],
         "snapkv": ["--budget", "512"], "refreekv-h2o": ["--threshold", "0.01"], "refreekv-topp": ["--kv-args", '{"rows": 8}']}

@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import real_text
-from engine.tokenizer import Tokenizer
 from helpers import hf_model, paged
+
+from engine.tokenizer import Tokenizer
 from weights.loader import load_model
 
 
@@ -17,7 +17,7 @@ def nll(logits, ids):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
 def test_perplexity_matches_transformers(name):
-    from weights.gguf import ensure_bundled
+    from weights.bundled import ensure_bundled
 
     path = ensure_bundled(name)
     ids = torch.tensor([Tokenizer(path).encode(real_text(12000))[:2048]])
@@ -46,7 +46,7 @@ def test_loading_keeps_no_second_copy_in_host_memory():
     import time
     from pathlib import Path
 
-    from weights.gguf import ensure_bundled
+    from weights.bundled import ensure_bundled
 
     path = ensure_bundled("qwen2.5-coder-0.5b-instruct")
     code = ("import sys, torch; from weights.loader import load_model; print('ready', flush=True); sys.stdin.readline(); "

@@ -3,10 +3,17 @@ import math
 
 import torch
 from helpers import examples
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import refreekv
-from refreekv.refreekv import ReFreeKV, cut_positions, cut_reference, gap_reference, row_scores
+from refreekv.refreekv import (
+    ReFreeKV,
+    cut_positions,
+    cut_reference,
+    gap_reference,
+    row_scores,
+)
 
 SET = settings(max_examples=examples(60), deadline=None)
 

@@ -2,10 +2,11 @@
 invariants and a plain loop reference (on the dyadic probes of test_baselines)."""
 import torch
 from helpers import examples
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_baselines import probe, probes
 
 import refreekv
-from test_baselines import probe, probes
 
 SET = settings(max_examples=examples(40), deadline=None)
 thresholds = st.sampled_from([0.0, 0.01, 0.0731, 0.2113, 0.5831, 1.0])

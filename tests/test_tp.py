@@ -119,7 +119,7 @@ def test_a_rank_holds_about_its_share_of_host_memory():
     """Qwen2.5-Coder-0.5B fp32, rank 0 of 2: the anonymous memory the loaded shard holds, against the
     whole model's. Embeddings and LM head (1.09 GB) are whole on every rank; the layers (1.43 GB)
     split in two, so a rank holds 1.8 GB of 2.5."""
-    from weights.gguf import ensure_bundled
+    from weights.bundled import ensure_bundled
 
     path = ensure_bundled("qwen2.5-coder-0.5b-instruct")
 

@@ -13,7 +13,7 @@ HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokeniz
 
 def resolve(model: str | None) -> Path:
     """Return a local directory holding config.json, tokenizer and safetensors for `model`."""
-    from weights.gguf import BUNDLED, DEFAULT_MODEL, ensure_bundled
+    from weights.bundled import BUNDLED, DEFAULT_MODEL, ensure_bundled
 
     if model is None or model in BUNDLED:
         return ensure_bundled(model or DEFAULT_MODEL)
@@ -27,8 +27,12 @@ def resolve(model: str | None) -> Path:
 
 def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
