@@ -72,6 +72,10 @@ def init(tp: int | None, device: str | None) -> TP:
     if not dist.is_initialized():
         cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         if cuda:
+            here, n = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+            if here > n:  # checked on every rank before any waits for the others: all exit, rank 0 says why
+                raise UserError(f"{here} ranks on this machine need a GPU each, but it has {n}: start at most {n}, "
+                                "or pass --device cpu")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
     cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None

@@ -27,11 +27,12 @@ import refreekv
 from engine.engine import Engine
 from engine.sampling import Sampling
 path, out, gib, prompts, policies = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
-eng = Engine(path, device="cpu", kv_memory=gib, max_seqs=3, page_size=4, tp=2)
+device, tp = (sys.argv[6], int(sys.argv[7])) if len(sys.argv) > 6 else ("cpu", 2)
+eng = Engine(path, device=device, dtype="float32", kv_memory=gib, max_seqs=3, page_size=4, tp=tp)
 eng.eos = set()
 res = {name: [dict(tokens=r.tokens, kept=r.stats["kept_per_head"]) for r in
               eng.generate(prompts, refreekv.make(name, **kw), Sampling(max_new_tokens=20))] for name, kw in policies}
-json.dump(dict(rank=eng.tp.rank, results=res, bytes_read=eng.model.bytes_read, stats=eng.stats), open(out + f".{eng.tp.rank}", "w"))
+json.dump(dict(rank=eng.tp.rank, backend=torch.distributed.get_backend(), results=res, bytes_read=eng.model.bytes_read, stats=eng.stats), open(out + f".{eng.tp.rank}", "w"))
 """
 
 
@@ -103,7 +104,8 @@ def test_two_ranks_equal_one_process(tiny_ckpts, tmp_path, family):
 
 def test_cli_tp_prints_once_and_matches_one_process(tiny_ckpts):
     path = str(tiny_ckpts["llama", False])
-    args = ["--model", path, "--raw", "--prompt", "Tensor parallel", "--prompt", "two", "--max-new-tokens", "6"]
+    args = ["--model", path, "--device", "cpu", "--raw", "--prompt", "Tensor parallel", "--prompt", "two",
+            "--max-new-tokens", "6"]
     one = subprocess.run([sys.executable, "-m", "engine.generate", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "engine.generate", *args, "--tp", "2"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
@@ -141,13 +143,17 @@ def test_a_rank_holds_about_its_share_of_host_memory():
 
 def test_bad_tensor_parallel_input_is_one_error_and_no_rank_hangs(tiny_ckpts, tmp_path):
     path = str(tiny_ckpts["llama", False])  # 4 query heads, 2 KV heads, ffn 96
-    base = ["--model", path, "--prompt", "hi", "--max-new-tokens", "2"]
+    base = ["--model", path, "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"]
     bad = subprocess.run([sys.executable, "-m", "engine.generate", *base, "--tp", "3"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --tp 3 does not divide the model's 4 query heads"
     done = ranks([*base, "--tp", "4"])  # torchrun started 2, --tp says 4
     assert [p.returncode for p in done] == [2, 2]
     assert done[0].stderr.strip().splitlines()[-1] == "error: --tp 4 but 2 ranks were started (WORLD_SIZE)" and not done[1].stderr.strip()
+    if torch.cuda.device_count() < 2:  # more ranks than GPUs: every rank exits before waiting for the others
+        done = ranks(["--model", path, "--device", "cuda", "--prompt", "hi", "--max-new-tokens", "2"], n=2)
+        assert [p.returncode for p in done] == [2, 2] and not done[1].stderr.strip()
+        assert "error: 2 ranks on this machine need a GPU each, but it has" in done[0].stderr, done[0].stderr[-2000:]
     # rank 1's shard cannot be read (a truncated file seen by rank 1 only is hard to stage: a checkpoint whose
     # ffn width does not split evenly is refused before loading on every rank, and rank 0 reports it)
     import shutil
@@ -157,14 +163,38 @@ def test_bad_tensor_parallel_input_is_one_error_and_no_rank_hangs(tiny_ckpts, tm
     cfg = json.loads((odd / "config.json").read_text())
     cfg["intermediate_size"] = 95
     (odd / "config.json").write_text(json.dumps(cfg))
-    done = ranks(["--model", str(odd), "--prompt", "hi", "--max-new-tokens", "2"])
+    done = ranks(["--model", str(odd), "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"])
     assert [p.returncode for p in done] == [2, 2]
     assert "--tp 2 does not divide the model's ffn width 95" in done[0].stderr and not done[1].stderr.strip()
     # a shard that cannot be read: every rank reports, rank 0 prints them all, nobody waits forever
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
     (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:1000])
-    done = ranks(["--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"])
+    done = ranks(["--model", str(bad), "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"])
     assert [p.returncode for p in done] == [2, 2]
     err = done[0].stderr.strip().splitlines()[-1]
     assert err.startswith("error: rank 0: ") and "; rank 1: " in err and "corrupt or truncated" in err, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_nccl_rank_equals_one_process_on_cuda(tiny_ckpts, tmp_path):
+    """torchrun with one rank on a GPU: the NCCL process group, its all-reduces, broadcasts and the
+    gathered probe around the compiled CUDA path, against the same model without a group (fp32)."""
+    path = tiny_ckpts["qwen2", False]
+    from weights.config import load_config
+
+    c = load_config(path)
+    gib = 30 * c.n_layers * c.n_kv_heads * page_bytes(4, c.head_dim, torch.float32) / 2**30
+    out = tmp_path / "r"
+    (done,) = ranks([str(path), str(out), str(gib), json.dumps(prompts()), json.dumps(POLICIES), "cuda", "1"], n=1,
+                    code=RUNNER)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(Path(f"{out}.0").read_text())
+    assert got["backend"] == "nccl"
+    single = Engine(str(path), device="cuda", dtype="float32", max_seqs=3, page_size=4, kv_memory=gib)
+    single.eos = set()
+    for name, kw in POLICIES:
+        for i, r in enumerate(single.generate(prompts(), refreekv.make(name, **kw), Sampling(max_new_tokens=20))):
+            assert got["results"][name][i]["tokens"] == r.tokens, (name, i)
+            assert got["results"][name][i]["kept"] == r.stats["kept_per_head"], (name, i)
