@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from engine.gemv import gemv, use_gemv
 from engine.kv import PagedKV, page_bytes
 from engine.run import Result, Run, _pow2  # noqa: F401  (Result: part of the engine's API)
 from engine.sampling import Detok, Sampling
@@ -120,6 +121,8 @@ class Engine:
         elif err:
             raise UserError(err)
         self.model.setup_rope(self.context, self.dev)  # once: a fixed table keeps compiled graphs valid
+        if use_gemv(self.dev):  # opt-in (REFREEKV_GEMV=triton): the Triton GEMV for small decode batches
+            self.model.gemv = gemv
         c = self.local
         slots = _pow2(self.max_seqs) if self.cuda and self.compiled else self.max_seqs  # room for the last bucket
         pages = self.pool_pages()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.gemv import ROWS as GEMV_ROWS
 from weights.config import ModelConfig, rope_inv_freq
 
 
@@ -40,18 +41,18 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, cos, sin, fast=None):
         B, T, _ = x.shape
         c = self.c
-        q, k, v = self.wqkv(x).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        q, k, v = linear(self.wqkv, x, fast).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
         k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def out(self, o):  # [B, H, T, D] -> [B, T, dim]
+    def out(self, o, fast=None):  # [B, H, T, D] -> [B, T, dim]
         B, H, T, D = o.shape
-        return self.wo(o.transpose(1, 2).reshape(B, T, H * D))
+        return linear(self.wo, o.transpose(1, 2).reshape(B, T, H * D), fast)
 
 
 class MLP(nn.Module):
@@ -60,9 +61,14 @@ class MLP(nn.Module):
         self.w13 = nn.Linear(c.dim, 2 * c.ffn_dim, bias=c.mlp_bias)  # gate and up, fused
         self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=c.mlp_bias)
 
-    def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x, fast=None):
+        gate, up = linear(self.w13, x, fast).chunk(2, dim=-1)
+        return linear(self.w2, F.silu(gate) * up, fast)
+
+
+def linear(layer: nn.Linear, x, fast=None):
+    """layer(x), or fast(x, weight, bias) (engine/gemv.py's kernel for the decode projections)."""
+    return layer(x) if fast is None else fast(x, layer.weight, layer.bias)
 
 
 class Block(nn.Module):
@@ -112,6 +118,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.c = c
         self.tp = None  # engine/tp.py's TP when this is one rank's shard: sums the row-parallel outputs
+        self.gemv = None  # engine/gemv.py's gemv when the engine chose it for the decode projections
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
@@ -181,11 +188,12 @@ class Transformer(nn.Module):
         pos = kv.next_pos[:B]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
         x = self.embed(tokens)[:, None]
+        fast = self.gemv if self.gemv is not None and B <= GEMV_ROWS else None
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
+            q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin, fast)
             kv.append(i, k, v)
             o = kv.attend(i, q[:, :, 0], self.c.sliding_window, span)
-            x = x + self._sum(layer.attn.out(o[:, :, None]))
-            x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
+            x = x + self._sum(layer.attn.out(o[:, :, None], fast))
+            x = x + self._sum(layer.mlp(layer.mlp_norm(x), fast))
         kv.next_pos[:B] += kv.live[:B]
-        return self.lm_head(self.norm(x[:, 0])).float()
+        return linear(self.lm_head, self.norm(x[:, 0]), fast).float()
