@@ -5,8 +5,11 @@
 # hub and no package index: only random-weight shapes run there (the bundled real models' wheels
 # are over the 64 MiB a call may carry).
 #
-#   bash bench/gpu.sh tests        # tests/test_gpu.py + the kernel/pool/engine tests on CUDA
+#   bash bench/gpu.sh tests        # tests/test_gpu.py + the kernel/pool/engine tests on CUDA + one NCCL rank
 #   bash bench/gpu.sh kernel       # bench/attention.py: kernel vs reference vs dense SDPA, page sizes
+#   bash bench/gpu.sh gemv         # bench/gemv.py: decode projections, cuBLAS vs engine/gemv.py's tile sweep, rows 1/4/16
+#   bash bench/gpu.sh gemv-tuned   # the same at rows 1 with max-autotune's Triton templates (compiles: minutes)
+#   bash bench/gpu.sh speed-gemv   # bench/speed.py batch 1 at 512 through the Triton GEMV (REFREEKV_GEMV=triton)
 #   bash bench/gpu.sh speed        # bench/speed.py, Qwen2.5-7B shape: batch 1 (512, 8k), floor, scaling, batch 16 x 4k
 #   bash bench/gpu.sh hf           # bench/speed.py's transformers rows (eager + static compile) on the same weights
 #   bash bench/gpu.sh throughput   # bench/throughput.py, 7B shape, forced budgets 100/50/25%, transformers static batching
@@ -19,11 +22,18 @@ MD="$OUT/RESULTS-gpu.md"
 case "${1:-}" in
   tests)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-    python -m pytest -q -x tests/test_gpu.py tests/test_kv.py tests/test_engine.py -m "not slow" 2>&1 | tee "$OUT/pytest-gpu.log" ;;
+    { python -m pytest -q -x tests/test_gpu.py tests/test_kv.py tests/test_engine.py -m "not slow"; python -m pytest -q tests/test_tp.py -k nccl; python -m pytest -q tests/test_gemv.py; } 2>&1 | tee "$OUT/pytest-gpu.log" ;;
   kernel)
     python -m bench.attention --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" ;;
+  gemv)
+    python -m bench.gemv --no-autotune --json "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" ;;
+  gemv-tuned)
+    python -m bench.gemv --rows 1 --json "$OUT/gemv-tuned.json" 2>&1 | tee "$OUT/gemv-tuned.log" ;;
+  speed-gemv)
+    REFREEKV_GEMV=triton python -m bench.speed --sections speed,floor,profile --policies full --prompt-lens 512 \
+      --json "$OUT/speed-gemv.json" --results-md "$MD" 2>&1 | tee "$OUT/speed-gemv.log" ;;
   speed)
-    python -m bench.speed --sections speed,floor,scaling,batch --json "$OUT/speed.json" --results-md "$MD" 2>&1 | tee "$OUT/speed.log" ;;
+    python -m bench.speed --sections speed,floor,scaling,batch,profile --trace "$OUT/trace.json" --json "$OUT/speed.json" --results-md "$MD" 2>&1 | tee "$OUT/speed.log" ;;
   hf)
     python -m bench.speed --sections speed,hf --policies full --prompt-lens 512,8192 --json "$OUT/speed-hf.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/speed-hf.log" ;;
@@ -32,6 +42,6 @@ case "${1:-}" in
       --pool-tokens 60000 --max-seqs 64 --hf static-compile --hf-batch 16 --json "$OUT/throughput-7b.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/throughput.log" ;;
   *)
-    echo "usage: bash bench/gpu.sh tests|kernel|speed|hf|throughput" >&2
+    echo "usage: bash bench/gpu.sh tests|kernel|gemv|gemv-tuned|speed|speed-gemv|hf|throughput" >&2
     exit 2 ;;
 esac

@@ -73,7 +73,7 @@ from bench.common import (
 from engine.sampling import Sampling
 from weights.errors import UserError
 
-SECTIONS = ("speed", "floor", "hf", "scaling", "batch")
+SECTIONS = ("speed", "floor", "hf", "scaling", "batch", "profile")
 DEFAULTS = {
     "qwen2.5-7b": dict(prompt_lens=[512, 8192], new_tokens=256, scaling_lens=[512, 8192, 32512], batches=[16],
                        batch_prompt=4096, budgets=[0.5, 0.25], bw_mib=2048),
@@ -259,6 +259,29 @@ def section_batch(b: Bench):
             b.attempt(what, run)
 
 
+def section_profile(b: Bench):
+    """Where a batch-1 decode step's time goes: torch.profiler over one warm generate at the
+    shortest prompt (kernels inside CUDA-graph replays included), top kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, n, new = b.a, min(b.a.prompt_lens), min(b.a.new_tokens, 64)
+    prompts, s, policy = random_prompts(b.eng, 1, n, a.seed), Sampling(max_new_tokens=new), make_policy("full")
+    b.eng.generate(prompts, policy, s)  # warm: compiled and recorded before the profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(b.dev) else [])
+    with profile(activities=acts) as prof:
+        b.eng.generate(prompts, policy, s)
+    if a.trace:
+        prof.export_chrome_trace(a.trace)
+    dev_time = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    ev = prof.key_averages()
+    key = dev_time if is_cuda(b.dev) else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in ev) or 1
+    top = sorted(ev, key=key, reverse=True)[:15]
+    b.results["profile"] = dict(prompt=n, new_tokens=new, total_ms=total / 1e3, per_step_ms=total / 1e3 / new,
+                                top=[dict(name=e.key[:90], calls=e.count, ms=key(e) / 1e3, share=key(e) / total) for e in top])
+    log(f"[bench.speed] profile: {total / 1e3:.1f} ms of {'device' if is_cuda(b.dev) else 'CPU'} time over {new} tokens")
+
+
 # -------------------------------------------------------------------------------------- output
 
 def _f(x, fmt="{:.1f}"):
@@ -307,6 +330,12 @@ def render(res) -> str:
              for r in s["rows"]]))
     if res["batch"]:
         parts.append("**Batched decode** (tok/s summed over the batch = batch ÷ median step)\n\n" + table(ours, [row(r) for r in res["batch"]]))
+    pr = res.get("profile")
+    if pr:
+        parts.append(f"**Profile** (batch 1, prompt {pr['prompt']}, {pr['new_tokens']} tokens: {pr['per_step_ms']:.3f} ms "
+                     "of self time per token; top kernels)\n\n" + table(
+                         ["kernel", "calls", "ms", "share"],
+                         [[f"`{t['name']}`", t["calls"], _f(t["ms"], "{:.2f}"), _f(100 * t["share"], "{:.1f}%")] for t in pr["top"]]))
     if res["errors"]:
         parts.append("**Errors**\n\n" + "\n".join(f"- {e['run']}: `{e['error']}`" for e in res["errors"]))
     return "\n\n".join(parts)
@@ -326,6 +355,8 @@ def meta(a, eng, label, argv):
                 device_name=name, torch=torch.__version__, cuda=torch.version.cuda, transformers=tf,
                 commit=git_commit(a.commit), command="python -m bench.speed " + shlex.join(argv), model=label,
                 dtype=str(eng.dtype).removeprefix("torch."), compiled=bool(eng.compiled), page_size=eng.page_size,
+                decode_projections="triton gemv" if eng.model.gemv is not None else "F.linear",
+                attention="triton" if eng.kv.triton else "torch",
                 pool_pages=eng.kv.n_pages, params=sum(p.numel() for p in eng.model.parameters()), sections=a.sections,
                 config=dict(layers=c.n_layers, dim=c.dim, heads=c.n_heads, kv_heads=c.n_kv_heads, head_dim=c.head_dim,
                             ffn=c.ffn_dim, vocab=c.vocab_size))
@@ -335,7 +366,8 @@ def append_results_md(path, res, text):
     m = res["meta"]
     head = (f"\n## Speed — {m['date']} — {m['device_name']}\n\n"
             f"- model: {m['model']}, {m['params'] / 1e9:.3f} B parameters, compiled: {m['compiled']}, "
-            f"pool {m['pool_pages']} pages of {m['page_size']} tokens\n"
+            f"pool {m['pool_pages']} pages of {m['page_size']} tokens, decode projections: {m['decode_projections']}, "
+            f"decode attention: {m['attention']}\n"
             f"- torch {m['torch']} (CUDA {m['cuda']}), transformers {m['transformers']}, commit `{m['commit']}`\n"
             f"- command: `{m['command']}`\n\n")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -374,6 +406,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-memory", type=float, help="the engine's KV pool in GiB (default: the engine's)")
     p.add_argument("--page-size", type=int, default=16, help="KV page size (default 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", help="profile section: write its chrome trace here")
     p.add_argument("--bw-mib", type=int, help="copy-bandwidth buffer size in MiB (default 2048)")
     p.add_argument("--json", help="write the results here (rewritten after every run)")
     p.add_argument("--results-md", help="append a dated section to this markdown file (e.g. bench/RESULTS.md)")
@@ -405,8 +438,9 @@ def main(argv=None):
     b.results["meta"] = meta(a, eng, label, argv)
     m = b.results["meta"]
     log(f"[bench.speed] {label} on {m['device_name']}, {m['params'] / 1e9:.3f} B params, dtype {m['dtype']}, compiled {eng.compiled}")
-    steps = {"speed": section_speed, "hf": section_hf, "floor": section_floor, "scaling": section_scaling, "batch": section_batch}
-    for name in ("speed", "floor", "scaling", "batch", "hf"):  # hf last: its ratios use our rows; compiled HF runs are slow
+    steps = {"speed": section_speed, "hf": section_hf, "floor": section_floor, "scaling": section_scaling,
+             "batch": section_batch, "profile": section_profile}
+    for name in ("speed", "floor", "scaling", "batch", "profile", "hf"):  # hf last: its ratios use our rows; compiled HF runs are slow
         if name in a.sections:
             b.attempt(f"section {name}", lambda: steps[name](b))
     text = render(b.results)

@@ -25,7 +25,8 @@ FLOOR = {"copy_GBps", "weight_bytes_per_token", "floor_ms", "floor_tok_s", "gptf
          "ref_policy", "ours_decode_ms", "ours_tok_s", "ours_pct_of_floor", "bandwidth_efficiency_pct", "achieved_GBps",
          "achieved_GBps_e2e"}
 META = {"date", "device", "device_name", "torch", "cuda", "transformers", "commit", "command", "model", "dtype",
-        "compiled", "page_size", "pool_pages", "params", "sections", "config", "hf_weights", "parity_max_abs_logit_diff"}
+        "compiled", "page_size", "pool_pages", "params", "sections", "config", "hf_weights", "parity_max_abs_logit_diff",
+        "decode_projections", "attention"}
 
 
 def run_bench(args, tmp_path, timeout=300):
@@ -48,6 +49,7 @@ def test_tiny_end_to_end_cpu(tmp_path):
     m = res["meta"]
     assert META <= set(m), META - set(m)
     assert m["commit"] == "abc1234" and m["device"] == "cpu" and m["compiled"] is False
+    assert m["decode_projections"] == "F.linear" and m["attention"] == "torch"
     assert m["command"] == "python -m bench.speed " + " ".join(args)
     assert 0.8e6 < m["params"] < 2e6  # ~1M-parameter Qwen2 shape
     assert m["parity_max_abs_logit_diff"] < 1e-3  # transformers reads our very weights
@@ -90,8 +92,13 @@ def test_tiny_end_to_end_cpu(tmp_path):
         assert r["kv_budget"] == pytest.approx(want, abs=1 / bn)
         assert r["pages_after_pruning"] < r["pages_after_prefill"] or want == 1.0
 
+    pr = res["profile"]  # where a batch-1 step's CPU time goes: the profiler's own ops, ranked
+    assert pr["prompt"] == min(lens) and pr["per_step_ms"] > 0 and 0 < len(pr["top"]) <= 15
+    assert [t["ms"] for t in pr["top"]] == sorted((t["ms"] for t in pr["top"]), reverse=True)
+    assert 0 < sum(t["share"] for t in pr["top"]) <= 1 + 1e-9 and any("aten::" in t["name"] for t in pr["top"])
+
     # stdout ends with the tables; the markdown file got one dated section appended, nothing rewritten
-    assert p.stdout.lstrip().startswith("**Ours, batch 1**") and "**Batched decode**" in p.stdout
+    assert p.stdout.lstrip().startswith("**Ours, batch 1**") and "**Batched decode**" in p.stdout and "**Profile**" in p.stdout
     text = md.read_text()
     assert text.startswith("# results\n\nsomeone else's section\n") and text.count("## Speed") == 1
     assert "python -m bench.speed --tiny" in text and "abc1234" in text and "| full | 1 | 24 |" in text
