@@ -1,7 +1,7 @@
 """The decode projections at small batch on a GPU: cuBLAS (F.linear, what the compiled decode step
 calls by default), F.linear compiled with max-autotune (Inductor's Triton templates), and
 engine/gemv.py's Triton split-K GEMV over a sweep of its tile sizes, on the Qwen2.5-7B shapes,
-bf16, CUDA-graph replays.
+bf16 (--dtype), CUDA-graph replays.
 
     python -m bench.gemv --json out.json
 
@@ -39,6 +39,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
     p.add_argument("--rows", default="1,4,16", help="decode batch sizes (rows of x), each <= 16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--no-autotune", action="store_true", help="skip the max-autotune compile (minutes)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -48,15 +49,16 @@ def main(argv=None):
     if any(not 1 <= r <= gm.ROWS for r in rows_list):
         print(f"error: --rows must be between 1 and {gm.ROWS}", file=sys.stderr)
         return 2
+    dt = getattr(torch, a.dtype)
     copy = copy_bandwidth()
     gen = torch.Generator(device="cuda").manual_seed(0)
     tuned = None if a.no_autotune else torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
     out = []
     for (name, (N, K)), M in itertools.product(SHAPES.items(), rows_list):
-        w = (torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-        x = torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16)
+        w = (torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(dt)
+        x = torch.randn(M, K, device="cuda", generator=gen).to(dt)
         ref = F.linear(x.double(), w.double())
-        gbps = lambda ms: N * K * 2 / ms / 1e6  # noqa: E731
+        gbps = lambda ms: N * K * w.element_size() / ms / 1e6  # noqa: E731
         row = dict(shape=name, N=N, K=K, rows=M, cublas_err=rel_err(F.linear(x, w), ref))
         row["cublas_ms"] = bench(lambda: F.linear(x, w))
         if tuned is not None:
@@ -90,7 +92,7 @@ def main(argv=None):
         steps[M] = dict(cublas_ms=tot("cublas_ms"), autotune_ms=tot("autotune_ms") if tuned else None,
                         gemv_default_ms=tot("gemv_default_ms"), gemv_one_config=best_cfg,
                         gemv_one_config_ms=cfg_tot[best_cfg], gemv_per_shape_best_ms=tot("gemv_best_ms"))
-    wbytes = sum(PER_STEP[s] * N * K * 2 for s, (N, K) in SHAPES.items())
+    wbytes = sum(PER_STEP[s] * N * K * dt.itemsize for s, (N, K) in SHAPES.items())
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_GBps=copy, rows=out,
                step={str(k): v for k, v in steps.items()}, step_weight_bytes=wbytes)
     if a.json:
