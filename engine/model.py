@@ -147,20 +147,22 @@ class Transformer(nn.Module):
         cos, sin = self.cos[:N], self.sin[:N]
         x = self.embed(tokens)
         ar = torch.arange(N, device=tokens.device)
-        window = c.sliding_window if c.sliding_window and N > c.sliding_window else None  # else plain causal
         w = probe_rows
         if w:
             rows = lens[:, None] - w + torch.arange(w, device=tokens.device)  # [B, w] absolute positions
-            rmask = causal_mask(rows, ar, c.sliding_window) & (rows >= 0)[..., None] & (ar < lens[:, None, None])
+            real = (rows >= 0)[..., None] & (ar < lens[:, None, None])
+            rmasks = {win: causal_mask(rows, ar, win) & real for win in set(c.layer_windows)}  # per window size
             probe = torch.empty(c.n_layers, B, c.n_heads, w, N, device=tokens.device)
         for i, layer in enumerate(self.layers):
+            win = c.layer_windows[i]
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
             kv.write_prompt(i, slots, k, v, lens)
-            o = windowed_attention(q, k, v, window) if window else causal_attention(q, k, v)
+            # a window at least as long as the prompt is plain causal attention
+            o = windowed_attention(q, k, v, win) if win and N > win else causal_attention(q, k, v)
             x = x + self._sum(layer.attn.out(o))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if w:
-                probe[i] = self._probe(q, k, rows.clamp(min=0), rmask)
+                probe[i] = self._probe(q, k, rows.clamp(min=0), rmasks[win])
         kv.next_pos[slots] = lens
         if not all_logits:
             x = x[torch.arange(B, device=x.device), lens - 1]
@@ -192,7 +194,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin, fast)
             kv.append(i, k, v)
-            o = kv.attend(i, q[:, :, 0], self.c.sliding_window, span)
+            o = kv.attend(i, q[:, :, 0], self.c.layer_windows[i], span)
             x = x + self._sum(layer.attn.out(o[:, :, None], fast))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x), fast))
         kv.next_pos[:B] += kv.live[:B]

@@ -17,7 +17,7 @@ from refreekv.refreekv import cut_reference
 GREEDY = Sampling(max_new_tokens=32)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen2-window"])
 def test_full_kv_greedy_equals_transformers_and_refreekv_first_token(tiny_ckpts, family):
     path = tiny_ckpts[family, False]
     g = Engine(str(path), device="cpu")

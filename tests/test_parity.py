@@ -7,7 +7,7 @@ from helpers import hf_model, paged
 from weights.errors import UserError
 from weights.loader import load_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "llama-bias")
+FAMILIES = ("llama", "mistral", "qwen2", "llama-bias", "qwen2-window", "llama-window")
 CASES = [(f, s) for f in FAMILIES for s in (False, True)]
 
 
@@ -54,8 +54,10 @@ def test_greedy_decode_logits_step_by_step(tiny_ckpts, family, sharded):
     path = tiny_ckpts[family, sharded]
     model, c = ours(path)
     ids = torch.randint(3, c.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    # llama-window: transformers' Llama attends to every key but its generate cache keeps only the
+    # config's sliding_window tokens (a Llama has no window: the no-cache forward is the model)
     out = hf_model(path).generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, output_logits=True,
-                                  return_dict_in_generate=True)
+                                  return_dict_in_generate=True, use_cache=family != "llama-window")
     ref_tokens, ref_logits = out.sequences[0, 12:].tolist(), torch.stack(out.logits)[:, 0]  # [32, V]
     kv, slots = paged(c, [12], cap=12 + 32, page_size=4)
     logits, _ = model.prefill(ids, torch.tensor([12]), kv, slots, probe_rows=0)

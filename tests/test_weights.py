@@ -39,6 +39,16 @@ def test_transformers5_rope_parameters_and_family_quirks():
     assert c.rope_theta == 1e6 and c.rope_scaling is None
     q = parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 131072, "use_sliding_window": False})
     assert q.sliding_window is None and q.qkv_bias  # Qwen2.5 carries a window it does not use
+    q = parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096, "use_sliding_window": True,
+                      "max_window_layers": 1})  # transformers' rule: layers from max_window_layers on
+    assert q.sliding_window == 4096 and q.layer_windows == [None] + [4096] * (BASE["num_hidden_layers"] - 1)
+    q = parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096, "use_sliding_window": True})
+    assert q.sliding_window is None and not any(q.layer_windows)  # default max_window_layers 28: no layer here
+    assert parse_config({**BASE, "architectures": ["LlamaForCausalLM"], "sliding_window": 8}).layer_windows == \
+        [None] * BASE["num_hidden_layers"]  # Llama ignores it, as transformers does
+    with pytest.raises(UserError, match="layer_types must list"):
+        parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 8, "use_sliding_window": True,
+                      "layer_types": ["full_attention"]})
     m = parse_config({**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 4096, "head_dim": 128})
     assert m.sliding_window == 4096 and m.head_dim == 128 and not m.qkv_bias  # Mistral v0.1 window, Nemo's head_dim
 

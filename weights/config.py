@@ -22,7 +22,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...} is supported
-    sliding_window: int | None = None  # None: full attention
+    sliding_window: int | None = None  # the window of the windowed layers; None: full attention everywhere
+    layer_windows: list = field(default_factory=list)  # per layer: its window, or None (full attention)
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too (Qwen2's q/k/v bias does not)
     mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down projections
@@ -30,6 +31,10 @@ class ModelConfig:
     max_positions: int = 4096
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.layer_windows:
+            self.layer_windows = [self.sliding_window] * self.n_layers
 
     @property
     def group(self) -> int:
@@ -61,14 +66,13 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
                 scaling = None
             elif kind != "llama3":
                 raise UserError(f"unsupported rope_scaling type {kind!r} in {where}; supported: llama3")
-        window = cfg.get("sliding_window")
-        if family == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None  # Qwen2 configs carry sliding_window with use_sliding_window=false
+        n_layers = int(cfg["num_hidden_layers"])
+        window, layers = _windows(family, cfg, n_layers, where)
         c = ModelConfig(
-            family=family, vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=int(cfg["num_hidden_layers"]),
+            family=family, vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=n_layers,
             n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=int(cfg["intermediate_size"]),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=theta, rope_scaling=scaling,
-            sliding_window=int(window) if window else None,
+            sliding_window=window, layer_windows=layers,
             qkv_bias=family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias"))),
             o_bias=family == "llama" and bool(cfg.get("attention_bias")), mlp_bias=family == "llama" and bool(cfg.get("mlp_bias")),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -83,6 +87,31 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
     if c.n_heads % c.n_kv_heads:
         raise UserError(f"{where}: num_attention_heads {c.n_heads} is not a multiple of num_key_value_heads {c.n_kv_heads}")
     return c
+
+
+def _windows(family: str, cfg: dict, n_layers: int, where: str) -> tuple[int | None, list]:
+    """Which layers attend through a sliding window, as transformers reads the config: Llama never
+    (it ignores sliding_window), Mistral every layer, Qwen2 only with use_sliding_window, on the
+    layers its layer_types name "sliding_attention" (by default those from max_window_layers on)."""
+    w = cfg.get("sliding_window")
+    if family == "llama" or not w:
+        return None, [None] * n_layers
+    w = int(w)
+    if w < 1:
+        raise UserError(f"{where}: sliding_window must be >= 1, got {w}")
+    if family == "mistral":
+        return w, [w] * n_layers
+    if not cfg.get("use_sliding_window", False):  # Qwen2.5 configs carry a window they do not use
+        return None, [None] * n_layers
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", 28))  # transformers' Qwen2Config default
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or set(types) - {"full_attention", "sliding_attention"}:
+        raise UserError(f"{where}: layer_types must list 'full_attention' or 'sliding_attention' for each of the "
+                        f"{n_layers} layers")
+    layers = [w if t == "sliding_attention" else None for t in types]
+    return (w if any(layers) else None), layers
 
 
 def load_config(model_dir: Path) -> ModelConfig:
