@@ -7,7 +7,21 @@ from weights.errors import UserError
 
 
 def _token_str(v):
-    return v.get("content") if isinstance(v, dict) else v
+    v = v.get("content") if isinstance(v, dict) else v
+    return v if isinstance(v, str) else None
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object from an optional file ({} when absent); anything else is one clear error."""
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
+    return cfg
 
 
 class Tokenizer:
@@ -22,18 +36,20 @@ class Tokenizer:
             self.tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exceptions
             raise UserError(f"{path} is not a valid tokenizer file: {str(e).splitlines()[0]}") from None
-        cfg = {}
-        if (model_dir / "tokenizer_config.json").is_file():
-            try:
-                cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{model_dir / 'tokenizer_config.json'} is not valid JSON: {e}") from None
-        self.bos, self.eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+        where = model_dir / "tokenizer_config.json"
+        cfg = _json_object(where)
+        special = _json_object(model_dir / "special_tokens_map.json")  # older checkpoints keep BOS/EOS only here
+        self.bos = _token_str(cfg.get("bos_token")) or _token_str(special.get("bos_token"))
+        self.eos = _token_str(cfg.get("eos_token")) or _token_str(special.get("eos_token"))
         tmpl = cfg.get("chat_template")
         if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in tmpl):
+                raise UserError(f"{where}: chat_template as a list must hold {{'name': ..., 'template': ...}} objects")
             tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
         if tmpl is None and (model_dir / "chat_template.jinja").is_file():
             tmpl = (model_dir / "chat_template.jinja").read_text()
+        if tmpl is not None and not isinstance(tmpl, str):
+            raise UserError(f"{where}: chat_template must be a string, not {type(tmpl).__name__}")
         self.chat_template = tmpl
 
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -57,9 +73,10 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": prompt}]
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=True, bos_token=self.bos or "", eos_token=self.eos or "")
-        except TemplateError as e:
-            raise UserError(f"chat template failed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a template is the checkpoint's code: any failure is its error
+            raise UserError(f"chat template failed: {type(e).__name__}: {e}") from None
