@@ -210,14 +210,15 @@ class Engine:
         the CUDA graphs of those buckets); returns the seconds it took. Later buckets only record."""
         t0 = time.perf_counter()
         if self.compiled:
-            n = max(2, min(37, self.context - 3))  # lengths equal to no static size (page size, heads), within limits
-            while n > 2 and self.kv.seq_pages(n + 2) * 2 > self.kv.n_pages:
+            new = max(1, min(3, self.context - 2))  # a context of a few tokens still warms up
+            n = max(1, min(37, self.context - new))  # lengths equal to no static size (page size, heads), within limits
+            while n > 2 and self.kv.seq_pages(n + new - 1) * 2 > self.kv.n_pages:
                 n //= 2
             ids = [[self.config.bos_id or 1] * n, [self.config.bos_id or 1] * max(1, n - 8)]
             eos, self.eos = self.eos, set()
             try:
                 for batch in (ids[:1], ids):
-                    self.generate(batch, policy, Sampling(max_new_tokens=3))
+                    self.generate(batch, policy, Sampling(max_new_tokens=new))
             finally:
                 self.eos = eos
         return time.perf_counter() - t0

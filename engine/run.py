@@ -148,6 +148,9 @@ class Run:
             return False
         forced = i < len(q.forced)  # forced tokens are taken as given: no EOS or stop-string check
         if not forced and tok in self.eng.eos:
+            if self.on_token is not None:  # the end: text held back as a possible stop's prefix goes out
+                q.shown = len(q.text)
+                self.on_token(self.key(q), q.text)
             return True
         q.out.append(tok)
         before = len(q.text)
@@ -212,6 +215,7 @@ class Run:
             for b, g in enumerate(batch):
                 kv.assign(g[j].slot, kept[j, :, b])
             kv.compact(src, torch.tensor([g[j].slot for g in batch], device=dev), keeps[j])
+        w["peak_pages"] = max(w["peak_pages"], kv.used)  # the prompts and the forks' copies, before compaction
         kv.compact(src, src, keeps[0])
         for b, g in enumerate(batch):
             kv.trim(g[0].slot, kept[0, :, b])

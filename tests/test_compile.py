@@ -45,3 +45,14 @@ def test_compiled_generation_matches_eager_and_never_recompiles(pair):
     assert comp.stats["preemptions"] > 0 and comp.stats["admission_waits"] > 0
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert not counters["recompiles"]
+
+
+@pytest.mark.parametrize("context", [2, 3, 4, 6])
+def test_warmup_fits_a_short_context(tiny_ckpts, context):
+    """The warm-up's own requests fit any context that can hold a request at all (it asked for 3
+    new tokens after 2 prompt tokens, so --max-length 4 failed). Eager here: the sizes, not the compiler."""
+    eng = Engine(str(tiny_ckpts["llama", False]), device="cpu", max_length=context, kv_memory=0.01, page_size=4)
+    eng.compiled = True  # warm-up's requests run; the steps stay eager
+    assert eng.warmup(refreekv.make("full")) >= 0
+    out = eng.generate([[5] * (context - 1)], refreekv.make("full"), Sampling(max_new_tokens=1))[0]
+    assert len(out.tokens) <= 1

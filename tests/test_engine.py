@@ -127,6 +127,31 @@ def test_streaming_survives_preemption(tiny_ckpts):
     assert [seen[i] for i in range(len(prompts))] == [r.text for r in res]
 
 
+def test_streaming_ends_with_the_result_text_at_eos(tiny_ckpts):
+    """A sequence that ends on EOS while its text's tail is held back (it could start a stop
+    string) streams that tail before it ends: the last streamed text is the result's."""
+    eng = small_engine(tiny_ckpts["llama", False], 40)
+    eng.eos = set()
+    ids = list(range(40, 70))
+    free = eng.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=20))[0]
+    k = next(i for i in range(4, 20) if free.tokens[i] not in free.tokens[:i])  # EOS at its first occurrence
+    eng.eos = {free.tokens[k]}
+    text = eng.tokenizer.decode(free.tokens[:k])
+    stop = text[-1] + "\x00\x00"  # never matches, but the text's last character could start it
+    seen = []
+    r = eng.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=20, stop=[stop]),
+                     on_token=lambda i, t: seen.append(t))[0]
+    assert r.tokens == free.tokens[:k] and r.text == text
+    assert seen[-1] == text and (len(seen) < 2 or seen[-2] != text)  # held back until the end
+
+
+def test_peak_pages_count_the_prompt_before_pruning(tiny_ckpts):
+    eng = small_engine(tiny_ckpts["llama", False], 40)
+    eng.eos = set()
+    r = eng.generate([list(range(3, 83))], refreekv.make("streaming", budget=0.25), Sampling(max_new_tokens=4))[0]
+    assert r.stats["pages_after_pruning"] < r.stats["pages_after_prefill"] == eng.stats["peak_pages"]
+
+
 def test_pool_is_allocated_once(tiny_ckpts):
     eng = small_engine(tiny_ckpts["llama", False], 34)
     kv = eng.kv
