@@ -100,6 +100,8 @@ def main(argv=None):
         policy = policy_from_args(a)
         if a.stats_json and not os.path.isdir(os.path.dirname(os.path.abspath(a.stats_json))):
             raise UserError(f"--stats-json: directory of {a.stats_json} does not exist")
+        if a.stats_json and os.path.isdir(a.stats_json):
+            raise UserError(f"--stats-json {a.stats_json} is a directory: name a file")
         prompts = []
         for kind, v in a.inputs or []:
             try:

@@ -132,13 +132,22 @@ def kv_head_scores(attn: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
 
 
 def check_layers(protected) -> tuple[int, ...]:
+    # a string is iterable ("01" would read as layers 0 and 1), a bool is an int: neither is a list of layers
     try:
-        layers = tuple(int(x) for x in protected)
-    except (TypeError, ValueError):
-        raise ValueError(f"protected must be a list of layer indices, got {protected!r}") from None
+        layers = tuple(protected)
+    except TypeError:
+        layers = None
+    if layers is None or isinstance(protected, (str, bytes)) or any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
+        raise ValueError(f"protected must be a list of layer indices, got {protected!r}")
     if any(x < 0 for x in layers):
         raise ValueError(f"protected layers must be >= 0, got {list(protected)}")
     return layers
+
+
+def check_flag(name: str, v) -> bool:
+    if not isinstance(v, bool):  # bool("false") is True
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+    return v
 
 
 def check_threshold(threshold) -> float:

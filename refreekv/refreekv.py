@@ -17,7 +17,7 @@ the attention go at T = 1%; the mass gap does not.
 """
 import torch
 
-from refreekv import Policy, Probe, check_count, check_layers, check_threshold, register
+from refreekv import Policy, Probe, check_count, check_flag, check_layers, check_threshold, register
 
 
 def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ class ReFreeKV(Policy):
             raise ValueError(f"metric must be 'l2' or 'mass', got {metric!r}")
         self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
         self.probe_rows = check_count("rows", rows, 1)
-        self.protected, self.include_sinks, self.metric = check_layers(protected), bool(include_sinks), metric
+        self.protected, self.include_sinks, self.metric = check_layers(protected), check_flag("include_sinks", include_sinks), metric
 
     def plan(self, probe: Probe):
         p = torch.cat([cut_positions(row_scores(probe.attn[l: l + 1], probe.lens), probe.lens, self.threshold, self.sinks,

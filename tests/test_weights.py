@@ -171,6 +171,10 @@ def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
         (["--kv", "streaming", "--budget", "2.5"], "a budget > 1 is a token count and must be a whole number"),
         (["--kv", "nope"], "unknown KV policy 'nope'"),
         (["--model", str(tmp_path)], f"no *.safetensors weights in {tmp_path}"),
+        (["--kv-args", '{"include_sinks": "false"}'], "include_sinks must be true or false, got 'false'"),
+        (["--kv-args", '{"protected": "01"}'], "protected must be a list of layer indices, got '01'"),
+        (["--stats-json", str(tmp_path)], "is a directory: name a file"),
+        (["--seed", str(2**70)], "--seed must be in [0, 2^63)"),
     ]
     for args, msg in cases:
         argv = ["--model", tiny, "--prompt", "hi", "--max-new-tokens", "2", *args]
@@ -211,3 +215,38 @@ def test_hub_download_fetches_only_the_indexed_shards(tmp_path, monkeypatch):
     calls.clear()
     resolve.resolve("org/unsharded")  # no index: the single-file checkpoint only
     assert calls[1] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda c: [c], "must hold a JSON object, not list"),
+    (lambda c: {**c, "num_attention_heads": 0}, "num_attention_heads must be >= 1"),
+    (lambda c: {**c, "rope_scaling": "llama3"}, "rope_scaling must be an object"),
+    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 32}},
+     "llama3 rope_scaling needs a positive number factor, got None"),
+    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": "8", "original_max_position_embeddings": 32}},
+     "needs a positive number factor, got '8'"),
+    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "needs a positive number original_max_position_embeddings"),
+    (lambda c: {**c, "architectures": "LlamaForCausalLM"}, "architectures must be a list"),
+])
+def test_malformed_config_is_one_error_before_loading(tiny_ckpts, tmp_path, capsys, edit, msg):
+    """Each once a traceback (some only after the weights were loaded): now one line, exit 2."""
+    from engine.generate import main
+
+    src = tiny_ckpts["llama", False]
+    for f in src.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(edit(json.loads((src / "config.json").read_text()))))
+    assert main(["--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and msg in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("gen", ['{"eos_token_id": "x"}', "[1, 2]"])
+def test_malformed_generation_config_is_one_error(tiny_ckpts, tmp_path, gen):
+    src = tiny_ckpts["llama", False]
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    (tmp_path / "generation_config.json").write_text(gen)
+    with pytest.raises(UserError, match="eos_token_id must be a token id or a list of them"):
+        load_config(tmp_path)

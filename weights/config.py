@@ -46,26 +46,48 @@ def _ids(v) -> list[int]:
 
 
 def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where} must hold a JSON object, not {type(cfg).__name__}")
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        raise UserError(f"{where}: architectures must be a list of class names")
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
         got = ", ".join(archs) or f"model_type={cfg.get('model_type')!r}"
         raise UserError(f"unsupported architecture {got} in {where}; supported: {', '.join(SUPPORTED)}")
     family = SUPPORTED[arch]
     try:
+        for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+            if int(cfg[k]) < 1:
+                raise UserError(f"{where}: {k} must be >= 1, got {cfg[k]!r}")
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        if n_kv < 1 or int(cfg.get("head_dim") or 1) < 1:
+            raise UserError(f"{where}: num_key_value_heads and head_dim must be >= 1")
         head_dim = int(cfg.get("head_dim") or dim // n_heads)
         # transformers 5 writes rope_parameters = {"rope_theta": .., "rope_type": ..}
         rp = cfg.get("rope_parameters") or {}
         theta = float(cfg.get("rope_theta") or rp.get("rope_theta") or 10000.0)
         scaling = cfg.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
         if scaling:
+            if not isinstance(scaling, dict):
+                raise UserError(f"{where}: rope_scaling must be an object, got {scaling!r}")
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "default":
                 scaling = None
             elif kind != "llama3":
                 raise UserError(f"unsupported rope_scaling type {kind!r} in {where}; supported: llama3")
+            else:  # checked here, before any weight is read (the table is built after loading)
+                for k in ("factor", "original_max_position_embeddings"):
+                    v = scaling.get(k)
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                        raise UserError(f"{where}: llama3 rope_scaling needs a positive number {k}, got {v!r}")
+                for k in ("low_freq_factor", "high_freq_factor"):
+                    v = scaling.get(k, 1.0)
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                        raise UserError(f"{where}: rope_scaling {k} must be a positive number, got {v!r}")
+                if scaling.get("high_freq_factor", 4.0) <= scaling.get("low_freq_factor", 1.0):
+                    raise UserError(f"{where}: rope_scaling high_freq_factor must exceed low_freq_factor")
         n_layers = int(cfg["num_hidden_layers"])
         window, layers = _windows(family, cfg, n_layers, where)
         c = ModelConfig(
@@ -82,7 +104,7 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
         )
     except KeyError as e:
         raise UserError(f"{where} lacks required field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{where} has a malformed field: {e}") from None
     if c.n_heads % c.n_kv_heads:
         raise UserError(f"{where}: num_attention_heads {c.n_heads} is not a multiple of num_key_value_heads {c.n_kv_heads}")
@@ -127,8 +149,8 @@ def load_config(model_dir: Path) -> ModelConfig:
     if gen.is_file():
         try:
             extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            extra = []
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+            raise UserError(f"{gen}: eos_token_id must be a token id or a list of them") from None
         c.eos_ids += [i for i in extra if i not in c.eos_ids]
     return c
 
