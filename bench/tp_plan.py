@@ -3,11 +3,13 @@ own sharding (weights/shard.py, the model built on the meta device: nothing is a
 
     python -m bench.tp_plan --results-md bench/RESULTS.md
 
-Computed, per rank: weight bytes (embeddings and LM head whole on every rank), KV bytes per token,
+Computed, per rank: weight bytes (the embedding whole on every rank, the LM head split over the
+vocabulary as the engine does when the ranks divide it), KV bytes per token,
 how many 32k-token sequences fit at full cache and at ReFreeKV's published average budgets (63.7%
 Llama 3, 76.0% Qwen2.5; a request is admitted with its whole prompt, so one prompt's full pages
-stay free), the all-reduce volume of a decode step, and the expected decode step time: weights per
-rank over the H100 copy bandwidth measured here (3.01 TB/s) plus 2 x layers all-reduces at a
+stay free), the all-reduce volume of a decode step, and the expected decode step time: the weights a
+rank reads per token (all but the embedding, whose lookup reads one row) over the H100 copy
+bandwidth measured here (3.01 TB/s) plus 2 x layers all-reduces and the logits' all-gather at a
 latency-bound NCCL cost (8 KB-32 KB messages on NVLink: ~8 us each, the published NVLink 4
 bandwidth of 450 GB/s per direction being far from the limit at these sizes).
 """
@@ -35,15 +37,17 @@ ALLREDUCE_S = 8e-6  # one small NCCL all-reduce over NVLink (latency-bound)
 SEQ = 32768
 
 
-def rank_bytes(cfg: dict, world: int) -> tuple[int, int]:
-    """(weight bytes of rank 0 in bf16, KV bytes per token of one rank)."""
+def rank_bytes(cfg: dict, world: int) -> tuple[int, int, int]:
+    """(weight bytes of rank 0 in bf16, the bytes of them a decode step reads, KV bytes per token of one rank)."""
     from engine.model import Transformer
 
     c = shard_config(parse_config(cfg), 0, world)
     with torch.device("meta"):
         m = Transformer(c).to(torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in m.parameters())
-    return weights, c.n_layers * c.n_kv_heads * c.head_dim * 2 * 2
+    embed = m.embed.weight
+    read = weights - (0 if c.tie_embeddings else embed.numel() * embed.element_size())
+    return weights, read, c.n_layers * c.n_kv_heads * c.head_dim * 2 * 2
 
 
 def rows() -> list[list[str]]:
@@ -52,13 +56,13 @@ def rows() -> list[list[str]]:
         cfg = {k: v for k, v in spec.items() if k != "budget"}
         c = parse_config(cfg)
         for world in (4, 8):
-            w, kv_tok = rank_bytes(cfg, world)
+            w, read, kv_tok = rank_bytes(cfg, world)
             free = HBM_GB * USABLE - w - 2e9  # 2 GB for a 32k-token prefill's activations on this rank
             seq = SEQ * kv_tok
             full = int(free // seq)
             pruned = int((free - seq) // (spec["budget"] * seq)) + 1  # one prompt whole while it is admitted
             ar = 2 * c.n_layers * c.dim * 2  # bytes all-reduced per decode step, per sequence
-            step = w / COPY_BPS + 2 * c.n_layers * ALLREDUCE_S
+            step = read / COPY_BPS + (2 * c.n_layers + 1) * ALLREDUCE_S
             out.append([name, str(world), f"{w / 1e9:.1f}", f"{kv_tok / 1024:.0f} KiB", str(full),
                         f"{100 * spec['budget']:.1f}%", str(pruned), f"{pruned / max(full, 1):.2f}x",
                         f"{ar / 1e6:.2f} MB ({2 * c.n_layers} x {c.dim * 2 // 1024} KiB)", f"{1e3 * step:.1f} ms",
@@ -81,7 +85,8 @@ def main(argv=None):
                        "Computed (nothing measured on several GPUs: the device lent here has one); command "
                        "`python -m bench.tp_plan`. Assumptions in its docstring: 90% of HBM usable, 2 GB of prefill "
                        "activations, copy bandwidth 3.01 TB/s (measured), 8 us per small NCCL all-reduce (NVLink, "
-                       "latency-bound), embeddings and LM head whole on every rank.\n\n" + text + "\n")
+                       "latency-bound), the embedding whole on every rank, the LM head split over the vocabulary "
+                       "(a step reads all but the embedding).\n\n" + text + "\n")
     print(text)
     return 0
 

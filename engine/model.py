@@ -122,8 +122,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
-        if c.tie_embeddings:
+        self.lm_head = nn.Linear(c.dim, c.head_rows or c.vocab_size, bias=False)  # tensor parallel: this rank's rows
+        if c.tie_embeddings and not c.head_rows:
             self.lm_head.weight = self.embed.weight
 
     def setup_rope(self, max_len: int, device=None):
@@ -166,7 +166,15 @@ class Transformer(nn.Module):
         kv.next_pos[slots] = lens
         if not all_logits:
             x = x[torch.arange(B, device=x.device), lens - 1]
-        return self.lm_head(self.norm(x)).float(), (probe if w else None)
+        return self._logits(self.norm(x)), (probe if w else None)
+
+    def _logits(self, x, fast=None):
+        """fp32 logits over the whole vocabulary (tensor parallel with a split head: each rank's
+        rows, gathered)."""
+        y = linear(self.lm_head, x, fast)
+        if self.c.head_rows:
+            y = self.tp.gather_last(y)
+        return y.float()
 
     def _sum(self, x):
         """Row-parallel outputs (o_proj, down_proj) summed over tensor-parallel ranks."""
@@ -198,4 +206,4 @@ class Transformer(nn.Module):
             x = x + self._sum(layer.attn.out(o[:, :, None], fast))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x), fast))
         kv.next_pos[:B] += kv.live[:B]
-        return linear(self.lm_head, self.norm(x[:, 0]), fast).float()
+        return self._logits(self.norm(x[:, 0]), fast)

@@ -4,7 +4,8 @@
     python -m engine.generate --tp 2 --model ... --prompt ...          # spawns the ranks itself
 
 Each rank loads its shard of the weights (weights/shard.py) and holds the KV pages of its own KV
-heads; the output and down projections end with one all-reduce each. Everything the host decides
+heads and its rows of the LM head; the output and down projections end with one all-reduce each,
+the split LM head with one all-gather of the logits. Everything the host decides
 is decided identically on every rank: tokens are broadcast from rank 0, page shortages and free
 pages are all-reduced (on a CPU group, so no decision waits for the GPU stream), and the pruning
 probe is gathered so that every policy sees all heads and plans exactly as on one process.
@@ -32,6 +33,13 @@ class TP:
         import torch.distributed._functional_collectives as funcol
 
         return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+    def gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x concatenated along the last dim in rank order (the split LM head's logits;
+        functional collective: traceable by torch.compile)."""
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, dist.group.WORLD)
 
     def host_max(self, v: int) -> int:
         t = torch.tensor([v], dtype=torch.long)

@@ -32,7 +32,9 @@ eng = Engine(path, device=device, dtype="float32", kv_memory=gib, max_seqs=3, pa
 eng.eos = set()
 res = {name: [dict(tokens=r.tokens, kept=r.stats["kept_per_head"]) for r in
               eng.generate(prompts, refreekv.make(name, **kw), Sampling(max_new_tokens=20))] for name, kw in policies}
-json.dump(dict(rank=eng.tp.rank, backend=torch.distributed.get_backend(), results=res, bytes_read=eng.model.bytes_read, stats=eng.stats), open(out + f".{eng.tp.rank}", "w"))
+m = eng.model
+head = dict(rows=m.lm_head.weight.shape[0], view=m.lm_head.weight.untyped_storage().data_ptr() == m.embed.weight.untyped_storage().data_ptr())
+json.dump(dict(rank=eng.tp.rank, backend=torch.distributed.get_backend(), results=res, head=head, bytes_read=eng.model.bytes_read, stats=eng.stats), open(out + f".{eng.tp.rank}", "w"))
 """
 
 
@@ -58,13 +60,31 @@ def prompts():
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama-bias"])
+def tied(src: Path, dst: Path) -> Path:
+    """src with tie_word_embeddings: no lm_head tensor, the head is the embedding (SmolLM2, Qwen2.5-0.5B)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    t = load_file(src / "model.safetensors")
+    del t["lm_head.weight"]
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama-bias", "llama-tied"])
 def test_two_ranks_equal_one_process(tiny_ckpts, tmp_path, family):
     """llama: llama3 rope scaling; mistral: sliding window, head_dim 24; qwen2: q/k/v bias and one KV
-    head for two ranks (replicated); llama-bias: o_proj and down_proj biases added once."""
+    head for two ranks (replicated); llama-bias: o_proj and down_proj biases added once; llama-tied:
+    each rank's half of the LM head is a view of its whole embedding. The LM head splits over the
+    vocabulary (its logits all-gathered)."""
     from weights.config import load_config
 
-    path = tiny_ckpts[family, False]
+    path = tied(tiny_ckpts["llama", False], tmp_path / "tied") if family == "llama-tied" else tiny_ckpts[family, False]
     c = load_config(path)
     per_rank_kv = max(1, c.n_kv_heads // 2)
     gib = 30 * c.n_layers * per_rank_kv * page_bytes(4, c.head_dim, torch.float32) / 2**30  # 30 pages per row and rank
@@ -73,6 +93,7 @@ def test_two_ranks_equal_one_process(tiny_ckpts, tmp_path, family):
     assert all(p.returncode == 0 for p in done), [p.stderr[-3000:] for p in done]
     got = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
     assert got[0]["results"] == got[1]["results"]  # every rank holds the same tokens and plans
+    assert [g["head"] for g in got] == [dict(rows=c.vocab_size // 2, view=family == "llama-tied")] * 2
 
     single = Engine(str(path), device="cpu", max_seqs=3, page_size=4,
                     kv_memory=30 * c.n_layers * c.n_kv_heads * page_bytes(4, c.head_dim, torch.float32) / 2**30)
@@ -84,8 +105,8 @@ def test_two_ranks_equal_one_process(tiny_ckpts, tmp_path, family):
             assert got[0]["results"][name][i]["kept"] == r.stats["kept_per_head"], (family, name, i)
     assert got[0]["stats"]["admission_waits"] > 0  # the pool held fewer than all five at once
 
-    # each rank read its shard: the replicated tensors (embeddings, head, norms; a KV head shared by
-    # both ranks) whole, everything else half
+    # each rank read its shard: the replicated tensors (embeddings, norms; a KV head shared by both
+    # ranks) whole, everything else half
     from safetensors import safe_open
 
     whole = half = 0
@@ -93,7 +114,7 @@ def test_two_ranks_equal_one_process(tiny_ckpts, tmp_path, family):
         for k in f.keys():
             n = f.get_slice(k).get_shape()
             size = 4 * int(torch.tensor(n).prod())
-            shared = ("embed" in k or "lm_head" in k or "norm" in k or
+            shared = ("embed" in k or "norm" in k or  # the LM head splits over the vocabulary (256 / 2)
                       (c.n_kv_heads < 2 and ("k_proj" in k or "v_proj" in k)) or k.endswith(("o_proj.bias", "down_proj.bias")))
             whole += size if shared else 0
             half += 0 if shared else size
@@ -119,8 +140,8 @@ def test_cli_tp_prints_once_and_matches_one_process(tiny_ckpts):
 @pytest.mark.slow
 def test_a_rank_holds_about_its_share_of_host_memory():
     """Qwen2.5-Coder-0.5B fp32, rank 0 of 2: the anonymous memory the loaded shard holds, against the
-    whole model's. Embeddings and LM head (1.09 GB) are whole on every rank; the layers (1.43 GB)
-    split in two, so a rank holds 1.8 GB of 2.5."""
+    whole model's. The embedding (0.54 GB) is whole on every rank; the layers (1.43 GB) and the LM
+    head (0.54 GB, untied in this checkpoint) split in two, so a rank holds 1.5 GB of 2.5."""
     from weights.bundled import ensure_bundled
 
     path = ensure_bundled("qwen2.5-coder-0.5b-instruct")
@@ -135,9 +156,11 @@ def test_a_rank_holds_about_its_share_of_host_memory():
         return [int(x) for x in out.stdout.split()[-2:]]
 
     (whole, read1), (half, read2) = peak(1), peak(2)
-    layers = read1 - 2 * 151936 * 896 * 4 - (2 * 24 + 1) * 896 * 4  # all but embeddings, LM head and norms
-    assert read2 == read1 - layers // 2  # bytes read from the checkpoint: the replicated part plus half the layers
-    assert abs(half - (whole - layers // 2)) < 0.1e9, (half, whole, layers)  # resident: the same split
+    head = 151936 * 896 * 4
+    layers = read1 - 2 * head - (2 * 24 + 1) * 896 * 4  # all but the embedding, the LM head and the norms
+    split = layers // 2 + head // 2
+    assert read2 == read1 - split  # bytes read from the checkpoint: the replicated part plus half of the rest
+    assert abs(half - (whole - split)) < 0.1e9, (half, whole, split)  # resident: the same split
     print(f"rank 0 of 2: {half / 1e9:.2f} GB of anonymous memory, one process {whole / 1e9:.2f} GB")
 
 

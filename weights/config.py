@@ -28,6 +28,7 @@ class ModelConfig:
     o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too (Qwen2's q/k/v bias does not)
     mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down projections
     tie_embeddings: bool = False
+    head_rows: int | None = None  # tensor parallel: the LM head rows (vocabulary) this rank holds; None: all
     max_positions: int = 4096
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)

@@ -21,8 +21,8 @@ def name_map(c: ModelConfig, rank: int = 0, world: int = 1) -> dict[str, tuple[s
 
     Tensor parallel over `world` ranks (weights/shard.py): q/k/v and gate/up are split by output
     rows (query heads, KV heads, ffn units), o_proj and down_proj by input columns, and their
-    biases are read by rank 0 alone (the others hold zeros: the all-reduce adds them once);
-    embeddings, norms and the LM head are whole on every rank."""
+    biases are read by rank 0 alone (the others hold zeros: the all-reduce adds them once); the LM
+    head by vocabulary rows when the ranks divide the vocabulary; embeddings and norms whole."""
     from weights.shard import kv_heads, shard_config
 
     lc = shard_config(c, rank, world)
@@ -32,7 +32,8 @@ def name_map(c: ModelConfig, rank: int = 0, world: int = 1) -> dict[str, tuple[s
     whole = world == 1
     m = {"model.embed_tokens.weight": ("embed.weight", None, None), "model.norm.weight": ("norm.weight", None, None)}
     if not c.tie_embeddings:
-        m["lm_head.weight"] = ("lm_head.weight", None, None)
+        v = lc.head_rows
+        m["lm_head.weight"] = ("lm_head.weight", None, None if not v else (slice(rank * v, (rank + 1) * v),))
     for i in range(c.n_layers):
         hf, us = f"model.layers.{i}.", f"layers.{i}."
         parts = {"q_proj": (slice(0, qd), slice(q0, q0 + qd)), "k_proj": (slice(qd, qd + kd), slice(kv0, kv0 + kd)),
@@ -90,8 +91,10 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
     lc = shard_config(c, rank, world)
     with torch.device("meta"):
         model = Transformer(lc).to(dtype)
+        if c.tie_embeddings and lc.head_rows:  # becomes a view of the embedding below: allocate nothing for it
+            model.lm_head.weight = torch.nn.Parameter(torch.empty(0, c.dim, dtype=dtype), requires_grad=False)
     model = model.to_empty(device=device)
-    if c.tie_embeddings:
+    if c.tie_embeddings and not lc.head_rows:
         model.lm_head.weight = model.embed.weight
     params = dict(model.named_parameters())
     from tqdm import tqdm  # a dependency of huggingface-hub
@@ -131,5 +134,8 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
     missing = [k for k in table if k not in seen]
     if missing:
         raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    if c.tie_embeddings and lc.head_rows:  # this rank's rows of the head: a view of the embedding, no copy
+        v = lc.head_rows
+        model.lm_head.weight = torch.nn.Parameter(model.embed.weight.data[rank * v:(rank + 1) * v], requires_grad=False)
     model.bytes_read = read
     return model.eval(), c

@@ -1,6 +1,7 @@
 """Which part of the model a tensor-parallel rank holds (the Megatron / gpt-fast split).
 
-Rank r of N holds query heads [r H/N, (r + 1) H/N) and ffn units [r F/N, (r + 1) F/N). KV heads
+Rank r of N holds query heads [r H/N, (r + 1) H/N), ffn units [r F/N, (r + 1) F/N) and, when N
+divides the vocabulary, LM head rows [r V/N, (r + 1) V/N) (the embedding stays whole). KV heads
 are split the same way when N divides them; with more ranks than KV heads (N > Hkv, N a multiple
 of Hkv) each KV head is replicated on the N / Hkv ranks whose query heads read it, as vLLM and
 SGLang do: rank r holds the one KV head its query heads map to.
@@ -30,9 +31,17 @@ def kv_heads(c: ModelConfig, rank: int, world: int) -> tuple[int, int]:
     return rank * (c.n_heads // world) // (c.n_heads // c.n_kv_heads), 1  # the KV head of this rank's query heads
 
 
+def head_rows(c: ModelConfig, world: int) -> int | None:
+    """LM head rows per rank: split over the vocabulary when the ranks divide it (each rank reads 1/N
+    of the head per token, then one all-gather of the logits: bench/tp_head.py measured it faster
+    at batch 1), else None: whole on every rank."""
+    return c.vocab_size // world if world > 1 and c.vocab_size % world == 0 else None
+
+
 def shard_config(c: ModelConfig, rank: int, world: int) -> ModelConfig:
-    """The config of the model a rank runs: its query heads, KV heads and ffn units."""
+    """The config of the model a rank runs: its query heads, KV heads, ffn units and LM head rows."""
     if world == 1:
         return c
     check(c, world)
-    return replace(c, n_heads=c.n_heads // world, n_kv_heads=kv_heads(c, rank, world)[1], ffn_dim=c.ffn_dim // world)
+    return replace(c, n_heads=c.n_heads // world, n_kv_heads=kv_heads(c, rank, world)[1], ffn_dim=c.ffn_dim // world,
+                   head_rows=head_rows(c, world))
