@@ -42,7 +42,9 @@ def sample(logits, s: Sampling, gen: torch.Generator | None):
     if s.top_p < 1:
         srt, idx = logits.sort(-1, descending=True)
         probs = srt.softmax(-1)
-        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p: a token goes once the mass before it
+        # does (transformers' rule, boundary included)
+        drop = probs.cumsum(-1) - probs >= s.top_p
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
     # exponential race (as gpt-fast): argmax p / E with E ~ Exp(1) draws from p, with no host sync
     q = torch.empty_like(logits).exponential_(1, generator=gen)

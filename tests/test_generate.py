@@ -220,6 +220,13 @@ def test_sampling_draws_from_the_filtered_distribution():
     for got, want in [(freq(), p), (freq(top_k=2), torch.tensor([4 / 7, 3 / 7, 0, 0, 0])),
                       (freq(top_p=0.8), torch.tensor([0.4, 0.3, 0.15, 0, 0]) / 0.85)]:
         assert (got - want.double()).abs().max() < 0.01, (got, want)
+    # at the boundary: the mass before token 1 is exactly top_p, so transformers keeps token 0 alone
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    exact = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    kept = TopPLogitsWarper(0.5)(None, exact.clone()).isfinite()[0]
+    drawn = sample(exact.expand(2000, -1), Sampling(temperature=1.0, top_p=0.5), g)
+    assert kept.tolist() == [True, False, False] and set(drawn.tolist()) == {0}
     hot = torch.bincount(sample(logits, Sampling(temperature=2.0), g), minlength=5).double() / 40000
     assert (hot - (p.sqrt() / p.sqrt().sum()).double()).abs().max() < 0.01
 
