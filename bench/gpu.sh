@@ -12,6 +12,8 @@
 #   bash bench/gpu.sh speed-gemv   # bench/speed.py batch 1 at 512 through the Triton GEMV (REFREEKV_GEMV=triton)
 #   bash bench/gpu.sh speed        # bench/speed.py, Qwen2.5-7B shape: batch 1 (512, 8k), floor, scaling, batch 16 x 4k
 #   bash bench/gpu.sh hf           # bench/speed.py's transformers rows (eager + static compile) on the same weights
+#   bash bench/gpu.sh anchor       # the team's transformers anchor script, copied into out/anchors/ (ignored) and
+#                                  # carried with the call (device tool: carry ["out/anchors"]): the same-run anchor
 #   bash bench/gpu.sh throughput   # bench/throughput.py, 7B shape, forced budgets 100/50/25%, transformers static batching
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,11 +39,14 @@ case "${1:-}" in
   hf)
     python -m bench.speed --sections speed,hf --policies full --prompt-lens 512,8192 --json "$OUT/speed-hf.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/speed-hf.log" ;;
+  anchor)
+    [ -f out/anchors/hf_baseline.py ] || { echo "copy the anchor script to out/anchors/hf_baseline.py and carry out/anchors" >&2; exit 2; }
+    python out/anchors/hf_baseline.py eager static-compile 2>&1 | tee "$OUT/anchor.log" ;;
   throughput)
     python -m bench.throughput --shape qwen2.5-7b --device cuda --budgets 1,0.5,0.25 --requests 64 --new-tokens 128 \
       --pool-tokens 60000 --max-seqs 64 --hf static-compile --hf-batch 16 --json "$OUT/throughput-7b.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/throughput.log" ;;
   *)
-    echo "usage: bash bench/gpu.sh tests|kernel|gemv|gemv-tuned|speed|speed-gemv|hf|throughput" >&2
+    echo "usage: bash bench/gpu.sh tests|kernel|gemv|gemv-tuned|speed|speed-gemv|hf|anchor|throughput" >&2
     exit 2 ;;
 esac
