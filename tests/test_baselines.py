@@ -209,9 +209,21 @@ def ref_refreekv_h2o(kw, attn, lens, l, b, n):
     base = sum(norm(h, 0) for h in range(H)) / H
     keep_from = 0
     for k in range(1, len(perm) - sinks):  # evict the first k candidates while the L2 gap stays <= T
-        if base > 0 and (base - sum(norm(h, k) for h in range(H)) / H) / base <= T:
+        # no attention on any candidate: every gap is 0, and T > 0 evicts zero-mass keys (REFREEKV.md's T = 0 rule)
+        if base == 0 or (base - sum(norm(h, k) for h in range(H)) / H) / base <= T:
             keep_from = k
     return set(perm[:sinks]) | set(perm[sinks + keep_from:])
+
+
+def test_refreekv_h2o_on_zero_attention_cuts_as_refreekv():
+    """Found by the thorough Hypothesis profile (the loop reference kept everything when no candidate
+    had attention): with T > 0 zero-mass keys go, as ReFreeKV's own cut does; T = 0 keeps them."""
+    zero = probe(torch.zeros(1, 1, 1, 1, 2), [2], 1)
+    for name in ("refreekv", "refreekv-h2o"):
+        kw = dict(threshold=0.0137, sinks=0, protected=()) | ({"window": 1} if name == "refreekv-h2o" else {})
+        assert as_sets(refreekv.make(name, **kw).plan(zero), [2]) == [[[{1}]]], name
+        assert as_sets(refreekv.make(name, **kw | {"threshold": 0.0}).plan(zero), [2]) == [[[{0, 1}]]], name
+    assert ref_refreekv_h2o(dict(threshold=0.0137, sinks=0, rows=1, window=1), torch.zeros(1, 1, 1, 1, 2), [2], 0, 0, 2) == {1}
 
 
 def as_sets(keep, lens):
