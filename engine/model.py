@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.gemv import ROWS as GEMV_ROWS
-from weights.config import ModelConfig, rope_inv_freq
+from weights.config import ModelConfig, rope_attention_factor, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -132,8 +132,9 @@ class Transformer(nn.Module):
         freqs = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         # buffers, not plain attributes: compiled graphs then read them in place (no per-replay copy)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        att = rope_attention_factor(self.c)  # YaRN scales cos and sin (the attention temperature); else 1
+        self.register_buffer("cos", emb.cos() * att, persistent=False)
+        self.register_buffer("sin", emb.sin() * att, persistent=False)
 
     @torch.no_grad()
     def prefill(self, tokens, lens, kv, slots, probe_rows: int = 1, all_logits: bool = False):

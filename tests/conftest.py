@@ -25,7 +25,8 @@ def tiny_ckpts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {(fam, sharded): write_tiny(fam, root / f"{fam}{'-sharded' if sharded else ''}", sharded)
-            for fam in ("llama", "mistral", "qwen2", "llama-bias", "qwen2-window", "llama-window")
+            for fam in ("llama", "mistral", "qwen2", "llama-bias", "qwen2-window", "llama-window", "qwen2-yarn",
+                        "llama-linear")
             for sharded in (False, True)}
 
 

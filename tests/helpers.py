@@ -25,6 +25,12 @@ def hf_config(family):
     if family == "qwen2-window":  # Qwen2's own sliding window: layer 0 full, layers 1-2 windowed (8)
         return tf.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1,
                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2-yarn":  # Qwen2.5's long-context YaRN, with an original context the tests exceed
+        return tf.Qwen2Config(**{**TINY, "max_position_embeddings": 128}, tie_word_embeddings=False, bos_token_id=1,
+                              eos_token_id=2, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                            "original_max_position_embeddings": 32})
+    if family == "llama-linear":  # linear position interpolation
+        return tf.LlamaConfig(**TINY, rope_scaling={"rope_type": "linear", "factor": 2.0}, bos_token_id=1, eos_token_id=2)
     if family == "llama-window":  # a sliding_window in a Llama config, which transformers ignores
         return tf.LlamaConfig(**TINY, sliding_window=8, bos_token_id=1, eos_token_id=2)
     raise ValueError(family)
@@ -35,7 +41,7 @@ def write_tiny(family, path, sharded=False, seed=0):
 
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager").float().eval()
-    if family in ("qwen2", "qwen2-window", "llama-bias"):  # biases are zero-initialised: make them matter
+    if family in ("qwen2", "qwen2-window", "qwen2-yarn", "llama-bias"):  # biases are zero-initialised: make them matter
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith("bias"):

@@ -7,7 +7,7 @@ from helpers import hf_model, paged
 from weights.errors import UserError
 from weights.loader import load_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "llama-bias", "qwen2-window", "llama-window")
+FAMILIES = ("llama", "mistral", "qwen2", "llama-bias", "qwen2-window", "llama-window", "qwen2-yarn", "llama-linear")
 CASES = [(f, s) for f in FAMILIES for s in (False, True)]
 
 

@@ -56,8 +56,8 @@ def test_transformers5_rope_parameters_and_family_quirks():
 def test_unsupported_architecture_is_named():
     with pytest.raises(UserError, match=r"unsupported architecture GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         parse_config({**BASE, "architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(UserError, match="unsupported rope_scaling type 'yarn'"):
-        parse_config({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(UserError, match="unsupported rope_scaling type 'longrope'"):
+        parse_config({**BASE, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
     with pytest.raises(UserError, match="lacks required field 'hidden_size'"):
         parse_config({k: v for k, v in BASE.items() if k != "hidden_size"})
 
@@ -225,8 +225,9 @@ def test_hub_download_fetches_only_the_indexed_shards(tmp_path, monkeypatch):
      "llama3 rope_scaling needs a positive number factor, got None"),
     (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": "8", "original_max_position_embeddings": 32}},
      "needs a positive number factor, got '8'"),
-    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-     "needs a positive number original_max_position_embeddings"),
+    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": "32"}},
+     "original_max_position_embeddings must be a positive number, got '32'"),
+    (lambda c: {**c, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_scaling type 'dynamic'"),
     (lambda c: {**c, "architectures": "LlamaForCausalLM"}, "architectures must be a list"),
 ])
 def test_malformed_config_is_one_error_before_loading(tiny_ckpts, tmp_path, capsys, edit, msg):
@@ -250,3 +251,28 @@ def test_malformed_generation_config_is_one_error(tiny_ckpts, tmp_path, gen):
     (tmp_path / "generation_config.json").write_text(gen)
     with pytest.raises(UserError, match="eos_token_id must be a token id or a list of them"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("scaling,max_pos", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),  # Qwen2.5's long context
+    ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "mscale": 0.7,
+      "mscale_all_dim": 1.0}, 8192),
+    ({"rope_type": "yarn", "factor": 8.0, "attention_factor": 1.3, "truncate": False}, 32768),
+    ({"rope_type": "linear", "factor": 2.0}, 8192),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, 131072),
+])
+def test_rope_scaling_equals_transformers(scaling, max_pos):
+    """Inverse frequencies and the cos/sin factor against transformers' own RoPE initialisers on 7B-sized heads."""
+    import transformers as tf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from weights.config import rope_attention_factor
+
+    shape = dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=2,
+                 intermediate_size=96, vocab_size=100, rope_theta=1e6, max_position_embeddings=max_pos)
+    hf = tf.Qwen2Config(**shape, rope_scaling=dict(scaling))
+    want_inv, want_att = ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf, "cpu")
+    c = parse_config({"architectures": ["Qwen2ForCausalLM"], **shape, "rope_scaling": scaling})
+    torch.testing.assert_close(rope_inv_freq(c), want_inv.float(), rtol=1e-6, atol=0)
+    assert rope_attention_factor(c) == pytest.approx(want_att, rel=1e-12)

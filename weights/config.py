@@ -21,7 +21,7 @@ class ModelConfig:
     ffn_dim: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...} is supported
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "yarn" | "linear", ...}, completed by _rope_scaling
     sliding_window: int | None = None  # the window of the windowed layers; None: full attention everywhere
     layer_windows: list = field(default_factory=list)  # per layer: its window, or None (full attention)
     qkv_bias: bool = False
@@ -70,25 +70,7 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
         rp = cfg.get("rope_parameters") or {}
         theta = float(cfg.get("rope_theta") or rp.get("rope_theta") or 10000.0)
         scaling = cfg.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-        if scaling:
-            if not isinstance(scaling, dict):
-                raise UserError(f"{where}: rope_scaling must be an object, got {scaling!r}")
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind != "llama3":
-                raise UserError(f"unsupported rope_scaling type {kind!r} in {where}; supported: llama3")
-            else:  # checked here, before any weight is read (the table is built after loading)
-                for k in ("factor", "original_max_position_embeddings"):
-                    v = scaling.get(k)
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                        raise UserError(f"{where}: llama3 rope_scaling needs a positive number {k}, got {v!r}")
-                for k in ("low_freq_factor", "high_freq_factor"):
-                    v = scaling.get(k, 1.0)
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                        raise UserError(f"{where}: rope_scaling {k} must be a positive number, got {v!r}")
-                if scaling.get("high_freq_factor", 4.0) <= scaling.get("low_freq_factor", 1.0):
-                    raise UserError(f"{where}: rope_scaling high_freq_factor must exceed low_freq_factor")
+        scaling = _rope_scaling(cfg, scaling, where)
         n_layers = int(cfg["num_hidden_layers"])
         window, layers = _windows(family, cfg, n_layers, where)
         c = ModelConfig(
@@ -110,6 +92,68 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
     if c.n_heads % c.n_kv_heads:
         raise UserError(f"{where}: num_attention_heads {c.n_heads} is not a multiple of num_key_value_heads {c.n_kv_heads}")
     return c
+
+
+ROPE_KINDS = ("llama3", "yarn", "linear")
+
+
+def _number(where: str, k: str, v, default=None) -> float:
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise UserError(f"{where}: rope_scaling {k} must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _rope_scaling(cfg: dict, scaling, where: str) -> dict | None:
+    """The RoPE scaling, checked here (before any weight is read; the table is built after loading)
+    and completed as transformers completes it: {"rope_type", "factor", ...} or None."""
+    if not scaling:
+        return None
+    if not isinstance(scaling, dict):
+        raise UserError(f"{where}: rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_KINDS:
+        raise UserError(f"unsupported rope_scaling type {kind!r} in {where}; supported: {', '.join(ROPE_KINDS)}")
+    if not isinstance(scaling.get("factor"), (int, float)) or isinstance(scaling.get("factor"), bool) or scaling["factor"] <= 0:
+        raise UserError(f"{where}: {kind} rope_scaling needs a positive number factor, got {scaling.get('factor')!r}")
+    out = dict(rope_type=kind, factor=float(scaling["factor"]))
+    if kind == "linear":
+        return out
+    # the pretraining length: a top-level field wins (as transformers reads it), else max_position_embeddings
+    orig = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+    out["original_max_position_embeddings"] = _number(where, "original_max_position_embeddings", orig,
+                                                      cfg.get("max_position_embeddings", 4096))
+    if kind == "llama3":
+        out["low_freq_factor"] = _number(where, "low_freq_factor", scaling.get("low_freq_factor"), 1.0)
+        out["high_freq_factor"] = _number(where, "high_freq_factor", scaling.get("high_freq_factor"), 4.0)
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise UserError(f"{where}: rope_scaling high_freq_factor must exceed low_freq_factor")
+        return out
+    for k, d in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        out[k] = _number(where, k, scaling.get(k) or None, d)  # transformers: `or` (0 means the default)
+    for k in ("attention_factor", "mscale", "mscale_all_dim"):
+        if scaling.get(k) is not None:
+            out[k] = _number(where, k, scaling[k])
+    out["truncate"] = bool(scaling.get("truncate", True))
+    return out
+
+
+def rope_attention_factor(c: ModelConfig) -> float:
+    """What cos/sin are multiplied by: YaRN's attention temperature, else 1."""
+    s = c.rope_scaling
+    if not s or s["rope_type"] != "yarn":
+        return 1.0
+    if "attention_factor" in s:
+        return s["attention_factor"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])
 
 
 def _windows(family: str, cfg: dict, n_layers: int, where: str) -> tuple[int | None, list]:
@@ -162,8 +206,24 @@ def rope_inv_freq(c: ModelConfig):
 
     inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
     s = c.rope_scaling
+    if s and s["rope_type"] == "linear":
+        return (inv / s["factor"]).float()
+    if s and s["rope_type"] == "yarn":  # NTK-by-parts: interpolate the low frequencies, keep the high ones
+        d, base, orig = c.head_dim, c.rope_theta, s["original_max_position_embeddings"]
+
+        def dim_of(rotations):  # the dimension whose wavelength fits `rotations` turns in the original context
+            return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
+        if s["truncate"]:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        return (inv / s["factor"] * ramp + inv * (1 - ramp)).float()
     if s:
-        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / lo, inv / factor, inv)
