@@ -143,7 +143,7 @@ def paged_decode_triton(q, k, v, pos, table, lengths, qpos, window=None, span=No
     B, H, D = q.shape
     hkv, P, ps = table.shape[1], table.shape[2], k.shape[1]
     G, rows = H // hkv, B * hkv
-    block = max(16, ps)
+    block = min(max(16, ps), 64)  # tokens per block: large pages are walked in parts (shared memory bounds the tile)
     min_split = -(-min_split // block) * block
     splits = -(-(P * ps) // min_split)
     GP, DP = pow2(G, 16), pow2(D, 16)

@@ -144,6 +144,16 @@ class Engine:
             import torch.fx.experimental._config as fx_config
 
             fx_config.use_duck_shape = False
+            import torch._dynamo.config as dynamo_config
+
+            # the model's floats (norm eps) as constants: traced as CPU scalars they would split the
+            # CUDA graph; and room for every prefill program (probe width x batch 1 / more x dtype)
+            # before dynamo's limit, past which it would run eagerly without a word
+            if hasattr(dynamo_config, "specialize_float"):
+                dynamo_config.specialize_float = True
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
             # module-level wrappers, not the no_grad-decorated methods themselves: the decorator's inner
             # function would be one code object (one cache, one recompile budget) for both
             self._decode = torch.compile(_decode_step, fullgraph=True, dynamic=True,

@@ -100,9 +100,11 @@ def test_no_recompiles_or_rerecordings_after_warmup(pair):
     torch.cuda.CUDAGraph.capture_begin = counting
     try:
         s = Sampling(max_new_tokens=12)
-        for n in range(1, 9):  # every bucket 1, 2, 4, 8, with and without pruning
+        for n in range(1, 9):  # every bucket 1, 2, 4, 8, and every probe width measured below (0, 1, 8):
+            # prefill compiles one program per width (per policy), decode records one graph per bucket
             comp.generate(_prompts(n, [20 + 3 * i for i in range(n)]), refreekv.make("refreekv", threshold=0.2), s)
             comp.generate(_prompts(n, [9 + 5 * i for i in range(n)]), refreekv.make("full"), s)
+            comp.generate(_prompts(n, [12 + 4 * i for i in range(n)]), refreekv.make("snapkv", budget=0.5), s)
         counters.clear()
         recorded.clear()
         for seed, lens in [(20, (33, 50, 7)), (21, (61,)), (22, (8, 9, 10, 11, 12, 13, 14))]:

@@ -169,7 +169,7 @@ def masked_attention(q, keys, vals, visible):
 
 def _paged_case(data, seed, dtype):
     B, hkv, group = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))
-    ps, Dh = data.draw(st.sampled_from([1, 2, 4, 16])), data.draw(st.sampled_from([4, 16, 24]))
+    ps, Dh = data.draw(st.sampled_from([1, 2, 4, 16, 128])), data.draw(st.sampled_from([4, 16, 24]))
     lens = torch.tensor(data.draw(st.lists(st.integers(0, 70), min_size=B * hkv, max_size=B * hkv))).view(B, hkv)
     window = data.draw(st.sampled_from([None, 5, 40]))
     P = -(-int(lens.max().clamp(min=1)) // ps) + data.draw(st.integers(0, 2))
