@@ -135,7 +135,8 @@ def pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, x - 1).bit_length())
 
 
-def paged_decode_triton(q, k, v, pos, table, lengths, qpos, window=None, span=None, min_split=MIN_SPLIT):
+def paged_decode_triton(q, k, v, pos, table, lengths, qpos, window=None, span=None, min_split=MIN_SPLIT,
+                        target=TARGET_PROGRAMS):
     """`span` is ignored: every row stops at its own length. The grid is fixed by the shapes
     (rows x the most splits the table width allows); the tokens per split are set on the device
     from the longest row, so that rows x active splits is about TARGET_PROGRAMS: a single long
@@ -145,10 +146,14 @@ def paged_decode_triton(q, k, v, pos, table, lengths, qpos, window=None, span=No
     G, rows = H // hkv, B * hkv
     block = min(max(16, ps), 64)  # tokens per block: large pages are walked in parts (shared memory bounds the tile)
     min_split = -(-min_split // block) * block
-    splits = -(-(P * ps) // min_split)
+    # the grid's splits: as many as the table width allows, but never more than a row can use: each
+    # split spans >= longest * rows / target tokens (below), so a row has <= target / rows <= target / hkv
+    # active splits. A static bound: a long context at a large batch launches no idle programs and
+    # allocates no partials it cannot fill
+    splits = min(-(-(P * ps) // min_split), -(-target // hkv) + 1)
     GP, DP = pow2(G, 16), pow2(D, 16)
     longest = lengths.amax().reshape(1).long() if lengths.numel() else torch.zeros(1, dtype=torch.long, device=q.device)
-    want = (longest * rows + TARGET_PROGRAMS - 1) // TARGET_PROGRAMS  # tokens per split for ~TARGET programs
+    want = (longest * rows + target - 1) // target  # tokens per split for ~target programs
     split_len = ((want.clamp(min=min_split) + block - 1) // block * block).to(torch.int32)
     o = torch.empty(rows * splits * G * D, dtype=torch.float32, device=q.device)
     ml = torch.empty(rows * splits * G * 2, dtype=torch.float32, device=q.device)

@@ -214,13 +214,34 @@ def test_torch_paged_attention_equals_masked_attention(seed, data):
 
 @pytest.mark.skipif(attention.triton is None, reason="triton is not installed")
 @settings(max_examples=examples(40), deadline=None)
-@given(st.integers(0, 2**31 - 1), st.sampled_from([16, 32, 64]), st.data())
-def test_triton_paged_attention_equals_masked_attention(seed, min_split, data):
+@given(st.integers(0, 2**31 - 1), st.sampled_from([16, 32, 64]), st.sampled_from([1, 3, 8, 264]), st.data())
+def test_triton_paged_attention_equals_masked_attention(seed, min_split, target, data):
     """On CPU the kernel runs under TRITON_INTERPRET=1 (conftest sets it without CUDA); small
-    minimum splits make long rows spread over several splits, so the combine is exercised."""
+    minimum splits make long rows spread over several splits, so the combine is exercised, and
+    small program targets make the grid's bound on splits bind (the device-set split length must
+    then still cover every row)."""
     case = _paged_case(data, seed, torch.float32)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    got = attention.paged_decode_triton(*[t.to(dev) for t in case[:-1]], case[-1], min_split=min_split).cpu()
+    got = attention.paged_decode_triton(*[t.to(dev) for t in case[:-1]], case[-1], min_split=min_split,
+                                        target=target).cpu()
+    torch.testing.assert_close(got.double(), _reference(*case), atol=2e-5, rtol=0)
+
+
+@pytest.mark.skipif(attention.triton is None, reason="triton is not installed")
+@pytest.mark.parametrize("hkv,target", [(1, 3), (1, 5), (2, 3), (2, 8)])
+def test_triton_long_rows_fill_every_split_the_grid_allows(hkv, target):
+    """Rows of ~1k tokens with 16-token minimum splits: the device-set split length makes a row use
+    up to target / rows splits, exactly what the grid's static bound provides (one fewer loses tokens)."""
+    g = torch.Generator().manual_seed(target)
+    B, G, D, ps = 1, 2, 16, 16
+    lens = torch.tensor([[1000, 517][:hkv]], dtype=torch.int32)
+    P = 63
+    table = (torch.randperm(B * hkv * P, generator=g) + 1).view(B, hkv, P).int()
+    k, v = (torch.randn(B * hkv * P + 1, ps, D, generator=g) for _ in range(2))
+    pos = torch.zeros(B * hkv * P + 1, ps, dtype=torch.int32)
+    q = torch.randn(B, hkv * G, D, generator=g)
+    case = (q, k, v, pos, table, lens, lens.amax(1).long(), None)
+    got = attention.paged_decode_triton(*case[:-1], case[-1], min_split=16, target=target)
     torch.testing.assert_close(got.double(), _reference(*case), atol=2e-5, rtol=0)
 
 
