@@ -33,7 +33,7 @@ class Run:
         self.gen = torch.Generator(device=eng.dev).manual_seed(s.seed) if s.seed is not None else None
         self.key = (lambda q: (q.idx, q.fork)) if fan else (lambda q: q.idx)
         self.steps = 0  # decode steps so far
-        self.w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages_prefill=[], pages_pruned=[], launches=[],
+        self.w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages={}, launches=[],
                       pool_bound_steps=0, pool_bound_sum=0)
 
     def loop(self):
@@ -116,7 +116,9 @@ class Run:
                           pool_bound_steps=w["pool_bound_steps"],  # steps while requests waited for pages
                           mean_concurrent_pool_bound=w["pool_bound_sum"] / w["pool_bound_steps"] if w["pool_bound_steps"] else None,
                           preemptions=sched.preemptions, admission_waits=sched.waits,
-                          pages_after_prefill=sum(w["pages_prefill"]), pages_after_pruning=sum(w["pages_pruned"]),
+                          # each sequence's pages at its last admission (a preempted one is counted once)
+                          pages_after_prefill=sum(a for a, _ in w["pages"].values()),
+                          pages_after_pruning=sum(b for _, b in w["pages"].values()),
                           peak_memory_bytes=peak,
                           # launch-to-launch intervals: the host waits on step t-1 before launching t+1, so in
                           # steady state each interval is one device step (prefills show up as outliers)
@@ -237,8 +239,7 @@ class Run:
                                batch=B, pages_after_prefill=pages_prefill[b], pages_after_pruning=kv.owned(q.slot),
                                preempted=q.stats.get("preempted", -1) + 1, kept_per_head=per_head,
                                evicted_per_layer=None if evicted is None else evicted[j, :, b].tolist(), _t0=t2)
-                w["pages_prefill"].append(pages_prefill[b])
-                w["pages_pruned"].append(kv.owned(q.slot))
+                w["pages"][id(q)] = (pages_prefill[b], kv.owned(q.slot))
         first = logits.repeat_interleave(K, 0) if K > 1 else logits
         return self.choose(first, seqs, [True] * len(seqs)), seqs
 

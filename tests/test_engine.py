@@ -125,6 +125,8 @@ def test_streaming_survives_preemption(tiny_ckpts):
     res = eng.generate(prompts, refreekv.make("full"), Sampling(max_new_tokens=30), on_token=on_token)
     assert eng.stats["preemptions"] > 0
     assert [seen[i] for i in range(len(prompts))] == [r.text for r in res]
+    for k in ("pages_after_prefill", "pages_after_pruning"):  # a preempted sequence counts once in the workload
+        assert eng.stats[k] == sum(r.stats[k] for r in res), k
 
 
 def test_streaming_ends_with_the_result_text_at_eos(tiny_ckpts):
