@@ -76,9 +76,9 @@ def policy_from_args(a) -> refreekv.Policy:
     return refreekv.make(a.kv, **kw)
 
 
-def summary(st: dict) -> str:
+def summary(st: dict, per_rank: bool = False) -> str:
     return (f"prompt {st['prompt_tokens']} tok | KV budget {100 * st['budget']:.1f}% | pages {st['pages_after_prefill']} -> "
-            f"{st['pages_after_pruning']} | prefill {st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms "
+            f"{st['pages_after_pruning']}{' per rank' if per_rank else ''} | prefill {st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms "
             f"| {st['new_tokens']} new tok at {st['decode_tok_s']:.1f} tok/s")
 
 
@@ -152,7 +152,7 @@ def main(argv=None):
             sys.stdout.write(results[0].text[shown[0]:] + "\n")
             sys.stdout.flush()
         for r in results:
-            print(summary(r.stats), file=sys.stderr)
+            print(summary(r.stats, eng.tp.on), file=sys.stderr)
         w = eng.stats
         print(f"workload: {w['requests']} prompt(s), {w['new_tokens']} new tok in {w['wall_s']:.2f} s ({w['tok_s']:.1f} tok/s) "
               f"| peak {w['peak_concurrent']} seqs, {w['peak_pages']}/{w['pool_pages']} pages | {w['preemptions']} preemptions "
