@@ -38,9 +38,10 @@ class Tokenizer:
             raise UserError(f"{path} is not a valid tokenizer file: {str(e).splitlines()[0]}") from None
         where = model_dir / "tokenizer_config.json"
         cfg = _json_object(where)
-        special = _json_object(model_dir / "special_tokens_map.json")  # older checkpoints keep BOS/EOS only here
-        self.bos = _token_str(cfg.get("bos_token")) or _token_str(special.get("bos_token"))
-        self.eos = _token_str(cfg.get("eos_token")) or _token_str(special.get("eos_token"))
+        # special_tokens_map.json, where a checkpoint has one, wins over tokenizer_config.json (as transformers reads them)
+        special = _json_object(model_dir / "special_tokens_map.json")
+        self.bos = _token_str(special.get("bos_token")) or _token_str(cfg.get("bos_token"))
+        self.eos = _token_str(special.get("eos_token")) or _token_str(cfg.get("eos_token"))
         tmpl = cfg.get("chat_template")
         if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
             if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in tmpl):

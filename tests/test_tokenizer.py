@@ -40,6 +40,14 @@ def test_bos_and_eos_from_special_tokens_map(tmp_path):
     assert want.startswith("<s>[INST]") and tok.apply_chat("hi") == want
 
 
+def test_special_tokens_map_wins_over_tokenizer_config(tmp_path):
+    path = checkpoint(tmp_path, {"chat_template": MISTRAL_LIKE, "bos_token": "<A>", "eos_token": "</e>",
+                                 "tokenizer_class": "PreTrainedTokenizerFast"}, {"bos_token": "<s>", "eos_token": "</s>"})
+    tok = Tokenizer(path)
+    assert (tok.bos, tok.eos) == ("<s>", "</s>")
+    assert tok.apply_chat("hi") == hf_render(path, [{"role": "user", "content": "hi"}])
+
+
 def test_an_empty_system_message_is_a_system_message(tmp_path):
     path = checkpoint(tmp_path, {"chat_template": QWEN_LIKE, "tokenizer_class": "PreTrainedTokenizerFast"})
     tok = Tokenizer(path)
