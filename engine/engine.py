@@ -80,7 +80,10 @@ class Engine:
         self.tokenizer = Tokenizer(self.path)
         if max_length is not None and max_length < 2:
             raise UserError(f"--max-length must be >= 2, got {max_length}")
-        self.context = min(max_length or self.config.max_positions, self.config.max_positions)
+        limit = self.config.context_limit
+        if max_length is not None and max_length > limit:
+            raise UserError(f"--max-length {max_length} exceeds the model's {limit} positions")
+        self.context = max_length or self.config.max_positions  # a RoPE-scaled model reaches `limit` when asked
         self.compiled = self.cuda if compile is None else compile
         self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
         self.kv = None

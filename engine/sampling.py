@@ -27,8 +27,8 @@ class Sampling:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise UserError("--stop must not be empty")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise UserError(f"--seed must be in [0, 2^63), got {self.seed}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch's manual_seed takes
+            raise UserError(f"--seed must be in [-2^63, 2^64), got {self.seed}")
 
 
 def sample(logits, s: Sampling, gen: torch.Generator | None):

@@ -38,8 +38,9 @@ class Tokenizer:
             raise UserError(f"{path} is not a valid tokenizer file: {str(e).splitlines()[0]}") from None
         where = model_dir / "tokenizer_config.json"
         cfg = _json_object(where)
-        # special_tokens_map.json, where a checkpoint has one, wins over tokenizer_config.json (as transformers reads them)
-        special = _json_object(model_dir / "special_tokens_map.json")
+        # as transformers 5 reads them: special_tokens_map.json only for a legacy tokenizer_config.json (one
+        # without added_tokens_decoder), and then it wins; otherwise tokenizer_config.json alone
+        special = {} if "added_tokens_decoder" in cfg else _json_object(model_dir / "special_tokens_map.json")
         self.bos = _token_str(special.get("bos_token")) or _token_str(cfg.get("bos_token"))
         self.eos = _token_str(special.get("eos_token")) or _token_str(cfg.get("eos_token"))
         tmpl = cfg.get("chat_template")

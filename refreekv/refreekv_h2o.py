@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from refreekv import Policy, Probe, check_count, check_layers, check_threshold, register
+from refreekv import Policy, Probe, check_count, check_flag, check_layers, check_threshold, register
 from refreekv.refreekv import cut_positions, row_scores
 
 
@@ -38,7 +38,7 @@ class ReFreeKVH2O(Policy):
         self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
         self.rows, self.window = check_count("rows", rows, 1), check_count("window", window, 1)
         self.probe_rows = max(self.rows, self.window)
-        self.protected, self.include_sinks = check_layers(protected), include_sinks
+        self.protected, self.include_sinks = check_layers(protected), check_flag("include_sinks", include_sinks)
 
     def plan(self, probe: Probe):
         attn, lens = probe.attn, probe.lens

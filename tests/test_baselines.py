@@ -47,7 +47,8 @@ def test_budget_tokens():
     ("h2o", dict(budget=0)), ("h2o", dict(window=0)), ("h2o", dict(recent=-1)), ("h2o", dict(protected=[-1])),
     ("snapkv", dict(budget=0)), ("snapkv", dict(window=0)), ("snapkv", dict(kernel=4)), ("snapkv", dict(kernel=0)),
     ("refreekv-h2o", dict(window=0)), ("refreekv-h2o", dict(threshold=-1)), ("refreekv-h2o", dict(rows=0)),
-    ("snapkv", dict(threshold=0.1)), ("refreekv-h2o", dict(budget=0.5)),
+    ("snapkv", dict(threshold=0.1)), ("refreekv-h2o", dict(budget=0.5)), ("refreekv-h2o", dict(include_sinks="false")),
+    ("refreekv", dict(include_sinks=1)), ("streaming", dict(protected="01")), ("h2o", dict(protected=[True])),
 ])
 def test_bad_knobs(name, kw):
     with pytest.raises(UserError):

@@ -40,11 +40,18 @@ def test_bos_and_eos_from_special_tokens_map(tmp_path):
     assert want.startswith("<s>[INST]") and tok.apply_chat("hi") == want
 
 
-def test_special_tokens_map_wins_over_tokenizer_config(tmp_path):
-    path = checkpoint(tmp_path, {"chat_template": MISTRAL_LIKE, "bos_token": "<A>", "eos_token": "</e>",
-                                 "tokenizer_class": "PreTrainedTokenizerFast"}, {"bos_token": "<s>", "eos_token": "</s>"})
+@pytest.mark.parametrize("modern,want", [(False, ("<s>", "</s>")), (True, ("<A>", "</e>"))])
+def test_which_file_names_bos_and_eos(tmp_path, modern, want):
+    """A legacy tokenizer_config.json (no added_tokens_decoder): special_tokens_map.json wins; a modern
+    one (Llama 3, Mistral, Qwen2.5 all carry added_tokens_decoder): the map is not read."""
+    cfg = {"chat_template": MISTRAL_LIKE + "{{ eos_token }}", "bos_token": "<A>", "eos_token": "</e>",
+           "tokenizer_class": "PreTrainedTokenizerFast"}
+    if modern:
+        cfg["added_tokens_decoder"] = {"300": {"content": "<x>", "special": True, "lstrip": False, "rstrip": False,
+                                               "normalized": False, "single_word": False}}
+    path = checkpoint(tmp_path, cfg, {"bos_token": "<s>", "eos_token": "</s>"})
     tok = Tokenizer(path)
-    assert (tok.bos, tok.eos) == ("<s>", "</s>")
+    assert (tok.bos, tok.eos) == want
     assert tok.apply_chat("hi") == hf_render(path, [{"role": "user", "content": "hi"}])
 
 

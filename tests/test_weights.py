@@ -174,7 +174,7 @@ def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
         (["--kv-args", '{"include_sinks": "false"}'], "include_sinks must be true or false, got 'false'"),
         (["--kv-args", '{"protected": "01"}'], "protected must be a list of layer indices, got '01'"),
         (["--stats-json", str(tmp_path)], "is a directory: name a file"),
-        (["--seed", str(2**70)], "--seed must be in [0, 2^63)"),
+        (["--seed", str(2**70)], "--seed must be in [-2^63, 2^64)"),
     ]
     for args, msg in cases:
         argv = ["--model", tiny, "--prompt", "hi", "--max-new-tokens", "2", *args]
@@ -276,3 +276,21 @@ def test_rope_scaling_equals_transformers(scaling, max_pos):
     c = parse_config({"architectures": ["Qwen2ForCausalLM"], **shape, "rope_scaling": scaling})
     torch.testing.assert_close(rope_inv_freq(c), want_inv.float(), rtol=1e-6, atol=0)
     assert rope_attention_factor(c) == pytest.approx(want_att, rel=1e-12)
+
+
+def test_rope_kind_named_by_type_and_the_context_it_reaches(tiny_ckpts):
+    """rope_parameters naming its kind with "type" (transformers fills rope_type from it); YaRN and
+    linear scaling extend the usable context as vLLM derives it; past it, one error."""
+    from engine.engine import Engine
+
+    shape = {**BASE, "architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 32768}
+    c = parse_config({**shape, "rope_parameters": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                                                   "rope_theta": 1e6}})
+    assert c.rope_scaling["rope_type"] == "yarn" and c.rope_theta == 1e6 and c.context_limit == 131072
+    assert parse_config({**shape, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}).context_limit == 65536
+    assert parse_config(shape).context_limit == 32768
+    path = tiny_ckpts["llama-linear", False]  # max_position_embeddings 512, linear factor 2
+    assert Engine(str(path), device="cpu", max_length=1024, load=False).context == 1024
+    assert Engine(str(path), device="cpu", load=False).context == 512  # the stated length unless asked for more
+    with pytest.raises(UserError, match="--max-length 1025 exceeds the model's 1024 positions"):
+        Engine(str(path), device="cpu", max_length=1025, load=False)

@@ -38,6 +38,18 @@ class ModelConfig:
             self.layer_windows = [self.sliding_window] * self.n_layers
 
     @property
+    def context_limit(self) -> int:
+        """The longest sequence the positions support: max_position_embeddings, or what the RoPE scaling
+        extends it to (YaRN: factor x the original length; linear: factor x max_position_embeddings;
+        llama3 configs already state the extended length), as vLLM derives it."""
+        s = self.rope_scaling
+        if s and s["rope_type"] == "yarn":
+            return max(self.max_positions, int(s["factor"] * s["original_max_position_embeddings"]))
+        if s and s["rope_type"] == "linear":
+            return int(self.max_positions * s["factor"])
+        return self.max_positions
+
+    @property
     def group(self) -> int:
         return self.n_heads // self.n_kv_heads
 
@@ -69,7 +81,7 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
         # transformers 5 writes rope_parameters = {"rope_theta": .., "rope_type": ..}
         rp = cfg.get("rope_parameters") or {}
         theta = float(cfg.get("rope_theta") or rp.get("rope_theta") or 10000.0)
-        scaling = cfg.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        scaling = cfg.get("rope_scaling") or rp  # _rope_scaling reads the kind from rope_type or type
         scaling = _rope_scaling(cfg, scaling, where)
         n_layers = int(cfg["num_hidden_layers"])
         window, layers = _windows(family, cfg, n_layers, where)
