@@ -48,7 +48,7 @@ class Tokenizer:
             if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in tmpl):
                 raise UserError(f"{where}: chat_template as a list must hold {{'name': ..., 'template': ...}} objects")
             tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
-        if tmpl is None and (model_dir / "chat_template.jinja").is_file():
+        if (model_dir / "chat_template.jinja").is_file():  # the file wins over the config's field (transformers 5)
             tmpl = (model_dir / "chat_template.jinja").read_text()
         if tmpl is not None and not isinstance(tmpl, str):
             raise UserError(f"{where}: chat_template must be a string, not {type(tmpl).__name__}")

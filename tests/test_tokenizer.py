@@ -80,3 +80,10 @@ def test_a_template_that_fails_while_rendering_is_one_error(tmp_path):
     tok = Tokenizer(checkpoint(tmp_path, {"chat_template": "{{ raise_exception('no system role') }}"}))
     with pytest.raises(UserError, match="chat template failed: .*no system role"):
         tok.apply_chat("hi")
+
+
+def test_chat_template_file_wins_over_the_config_field(tmp_path):
+    path = checkpoint(tmp_path, {"chat_template": "CONFIG {{ messages[0]['content'] }}",
+                                 "tokenizer_class": "PreTrainedTokenizerFast"})
+    (path / "chat_template.jinja").write_text("FILE {{ messages[0]['content'] }}")
+    assert Tokenizer(path).apply_chat("x") == hf_render(path, [{"role": "user", "content": "x"}]) == "FILE x"

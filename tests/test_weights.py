@@ -294,3 +294,14 @@ def test_rope_kind_named_by_type_and_the_context_it_reaches(tiny_ckpts):
     assert Engine(str(path), device="cpu", load=False).context == 512  # the stated length unless asked for more
     with pytest.raises(UserError, match="--max-length 1025 exceeds the model's 1024 positions"):
         Engine(str(path), device="cpu", max_length=1025, load=False)
+
+
+def test_an_absent_sliding_window_is_transformers_default():
+    import transformers as tf
+
+    for arch, extra in (("MistralForCausalLM", {}), ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0})):
+        cfg = {**BASE, "architectures": [arch], **extra}
+        hf = (tf.MistralConfig if arch.startswith("Mistral") else tf.Qwen2Config)(**{k: v for k, v in cfg.items() if k != "architectures"})
+        c = parse_config(cfg)
+        assert c.sliding_window == hf.sliding_window == 4096 and c.layer_windows == [4096] * BASE["num_hidden_layers"]
+        assert parse_config({**cfg, "sliding_window": None}).sliding_window is None  # stated null: no window

@@ -172,7 +172,7 @@ def _windows(family: str, cfg: dict, n_layers: int, where: str) -> tuple[int | N
     """Which layers attend through a sliding window, as transformers reads the config: Llama never
     (it ignores sliding_window), Mistral every layer, Qwen2 only with use_sliding_window, on the
     layers its layer_types name "sliding_attention" (by default those from max_window_layers on)."""
-    w = cfg.get("sliding_window")
+    w = cfg.get("sliding_window", 4096)  # transformers' Mistral and Qwen2 default when the key is absent (null: none)
     if family == "llama" or not w:
         return None, [None] * n_layers
     w = int(w)
