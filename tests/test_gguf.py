@@ -21,10 +21,10 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from weights import bundled as wb
-from weights import gguf as wg
 from weights.bundled import BUNDLED, bundled_files, ensure_bundled
 from weights.errors import UserError
 from weights.gguf import convert_gguf
+from weights.gguf_tokenizer import _bytes_to_unicode
 
 SMOL = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -35,7 +35,7 @@ QWEN = "qwen2.5-coder-0.5b-instruct"
 
 
 def _byte_alphabet() -> list[str]:
-    return list(wg._bytes_to_unicode().values())
+    return list(_bytes_to_unicode().values())
 
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

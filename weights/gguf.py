@@ -6,7 +6,7 @@ engine loads, the one `transformers` itself would save:
 
     config.json              LlamaForCausalLM / Qwen2ForCausalLM, with a plain `rope_theta`
     model.safetensors        every tensor dequantized to float32, under the HF parameter names
-    tokenizer.json           byte-level BPE rebuilt from the GGUF vocabulary and merges
+    tokenizer.json           byte-level BPE rebuilt from the GGUF vocabulary and merges (gguf_tokenizer.py)
     tokenizer_config.json    chat template and the bos/eos/pad token strings
     generation_config.json   bos/eos/pad ids
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .gguf_tokenizer import build_tokenizer
 
 __all__ = ["convert_gguf"]
 
@@ -186,122 +187,6 @@ def _build_config(reader, path: Path, arch: str, tokens: list[str], has_output: 
 # ----------------------------------------------------------------------------------------------
 # tokenizer
 # ----------------------------------------------------------------------------------------------
-
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types (1 normal, 5 unused, 6 byte)
-
-
-def _pre_tokenizer(pre: str | None, path: Path):
-    """(normalizer, pre_tokenizer, ignore_merges, trim_offsets) for llama.cpp's `tokenizer.ggml.pre`."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
-    if pre in (None, "default", "gpt2", "gpt-2"):
-        return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False, True
-    if pre == "smollm":  # SmolLM/SmolLM2: every digit alone, then GPT-2 byte-level splitting
-        return (
-            None,
-            pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Digits(individual_digits=True),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-                ]
-            ),
-            False,
-            True,
-        )
-    split = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-             "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}.get(pre)
-    if split is None:
-        raise UserError(f"GGUF {path}: unsupported tokenizer pre-tokenizer {pre!r}")
-    pt = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    if split is _QWEN2_SPLIT:
-        return normalizers.NFC(), pt, False, False
-    return None, pt, True, True  # llama-3: ignore_merges, as its tokenizer.json says
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _build_tokenizer(reader, path: Path, tokens: list[str]):
-    from tokenizers import AddedToken, Tokenizer, decoders, processors
-    from tokenizers.models import BPE
-
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise UserError(f"GGUF {path}: tokenizer type {model!r} is not supported (only byte-level BPE, 'gpt2')")
-    merges_raw = _array(reader, "tokenizer.ggml.merges")
-    if not merges_raw:
-        raise UserError(f"GGUF {path}: byte-level BPE tokenizer has no tokenizer.ggml.merges")
-    types = _array(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise UserError(f"GGUF {path}: {len(tokens)} tokens but {len(types)} token types")
-    normalizer, pre_tok, ignore_merges, trim_offsets = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"), path)
-
-    # Ordinary tokens are already spelled in the byte-level alphabet; re-spell any that are not
-    # (as transformers does). Control/user-defined tokens stay literal: they are matched as added tokens.
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab: dict[str, int] = {}
-    for i, (tok, ty) in enumerate(zip(tokens, types)):
-        if ty not in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED) and not set(tok) <= alphabet:
-            tok = "".join(spelling[b] for b in tok.encode("utf-8"))
-        vocab.setdefault(tok, i)  # a duplicate spelling keeps its first id (never seen in practice)
-    merges = []
-    for m in merges_raw:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise UserError(f"GGUF {path}: malformed merge {m!r}")
-        merges.append((parts[0], parts[1]))
-
-    tk = Tokenizer(
-        BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-            fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
-    )
-    if normalizer is not None:
-        tk.normalizer = normalizer
-    tk.pre_tokenizer = pre_tok
-    tk.decoder = decoders.ByteLevel()
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-        b = tokens[bos]
-        tk.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=trim_offsets),
-            processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, bos)]),
-        ])
-    else:
-        tk.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
-    # Control tokens (<|im_start|>, <|endoftext|>...) are special: matched whole, dropped by
-    # skip_special_tokens. User-defined ones (Qwen's <tool_call>) are matched whole but are not
-    # special, as in the models' own tokenizer.json.
-    tk.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL]
-    )
-    tk.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED]
-    )
-    return tk
-
 
 def _tokenizer_files(reader, tokens: list[str], cfg: dict) -> tuple[dict, dict]:
     def tok(key):
@@ -459,7 +344,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = _build_config(reader, path, arch, tokens, has_output)
     plan = _plan_tensors(reader, path, arch, cfg)  # validates names and quant types before any work
-    tokenizer = _build_tokenizer(reader, path, tokens)
+    meta = {k: _array(reader, f"tokenizer.ggml.{k}") for k in ("token_type", "merges")}
+    meta |= {k: _field(reader, f"tokenizer.ggml.{k}") for k in ("model", "pre", "bos_token_id", "add_bos_token")}
+    tokenizer = build_tokenizer(path, dict(meta, tokens=tokens))
     tcfg, gen = _tokenizer_files(reader, tokens, cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
