@@ -21,9 +21,10 @@ import time
 
 import torch
 
+from engine.attention import pow2
 from engine.gemv import gemv, use_gemv
 from engine.kv import PagedKV, page_bytes
-from engine.run import Result, Run, _pow2  # noqa: F401  (Result: part of the engine's API)
+from engine.run import Result, Run  # noqa: F401  (Result: part of the engine's API)
 from engine.sampling import Detok, Sampling
 from engine.scheduler import Scheduler, Sequence
 from engine.tokenizer import Tokenizer
@@ -127,7 +128,7 @@ class Engine:
         if use_gemv(self.dev):  # opt-in (REFREEKV_GEMV=triton): the Triton GEMV for small decode batches
             self.model.gemv = gemv
         c = self.local
-        slots = _pow2(self.max_seqs) if self.cuda and self.compiled else self.max_seqs  # room for the last bucket
+        slots = pow2(self.max_seqs) if self.cuda and self.compiled else self.max_seqs  # room for the last bucket
         pages = self.pool_pages()
         if self.tp.on:
             pages = self.tp.host_min(pages)  # the same pool on every rank (free memory may differ)

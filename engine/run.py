@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import refreekv
+from engine.attention import pow2
 from engine.sampling import Sampling, find_stop, sample, stop_prefix
 from engine.scheduler import Scheduler, Sequence
 
@@ -33,7 +34,7 @@ class Run:
         self.gen = torch.Generator(device=eng.dev).manual_seed(s.seed) if s.seed is not None else None
         self.key = (lambda q: (q.idx, q.fork)) if fan else (lambda q: q.idx)
         self.steps = 0  # decode steps so far
-        self.w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, pages={}, launches=[],
+        self.w = dict(steps=0, live_sum=0, peak_seqs=0, peak_pages=0, launches=[],
                       pool_bound_steps=0, pool_bound_sum=0)
 
     def loop(self):
@@ -49,7 +50,7 @@ class Run:
             live = [q.n_chosen < M for q in cur_seqs]  # a sequence with all its tokens chosen only drains
             if any(live):  # queue the next step before reading the last one back
                 n = len(cur_seqs)
-                nb = _pow2(n) if eng.cuda and eng.compiled else n
+                nb = pow2(n) if eng.cuda and eng.compiled else n
                 toks = cur if nb == n else torch.cat([cur, cur.new_zeros(nb - n)])
                 # the PyTorch attention reads `span` pages; under CUDA graphs a changing host value would
                 # re-record per span, so there it reads the whole table (a debugging path on GPUs)
@@ -117,8 +118,8 @@ class Run:
                           mean_concurrent_pool_bound=w["pool_bound_sum"] / w["pool_bound_steps"] if w["pool_bound_steps"] else None,
                           preemptions=sched.preemptions, admission_waits=sched.waits,
                           # each sequence's pages at its last admission (a preempted one is counted once)
-                          pages_after_prefill=sum(a for a, _ in w["pages"].values()),
-                          pages_after_pruning=sum(b for _, b in w["pages"].values()),
+                          pages_after_prefill=sum(q.stats["pages_after_prefill"] for q in seqs),
+                          pages_after_pruning=sum(q.stats["pages_after_pruning"] for q in seqs),
                           peak_memory_bytes=peak,
                           # launch-to-launch intervals: the host waits on step t-1 before launching t+1, so in
                           # steady state each interval is one device step (prefills show up as outliers)
@@ -239,13 +240,8 @@ class Run:
                                batch=B, pages_after_prefill=pages_prefill[b], pages_after_pruning=kv.owned(q.slot),
                                preempted=q.stats.get("preempted", -1) + 1, kept_per_head=per_head,
                                evicted_per_layer=None if evicted is None else evicted[j, :, b].tolist(), _t0=t2)
-                w["pages"][id(q)] = (pages_prefill[b], kv.owned(q.slot))
         first = logits.repeat_interleave(K, 0) if K > 1 else logits
         return self.choose(first, seqs, [True] * len(seqs)), seqs
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _rss() -> int:
