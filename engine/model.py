@@ -78,14 +78,20 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = RMSNorm(c.dim, c.norm_eps), MLP(c)
 
 
-def causal_attention(q, k, v):
-    """Causal GQA attention over a whole prompt without an N x N tensor. float32 on CUDA: flash
-    attention has no fp32 kernel and the memory-efficient one no GQA, so K/V are repeated for it
-    (a copy of K/V, not the fp32 B x H x N x N scores of the math kernel)."""
+def _sdpa_kv(q, k, v):
+    """K/V as SDPA's kernels take them. float32 on CUDA: flash attention has no fp32 kernel and the
+    memory-efficient one no GQA, so K/V are repeated per query head (a copy of K/V, not the fp32
+    B x H x N x N scores of the math kernel)."""
     if q.is_cuda and q.dtype == torch.float32 and k.shape[1] != q.shape[1]:
         g = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return k, v
+
+
+def causal_attention(q, k, v):
+    """Causal GQA attention over a whole prompt without an N x N tensor."""
+    k, v = _sdpa_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def windowed_attention(q, k, v, window: int, chunk: int = 256):
@@ -94,9 +100,7 @@ def windowed_attention(q, k, v, window: int, chunk: int = 256):
     chunk x (chunk + window) instead of N x N (a 32k prompt with a 4k window: 40 MB of scores per
     head group, not 137 GB)."""
     N = q.shape[2]
-    if q.is_cuda and q.dtype == torch.float32 and k.shape[1] != q.shape[1]:
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    k, v = _sdpa_kv(q, k, v)
     outs = []
     for i in range(0, N, chunk):
         lo, hi = max(0, i - window + 1), min(N, i + chunk)
@@ -174,7 +178,7 @@ class Transformer(nn.Module):
         rows, gathered)."""
         y = linear(self.lm_head, x, fast)
         if self.c.head_rows:
-            y = self.tp.gather_last(y)
+            y = self.tp.gather(y, -1)
         return y.float()
 
     def _sum(self, x):

@@ -34,13 +34,6 @@ class TP:
 
         return funcol.all_reduce(x, "sum", dist.group.WORLD)
 
-    def gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's x concatenated along the last dim in rank order (the split LM head's logits;
-        functional collective: traceable by torch.compile)."""
-        import torch.distributed._functional_collectives as funcol
-
-        return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, dist.group.WORLD)
-
     def host_max(self, v: int) -> int:
         t = torch.tensor([v], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
@@ -55,10 +48,11 @@ class TP:
         return t
 
     def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenate every rank's t along dim, in rank order (the probe's query heads)."""
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts, dim)
+        """Every rank's t concatenated along dim, in rank order: the probe's query heads, the split LM
+        head's logits (functional collective: traceable by torch.compile)."""
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_gather_tensor(t.contiguous(), dim % t.dim(), dist.group.WORLD)
 
     def errors(self, msg: str | None) -> list[str]:
         """Every rank's error message (None where it had none), on every rank."""
