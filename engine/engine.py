@@ -21,12 +21,12 @@ import time
 
 import torch
 
+import refreekv
 from engine.attention import pow2
 from engine.gemv import gemv, use_gemv
 from engine.kv import PagedKV, page_bytes
-from engine.run import Result, Run  # noqa: F401  (Result: part of the engine's API)
-from engine.sampling import Detok, Sampling
-from engine.scheduler import Scheduler, Sequence
+from engine.core import Core, Result  # noqa: F401  (Result: part of the engine's API)
+from engine.sampling import Sampling
 from engine.tokenizer import Tokenizer
 from weights.errors import UserError
 
@@ -165,6 +165,7 @@ class Engine:
             if not c.sliding_window:  # the windowed prefill loops over query chunks: compiled, it would
                 # specialise on the prompt length (one program per length); eager it is matmul-bound anyway
                 self._prefill = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
+        self.core = Core(self)
         return self
 
     def encode(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -219,6 +220,16 @@ class Engine:
                 raise UserError(f"prompt {i} ({n} tokens + {max_new} new) needs {need} KV pages ({per}) but the pool "
                                 f"holds {pages} pages ({size}); raise --kv-memory or lower --max-new-tokens")
 
+    def max_new_fitting(self, n: int) -> int:
+        """The most new tokens a prompt of n tokens can ask for: within the context and, alone in
+        the pool without pruning, within its pages."""
+        room = self.context - n
+        pages = self.pool_pages()
+        if pages is not None:
+            rows = pages // (self.local.n_layers * self.local.n_kv_heads)
+            room = min(room, rows * self.page_size - n + 1)
+        return max(0, room)
+
     def warmup(self, policy) -> float:
         """Compile ahead of the real work (prefill with this policy's probe, decode at batch 1 and 2,
         the CUDA graphs of those buckets); returns the seconds it took. Later buckets only record."""
@@ -238,60 +249,75 @@ class Engine:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------ generation
+    @torch.no_grad()
     def generate(self, prompts: list[list[int]], policy, s: Sampling, on_token=None, on_finish=None,
                  forced: list[list[int]] | None = None, on_logits=None, probe_rows: int = 0):
-        """See _generate; on CUDA it runs with the engine's device current (events, streams)."""
-        if self.cuda:
-            with torch.cuda.device(self.dev):
-                return self._generate(prompts, policy, s, on_token, on_finish, forced, on_logits, probe_rows)
-        return self._generate(prompts, policy, s, on_token, on_finish, forced, on_logits, probe_rows)
-
-    @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], policy, s: Sampling, on_token=None, on_finish=None,
-                  forced: list[list[int]] | None = None, on_logits=None, probe_rows: int = 0):
         """Serve token-id prompts with one policy (results in prompt order) or a list of policies
-        (fan-out: results[i][j] for prompt i and policy j). on_token(key, text_so_far) streams,
-        on_finish(key, Result) fires as each sequence ends; key = i, or (i, j) with fan-out.
-        `forced[i]` are tokens prompt i takes instead of sampling; `probe_rows`: at least this many
-        probe rows (>= 1 adds each sequence's evicted attention mass to its stats).
-        on_logits(keys, steps, logits [n, V]) sees the logits each token is chosen from; they are
-        valid during the call only (a CUDA graph reuses the buffer: clone what you keep), and a
-        sequence preempted and resumed shows the steps it replays again.
-        With a seed, a run repeats exactly; a prompt's sampled text still depends on the others
-        (one generator for the batch), and batch composition can move near-ties in greedy output
-        on a GPU (kernels' summation order depends on the batch)."""
-        s.check()
+        (fan-out: results[i][j] for prompt i and policy j): every prompt is added to the core
+        (engine/core.py), which then steps until it is idle. `policy` may also be a registered name.
+        on_token(key, text_so_far) streams, on_finish(key, Result) fires as each sequence ends; key
+        = i, or (i, j) with fan-out. `forced[i]` are tokens prompt i takes instead of sampling;
+        `probe_rows`: at least this many probe rows (>= 1 adds each sequence's evicted attention mass
+        to its stats). on_logits(keys, steps, logits [n, V]) sees the logits each token is chosen
+        from; they are valid during the call only (a CUDA graph reuses the buffer: clone what you
+        keep), and a sequence preempted and resumed shows the steps it replays again.
+        A seeded prompt's tokens do not depend on the other prompts (each draws from its own seed);
+        batch composition can still move near-ties in greedy output on a GPU (kernels' summation
+        order depends on the batch)."""
+        if self.kv is None:
+            raise UserError("the weights are not loaded: call Engine.load() first")
+        core = self.core
+        if core.busy():
+            raise RuntimeError("generate() needs an idle engine (another driver is stepping its core)")
         fan = isinstance(policy, (list, tuple))
-        policies = list(policy) if fan else [policy]
-        K = len(policies)
+        policies = [refreekv.make(p) if isinstance(p, str) else p for p in (policy if fan else [policy])]
         if forced is not None and len(forced) != len(prompts):
             raise ValueError("forced needs one token list per prompt")
-        for p in policies:
-            self.check_policy(p)
-        V = self.config.vocab_size
-        for i, ids in enumerate(prompts + (forced or [])):
-            what = f"prompt {i}" if i < len(prompts) else f"forced tokens of prompt {i - len(prompts)}"
-            if i < len(prompts) and not ids:
-                raise UserError(f"{what} is empty")
-            if any(not 0 <= t < V for t in ids):
-                raise UserError(f"{what} holds a token id outside the vocabulary [0, {V})")
-        self.check_fits(prompts, s.max_new_tokens, K)
-        sched = Scheduler(self.kv, self.max_seqs, self.max_prefill_tokens,
-                          (lambda: self.tp.host_min(self.kv.n_free)) if self.tp.on else None)
-        groups = [[Sequence(i, j, list(p), pol, list(forced[i]) if forced else []) for j, pol in enumerate(policies)]
-                  for i, p in enumerate(prompts)]
-        for grp in groups:
-            for q in grp:
-                q.detok, q.text, q.shown = Detok(self.tokenizer), "", 0
-            sched.add(grp)
+        for i, ids in enumerate(prompts):  # every request is checked before any is queued
+            self._check_ids(ids, f"prompt {i}")
+            self._check_ids(forced[i] if forced else [], f"forced tokens of prompt {i}", empty_ok=True)
+        self.check_fits(prompts, s.max_new_tokens, len(policies))
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
-        run = Run(self, sched, groups, policies, s, fan, on_token, on_finish, on_logits, probe_rows)
+        core.reset_workload()
+        core.on_logits, core.probe_rows = on_logits, probe_rows
+        slot_of, groups = {}, []
         try:
-            return run.loop()
+            for i, p in enumerate(prompts):
+                rid = core.add_request(p, policies if fan else policies[0], s, forced[i] if forced else None)
+                slot_of[rid] = i
+                groups.append(core.group(rid))
+            key = (lambda k: (slot_of[k[0]], k[1])) if fan else (lambda k: slot_of[k])
+            if on_logits is not None:
+                core.on_logits = lambda keys, steps, lg: on_logits([key(k) for k in keys], steps, lg)
+            results = {}
+            while core.busy():
+                for u in core.step():
+                    if on_token is not None and (u.tokens or u.result is not None):
+                        on_token(key(u.key), u.text)
+                    if u.result is not None:
+                        results[key(u.key)] = u.result
+                        if on_finish is not None:
+                            on_finish(key(u.key), u.result)
         except BaseException:
-            self.kv.reset()  # an error or an interrupt mid-generation: the pool is whole again for the next call
+            core.reset()  # an error or an interrupt mid-generation: the pool is whole again for the next call
             raise
+        finally:
+            core.on_logits, core.probe_rows = None, 0
+        self.stats = core.workload(groups)
+        peak = self.stats["peak_memory_bytes"]
+        for r in results.values():
+            r.stats["peak_memory_bytes"] = peak
+        if fan:
+            return [[results[i, j] for j in range(len(policies))] for i in range(len(prompts))]
+        return [results[i] for i in range(len(prompts))]
+
+    def _check_ids(self, ids, what: str, empty_ok: bool = False):
+        V = self.config.vocab_size
+        if not ids and not empty_ok:
+            raise UserError(f"{what} is empty")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V for t in ids):
+            raise UserError(f"{what} holds a token id outside the vocabulary [0, {V})")
 
     def dev_long(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long, pin_memory=self.cuda)
@@ -306,5 +332,8 @@ def _decode_step(model, tokens, kv, span):
     return model.decode(tokens, kv, span)
 
 
-def _prefill_step(model, tokens, lens, kv, slots, probe_rows):
-    return model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows)
+def _prefill_step(model, tokens, lens, kv, slots, probe_rows, hidden=False):
+    """(logits, probe, hidden states or None)."""
+    if hidden:
+        return model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows, hidden=True)
+    return (*model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows), None)

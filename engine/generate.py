@@ -40,10 +40,23 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this much probability (1 = off)")
     p.add_argument("--seed", type=int, help="random seed for sampling (a run with the same prompts and settings repeats)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_policy_flags(p)
+    add_engine_flags(p)
+    p.add_argument("--truncate", choices=["middle"], help="middle-truncate prompts that do not fit")
+    p.add_argument("--stats-json", help="write per-prompt stats (budget, kept per layer, pages, timings) here")
+    return p.parse_args(argv)
+
+
+def add_policy_flags(p):
+    """The KV policy flags (engine.generate and engine.serve)."""
     p.add_argument("--kv", default="refreekv", help="KV policy: " + ", ".join(refreekv.available()))
     p.add_argument("--threshold", type=float, help="ReFreeKV threshold T (default 0.01)")
     p.add_argument("--budget", type=float, help="fixed-budget policies: fraction of the prompt (<= 1) or a token count (> 1)")
     p.add_argument("--kv-args", default="{}", help='policy knobs as JSON, e.g. \'{"sinks": 4, "protected": [0, 1]}\'')
+
+
+def add_engine_flags(p):
+    """The engine's flags (engine.generate and engine.serve)."""
     p.add_argument("--kv-memory", type=float, help="KV pool size in GiB (default: 80%% of the GPU memory left after "
                    "loading the weights; 2 GiB on CPU)")
     p.add_argument("--max-seqs", type=int, help="sequences decoded at once at most (default 64 on GPU, 16 on CPU)")
@@ -57,9 +70,6 @@ def parse_args(argv=None):
                    "busy with other work, 1 can be several times faster)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-length", type=int, help="context limit in tokens (prompt + new)")
-    p.add_argument("--truncate", choices=["middle"], help="middle-truncate prompts that do not fit")
-    p.add_argument("--stats-json", help="write per-prompt stats (budget, kept per layer, pages, timings) here")
-    return p.parse_args(argv)
 
 
 def policy_from_args(a) -> refreekv.Policy:
@@ -96,7 +106,11 @@ def main(argv=None):
 
             return spawn(argv, a.tp)
         s = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.stop)
-        s.check()
+        try:
+            s.check()
+        except UserError as e:  # the API names the field, the CLI its flag
+            field = str(e).split(" ", 1)[0]
+            raise UserError("--" + field.replace("_", "-") + str(e)[len(field):]) from None
         policy = policy_from_args(a)
         if a.stats_json and not os.path.isdir(os.path.dirname(os.path.abspath(a.stats_json))):
             raise UserError(f"--stats-json: directory of {a.stats_json} does not exist")

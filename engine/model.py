@@ -141,13 +141,15 @@ class Transformer(nn.Module):
         self.register_buffer("sin", emb.sin() * att, persistent=False)
 
     @torch.no_grad()
-    def prefill(self, tokens, lens, kv, slots, probe_rows: int = 1, all_logits: bool = False):
+    def prefill(self, tokens, lens, kv, slots, probe_rows: int = 1, all_logits: bool = False, hidden: bool = False):
         """Run right-padded prompts [B, N] (row b real up to lens[b]) and write their K/V into the
         pool slots `slots` [B] (whose rows own pages for their prompts).
 
         Returns (logits, probe): logits [B, V] at each row's last real token ([B, N, V] with
         all_logits), probe [L, B, H, w, N] fp32 attention of the last w real queries of each
-        row (rows before the prompt start are zero), or None when probe_rows == 0."""
+        row (rows before the prompt start are zero), or None when probe_rows == 0. hidden=True adds
+        a third value: the final normed hidden states [B, N, dim] (prompt logprobs are computed
+        from them a chunk at a time, never as B x N x V logits)."""
         c, (B, N) = self.c, tokens.shape
         cos, sin = self.cos[:N], self.sin[:N]
         x = self.embed(tokens)
@@ -169,9 +171,14 @@ class Transformer(nn.Module):
             if w:
                 probe[i] = self._probe(q, k, rows.clamp(min=0), rmasks[win])
         kv.next_pos[slots] = lens
-        if not all_logits:
-            x = x[torch.arange(B, device=x.device), lens - 1]
-        return self._logits(self.norm(x)), (probe if w else None)
+        if hidden or all_logits:
+            x = self.norm(x)
+            last = x if all_logits else x[torch.arange(B, device=x.device), lens - 1]
+        else:
+            last = self.norm(x[torch.arange(B, device=x.device), lens - 1])
+        if hidden:
+            return self._logits(last), (probe if w else None), x
+        return self._logits(last), (probe if w else None)
 
     def _logits(self, x, fast=None):
         """fp32 logits over the whole vocabulary (tensor parallel with a split head: each rank's

@@ -1,5 +1,6 @@
 """Choosing tokens and turning them into text: sampling settings, the sync-free sampler,
 incremental detokenisation and stop strings."""
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -9,46 +10,93 @@ from weights.errors import UserError
 
 @dataclass
 class Sampling:
-    max_new_tokens: int = 256
+    """Per request. Field names are the API's; the CLI's flags are the same with dashes."""
+
+    max_new_tokens: int = 256  # 0 only with prompt_logprobs: score the prompt, generate nothing
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh random seed per request
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # per generated token: its log-probability and the top-N ones (0: none)
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo scoring)
 
     def check(self):
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        _whole("max_new_tokens", self.max_new_tokens, least)
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
+        _whole("top_k", self.top_k, 0)
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) for s in self.stop):
+            raise UserError("stop must be a list of strings")
         if any(not s for s in self.stop):
-            raise UserError("--stop must not be empty")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch's manual_seed takes
-            raise UserError(f"--seed must be in [-2^63, 2^64), got {self.seed}")
+            raise UserError("stop must not be empty")
+        if self.seed is not None:
+            _whole("seed", self.seed, -(2**63))
+            if self.seed >= 2**64:  # what torch's manual_seed takes
+                raise UserError(f"seed must be in [-2^63, 2^64), got {self.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _whole(name, getattr(self, name), 0)
+                if getattr(self, name) > MAX_LOGPROBS:
+                    raise UserError(f"{name} must be at most {MAX_LOGPROBS}, got {getattr(self, name)}")
 
 
-def sample(logits, s: Sampling, gen: torch.Generator | None):
-    """logits [B, V] -> tokens [B]."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / s.temperature
-    if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1:
-        srt, idx = logits.sort(-1, descending=True)
+MAX_LOGPROBS = 20  # top log-probabilities per token (OpenAI's limit)
+
+
+def _whole(name, v, least):
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise UserError(f"{name} must be a whole number >= {least}, got {v!r}")
+
+
+def sample_rows(logits, params, keys, filtered: bool = True):
+    """Each row's token from logits [B, V] under its own settings, with no host sync.
+
+    params [B, 3] float64: temperature (0: greedy), top_k (0: off), top_p (1: off), applied in
+    transformers' order (temperature, then top-k keeping ties with the k-th, then top-p: a token
+    goes once the mass before it reaches top_p). keys [B, 3] int64: the seed's low and high 32
+    bits and the index of the token being drawn. A row's draw is a pure function of its key and
+    its logits (counter-based noise, engine/sampling.py: exp_noise), so a seeded request gives the
+    same tokens whatever else is in the batch. `filtered=False` skips the top-k / top-p sort (no
+    row uses them)."""
+    temp, top_k, top_p = params[:, 0:1], params[:, 1:2], params[:, 2:3]
+    x = logits.float() / temp.clamp(min=1e-6).to(torch.float32)
+    if filtered:
+        srt, idx = x.sort(-1, descending=True)
+        V = x.shape[-1]
+        k = torch.where(top_k > 0, top_k, V).clamp(max=V).long()
+        kth = srt.gather(-1, k - 1)
+        srt = srt.masked_fill(srt < kth, float("-inf"))
         probs = srt.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p: a token goes once the mass before it
-        # does (transformers' rule, boundary included)
-        drop = probs.cumsum(-1) - probs >= s.top_p
-        logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    # exponential race (as gpt-fast): argmax p / E with E ~ Exp(1) draws from p, with no host sync
-    q = torch.empty_like(logits).exponential_(1, generator=gen)
-    return (logits.softmax(-1) / q).argmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p.to(probs.dtype)
+        x = torch.empty_like(x).scatter_(-1, idx, srt.masked_fill(drop, float("-inf")))
+    # exponential race (as gpt-fast): argmax p / E with E ~ Exp(1) draws from p
+    pick = (x.softmax(-1) / exp_noise(keys, x.shape[-1])).argmax(-1)
+    return torch.where(temp[:, 0] > 0, pick, logits.argmax(-1))
+
+
+M32 = 0xFFFFFFFF
+
+
+def _mix(x):
+    """A 32-bit integer hash (two multiply-xorshift rounds) on int64 values in [0, 2^32): every
+    product stays below 2^59, so int64 arithmetic is exact on every device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    return (x >> 16) ^ x
+
+
+def exp_noise(keys, V: int):
+    """Exp(1) noise [B, V]: entry (b, v) a hash of (seed, token index, v), 53 bits of uniform."""
+    base = _mix(_mix(_mix(keys[:, 0:1]) ^ keys[:, 1:2]) ^ (keys[:, 2:3] & M32))  # [B, 1]
+    v = torch.arange(V, device=keys.device)
+    h1 = _mix(_mix(base ^ v))
+    h2 = _mix(h1 ^ 0x9E3779B9)
+    u = ((h1 >> 6).double() * 2.0**27 + (h2 >> 5).double() + 0.5) / 2.0**53  # (0, 1)
+    return (-torch.log(u)).float()
 
 
 class Detok:

@@ -4,8 +4,9 @@ A request is a *group*: one prompt prefilled once and pruned by one or more poli
 result a Sequence of its own (fan-out: "prefill once, try several policies"). Running sequences
 occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is one batch.
 
-- admit: take waiting groups in order while the running set stays within max_seqs and the free
-  pages hold every admitted prompt whole (prefill writes it all before pruning shrinks it), with
+- admit: take waiting groups in order while the running set stays within max_seqs, the padded
+  prefill (batch x its longest prompt: what prefill computes) stays within max_prefill_tokens, and
+  the free pages hold every admitted prompt whole (prefill writes it all before pruning shrinks it), with
   one page per row of every sequence, running or admitted, left over so that the next step can
   grow without preempting (a sequence just admitted is otherwise the first to go).
 - finish: a sequence that stops frees all its pages at once; the last running sequence moves
@@ -35,6 +36,19 @@ class Sequence:
     n_seen: int = 0  # of those, read back and accepted
     done: bool = False
     stats: dict = field(default_factory=dict)
+    # set by the core (engine/core.py) when the request is added
+    key: object = None  # the request id, or (id, fork) for a request with several policies
+    sampling: object = None  # engine.sampling.Sampling
+    seed: int = 0  # its sampling seed (drawn at random when the request named none)
+    detok: object = None
+    text: str = ""
+    shown: int = 0  # characters of text streamed so far
+    lp: list = field(default_factory=list)  # log-probabilities of chosen tokens not yet read back
+    logprobs: list | None = None  # of accepted tokens, when asked for
+    prompt_logprobs: list | None = None
+    prompt_sent: bool = False  # prompt_logprobs went out with an update
+    reason: str = "length"  # finish reason
+    error: str | None = None
 
 
 class Scheduler:
@@ -54,15 +68,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def admit(self) -> list[list[Sequence]]:
-        """Groups to prefill now (one batch: same policies, within the prefill token budget); their
+        """Groups to prefill now (one batch, within the padded prefill budget); their
         sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
-        kv, batch, tokens, pages, seqs = self.kv, [], 0, 0, len(self.running)
+        kv, batch, longest, pages, seqs = self.kv, [], 0, 0, len(self.running)
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
         while self.waiting:
             grp = self.waiting[0]
             n, k = len(grp[0].prompt), len(grp)
-            if batch and ([s.policy for s in grp] != [s.policy for s in batch[0]] or tokens + n > self.max_prefill_tokens):
+            if batch and (len(batch) + 1) * max(longest, n) > self.max_prefill_tokens:  # padded to the longest
                 break
             if seqs + k > self.max_seqs:
                 break
@@ -74,7 +88,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             batch.append(grp)
-            tokens, pages, seqs = tokens + n, pages + need, seqs + k
+            longest, pages, seqs = max(longest, n), pages + need, seqs + k
         slot = len(self.running)
         for grp in batch:
             for s in grp:
@@ -99,6 +113,11 @@ class Scheduler:
             self.running[s.slot], last.slot = last, s.slot
         self.running.pop()
         s.slot = -1
+
+    def drop(self, group: list[Sequence]):
+        """Take a request's sequences out of the queue (an abort; running ones are finished apart)."""
+        ids = {id(s) for s in group}
+        self.waiting = deque(g for g in self.waiting if not any(id(s) in ids for s in g))
 
     def finish(self, s: Sequence):
         s.done = True

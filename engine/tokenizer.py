@@ -65,6 +65,12 @@ class Tokenizer:
         return None if text is None else self.tok.token_to_id(text)
 
     def apply_chat(self, prompt: str, system: str | None = None) -> str:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": prompt}]
+        return self.apply_messages(messages)
+
+    def apply_messages(self, messages: list[dict]) -> str:
+        """A conversation through the checkpoint's chat template, ready for the assistant's turn."""
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template; use --raw")
         from jinja2 import TemplateError
@@ -75,8 +81,6 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
-            [{"role": "user", "content": prompt}]
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=True, bos_token=self.bos or "", eos_token=self.eos or "")

@@ -86,3 +86,51 @@ def examples(n: int) -> int:
     """Hypothesis examples for a property: n in CI (the `ci` profile, derandomized: a run never
     passes or fails by luck), 50 n with HYPOTHESIS_PROFILE=thorough (random draws, thousands each)."""
     return n * 50 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else n
+
+
+class Served:
+    """engine/serve.py's app on a free loopback port, in a thread of this process (a real uvicorn
+    server: clients reach it over TCP). Use as a context manager; .url is the /v1 base."""
+
+    def __init__(self, eng, policy, name="m", **kw):
+        from engine.serve import build_app
+
+        self.eng, self.app = eng, build_app(eng, policy, name, **kw)
+        self.worker = self.app.state.worker
+
+    def __enter__(self):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.url = self.root + "/v1"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[sock]), daemon=True)
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            assert time.time() - t0 < 60 and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def idle(self, timeout=30.0):
+        """Wait until the engine thread has nothing in flight and every page is back."""
+        import time
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            snap = self.worker.snapshot
+            if snap["running"] == 0 and snap["waiting"] == 0 and snap["pages_free"] == snap["pages_total"]:
+                return snap
+            time.sleep(0.05)
+        raise AssertionError(f"the engine did not go idle: {self.worker.snapshot}")

@@ -206,29 +206,62 @@ def test_system_message_goes_through_the_chat_template(smollm_gen):
         g.encode("Hi", chat=False, system="You are a pirate.")
 
 
-def test_sampling_draws_from_the_filtered_distribution():
-    """Temperature, top-k and top-p shape the distribution the (sync-free) sampler draws from."""
-    from engine.sampling import sample
+def _draw(logits, temperature=1.0, top_k=0, top_p=1.0, seed0=0, step=0):
+    """One draw per row of logits [B, V], row b with seed seed0 + b (every row its own noise)."""
+    from engine.sampling import sample_rows
 
+    B = logits.shape[0]
+    params = torch.tensor([[temperature, top_k, top_p]], dtype=torch.float64).expand(B, 3)
+    seeds = seed0 + torch.arange(B)
+    keys = torch.stack([seeds & 0xFFFFFFFF, seeds >> 32, torch.full((B,), step)], 1)
+    return sample_rows(logits, params, keys)
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    """Temperature, top-k and top-p shape the distribution the (sync-free, counter-based) sampler
+    draws from: 40,000 rows with 40,000 seeds give the filtered probabilities."""
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
     logits = p.log().expand(40000, -1)
-    g = torch.Generator().manual_seed(0)
 
     def freq(**kw):
-        return torch.bincount(sample(logits, Sampling(temperature=1.0, **kw), g), minlength=5).double() / 40000
+        return torch.bincount(_draw(logits, **kw), minlength=5).double() / 40000
 
     for got, want in [(freq(), p), (freq(top_k=2), torch.tensor([4 / 7, 3 / 7, 0, 0, 0])),
-                      (freq(top_p=0.8), torch.tensor([0.4, 0.3, 0.15, 0, 0]) / 0.85)]:
+                      (freq(top_p=0.8), torch.tensor([0.4, 0.3, 0.15, 0, 0]) / 0.85),
+                      (freq(seed0=2**40, step=7), p)]:  # high seed bits and the token index move the draws too
         assert (got - want.double()).abs().max() < 0.01, (got, want)
     # at the boundary: the mass before token 1 is exactly top_p, so transformers keeps token 0 alone
     from transformers.generation.logits_process import TopPLogitsWarper
 
     exact = torch.tensor([[0.5, 0.25, 0.25]]).log()
     kept = TopPLogitsWarper(0.5)(None, exact.clone()).isfinite()[0]
-    drawn = sample(exact.expand(2000, -1), Sampling(temperature=1.0, top_p=0.5), g)
+    drawn = _draw(exact.expand(2000, -1), top_p=0.5)
     assert kept.tolist() == [True, False, False] and set(drawn.tolist()) == {0}
-    hot = torch.bincount(sample(logits, Sampling(temperature=2.0), g), minlength=5).double() / 40000
+    hot = torch.bincount(_draw(logits, temperature=2.0), minlength=5).double() / 40000
     assert (hot - (p.sqrt() / p.sqrt().sum()).double()).abs().max() < 0.01
+    # top-k keeps every token tied with the k-th (transformers' TopKLogitsWarper)
+    tied = torch.tensor([[0.4, 0.2, 0.2, 0.2]]).log().expand(20000, -1)
+    assert set(_draw(tied, top_k=2).tolist()) == {0, 1, 2, 3}
+    # successive token indices of one seed are not one fixed draw
+    walk = torch.cat([_draw(logits[:1], seed0=5, step=t) for t in range(400)])
+    assert len(set(walk.tolist())) == 5
+
+
+def test_each_row_samples_with_its_own_settings_and_seed():
+    """A batch of rows with different settings draws, row by row, exactly what each draws alone
+    (no shared generator, no cross-row state), and greedy rows stay argmax."""
+    from engine.sampling import sample_rows
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g) * 3
+    params = torch.tensor([[0, 0, 1], [1.0, 0, 1], [0.7, 5, 1], [1.3, 0, 0.6], [1.0, 3, 0.8], [0, 4, 0.5]],
+                          dtype=torch.float64)
+    keys = torch.tensor([[11, 0, 0], [12, 1, 4], [13, 0, 9], [14, 2, 1], [15, 0, 3], [16, 0, 0]])
+    together = sample_rows(logits, params, keys)
+    alone = torch.cat([sample_rows(logits[i:i + 1], params[i:i + 1], keys[i:i + 1]) for i in range(6)])
+    assert together.tolist() == alone.tolist()
+    assert together[0] == logits[0].argmax() and together[5] == logits[5].argmax()
+    assert sample_rows(logits, params, keys, filtered=False)[1] == together[1]  # no filter in row 1
 
 
 def test_policy_knob_errors_name_the_policy_and_what_it_takes(tiny_ckpts, capsys):

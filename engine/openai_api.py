@@ -1,0 +1,399 @@
+"""The OpenAI API's request and response shapes, shared by the server (engine/serve.py) and the
+offline batch runner (engine/run_batch.py).
+
+A request body becomes a list of `Choice`s (one per prompt x n: token ids, Sampling, policy),
+each checked here, before anything reaches the engine: a bad field is an `ApiError` naming it,
+which becomes HTTP 400 in OpenAI's error shape. Results come back as `Result`s
+(engine/core.py) and are shaped into completion or chat-completion bodies, or stream chunks.
+
+Extensions beyond OpenAI's fields: `top_k`, and `kv`, the request's KV policy: a name
+(`"kv": "snapkv"`) or an object (`"kv": {"policy": "snapkv", "budget": 0.3}`); every choice of a
+response carries the KV stats of its sequence (`kv`: policy, budget, pages).
+"""
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import refreekv
+from engine.sampling import MAX_LOGPROBS, Sampling
+from weights.errors import UserError
+
+MAX_N = 16  # choices per request
+MAX_STOPS = 16
+IGNORED_ZERO = ("frequency_penalty", "presence_penalty")  # accepted only at their neutral value
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+        self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                             413: "invalid_request_error", 500: "internal_server_error"}.get(status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt: list[int]
+    sampling: Sampling
+    policy: object
+    prompt_text: str = ""  # for echo
+
+
+@dataclass
+class Job:
+    """One HTTP request, parsed: what to run and how to shape the answer."""
+
+    chat: bool
+    model: str
+    choices: list[Choice]
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # completions: top-N per token; chat: top_logprobs (with logprobs=true)
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+# --------------------------------------------------------------------------------- parsing
+def _number(body, name, default, lo=None, hi=None, lo_open=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ApiError(f"'{name}' must be a number, got {json.dumps(v)}", name)
+    if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise ApiError(f"'{name}' must be in {rng}, got {v}", name)
+    return v
+
+
+def _int(body, name, default, lo=None, hi=None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(f"'{name}' must be an integer, got {json.dumps(v)}", name)
+    if lo is not None and v < lo or hi is not None and v > hi:
+        raise ApiError(f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}", name)
+    return v
+
+
+def _bool(body, name, default=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(f"'{name}' must be true or false, got {json.dumps(v)}", name)
+    return v
+
+
+class Parser:
+    """Turns request bodies into Jobs for one loaded engine (its tokenizer, context and pool)."""
+
+    def __init__(self, eng, model_name: str, default_policy, max_tokens: int):
+        self.eng, self.model_name, self.default_policy, self.max_tokens = eng, model_name, default_policy, max_tokens
+        self._policies: dict[str, object] = {}  # one object per distinct knob set: planned together
+
+    def body(self, raw: bytes) -> dict:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(f"the request body must be a JSON object, not {type(body).__name__}")
+        return body
+
+    def _model(self, body):
+        m = body.get("model")
+        if m is not None and m != self.model_name:
+            raise ApiError(f"The model `{m}` does not exist; this server serves `{self.model_name}`", "model", 404,
+                           code="model_not_found")
+        return self.model_name
+
+    def policy(self, spec):
+        if spec is None:
+            return self.default_policy
+        if isinstance(spec, str):
+            name, kw = spec, {}
+        elif isinstance(spec, dict):
+            kw = dict(spec)
+            name = kw.pop("policy", None)
+            if not isinstance(name, str):
+                raise ApiError("'kv' must name its policy: {\"policy\": NAME, knob: value, ...}", "kv.policy")
+        else:
+            raise ApiError(f"'kv' must be a policy name or an object, got {json.dumps(spec)}", "kv")
+        key = json.dumps([name, kw], sort_keys=True)
+        if key not in self._policies:
+            try:
+                pol = refreekv.make(name, **kw)
+                self.eng.check_policy(pol)
+            except UserError as e:
+                raise ApiError(str(e), "kv") from None
+            if len(self._policies) >= 256:
+                self._policies.pop(next(iter(self._policies)))
+            self._policies[key] = pol
+        return self._policies[key]
+
+    def _unsupported(self, body):
+        for name in IGNORED_ZERO:
+            if body.get(name) not in (None, 0, 0.0):
+                raise ApiError(f"'{name}' is not supported (only 0)", name)
+        if body.get("logit_bias"):
+            raise ApiError("'logit_bias' is not supported", "logit_bias")
+        if body.get("best_of") not in (None, 1) and body.get("best_of") != body.get("n", 1):
+            raise ApiError("'best_of' is not supported (only equal to n)", "best_of")
+        if body.get("suffix") not in (None, ""):
+            raise ApiError("'suffix' is not supported", "suffix")
+        if body.get("response_format") not in (None, {"type": "text"}):
+            raise ApiError("'response_format' is not supported (only text)", "response_format")
+        if body.get("tools"):
+            raise ApiError("'tools' is not supported", "tools")
+
+    def _stops(self, body):
+        stop = body.get("stop")
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or any(not isinstance(s, str) for s in stop):
+            raise ApiError(f"'stop' must be a string or a list of strings, got {json.dumps(stop)}", "stop")
+        if len(stop) > MAX_STOPS:
+            raise ApiError(f"'stop' holds {len(stop)} strings; at most {MAX_STOPS}", "stop")
+        return [s for s in stop if s]  # an empty stop string matches nothing (as OpenAI treats it)
+
+    def _sampling(self, body, prompt_len: int, max_name: str, default_max, logprobs, prompt_logprobs):
+        ctx = self.eng.context
+        room = ctx - prompt_len
+        if room < 1 or prompt_len > ctx:
+            raise ApiError(f"the prompt has {prompt_len} tokens but the context is {ctx} tokens (prompt + "
+                           "max_tokens must fit)", "messages" if max_name == "max_completion_tokens" else "prompt",
+                           code="context_length_exceeded")
+        mt = body.get(max_name, body.get("max_tokens")) if max_name != "max_tokens" else body.get("max_tokens")
+        least = 0 if prompt_logprobs is not None else 1
+        if mt is None:
+            mt = min(room, self.max_tokens) if default_max is None else min(default_max, room)
+            mt = min(mt, self.eng.max_new_fitting(prompt_len))  # unasked: what the pool can hold
+        else:
+            mt = _int({max_name: mt}, max_name, None, least, None)
+            if mt > self.max_tokens:
+                raise ApiError(f"'{max_name}' is {mt}; this server allows at most {self.max_tokens}", max_name)
+            if prompt_len + mt > ctx:
+                raise ApiError(f"the prompt has {prompt_len} tokens and {max_name} is {mt}, but the context is "
+                               f"{ctx} tokens: {prompt_len} + {mt} > {ctx}", max_name, code="context_length_exceeded")
+        top_k = _int(body, "top_k", 0, -1, None)
+        s = Sampling(max_new_tokens=mt, temperature=_number(body, "temperature", 1.0, 0.0, None),
+                     top_k=max(0, top_k), top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+                     seed=_int(body, "seed", None, -(2**63), 2**64 - 1), stop=self._stops(body),
+                     logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        try:
+            s.check()
+        except UserError as e:
+            raise ApiError(str(e), str(e).split(" ", 1)[0]) from None
+        return s
+
+    def _fits(self, ids, s, policy, param):
+        try:
+            self.eng.check_fits([ids], s.max_new_tokens)
+        except UserError as e:
+            raise ApiError(f"this request could never fit the KV pool: {e}", param) from None
+
+    def completion(self, body: dict) -> Job:
+        model = self._model(body)
+        self._unsupported(body)
+        n = _int(body, "n", 1, 1, MAX_N)
+        echo, stream = _bool(body, "echo"), _bool(body, "stream")
+        lp = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+        if "prompt" not in body:
+            raise ApiError("'prompt' is required", "prompt")
+        prompts = self._prompts(body["prompt"])
+        policy = self.policy(body.get("kv"))
+        job = Job(False, model, [], stream, echo, lp, self._usage_opt(body, stream))
+        V = self.eng.config.vocab_size
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids, text = self.eng.tokenizer.encode(p), p
+            else:
+                bad = [t for t in p if not 0 <= t < V]
+                if bad:
+                    raise ApiError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})", "prompt")
+                ids, text = p, self.eng.tokenizer.decode(p) if echo else ""
+            if not ids:
+                raise ApiError("the prompt is empty", "prompt")
+            s = self._sampling(body, len(ids), "max_tokens", 16, lp, lp if echo and lp is not None else
+                               (0 if echo and body.get("max_tokens") == 0 else None))
+            self._fits(ids, s, policy, "max_tokens")
+            for j in range(n):
+                sj = s if j == 0 or s.seed is None else Sampling(**{**s.__dict__, "seed": (s.seed + j) % 2**64})
+                job.choices.append(Choice(i * n + j, ids, sj, policy, text))
+        return job
+
+    def _prompts(self, prompt):
+        err = ApiError("'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                       "token-id lists", "prompt")
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise ApiError("'prompt' must not be empty", "prompt") if prompt == [] else err
+        for p in prompt:
+            if isinstance(p, str):
+                if not p:
+                    raise ApiError("'prompt' holds an empty string", "prompt")
+            elif not (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
+                raise err
+        return prompt
+
+    def _usage_opt(self, body, stream):
+        so = body.get("stream_options")
+        if so is None:
+            return False
+        if not isinstance(so, dict):
+            raise ApiError("'stream_options' must be an object", "stream_options")
+        if not stream:
+            raise ApiError("'stream_options' is only allowed with stream: true", "stream_options")
+        return _bool(so, "include_usage")
+
+    def chat(self, body: dict) -> Job:
+        model = self._model(body)
+        self._unsupported(body)
+        n = _int(body, "n", 1, 1, MAX_N)
+        stream = _bool(body, "stream")
+        want = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+        if top is not None and not want:
+            raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError("'messages' must be a non-empty list of {role, content} objects", "messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+                raise ApiError(f"messages[{i}] must be an object with a role of system, user, assistant, developer "
+                               "or tool", f"messages[{i}].role")
+            c = m.get("content")
+            if isinstance(c, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
+                    raise ApiError(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                c = "".join(p["text"] for p in c)
+            if not isinstance(c, str):
+                raise ApiError(f"messages[{i}].content must be a string or a list of text parts",
+                               f"messages[{i}].content")
+            clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": c})
+        if self.eng.tokenizer.chat_template is None:
+            raise ApiError("this model has no chat template: use /v1/completions", "messages")
+        try:
+            text = self.eng.tokenizer.apply_messages(clean)
+        except UserError as e:
+            raise ApiError(str(e), "messages") from None
+        ids = self.eng.tokenizer.encode(text, special=False)
+        policy = self.policy(body.get("kv"))
+        job = Job(True, model, [], stream, False, (top or 0) if want else None, self._usage_opt(body, stream))
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        s = self._sampling(body, len(ids), name, None, job.logprobs, None)
+        self._fits(ids, s, policy, name)
+        for j in range(n):
+            sj = s if j == 0 or s.seed is None else Sampling(**{**s.__dict__, "seed": (s.seed + j) % 2**64})
+            job.choices.append(Choice(j, ids, sj, policy))
+        return job
+
+
+# ------------------------------------------------------------------------------- responses
+def kv_stats(result) -> dict:
+    st = result.stats
+    return {k: st.get(k) for k in ("policy", "budget", "prompt_tokens", "pages_after_prefill", "pages_after_pruning",
+                                   "preempted", "kept_per_head")}
+
+
+def completion_logprobs(tok, entries) -> dict:
+    """OpenAI's legacy completions logprobs from (token, logprob, {token: logprob}) entries:
+    tokens, token_logprobs, top_logprobs, text_offset (an echoed first token: null, null)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = 0
+    for t, lp, top in entries:
+        s = tok.decode([t])
+        tokens.append(s)
+        offsets.append(pos)
+        pos += len(s)
+        token_lps.append(lp)
+        tops.append(None if top is None else {tok.decode([k]): v for k, v in top.items()})
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tok, entries) -> dict:
+    def one(t, lp):
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {"content": [dict(one(t, lp), top_logprobs=[one(k, v) for k, v in top.items()]) for t, lp, top in entries]}
+
+
+def completion_tokens(r) -> int:
+    """Tokens a sequence generated, an ending EOS included (as OpenAI and vLLM count them)."""
+    return len(r.tokens) + bool(r.stats.get("eos"))
+
+
+def response(job: Job, results: dict, tok) -> dict:
+    """The whole (non-streamed) body: results[index] is each choice's Result."""
+    choices, completion = [], 0
+    prompt_tokens = sum(len(c.prompt) for c in job.choices if c.index % max(1, _n(job)) == 0)
+    for c in job.choices:
+        r = results[c.index]
+        completion += completion_tokens(r)
+        if job.chat:
+            ch = {"index": c.index, "message": {"role": "assistant", "content": r.text},
+                  "logprobs": chat_logprobs(tok, r.logprobs) if job.logprobs is not None else None,
+                  "finish_reason": r.finish_reason}
+        else:
+            text = (c.prompt_text if job.echo else "") + r.text
+            lp = None
+            if job.logprobs is not None:
+                lp = completion_logprobs(tok, (r.prompt_logprobs if job.echo else []) + (r.logprobs or []))
+            ch = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason}
+        ch["kv"] = kv_stats(r)
+        choices.append(ch)
+    return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
+            "object": "chat.completion" if job.chat else "text_completion", "created": job.created,
+            "model": job.model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}
+
+
+def _n(job: Job) -> int:
+    """Choices per prompt."""
+    prompts = {id(c.prompt) for c in job.choices}
+    return len(job.choices) // max(1, len(prompts))
+
+
+def chunk(job: Job, index: int, text: str, finish: str | None = None, lps=None, kv: dict | None = None,
+          role: bool = False) -> dict:
+    """One streamed chunk for one choice."""
+    if job.chat:
+        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or not finish else {})
+        ch = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
+    else:
+        ch = {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+    if kv is not None:
+        ch["kv"] = kv
+    return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
+            "object": "chat.completion.chunk" if job.chat else "text_completion", "created": job.created,
+            "model": job.model, "choices": [ch]}
+
+
+def usage_chunk(job: Job, prompt_tokens: int, completion: int) -> dict:
+    return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
+            "object": "chat.completion.chunk" if job.chat else "text_completion", "created": job.created,
+            "model": job.model, "choices": [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}

@@ -1,0 +1,165 @@
+"""Offline batch in OpenAI's Batch format (as vLLM's run-batch): one request per JSONL line in,
+one result per line out, in the same order, with the server's request and response schema
+(engine/openai_api.py).
+
+    python -m engine.run_batch -i requests.jsonl -o results.jsonl [--model M] [--kv snapkv --budget 0.3]
+
+A line: {"custom_id": "q1", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
+"body": {...}}. Its result: {"id", "custom_id", "response": {"status_code", "request_id", "body"},
+"error"}: a bad request gets its 4xx status and OpenAI's error body, and the rest still run. Every
+request is queued at once; continuous batching does the rest.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+
+from engine.openai_api import ApiError, Parser, error_body, response
+from weights.errors import UserError
+
+URLS = {"/v1/completions": False, "/v1/chat/completions": True}
+
+
+def parse_args(argv=None):
+    from engine.generate import _Parser, add_engine_flags, add_policy_flags
+
+    p = _Parser(prog="python -m engine.run_batch", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--input-file", required=True, help="requests, one JSON object a line ('-': stdin)")
+    p.add_argument("-o", "--output-file", required=True, help="results, one JSON object a line ('-': stdout)")
+    p.add_argument("--model", help="checkpoint directory, hub id or bundled name (default: the bundled "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", help="the model name requests may carry (default: --model)")
+    add_policy_flags(p)
+    add_engine_flags(p)
+    return p.parse_args(argv)
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise UserError(f"{path} holds no requests")
+    return lines
+
+
+def run(eng, parser: Parser, lines: list[str], progress=None) -> list[dict]:
+    """Every line's result object, in order."""
+    core = eng.core
+    outs: list[dict | None] = [None] * len(lines)
+    jobs = {}  # line -> (job, {rid: choice}, results)
+    owner = {}  # rid -> line
+    for n, line in enumerate(lines):
+        custom, rid = None, f"req-{uuid.uuid4().hex[:16]}"
+        try:
+            try:
+                req = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ApiError(f"line {n + 1} is not valid JSON: {e}") from None
+            if not isinstance(req, dict):
+                raise ApiError(f"line {n + 1} must be a JSON object")
+            custom = req.get("custom_id")
+            if req.get("method", "POST") != "POST":
+                raise ApiError("'method' must be POST", "method")
+            if req.get("url") not in URLS:
+                raise ApiError(f"'url' must be one of {', '.join(URLS)}, got {json.dumps(req.get('url'))}", "url")
+            body = req.get("body")
+            if not isinstance(body, dict):
+                raise ApiError("'body' must be a JSON object", "body")
+            if body.get("stream"):
+                raise ApiError("'stream' is not available in a batch", "stream")
+            job = parser.chat(body) if URLS[req["url"]] else parser.completion(body)
+            index = {}
+            for c in job.choices:
+                r = core.add_request(c.prompt, c.policy, c.sampling)
+                index[r] = c
+                owner[r] = n
+            jobs[n] = (job, index, {}, custom, rid)
+        except (ApiError, UserError) as e:
+            e = e if isinstance(e, ApiError) else ApiError(str(e))
+            outs[n] = _line(custom, rid, e.status, e.body())
+    done = 0
+    while core.busy():
+        for u in core.step():
+            if u.result is None:
+                continue
+            n = owner.pop(u.key)
+            job, index, results, custom, rid = jobs[n]
+            if u.result.finish_reason == "error":
+                outs[n] = _line(custom, rid, 500, error_body(u.result.error or "the request failed",
+                                                             "internal_server_error"))
+                for other in index:
+                    if owner.pop(other, None) is not None:
+                        core.abort(other)
+                continue
+            results[index[u.key].index] = u.result
+            if len(results) == len(index) and outs[n] is None:
+                outs[n] = _line(custom, rid, 200, response(job, results, eng.tokenizer))
+                done += 1
+                if progress:
+                    progress(done, len(jobs))
+    return outs
+
+
+def _line(custom, rid, status, body) -> dict:
+    return {"id": f"batch_{rid}", "custom_id": custom,
+            "response": {"status_code": status, "request_id": rid, "body": body}, "error": None}
+
+
+def main(argv=None):
+    from engine.engine import Engine
+    from engine.generate import policy_from_args
+
+    try:
+        a = parse_args(argv)
+        if a.tp not in (None, 1):
+            raise UserError("run_batch runs on one process for now: --tp must be 1")
+        policy = policy_from_args(a)
+        lines = read_lines(a.input_file)
+        if a.output_file != "-":
+            d = os.path.dirname(os.path.abspath(a.output_file))
+            if not os.path.isdir(d) or os.path.isdir(a.output_file):
+                raise UserError(f"-o {a.output_file}: not a file in an existing directory")
+            open(a.output_file, "a").close()  # writable, checked before the weights load
+        if a.threads is not None:
+            import torch
+
+            torch.set_num_threads(a.threads)
+        eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size,
+                     load=False)
+        eng.check_policy(policy)
+        eng.load()
+        parser = Parser(eng, a.served_model_name or a.model or eng.path.name, policy, eng.context)
+        t0 = time.perf_counter()
+
+        def progress(k, n):
+            print(f"\r{k}/{n} requests done", end="", file=sys.stderr, flush=True)
+
+        outs = run(eng, parser, lines, progress)
+        print(file=sys.stderr)
+        text = "".join(json.dumps(o) + "\n" for o in outs)
+        if a.output_file == "-":
+            sys.stdout.write(text)
+        else:
+            with open(a.output_file, "w", encoding="utf-8") as f:
+                f.write(text)
+        ok = sum(o["response"]["status_code"] == 200 for o in outs)
+        toks = eng.core.totals["new_tokens"]
+        wall = time.perf_counter() - t0
+        print(f"{ok}/{len(outs)} requests ok, {toks} new tokens in {wall:.1f} s ({toks / wall:.1f} tok/s)",
+              file=sys.stderr)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

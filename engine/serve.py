@@ -1,0 +1,399 @@
+"""An OpenAI-compatible server over the step-driven core.
+
+    python -m engine.serve --model Qwen/Qwen2.5-7B-Instruct [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Endpoints: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /health, and
+/metrics (Prometheus text). Each request may carry its own KV policy (`"kv": {"policy": "snapkv",
+"budget": 0.3}`); the server's `--kv` is the default.
+
+One thread owns the engine (`Worker`): it drains a queue of new requests and aborts between
+steps, steps the core while anything runs and blocks on the queue when idle. HTTP handlers
+(FastAPI on uvicorn: asyncio) never touch the engine: they parse and check a request
+(engine/openai_api.py), hand it to the worker, and await its updates on an asyncio queue that
+the worker feeds with loop.call_soon_threadsafe. A client that goes away has its request
+aborted, and its pages go back to the pool at once. SIGINT/SIGTERM: uvicorn stops accepting,
+in-flight requests get `--drain-s` seconds to finish, the rest are aborted, exit 0.
+"""
+import argparse
+import asyncio
+import itertools
+import json
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+
+from engine.openai_api import ApiError, Parser, chunk, completion_logprobs, chat_logprobs, completion_tokens, \
+    error_body, kv_stats, response, usage_chunk
+from weights.errors import UserError
+
+MAX_BODY_MB = 32
+
+
+class Worker:
+    """The engine thread: the only code that touches the engine once the server runs."""
+
+    def __init__(self, eng):
+        self.eng, self.core = eng, eng.core
+        self.inbox: queue.Queue = queue.Queue()
+        self.sinks: dict = {}  # request id -> callable(update or ApiError), called on the engine thread
+        self._ids = itertools.count(1)
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.stopping = False
+        self.failures = 0  # steps that raised (every request then in flight failed with 500)
+        self.snapshot = self._metrics()
+
+    def start(self):
+        self.thread.start()
+
+    def submit(self, choices, sink) -> list[int]:
+        rids = [next(self._ids) for _ in choices]
+        self.inbox.put(("add", list(zip(rids, choices)), sink))
+        return rids
+
+    def abort(self, rids):
+        self.inbox.put(("abort", list(rids), None))
+
+    def stop(self, timeout: float = 30.0):
+        self.inbox.put(("stop", None, None))
+        self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def _run(self):
+        while True:
+            items = []
+            try:
+                items.append(self.inbox.get(timeout=0.5) if not self.core.busy() else self.inbox.get_nowait())
+                while True:
+                    items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for kind, arg, sink in items:
+                if kind == "stop":
+                    self.stopping = True
+                elif kind == "abort":
+                    for rid in arg:
+                        self.sinks.pop(rid, None)
+                        self.core.abort(rid)
+                else:
+                    self._add(arg, sink)
+            if self.stopping:  # whatever is still in flight is cancelled
+                for rid in list(self.sinks):
+                    self.core.abort(rid)
+                    self.sinks.pop(rid)(ApiError("the server is shutting down", status=503, kind="server_shutdown"))
+                self.core.step() if self.core.busy() else None
+                self.snapshot = self._metrics()
+                return
+            if self.core.busy():
+                try:
+                    updates = self.core.step()
+                except Exception as e:  # noqa: BLE001 - one failing step must not take the server down
+                    self.failures += 1
+                    err = ApiError(f"the engine failed: {type(e).__name__}: {e}", status=500)
+                    for rid, sink in list(self.sinks.items()):
+                        sink(err)
+                    self.sinks.clear()
+                    self.core.reset()
+                    updates = []
+                for u in updates:
+                    sink = self.sinks.get(u.key)
+                    if sink is not None:
+                        sink(u)
+                        if u.result is not None:
+                            del self.sinks[u.key]
+            self.snapshot = self._metrics()
+
+    def _add(self, pairs, sink):
+        for n, (rid, c) in enumerate(pairs):
+            try:
+                self.core.add_request(c.prompt, c.policy, c.sampling, rid=rid)
+            except UserError as e:  # checked in the handler already: only what changed since
+                for r, _ in pairs[:n]:
+                    self.core.abort(r)
+                    self.sinks.pop(r, None)
+                sink(ApiError(str(e)))
+                return
+            self.sinks[rid] = sink
+
+    def _metrics(self) -> dict:
+        core, kv = self.core, self.core.kv
+        t = core.totals
+        return dict(running=core.running, waiting=core.waiting, pages_used=kv.used, pages_free=kv.n_free,
+                    pages_total=kv.n_pages, preemptions=core.sched.preemptions, new_tokens=t["new_tokens"],
+                    requests=t["requests"], budget_mean=t["budget_sum"] / t["budgets"] if t["budgets"] else 1.0,
+                    steps=core.steps, failures=self.failures)
+
+
+METRICS = [  # name, type, help, snapshot key
+    ("refreekv_requests_running", "gauge", "Sequences in the running batch", "running"),
+    ("refreekv_requests_waiting", "gauge", "Sequences waiting for admission", "waiting"),
+    ("refreekv_kv_pages_used", "gauge", "KV pool pages in use", "pages_used"),
+    ("refreekv_kv_pages_free", "gauge", "KV pool pages free", "pages_free"),
+    ("refreekv_kv_pages_total", "gauge", "KV pool pages", "pages_total"),
+    ("refreekv_preemptions_total", "counter", "Sequences preempted (pages ran out)", "preemptions"),
+    ("refreekv_generation_tokens_total", "counter", "Tokens generated by finished sequences", "new_tokens"),
+    ("refreekv_requests_total", "counter", "Sequences added", "requests"),
+    ("refreekv_kv_budget_mean", "gauge", "Mean KV budget after pruning (kept / prompt) over admitted sequences",
+     "budget_mean"),
+    ("refreekv_engine_steps_total", "counter", "Engine steps", "steps"),
+    ("refreekv_engine_failures_total", "counter", "Engine steps that raised", "failures"),
+]
+
+
+def prometheus(snap: dict) -> str:
+    lines = []
+    for name, kind, help_, key in METRICS:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {snap[key]}"]
+    return "\n".join(lines) + "\n"
+
+
+def build_app(eng, policy, model_name: str, api_key: str | None = None, max_tokens: int | None = None,
+              max_body_mb: float = MAX_BODY_MB, worker: Worker | None = None):
+    """The FastAPI app over a loaded engine (the worker starts and stops with the app)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    worker = worker or Worker(eng)
+    parser = Parser(eng, model_name, policy, max_tokens or eng.context)
+    tok = eng.tokenizer
+    cap = int(max_body_mb * 2**20)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if not worker.thread.is_alive():
+            worker.start()
+        yield
+        await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="refreekv-engine", lifespan=lifespan)
+    app.state.worker = worker
+
+    def fail(e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc):
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_server_error"), 500)
+
+    def authorized(request: Request) -> bool:
+        return api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}"
+
+    async def read_body(request: Request) -> bytes:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > cap:
+            raise ApiError(f"the request body is {int(size)} bytes; at most {cap}", status=413)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > cap:
+                raise ApiError(f"the request body is over {cap} bytes", status=413)
+        return bytes(body)
+
+    async def handle(request: Request, chat: bool):
+        if not authorized(request):
+            return fail(ApiError("missing or wrong API key (Authorization: Bearer KEY)", status=401,
+                                 code="invalid_api_key"))
+        if not worker.alive:
+            return fail(ApiError("the server is shutting down", status=503, kind="server_shutdown"))
+        try:
+            body = parser.body(await read_body(request))
+            job = parser.chat(body) if chat else parser.completion(body)
+        except ApiError as e:
+            return fail(e)
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        index = {}
+
+        def sink(item):  # on the engine thread
+            loop.call_soon_threadsafe(updates.put_nowait, item)
+
+        rids = worker.submit(job.choices, sink)
+        index = {rid: c for rid, c in zip(rids, job.choices)}
+        if job.stream:
+            return StreamingResponse(stream(job, rids, index, updates), media_type="text/event-stream")
+        return await gather(request, job, rids, index, updates)
+
+    async def gather(request, job, rids, index, updates):
+        results, left = {}, set(rids)
+        try:
+            while left:
+                try:
+                    item = await asyncio.wait_for(updates.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if isinstance(item, ApiError):
+                    return fail(item)
+                if item.result is not None:
+                    left.discard(item.key)
+                    if item.result.finish_reason == "error":
+                        return fail(ApiError(item.result.error or "the request failed", status=500))
+                    results[index[item.key].index] = item.result
+        finally:
+            if left:
+                worker.abort(left)
+        return JSONResponse(response(job, results, tok))
+
+    async def stream(job, rids, index, updates):
+        left = set(rids)
+        sent = {rid: 0 for rid in rids}
+
+        def sse(obj):
+            return f"data: {json.dumps(obj)}\n\n"
+
+        try:
+            for rid in rids:
+                c = index[rid]
+                if job.chat:
+                    yield sse(chunk(job, c.index, "", role=True))
+                elif job.echo:  # the prompt's logprobs come with the first generated chunk (after prefill)
+                    yield sse(chunk(job, c.index, c.prompt_text))
+            completion = 0
+            while left:
+                item = await updates.get()
+                if isinstance(item, ApiError):
+                    yield sse(item.body())
+                    break
+                rid, c = item.key, index[item.key]
+                r = item.result
+                if r is not None and r.finish_reason == "error":
+                    left.discard(rid)
+                    yield sse(ApiError(r.error or "the request failed", status=500).body())
+                    break
+                delta = item.text[sent[rid]:]
+                sent[rid] = len(item.text)
+                entries = (item.prompt_logprobs or [] if job.echo else []) + list(item.logprobs)
+                lps = None
+                if job.logprobs is not None and entries:
+                    lps = chat_logprobs(tok, entries) if job.chat else completion_logprobs(tok, entries)
+                finish = r.finish_reason if r is not None else None
+                if r is not None:
+                    left.discard(rid)
+                    completion += completion_tokens(r)
+                if delta or lps or finish:
+                    yield sse(chunk(job, c.index, delta, finish, lps, kv_stats(r) if r is not None else None))
+            if job.include_usage and not left:
+                prompt = sum(len(c.prompt) for c in job.choices)
+                yield sse(usage_chunk(job, prompt, completion))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or the stream ended early): nothing keeps running for it
+            if left:
+                worker.abort(left)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorized(request):
+            return fail(ApiError("missing or wrong API key (Authorization: Bearer KEY)", status=401,
+                                 code="invalid_api_key"))
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "refreekv-engine", "max_model_len": eng.context}]}
+
+    @app.get("/health")
+    async def health():
+        if not worker.alive:
+            return JSONResponse({"status": "stopping"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus(worker.snapshot), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+# ------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    from engine.generate import _Parser, add_engine_flags, add_policy_flags
+
+    p = _Parser(prog="python -m engine.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory, hub id or bundled name (default: the bundled "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--served-model-name", help="the model name clients send and /v1/models lists (default: "
+                   "--model, or the bundled model's name)")
+    p.add_argument("--max-tokens", type=int, help="the most max_tokens a request may ask for (default: the context)")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help=f"request body cap (default {MAX_BODY_MB})")
+    p.add_argument("--drain-s", type=float, default=30.0, help="on SIGINT/SIGTERM, seconds in-flight requests get "
+                   "to finish before they are cancelled (default 30)")
+    add_policy_flags(p)
+    add_engine_flags(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from engine.engine import Engine
+    from engine.generate import policy_from_args
+
+    try:
+        a = parse_args(argv)
+        if not 0 <= a.port <= 65535:
+            raise UserError(f"--port must be in [0, 65535], got {a.port}")
+        if a.tp not in (None, 1):
+            raise UserError("the server runs on one process for now: --tp must be 1 (engine.generate takes --tp N)")
+        if a.max_tokens is not None and a.max_tokens < 1:
+            raise UserError(f"--max-tokens must be >= 1, got {a.max_tokens}")
+        if not a.max_body_mb > 0:
+            raise UserError(f"--max-body-mb must be > 0, got {a.max_body_mb}")
+        policy = policy_from_args(a)
+        if a.threads is not None:
+            import torch
+
+            torch.set_num_threads(a.threads)
+        sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((a.host, a.port))  # before the weights load: a taken port fails at once
+        except OSError as e:
+            raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror}") from None
+        eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size,
+                     load=False)
+        eng.check_policy(policy)
+        eng.load()
+        if eng.compiled:
+            print(f"compile warm-up {eng.warmup(policy):.1f} s", file=sys.stderr)
+        name = a.served_model_name or a.model or eng.path.name
+        app = build_app(eng, policy, name, a.api_key, a.max_tokens, a.max_body_mb)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name} (kv={policy.name}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens) on "
+          f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=a.drain_s))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn handles them while it serves, then re-raises them to
+        signal.signal(sig, lambda *_: None)  # the handlers it found: a clean stop is this process's exit 0
+    server.run(sockets=[sock])
+    print("server stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

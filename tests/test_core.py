@@ -1,0 +1,177 @@
+"""The step-driven core (engine/core.py): requests added while others run, per-request sampling
+and policies, abort, and the padded-prefill bound. Oracles: each request run alone on its own
+engine, and the dense store (tests/dense_reference.py)."""
+import torch
+from test_engine import small_engine
+
+import refreekv
+from engine.engine import Engine
+from engine.sampling import Sampling
+from weights.errors import UserError
+
+
+def prompts(seed, lens):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lens]
+
+
+def drain(core, log=None):
+    """Step until idle; {key: Result}."""
+    out = {}
+    while core.busy():
+        for u in core.step():
+            if log is not None:
+                log.append(u)
+            if u.result is not None:
+                out[u.key] = u.result
+    return out
+
+
+def alone(path, ids, policy, s):
+    eng = Engine(str(path), device="cpu", kv_memory=0.05, max_seqs=8)
+    eng.eos = set()
+    return eng.generate([ids], policy, s)[0]
+
+
+def test_requests_added_mid_run_with_their_own_policy_and_sampling_equal_each_alone(tiny_ckpts):
+    """Requests join while others decode; each has its own policy, temperature, top-k/p, seed,
+    stop and length; every one gets exactly the tokens and kept counts it gets alone."""
+    path = tiny_ckpts["llama", False]
+    eng = Engine(str(path), device="cpu", kv_memory=0.05, max_seqs=8)
+    eng.eos = set()
+    core = eng.core
+    ps = prompts(1, (30, 12, 45, 20, 8))
+    reqs = [(refreekv.make("full"), Sampling(max_new_tokens=20)),
+            (refreekv.make("snapkv", budget=0.4), Sampling(max_new_tokens=14, temperature=0.8, seed=3)),
+            (refreekv.make("refreekv", threshold=0.2, protected=(0,)), Sampling(max_new_tokens=25, temperature=1.2,
+                                                                                top_k=30, top_p=0.9, seed=2**40 + 9)),
+            (refreekv.make("streaming", budget=10), Sampling(max_new_tokens=9)),
+            (refreekv.make("h2o", budget=0.5), Sampling(max_new_tokens=17, temperature=1.0, seed=-5))]
+    ids = [core.add_request(ps[0], *reqs[0]), core.add_request(ps[1], *reqs[1])]
+    got = {}
+    for step in range(40):
+        if step == 3:
+            ids.append(core.add_request(ps[2], *reqs[2]))
+        if step == 6:
+            ids += [core.add_request(ps[3], *reqs[3]), core.add_request(ps[4], *reqs[4])]
+        for u in core.step():
+            if u.result is not None:
+                got[u.key] = u.result
+    got.update(drain(core))
+    for i, rid in enumerate(ids):
+        want = alone(path, ps[i], *reqs[i])
+        assert got[rid].tokens == want.tokens, i
+        assert got[rid].stats["kept_per_head"] == want.stats["kept_per_head"], i
+    assert eng.kv.n_free == eng.kv.n_pages
+
+
+def test_a_seeded_request_does_not_depend_on_its_neighbours(tiny_ckpts):
+    path = tiny_ckpts["qwen2", False]
+    s = Sampling(max_new_tokens=20, temperature=1.0, seed=77)
+    ids = prompts(2, (25,))[0]
+    want = alone(path, ids, refreekv.make("full"), s).tokens
+    eng = Engine(str(path), device="cpu", kv_memory=0.05, max_seqs=8)
+    eng.eos = set()
+    others = prompts(3, (10, 40, 33))
+    res = eng.generate(others[:1] + [ids] + others[1:], refreekv.make("full"), s)
+    assert res[1].tokens == want
+    assert res[0].tokens != want  # the same seed on another prompt is another draw
+
+
+def test_abort_gives_the_pages_back_at_once_and_the_rest_run_on(tiny_ckpts):
+    path = tiny_ckpts["llama", False]
+    eng = small_engine(path, 30, max_seqs=4)
+    eng.eos = set()
+    core = eng.core
+    ps = prompts(4, (40, 30, 20, 50))
+    s = Sampling(max_new_tokens=30)
+    rids = [core.add_request(p, refreekv.make("full"), s) for p in ps]
+    for _ in range(4):
+        core.step()
+    assert core.running >= 2 and core.waiting >= 1  # the small pool makes someone wait
+    held = eng.kv.used
+    victim = core.sched.running[0].idx
+    assert core.abort(victim)
+    assert eng.kv.used < held  # at once, before any further step
+    queued = core.sched.waiting[0][0].idx
+    assert core.abort(queued) and not core.abort(queued)  # a waiting one leaves the queue; twice is a no-op
+    log = []
+    got = drain(core, log)
+    ends = {u.key: u.result.finish_reason for u in log if u.result is not None}
+    assert ends[victim] == ends[queued] == "abort" and set(got) == set(rids)
+    for i, rid in enumerate(rids):
+        if rid not in (victim, queued):
+            assert got[rid].tokens == alone(path, ps[i], refreekv.make("full"), s).tokens
+    assert eng.kv.n_free == eng.kv.n_pages and not core.busy()
+
+
+def test_padded_prefill_work_is_bounded(tiny_ckpts):
+    """Prefill pads a batch to its longest prompt: one long prompt among many short ones must not
+    make every row long. Every prefill's B x N stays within max_prefill_tokens."""
+    path = tiny_ckpts["llama", False]
+    eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=16, max_prefill_tokens=400)
+    eng.eos = set()
+    shapes = []
+    inner = eng._prefill
+
+    def spy(model, tokens, *a, **kw):
+        shapes.append(tuple(tokens.shape))
+        return inner(model, tokens, *a, **kw)
+
+    eng._prefill = spy
+    ps = prompts(5, (300,) + (10,) * 12 + (120, 15))
+    res = eng.generate(ps, refreekv.make("full"), Sampling(max_new_tokens=3))
+    assert all(b * n <= 400 for b, n in shapes if b > 1), shapes
+    assert sum(b for b, _ in shapes) == len(ps) and max(b for b, _ in shapes) > 1  # short ones still batch
+    ref = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=16)
+    ref.eos = set()
+    assert [r.tokens for r in res] == [r.tokens for r in ref.generate(ps, refreekv.make("full"), Sampling(max_new_tokens=3))]
+
+
+def test_add_request_checks_everything_up_front(tiny_ckpts):
+    eng = Engine(str(tiny_ckpts["llama", False]), device="cpu", kv_memory=0.0002, max_seqs=4)
+    core = eng.core
+    full = refreekv.make("full")
+    cases = [([], full, Sampling(), "the prompt is empty"),
+             ([5, 300], full, Sampling(), "outside the vocabulary"),
+             ([5], "refreekv", Sampling(), "refreekv.make('refreekv')"),
+             ([5], full, Sampling(max_new_tokens=0), "max_new_tokens must be a whole number >= 1"),
+             ([5], full, Sampling(top_p=0), "top_p"),
+             ([5] * 400, full, Sampling(max_new_tokens=200), "exceeds the context"),
+             ([5] * 100, full, Sampling(max_new_tokens=300), "needs")]
+    for ids, pol, s, msg in cases:
+        try:
+            core.add_request(ids, pol, s)
+        except UserError as e:
+            assert msg in str(e), (msg, str(e))
+        else:
+            raise AssertionError(f"no error for {msg}")
+    assert not core.busy()
+    # the Python API takes a policy by name too (generate), and names the field, not a CLI flag
+    r = eng.generate([[5, 6, 7]], "full", Sampling(max_new_tokens=2))[0]
+    assert len(r.tokens) <= 2
+
+
+def test_prompt_logprobs_equal_the_full_sequence_forward(tiny_ckpts):
+    """Prompt scoring (max_new_tokens 0) from the chunked hidden states equals log-softmax of the
+    model's own all-position logits, for prompts longer than a chunk."""
+    from engine import core as core_mod
+    from helpers import paged
+
+    path = tiny_ckpts["mistral", False]
+    eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=4)
+    old = core_mod.PROMPT_LOGPROB_CHUNK
+    core_mod.PROMPT_LOGPROB_CHUNK = 7  # many chunks
+    try:
+        ids = prompts(6, (40,))[0]
+        rid = eng.core.add_request(ids, refreekv.make("full"), Sampling(max_new_tokens=0, prompt_logprobs=2))
+        res = drain(eng.core)[rid]
+    finally:
+        core_mod.PROMPT_LOGPROB_CHUNK = old
+    kv, slots = paged(eng.config, [40])
+    logits, _ = eng.model.prefill(torch.tensor([ids]), torch.tensor([40]), kv, slots, probe_rows=0, all_logits=True)
+    lp = logits[0].double().log_softmax(-1)
+    assert res.tokens == [] and res.prompt_logprobs[0] == (ids[0], None, None)
+    for i, (t, v, top) in enumerate(res.prompt_logprobs[1:]):
+        assert t == ids[i + 1] and abs(v - lp[i, t].item()) < 1e-4
+        assert sorted(top) == sorted(lp[i].topk(2).indices.tolist())
