@@ -63,6 +63,7 @@ class Core:
         self.kv = eng.kv
         free = (lambda: eng.tp.host_min(eng.kv.n_free)) if eng.tp.on else None
         self.sched = Scheduler(eng.kv, eng.max_seqs, eng.max_prefill_tokens, free)
+        self.sched.padded = not eng.packed_prefill
         self.on_logits = None  # research hook: on_logits(keys, steps, logits [n, V])
         self.probe_rows = 0  # at least this many probe rows (>= 1 adds evicted attention mass to the stats)
         self._next_id = 0
@@ -372,20 +373,31 @@ class Core:
         wide = max([self.probe_rows] + [q.policy.probe_rows for q in seqs])
         lens_l = [len(g[0].prompt) for g in batch]
         N = max(lens_l)
-        tokens = torch.zeros(B, N, dtype=torch.long)  # right padding: never read, never a sink
-        for b, g in enumerate(batch):
-            tokens[b, : lens_l[b]] = torch.tensor(g[0].prompt)
-        tokens, lens = tokens.to(dev), torch.tensor(lens_l, device=dev)
+        lens = torch.tensor(lens_l, device=dev)
         src = torch.tensor([g[0].slot for g in batch], device=dev)
         pages_prefill = [kv.owned(g[0].slot) for g in batch]
         scoring = [b for b, g in enumerate(batch) if g[0].sampling.prompt_logprobs is not None]
         eng.sync()
         t0 = time.perf_counter()
-        logits, probe, hidden = eng._prefill(eng.model, tokens, lens, kv, src, wide, bool(scoring))
+        if eng.packed_prefill:  # eager: the prompts end to end, no padding
+            flat = torch.tensor([t for g in batch for t in g[0].prompt], device=dev)
+            logits, probe, *hidden = eng.model.prefill_packed(flat, lens_l, kv, src, wide, bool(scoring))
+            starts = [sum(lens_l[:b]) for b in range(B)]
+            rows = [(flat, starts[b]) for b in range(B)]
+        else:  # compiled: right-padded to the longest prompt (static shapes)
+            tokens = torch.zeros(B, N, dtype=torch.long)  # right padding: never read, never a sink
+            for b, g in enumerate(batch):
+                tokens[b, : lens_l[b]] = torch.tensor(g[0].prompt)
+            tokens = tokens.to(dev)
+            logits, probe, hidden = eng._prefill(eng.model, tokens, lens, kv, src, wide, bool(scoring))
+            hidden = [] if hidden is None else [hidden.flatten(0, 1)]
+            rows = [(tokens.flatten(), b * N) for b in range(B)]
         if eng.tp.on and probe is not None:
             probe = eng.tp.gather(probe, 2)  # every query head: each policy plans exactly as on one process
         for b in scoring:
-            self._prompt_logprobs(batch[b], hidden[b, : lens_l[b]], tokens[b, : lens_l[b]])
+            ids, at = rows[b]
+            n = lens_l[b]
+            self._prompt_logprobs(batch[b], hidden[0][at:at + n], ids[at:at + n])
         del hidden
         eng.sync()
         t1 = time.perf_counter()

@@ -17,6 +17,7 @@ The decode step never waits for the host: step t+1 is queued before the tokens o
 back, and the pages a step needs are handed out by the host beforehand (it knows every row's
 length). On CUDA the step is compiled with CUDA graphs, one recording per batch-size bucket.
 """
+import os
 import time
 
 import torch
@@ -94,10 +95,15 @@ class Engine:
 
     # --------------------------------------------------------------------------------- set-up
     def pool_pages(self) -> int | None:
-        """Pages the pool will hold (None on CUDA without --kv-memory until the weights are loaded)."""
+        """Pages the pool will hold (None on CUDA without --kv-memory until the weights are loaded):
+        what the memory asked for buys, but never more than can be used."""
         if self.kv is not None:
             return self.kv.n_pages
-        c = self.config
+        asked = self.requested_pages()
+        return None if asked is None else min(asked, self.usable_pages())
+
+    def requested_pages(self) -> int | None:
+        """Pages the pool's memory (--kv-memory, or the device's default) buys."""
         if self.kv_memory is not None:
             budget = self.kv_memory * 2**30
         elif not self.cuda:
@@ -106,8 +112,15 @@ class Engine:
             budget = CUDA_KV_SHARE * torch.cuda.mem_get_info(self.dev)[0]
         else:
             return None
-        rows = c.n_layers * self.local.n_kv_heads * self.max_seqs * -(-self.context // self.page_size)
-        return min(int(budget // page_bytes(self.page_size, c.head_dim, self.dtype)), rows)  # no more than can be used
+        return int(budget // page_bytes(self.page_size, self.config.head_dim, self.dtype))
+
+    def usable_pages(self) -> int:
+        """Pages that max_seqs sequences of the whole context can hold at once."""
+        c = self.local
+        return c.n_layers * c.n_kv_heads * self.max_seqs * -(-self.context // self.page_size)
+
+    def pool_gib(self, pages: int) -> float:
+        return pages * page_bytes(self.page_size, self.config.head_dim, self.dtype) / 2**30
 
     def load(self):
         from weights.loader import load_model
@@ -142,6 +155,9 @@ class Engine:
         # fields (prompt width) and new policy types would otherwise recompile per prompt length.
         # Off by default on CPU, where compiling costs more than it saves.
         self._decode, self._prefill = _decode_step, _prefill_step
+        # eager prefill packs the prompts end to end (no padding, attention per prompt); compiled
+        # prefill keeps right-padded static shapes (REFREEKV_PREFILL=padded forces those eagerly too)
+        self.packed_prefill = not self.compiled and os.environ.get("REFREEKV_PREFILL", "packed") != "padded"
         if self.compiled:
             # no duck shaping: a prompt of 16 tokens must not be unified with the page size 16 (or a
             # batch of 2 with 2 KV heads) and so compile a program for that length alone

@@ -3,190 +3,284 @@ KV pool, a refreekv/ policy at the prefill -> decode transition).
 
     python -m engine.generate --prompt "What is the capital of France?"
     python -m engine.generate --model Qwen/Qwen2.5-7B --prompt "..." --kv refreekv --threshold 0.01
+    python -m engine.generate --interactive                  # a multi-turn chat in the terminal
 """
-import argparse
 import json
 import os
+import signal
 import sys
+import time
 
-import refreekv
+from engine.cli import (Formatter, Parser, add_common, add_engine_flags, add_policy_flags, check_flags, check_writable,
+                        policy_from_args, sampling_from_args, say, set_threads)
 from engine.engine import Engine, Result
 from engine.sampling import Sampling
 from weights.errors import UserError
 
 __all__ = ["Engine", "Result", "Sampling", "main"]
 
+EPILOG = """stats (stderr), one line per prompt and one for the whole run:
+  prompt N tok      prompt tokens after the chat template
+  KV budget X%      prompt KV entries kept after pruning, share of the prompt (mean over layers and KV heads)
+  pages A -> B      KV pages the prompt held after prefill and after pruning (the rest went back to the pool)
+  prefill / prune   wall time of the prefill batch it was in, and of planning + compacting it
+  new tok at tok/s  tokens generated, and this sequence's own decode rate
+  workload          tokens/s over the run, most sequences decoded at once, most pool pages in use,
+                    preemptions (pages ran out: a sequence gave its pages back and replays later), peak memory
+--stats-json writes the same per prompt (with its text and finish reason); --output-jsonl one object a line."""
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        raise UserError(f"{message} (see --help)")
+PREFILL_NOTE = 2048  # prompt tokens in one prefill past which the CLI says it is prefilling (CPU)
+PROGRESS_S = 5.0  # a batch's progress line at most this often when stderr is not a terminal
 
 
 def parse_args(argv=None):
-    p = _Parser(prog="python -m engine.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory, hub id (e.g. Qwen/Qwen2.5-7B) or bundled name; "
-                   "default: the bundled SmolLM2-135M-Instruct")
+    p = Parser(prog="python -m engine.generate", description=__doc__, epilog=EPILOG, formatter_class=Formatter)
+    add_common(p, " (converted once from its pip package)")
     # both append to one list, so a batch keeps the command line's order
-    p.add_argument("--prompt", action="append", dest="inputs", type=lambda v: ("text", v), help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", action="append", dest="inputs", type=lambda v: ("file", v),
+    p.add_argument("--prompt", action="append", dest="inputs", metavar="TEXT", type=lambda v: ("text", v),
+                   help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", action="append", dest="inputs", metavar="PATH", type=lambda v: ("file", v),
                    help="read a prompt from a file ('-' for stdin); repeatable, mixes with --prompt in order")
+    p.add_argument("--interactive", action="store_true", help="a multi-turn chat: type a message, get the answer; "
+                   "/exit or Ctrl-D leaves (each turn re-prefills the conversation under the chosen policy)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template (default when the checkpoint has one)")
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="apply the chat template (default when the checkpoint has one)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
-    p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most per prompt (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this much probability (1 = off)")
-    p.add_argument("--seed", type=int, help="random seed for sampling (a run with the same prompts and settings repeats)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="tokens to generate at most per prompt (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="X", help="0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens only "
+                   "(default 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of tokens "
+                   "with this much probability, in (0, 1] (default 1 = off)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per prompt; a seeded prompt gives "
+                   "the same text whatever else runs beside it)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help=r"stop string (repeatable); "
+                   r"the escapes \n \t \r \\ are read, so --stop '\n' stops at a newline")
     add_policy_flags(p)
     add_engine_flags(p)
-    p.add_argument("--truncate", choices=["middle"], help="middle-truncate prompts that do not fit")
-    p.add_argument("--stats-json", help="write per-prompt stats (budget, kept per layer, pages, timings) here")
+    p.add_argument("--truncate", choices=["middle"], help="middle-truncate prompts that do not fit (default: an error)")
+    p.add_argument("--stats-json", metavar="PATH", help="write per-prompt stats, text and finish reason here")
+    p.add_argument("--output-jsonl", metavar="PATH", help="write one JSON object per prompt: prompt index, text, "
+                   "tokens, finish reason, stats")
     return p.parse_args(argv)
 
 
-def add_policy_flags(p):
-    """The KV policy flags (engine.generate and engine.serve)."""
-    p.add_argument("--kv", default="refreekv", help="KV policy: " + ", ".join(refreekv.available()))
-    p.add_argument("--threshold", type=float, help="ReFreeKV threshold T (default 0.01)")
-    p.add_argument("--budget", type=float, help="fixed-budget policies: fraction of the prompt (<= 1) or a token count (> 1)")
-    p.add_argument("--kv-args", default="{}", help='policy knobs as JSON, e.g. \'{"sinks": 4, "protected": [0, 1]}\'')
-
-
-def add_engine_flags(p):
-    """The engine's flags (engine.generate and engine.serve)."""
-    p.add_argument("--kv-memory", type=float, help="KV pool size in GiB (default: 80%% of the GPU memory left after "
-                   "loading the weights; 2 GiB on CPU)")
-    p.add_argument("--max-seqs", type=int, help="sequences decoded at once at most (default 64 on GPU, 16 on CPU)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page, a power of two (default 16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile prefill, pruning and the decode step (CUDA graphs on GPU); default: on for CUDA, off on CPU")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--tp", type=int, help="tensor parallel over this many ranks (one GPU each; gloo on CPU): spawns them, "
-                   "or, under torchrun, must equal its --nproc-per-node")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; on a machine whose cores are "
-                   "busy with other work, 1 can be several times faster)")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--max-length", type=int, help="context limit in tokens (prompt + new)")
-
-
-def policy_from_args(a) -> refreekv.Policy:
-    try:
-        kw = json.loads(a.kv_args)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--kv-args is not valid JSON: {e}") from None
-    if not isinstance(kw, dict):
-        raise UserError("--kv-args must be a JSON object")
-    if a.threshold is not None:
-        kw["threshold"] = a.threshold  # a policy without a threshold rejects it in refreekv.make
-    if a.budget is not None:
-        kw["budget"] = a.budget
-    return refreekv.make(a.kv, **kw)
-
-
 def summary(st: dict, per_rank: bool = False) -> str:
-    return (f"prompt {st['prompt_tokens']} tok | KV budget {100 * st['budget']:.1f}% | pages {st['pages_after_prefill']} -> "
-            f"{st['pages_after_pruning']}{' per rank' if per_rank else ''} | prefill {st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms "
-            f"| {st['new_tokens']} new tok at {st['decode_tok_s']:.1f} tok/s")
+    return (f"prompt {st['prompt_tokens']} tok | KV budget {100 * st['budget']:.1f}% | pages "
+            f"{st['pages_after_prefill']} -> {st['pages_after_pruning']}{' per rank' if per_rank else ''} | prefill "
+            f"{st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms | {st['new_tokens']} new tok at "
+            f"{st['decode_tok_s']:.1f} tok/s")
+
+
+def read_prompts(a) -> list[str]:
+    prompts = []
+    for kind, v in a.inputs or []:
+        try:
+            prompts.append(v if kind == "text" else sys.stdin.read() if v == "-" else open(v, encoding="utf-8").read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {v}: {e}") from None
+    if any(not p.strip() for p in prompts):
+        raise UserError("empty prompt")
+    return prompts
+
+
+def cpu_pool_gib(eng, ids: list[list[int]], max_new: int) -> float:
+    """The CPU pool a run needs at most (every prompt whole at once, no pruning, one page of slack
+    per row), up to the 2 GiB default: "Hi" does not allocate 2 GiB."""
+    from engine.engine import CPU_KV_GIB
+    from engine.kv import page_bytes
+
+    c, ps = eng.local, eng.page_size
+    rows = c.n_layers * c.n_kv_heads
+    pages = sum(rows * (-(-(len(p) + max_new) // ps) + 1) for p in ids[: eng.max_seqs])
+    return min(CPU_KV_GIB, pages * page_bytes(ps, c.head_dim, eng.dtype) / 2**30)
+
+
+class Progress:
+    """A batch's progress on stderr: which prompts are done and tokens so far (a live line on a
+    terminal, a line every few seconds otherwise)."""
+
+    def __init__(self, n: int):
+        self.n, self.done, self.tokens, self.last = n, 0, {}, time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def token(self, i, text):
+        self.tokens[i] = self.tokens.get(i, 0) + 1
+        self.show()
+
+    def finish(self, i):
+        self.done += 1
+        self.show(force=not self.tty)
+
+    def show(self, force=False):
+        now = time.monotonic()
+        if not force and now - self.last < (0.2 if self.tty else PROGRESS_S):
+            return
+        self.last = now
+        line = f"{self.done}/{self.n} prompts done, {sum(self.tokens.values())} tokens so far"
+        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def clear(self):
+        if self.tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def run(a, eng, policy, s, ids) -> int:
+    """Generate for every prompt: stream one, or print a batch's answers as they finish (labelled)."""
+    many = len(ids) > 1
+    shown, done = [0], {}
+    progress = Progress(len(ids)) if many else None
+
+    def on_token(i, text):
+        if not many:
+            sys.stdout.write(text[shown[0]:])
+            sys.stdout.flush()
+            shown[0] = len(text)
+        else:
+            progress.token(i, text)
+
+    def on_finish(i, r):
+        done[i] = r
+        if many:
+            progress.clear()
+            sys.stdout.write(f"=== prompt {i} ({r.finish_reason}) ===\n{r.text}\n")
+            sys.stdout.flush()
+            progress.finish(i)
+
+    big = sum(map(len, ids)) > PREFILL_NOTE and not eng.cuda
+    if big:
+        say(f"prefilling {sum(map(len, ids))} prompt tokens on the CPU: the first text follows it")
+    try:
+        results = eng.generate(ids, policy, s, on_token=on_token, on_finish=on_finish)
+    except KeyboardInterrupt:
+        if progress:
+            progress.clear()
+        if not many:
+            sys.stdout.write("\n")
+        cut = [i for i in range(len(ids)) if i not in done]
+        say(f"interrupted: {len(done)} of {len(ids)} prompt(s) finished; cut: "
+            f"{', '.join(map(str, cut[:20]))}{' ...' if len(cut) > 20 else ''}")
+        write_outputs(a, [done.get(i) for i in range(len(ids))])
+        return 130
+    if progress:
+        progress.clear()
+    if not many:
+        sys.stdout.write(results[0].text[shown[0]:] + "\n")
+        sys.stdout.flush()
+    for i, r in enumerate(results):
+        say((f"prompt {i}: " if many else "") + summary(r.stats, eng.tp.on))
+    w = eng.stats
+    say(f"workload: {w['requests']} prompt(s), {w['new_tokens']} new tok in {w['wall_s']:.2f} s "
+        f"({w['tok_s']:.1f} tok/s) | peak {w['peak_concurrent']} seqs, {w['peak_pages']}/{w['pool_pages']} pages | "
+        f"{w['preemptions']} preemptions | peak mem {w['peak_memory_bytes'] / 2**30:.2f} GiB")
+    write_outputs(a, results)
+    return 0
+
+
+def write_outputs(a, results: list):
+    """--stats-json and --output-jsonl (finished prompts only, after an interrupt); a failing write
+    is one line, and the text already printed stays."""
+    rows = [dict(r.stats, text=r.text, finish_reason=r.finish_reason) if r is not None else None for r in results]
+    if a.stats_json:
+        kept = [x for x in rows if x is not None]
+        _write(a.stats_json, json.dumps(kept[0] if len(results) == 1 and kept else kept, indent=1), "--stats-json")
+    if a.output_jsonl:
+        lines = [json.dumps({"prompt": i, "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
+                             "stats": r.stats}) for i, r in enumerate(results) if r is not None]
+        _write(a.output_jsonl, "".join(x + "\n" for x in lines), "--output-jsonl")
+
+
+def _write(path, text, flag):
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        say(f"error: {flag} {path} could not be written ({e.strerror}); the text above is complete")
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # tensor parallel: only rank 0 speaks
     try:
-        a = parse_args(argv)
-        if a.tp is not None and a.tp < 1:
-            raise UserError(f"--tp must be >= 1, got {a.tp}")
-        if a.tp and a.tp > 1 and "WORLD_SIZE" not in os.environ:
-            if any(kind == "file" and v == "-" for kind, v in a.inputs or []):
-                raise UserError("--prompt-file - (stdin) cannot be combined with --tp: pass the prompt in a file")
-            from engine.tp import spawn
-
-            return spawn(argv, a.tp)
-        s = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, a.stop)
-        try:
-            s.check()
-        except UserError as e:  # the API names the field, the CLI its flag
-            field = str(e).split(" ", 1)[0]
-            raise UserError("--" + field.replace("_", "-") + str(e)[len(field):]) from None
-        policy = policy_from_args(a)
-        if a.stats_json and not os.path.isdir(os.path.dirname(os.path.abspath(a.stats_json))):
-            raise UserError(f"--stats-json: directory of {a.stats_json} does not exist")
-        if a.stats_json and os.path.isdir(a.stats_json):
-            raise UserError(f"--stats-json {a.stats_json} is a directory: name a file")
-        prompts = []
-        for kind, v in a.inputs or []:
-            try:
-                prompts.append(v if kind == "text" else sys.stdin.read() if v == "-" else open(v, encoding="utf-8").read())
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read prompt file {v}: {e}") from None
-        if not prompts:
-            raise UserError("no prompt: pass --prompt TEXT or --prompt-file PATH")
-        if any(not p.strip() for p in prompts):
-            raise UserError("empty prompt")
-        if a.threads is not None:
-            if a.threads < 1:
-                raise UserError(f"--threads must be >= 1, got {a.threads}")
-            import torch
-
-            torch.set_num_threads(a.threads)
-        eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size, load=False,
-                     tp=a.tp)
-        ids = [eng.fit(eng.encode(p, a.chat, a.system), s.max_new_tokens, a.truncate) for p in prompts]
-        eng.check_policy(policy)
-        eng.check_fits(ids, s.max_new_tokens)  # before the weights load, where the pool size is known
-        eng.load()
-        out = sys.stderr if rank0 else open(os.devnull, "w")
-        if eng.compiled:  # compile now, so every figure below is steady state
-            print(f"compile warm-up {eng.warmup(policy):.1f} s (not in the figures below)", file=out)
-        print(f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, device={eng.device}, "
-              f"dtype={str(eng.dtype).removeprefix('torch.')}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens"
-              + (f" per rank, tensor parallel over {eng.tp.world} rank(s)" if eng.tp.on else ""), file=out)
-        shown, done, printed = [0], {}, [0]
-
-        def stream(i, text):  # one prompt: stream as produced
-            if len(ids) == 1:
-                sys.stdout.write(text[shown[0]:])
-                sys.stdout.flush()
-                shown[0] = len(text)
-
-        def finished(i, r):  # a batch: each answer as soon as it and every earlier one are done
-            done[i] = r
-            while printed[0] in done and len(ids) > 1:
-                sys.stdout.write(("\n" if printed[0] else "") + done[printed[0]].text + "\n")
-                sys.stdout.flush()
-                printed[0] += 1
-
-        results = eng.generate(ids, policy, s, on_token=stream if rank0 else None, on_finish=finished if rank0 else None)
-        if not rank0:
-            return 0
-        if len(ids) == 1:
-            sys.stdout.write(results[0].text[shown[0]:] + "\n")
-            sys.stdout.flush()
-        for r in results:
-            print(summary(r.stats, eng.tp.on), file=sys.stderr)
-        w = eng.stats
-        print(f"workload: {w['requests']} prompt(s), {w['new_tokens']} new tok in {w['wall_s']:.2f} s ({w['tok_s']:.1f} tok/s) "
-              f"| peak {w['peak_concurrent']} seqs, {w['peak_pages']}/{w['pool_pages']} pages | {w['preemptions']} preemptions "
-              f"| peak mem {w['peak_memory_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
-        if a.stats_json:
-            stats = [r.stats for r in results]
-            with open(a.stats_json, "w") as f:
-                json.dump(stats[0] if len(stats) == 1 else stats, f, indent=1)
+        return _main(argv, rank0)
     except UserError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed (| head): end quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
+        say("interrupted")
         return 130
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+
+
+def _main(argv, rank0) -> int:
+    a = parse_args(argv)
+    check_flags(a)
+    if a.tp and a.tp > 1 and "WORLD_SIZE" not in os.environ:
+        if any(kind == "file" and v == "-" for kind, v in a.inputs or []) or a.interactive:
+            raise UserError("--prompt-file - (stdin) and --interactive cannot be combined with --tp")
+        from engine.tp import spawn
+
+        return spawn(argv, a.tp)
+    warn = (lambda m: say(f"warning: {m}")) if rank0 else None
+    s = sampling_from_args(a, warn)
+    policy = policy_from_args(a)
+    check_writable(a.stats_json, "--stats-json")
+    check_writable(a.output_jsonl, "--output-jsonl")
+    prompts = read_prompts(a)
+    if a.interactive and prompts:
+        raise UserError("--interactive reads its messages from the terminal: drop --prompt / --prompt-file")
+    if not prompts and not a.interactive:
+        raise UserError("no prompt: pass --prompt TEXT or --prompt-file PATH (or --interactive)")
+    set_threads(a.threads)
+    eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size, load=False,
+                 tp=a.tp)
+    if a.interactive:
+        from engine.chat import interactive
+
+        return interactive(eng, policy, s, a)
+    ids = []
+    for i, p in enumerate(prompts):
+        whole = eng.encode(p, a.chat, a.system)
+        cut = eng.fit(whole, s.max_new_tokens, a.truncate)
+        if len(cut) < len(whole) and warn:
+            warn(f"prompt {i}: --truncate middle dropped {len(whole) - len(cut)} of its {len(whole)} tokens")
+        ids.append(cut)
+    eng.check_policy(policy)
+    budget = getattr(policy, "budget", None)
+    if warn and budget is not None and budget > 1 and budget >= max(map(len, ids)):
+        warn(f"--budget {budget:g} tokens is at least every prompt's length: every token is kept (100%)")
+    if eng.kv_memory is None and not eng.cuda:
+        eng.kv_memory = cpu_pool_gib(eng, ids, s.max_new_tokens)
+    elif eng.kv_memory is not None and warn:
+        asked = eng.pool_pages()
+        usable = eng.usable_pages()
+        if asked is not None and usable < eng.requested_pages():
+            warn(f"--kv-memory {eng.kv_memory:g} GiB capped to {eng.pool_gib(usable):.2f} GiB: all that "
+                 f"{eng.max_seqs} sequences of {eng.context} tokens can use")
+    eng.check_fits(ids, s.max_new_tokens)  # before the weights load, where the pool size is known
+    eng.load()
+    out = sys.stderr if rank0 else open(os.devnull, "w")
+    if eng.compiled:  # compile now, so every figure below is steady state
+        print(f"compile warm-up {eng.warmup(policy):.1f} s (not in the figures below)", file=out)
+    print(f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, device={eng.device}, "
+          f"dtype={str(eng.dtype).removeprefix('torch.')}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens"
+          + (f" per rank, tensor parallel over {eng.tp.world} rank(s)" if eng.tp.on else ""), file=out, flush=True)
+    if not rank0:
+        eng.generate(ids, policy, s)
+        return 0
+    return run(a, eng, policy, s, ids)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,17 @@ class PagedKV:
         self.pos.view(-1)[flat] = t.int().expand(B * H, N).reshape(-1)
         self.lengths[layer, slots] = lens[:, None].int()
 
+    def write_packed(self, layer: int, owner: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Prefill, packed: token t of k, v [Hkv, T, D] goes to slot owner[t] at position pos[t]
+        in every KV head's row (each row owns pages for its prompt)."""
+        H, T, D = k.shape
+        heads = torch.arange(H, device=k.device)
+        page = self.table[layer, owner[:, None], heads[None], (pos // self.ps)[:, None]]  # [T, Hkv]
+        flat = (page.long() * self.ps + (pos % self.ps)[:, None]).reshape(-1)
+        self.k.view(-1, D)[flat] = k.transpose(0, 1).reshape(-1, D)
+        self.v.view(-1, D)[flat] = v.transpose(0, 1).reshape(-1, D)
+        self.pos.view(-1)[flat] = pos[:, None].expand(T, H).reshape(-1).int()
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Decode: write one token per slot [B, Hkv, 1, D] at each row's own length (slots [0, B))."""
         B, H, _, D = k.shape

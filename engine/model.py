@@ -180,6 +180,52 @@ class Transformer(nn.Module):
             return self._logits(last), (probe if w else None), x
         return self._logits(last), (probe if w else None)
 
+    @torch.no_grad()
+    def prefill_packed(self, tokens, lens: list[int], kv, slots, probe_rows: int = 1, hidden: bool = False):
+        """prefill() for prompts packed end to end: tokens [T] (T = sum(lens), no padding), lens
+        on the host. Embedding, projections and MLP run on the T real tokens only; attention and
+        the probe run prompt by prompt. One 8k prompt batched with fifty short ones costs 8k + 50
+        short rows, not 51 x 8k. Returns what prefill() returns (probe [L, B, H, w, max(lens)]),
+        with hidden states [T, dim] (prompt b's rows at offsets sum(lens[:b]) onwards). Eager:
+        the per-prompt slices are host ints (compiled, prefill() keeps its static shapes)."""
+        c, dev = self.c, tokens.device
+        B, N = len(lens), max(lens)
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        lens_t = torch.tensor(lens, device=dev)
+        pos = torch.cat([torch.arange(n, device=dev) for n in lens])  # [T] each token's position in its prompt
+        cos, sin = self.cos[pos], self.sin[pos]
+        x = self.embed(tokens)[None]  # [1, T, dim]
+        ar = torch.arange(N, device=dev)
+        w = probe_rows
+        if w:
+            rows = lens_t[:, None] - w + torch.arange(w, device=dev)  # [B, w] absolute positions
+            real = (rows >= 0)[..., None] & (ar < lens_t[:, None, None])
+            rmasks = {win: causal_mask(rows, ar, win) & real for win in set(c.layer_windows)}
+            probe = torch.zeros(c.n_layers, B, c.n_heads, w, N, device=dev)
+        owner = slots.repeat_interleave(lens_t)  # [T] the slot each token is written to
+        for i, layer in enumerate(self.layers):
+            win = c.layer_windows[i]
+            q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)  # [1, H, T, D]
+            kv.write_packed(i, owner, pos, k[0], v[0])
+            outs = []
+            for b, n in enumerate(lens):
+                qb, kb, vb = (t[:, :, starts[b]:starts[b + 1]] for t in (q, k, v))
+                outs.append(windowed_attention(qb, kb, vb, win) if win and n > win else causal_attention(qb, kb, vb))
+                if w:
+                    probe[i, b, ..., :n] = self._probe(qb, kb, rows[b:b + 1].clamp(min=0), rmasks[win][b:b + 1, ..., :n])[0]
+            x = x + self._sum(layer.attn.out(torch.cat(outs, 2)))
+            x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
+        kv.lengths[:, slots] = lens_t[None, :, None].int()
+        kv.next_pos[slots] = lens_t
+        x = x[0]
+        ends = torch.tensor(starts[1:], device=dev) - 1
+        if hidden:
+            x = self.norm(x)
+            return self._logits(x[ends]), (probe if w else None), x
+        return self._logits(self.norm(x[ends])), (probe if w else None)
+
     def _logits(self, x, fast=None):
         """fp32 logits over the whole vocabulary (tensor parallel with a split head: each rank's
         rows, gathered)."""

@@ -23,14 +23,13 @@ URLS = {"/v1/completions": False, "/v1/chat/completions": True}
 
 
 def parse_args(argv=None):
-    from engine.generate import _Parser, add_engine_flags, add_policy_flags
+    from engine.cli import Parser, add_common, add_engine_flags, add_policy_flags
 
-    p = _Parser(prog="python -m engine.run_batch", description=__doc__,
+    p = Parser(prog="python -m engine.run_batch", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input-file", required=True, help="requests, one JSON object a line ('-': stdin)")
     p.add_argument("-o", "--output-file", required=True, help="results, one JSON object a line ('-': stdout)")
-    p.add_argument("--model", help="checkpoint directory, hub id or bundled name (default: the bundled "
-                   "SmolLM2-135M-Instruct)")
+    add_common(p, "")
     p.add_argument("--served-model-name", help="the model name requests may carry (default: --model)")
     add_policy_flags(p)
     add_engine_flags(p)
@@ -113,12 +112,13 @@ def _line(custom, rid, status, body) -> dict:
 
 def main(argv=None):
     from engine.engine import Engine
-    from engine.generate import policy_from_args
+    from engine.cli import check_flags, policy_from_args, set_threads
 
     try:
         a = parse_args(argv)
         if a.tp not in (None, 1):
             raise UserError("run_batch runs on one process for now: --tp must be 1")
+        check_flags(a)
         policy = policy_from_args(a)
         lines = read_lines(a.input_file)
         if a.output_file != "-":
@@ -126,10 +126,7 @@ def main(argv=None):
             if not os.path.isdir(d) or os.path.isdir(a.output_file):
                 raise UserError(f"-o {a.output_file}: not a file in an existing directory")
             open(a.output_file, "a").close()  # writable, checked before the weights load
-        if a.threads is not None:
-            import torch
-
-            torch.set_num_threads(a.threads)
+        set_threads(a.threads)
         eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size,
                      load=False)
         eng.check_policy(policy)

@@ -4,8 +4,9 @@ A request is a *group*: one prompt prefilled once and pruned by one or more poli
 result a Sequence of its own (fan-out: "prefill once, try several policies"). Running sequences
 occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is one batch.
 
-- admit: take waiting groups in order while the running set stays within max_seqs, the padded
-  prefill (batch x its longest prompt: what prefill computes) stays within max_prefill_tokens, and
+- admit: take waiting groups in order while the running set stays within max_seqs, the prefill's
+  work (batch x its longest prompt when padded, the prompts' tokens when packed) stays within
+  max_prefill_tokens, and
   the free pages hold every admitted prompt whole (prefill writes it all before pruning shrinks it), with
   one page per row of every sequence, running or admitted, left over so that the next step can
   grow without preempting (a sequence just admitted is otherwise the first to go).
@@ -55,6 +56,7 @@ class Scheduler:
     def __init__(self, kv: PagedKV, max_seqs: int, max_prefill_tokens: int, free=None):
         self.kv, self.max_seqs, self.max_prefill_tokens = kv, min(max_seqs, kv.S), max_prefill_tokens
         self.free = free or (lambda: kv.n_free)  # tensor parallel: the least free pages of any rank
+        self.padded = True  # prefill pads a batch to its longest prompt (False: packed, real tokens only)
         self.waiting: deque[list[Sequence]] = deque()
         self.running: list[Sequence] = []
         self._admitted = 0
@@ -70,13 +72,14 @@ class Scheduler:
     def admit(self) -> list[list[Sequence]]:
         """Groups to prefill now (one batch, within the padded prefill budget); their
         sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
-        kv, batch, longest, pages, seqs = self.kv, [], 0, 0, len(self.running)
+        kv, batch, longest, tokens, pages, seqs = self.kv, [], 0, 0, 0, len(self.running)
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
         while self.waiting:
             grp = self.waiting[0]
             n, k = len(grp[0].prompt), len(grp)
-            if batch and (len(batch) + 1) * max(longest, n) > self.max_prefill_tokens:  # padded to the longest
+            work = (len(batch) + 1) * max(longest, n) if self.padded else tokens + n  # padded to the longest, or packed
+            if batch and work > self.max_prefill_tokens:
                 break
             if seqs + k > self.max_seqs:
                 break
@@ -88,7 +91,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             batch.append(grp)
-            longest, pages, seqs = max(longest, n), pages + need, seqs + k
+            longest, tokens, pages, seqs = max(longest, n), tokens + n, pages + need, seqs + k
         slot = len(self.running)
         for grp in batch:
             for s in grp:

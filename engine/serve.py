@@ -325,11 +325,10 @@ def build_app(eng, policy, model_name: str, api_key: str | None = None, max_toke
 
 # ------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    from engine.generate import _Parser, add_engine_flags, add_policy_flags
+    from engine.cli import Parser, add_common, add_engine_flags, add_policy_flags
 
-    p = _Parser(prog="python -m engine.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory, hub id or bundled name (default: the bundled "
-                   "SmolLM2-135M-Instruct)")
+    p = Parser(prog="python -m engine.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p, "")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
@@ -346,7 +345,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from engine.engine import Engine
-    from engine.generate import policy_from_args
+    from engine.cli import check_flags, policy_from_args, set_threads
 
     try:
         a = parse_args(argv)
@@ -358,11 +357,9 @@ def main(argv=None):
             raise UserError(f"--max-tokens must be >= 1, got {a.max_tokens}")
         if not a.max_body_mb > 0:
             raise UserError(f"--max-body-mb must be > 0, got {a.max_body_mb}")
+        check_flags(a)
         policy = policy_from_args(a)
-        if a.threads is not None:
-            import torch
-
-            torch.set_num_threads(a.threads)
+        set_threads(a.threads)
         sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -52,7 +52,8 @@ class TP:
         head's logits (functional collective: traceable by torch.compile)."""
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_gather_tensor(t.contiguous(), dim % t.dim(), dist.group.WORLD)
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the new name, where torch has it
+        return gather(t.contiguous(), dim % t.dim(), dist.group.WORLD)
 
     def errors(self, msg: str | None) -> list[str]:
         """Every rank's error message (None where it had none), on every rank."""

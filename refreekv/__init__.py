@@ -69,7 +69,8 @@ def knobs(name: str) -> list[str]:
     import inspect
 
     _discover()
-    return [p for p in inspect.signature(POLICIES[name].__init__).parameters if p != "self"]
+    params = inspect.signature(POLICIES[name].__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def make(name: str, **kwargs) -> Policy:
@@ -151,9 +152,12 @@ def check_flag(name: str, v) -> bool:
 
 
 def check_threshold(threshold) -> float:
-    t = float(threshold)
-    if not (math.isfinite(t) and t >= 0):
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not (math.isfinite(t) and 0 <= t <= 1):  # a share of the attention: past 1 it means nothing more than 1
+        raise ValueError(f"threshold must be in [0, 1] (a share of the attention), got {threshold!r}")
     return t
 
 

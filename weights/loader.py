@@ -105,7 +105,6 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"loading {model_dir.name}", file=sys.stderr, leave=False,
                disable=None if size > 2**30 and rank == 0 else True)  # a bar for large checkpoints, on a terminal
     for path in files:
-        bar.update(path.stat().st_size)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -127,6 +126,7 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
                                         f"{tuple(dst.shape)} from config.json")
                     dst.copy_(t)
                     read += t.numel() * t.element_size()
+                    bar.update(t.numel() * t.element_size())  # as read, tensor by tensor (not a file at a time)
                     seen.add(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None

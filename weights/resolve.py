@@ -1,6 +1,7 @@
 """Where a checkpoint lives: a local directory, a hub id (cache or download), or a bundled real model."""
 import json
 import os
+import sys
 from pathlib import Path
 
 from weights.errors import UserError
@@ -15,9 +16,22 @@ def resolve(model: str | None) -> Path:
     """Return a local directory holding config.json, tokenizer and safetensors for `model`."""
     from weights.bundled import BUNDLED, DEFAULT_MODEL, ensure_bundled
 
-    if model is None or model in BUNDLED:
-        return ensure_bundled(model or DEFAULT_MODEL)
+    if model is None:
+        return ensure_bundled(DEFAULT_MODEL)
     p = Path(model).expanduser()
+    if model.lower() in BUNDLED and not p.exists():  # bundled names in any case (SmolLM2-135M-Instruct)
+        return ensure_bundled(model.lower())
+    twin = next((k for k, v in BUNDLED.items() if v["hub"].lower() == model.lower()), None)
+    if twin is not None and not p.exists():  # a hub id we carry a copy of: the hub (cache) first, else the copy
+        try:
+            return _from_hub(model)
+        except UserError as e:
+            if "not in the local Hugging Face cache" not in str(e):
+                raise
+            print(f"[refreekv] {model} is not in the Hugging Face cache and the hub cannot be reached: using the "
+                  f"bundled copy {twin} ({BUNDLED[twin]['model']}, converted from quantised GGUF weights)",
+                  file=sys.stderr)
+            return ensure_bundled(twin)
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         if not p.is_dir():
             raise UserError(f"{model}: no such model directory (and not a hub id like Qwen/Qwen2.5-7B or one of: {', '.join(BUNDLED)})")

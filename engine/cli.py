@@ -1,0 +1,179 @@
+"""What the command lines share (engine.generate, engine.serve, engine.run_batch): the parser, the
+engine and KV-policy flags, and the checks a flag gets before any weights load."""
+import argparse
+import json
+import os
+import sys
+from importlib import metadata
+
+import refreekv
+from engine.sampling import Sampling
+from weights.errors import UserError
+
+MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone outgrow any pool
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        raise UserError(f"{message} (see --help)")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring and the epilog as written; every flag's help as written (defaults in it)."""
+
+
+def version() -> str:
+    try:
+        return metadata.version("refreekv-engine")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def add_common(p, what: str):
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    p.add_argument("--model", metavar="NAME|PATH", help=f"checkpoint directory, hub id (e.g. Qwen/Qwen2.5-7B) or "
+                   f"bundled name (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct); default: the bundled "
+                   f"SmolLM2-135M-Instruct{what}")
+
+
+def add_policy_flags(p):
+    """The KV policy flags."""
+    p.add_argument("--kv", default="refreekv", metavar="POLICY",
+                   help=f"KV policy (default refreekv): {', '.join(refreekv.available())}")
+    p.add_argument("--threshold", type=float, metavar="T", help="ReFreeKV's threshold T, a share of the attention "
+                   "in [0, 1] (default 0.01 = 1%%; 0 keeps everything)")
+    p.add_argument("--budget", type=float, metavar="B", help="fixed-budget policies (streaming, h2o, snapkv): a "
+                   "fraction of each prompt in (0, 1] or a whole token count > 1 (default 0.5)")
+    p.add_argument("--kv-args", default="{}", metavar="JSON",
+                   help='any other policy knob as JSON, e.g. \'{"sinks": 4, "protected": [0, 1], "metric": "mass"}\'')
+
+
+def add_engine_flags(p):
+    """The engine's flags."""
+    p.add_argument("--kv-memory", type=float, metavar="GiB", help="KV pool size (default: 80%% of the GPU memory left "
+                   "after loading the weights; on CPU what the prompts need at most, up to 2 GiB)")
+    p.add_argument("--max-seqs", type=int, metavar="N", help=f"sequences decoded at once at most, 1-{MAX_SEQS} "
+                   "(default 64 on GPU, 16 on CPU)")
+    p.add_argument("--page-size", type=int, default=16, metavar="N", help="tokens per KV page, a power of two "
+                   "from 1 to 256 (default 16)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile prefill and the decode step with CUDA graphs (default: on with CUDA; costs a "
+                   "warm-up of about a minute, then no recompiles). Refused on CPU, where inductor's compiled decode "
+                   "measured ~0.5 tok/s against ~9 eager after a ~700 s warm-up")
+    p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--tp", type=int, metavar="N", help="tensor parallel over N ranks (one GPU each; gloo on CPU): "
+                   "spawns them, or, under torchrun, must equal its --nproc-per-node (default 1)")
+    p.add_argument("--threads", type=int, metavar="N", help=f"CPU threads for torch, 1-{os.cpu_count()} (default: "
+                   "torch's; on a machine whose cores are busy with other work, 1 can be several times faster)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-length", type=int, metavar="N", help="context limit in tokens, prompt + new (default: "
+                   "the model's max_position_embeddings)")
+
+
+def policy_from_args(a) -> refreekv.Policy:
+    try:
+        kw = json.loads(a.kv_args)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--kv-args is not valid JSON: {e}") from None
+    if not isinstance(kw, dict):
+        raise UserError("--kv-args must be a JSON object")
+    for name in ("threshold", "budget"):
+        flag = getattr(a, name)
+        if flag is None:
+            continue
+        if name in kw and kw[name] != flag:
+            raise UserError(f"{name} given twice: --{name} {flag:g} and --kv-args {name} {kw[name]}; pass one")
+        kw[name] = flag  # a policy without this knob rejects it in refreekv.make
+    return refreekv.make(a.kv, **kw)
+
+
+def unescape(s: str) -> str:
+    r"""The usual escapes of a stop string typed on a command line: \n, \t, \r, \\, \", \', \0."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in ESCAPES:
+            out.append(ESCAPES[s[i + 1]])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def sampling_from_args(a, warn=None) -> Sampling:
+    """Sampling from the flags, checked; errors name the flag. `warn(msg)` hears of values that are
+    legal but change nothing."""
+    s = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, [unescape(x) for x in a.stop])
+    try:
+        s.check()
+    except UserError as e:  # the API names the field, the CLI its flag
+        field = str(e).split(" ", 1)[0]
+        raise UserError("--" + field.replace("_", "-") + str(e)[len(field):]) from None
+    if warn is not None and s.temperature == 0:
+        idle = [f for f, on in (("--top-k", s.top_k), ("--top-p", s.top_p < 1), ("--seed", s.seed is not None)) if on]
+        if idle:
+            warn(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect under greedy decoding "
+                 "(--temperature 0); pass --temperature > 0 to sample")
+    return s
+
+
+def check_flags(a):
+    """Bounds on counts and what the device can do, before anything is allocated."""
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.compile and device.startswith("cpu"):
+        raise UserError("--compile is for CUDA: on CPU inductor's compiled decode measured ~0.5 tok/s against ~9 "
+                        "eager, after a ~700 s warm-up; drop --compile (eager is the CPU default)")
+    if a.threads is not None:
+        n = os.cpu_count() or 1
+        if not 1 <= a.threads <= n:
+            raise UserError(f"--threads must be in [1, {n}] (this machine's CPUs), got {a.threads}")
+    if a.max_seqs is not None and not 1 <= a.max_seqs <= MAX_SEQS:
+        raise UserError(f"--max-seqs must be in [1, {MAX_SEQS}], got {a.max_seqs}")
+    if a.tp is not None and a.tp < 1:
+        raise UserError(f"--tp must be >= 1, got {a.tp}")
+    if a.kv_memory is not None:
+        if not a.kv_memory > 0:
+            raise UserError(f"--kv-memory must be > 0 GiB, got {a.kv_memory}")
+        ram = _ram_gib()
+        if ram and a.kv_memory > ram and (a.device or "cpu").startswith("cpu"):
+            raise UserError(f"--kv-memory {a.kv_memory:g} GiB is more than this machine's {ram:.1f} GiB of memory")
+
+
+def _ram_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_writable(path: str | None, flag: str):
+    """An output file must be writable before any weights load (the work is not lost at the end)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: name a file")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UserError(f"{flag}: directory of {path} does not exist")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: {e.strerror}") from None
+    if not existed:
+        os.unlink(path)
+
+
+def set_threads(n: int | None):
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def say(msg: str, out=None):
+    print(msg, file=out or sys.stderr, flush=True)
