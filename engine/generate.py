@@ -128,6 +128,24 @@ class Progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
+class PrefillNote:
+    """A line when a CPU prefill of more than PREFILL_NOTE tokens starts, then one every few seconds."""
+
+    def __init__(self):
+        self.t0 = self.last = 0.0
+
+    def __call__(self, done, layers, tokens):
+        if tokens <= PREFILL_NOTE:
+            return
+        now = time.monotonic()
+        if done == 1:
+            self.t0 = self.last = now
+            say(f"prefilling {tokens} prompt tokens on the CPU ({layers} layers): the first text follows it")
+        elif now - self.last > PROGRESS_S or done == layers:
+            self.last = now
+            say(f"prefill: {done}/{layers} layers in {now - self.t0:.0f} s")
+
+
 def run(a, eng, policy, s, ids) -> int:
     """Generate for every prompt: stream one, or print a batch's answers as they finish (labelled)."""
     many = len(ids) > 1
@@ -150,9 +168,8 @@ def run(a, eng, policy, s, ids) -> int:
             sys.stdout.flush()
             progress.finish(i)
 
-    big = sum(map(len, ids)) > PREFILL_NOTE and not eng.cuda
-    if big:
-        say(f"prefilling {sum(map(len, ids))} prompt tokens on the CPU: the first text follows it")
+    if not eng.cuda:  # a prefill of thousands of tokens takes a while on a CPU: say how far it is
+        eng.core.prefill_progress = PrefillNote()
     try:
         results = eng.generate(ids, policy, s, on_token=on_token, on_finish=on_finish)
     except KeyboardInterrupt:

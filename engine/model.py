@@ -181,13 +181,15 @@ class Transformer(nn.Module):
         return self._logits(last), (probe if w else None)
 
     @torch.no_grad()
-    def prefill_packed(self, tokens, lens: list[int], kv, slots, probe_rows: int = 1, hidden: bool = False):
+    def prefill_packed(self, tokens, lens: list[int], kv, slots, probe_rows: int = 1, hidden: bool = False,
+                       progress=None):
         """prefill() for prompts packed end to end: tokens [T] (T = sum(lens), no padding), lens
         on the host. Embedding, projections and MLP run on the T real tokens only; attention and
         the probe run prompt by prompt. One 8k prompt batched with fifty short ones costs 8k + 50
         short rows, not 51 x 8k. Returns what prefill() returns (probe [L, B, H, w, max(lens)]),
         with hidden states [T, dim] (prompt b's rows at offsets sum(lens[:b]) onwards). Eager:
-        the per-prompt slices are host ints (compiled, prefill() keeps its static shapes)."""
+        the per-prompt slices are host ints (compiled, prefill() keeps its static shapes).
+        progress(layers_done, layers) is called after each layer (long prefills on a CPU)."""
         c, dev = self.c, tokens.device
         B, N = len(lens), max(lens)
         starts = [0]
@@ -217,6 +219,8 @@ class Transformer(nn.Module):
                     probe[i, b, ..., :n] = self._probe(qb, kb, rows[b:b + 1].clamp(min=0), rmasks[win][b:b + 1, ..., :n])[0]
             x = x + self._sum(layer.attn.out(torch.cat(outs, 2)))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
+            if progress is not None:
+                progress(i + 1, c.n_layers)
         kv.lengths[:, slots] = lens_t[None, :, None].int()
         kv.next_pos[slots] = lens_t
         x = x[0]

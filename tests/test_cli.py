@@ -115,7 +115,7 @@ def test_5_and_8_conversion_and_loading_show_progress(tmp_path, monkeypatch, cap
     write_tiny_gguf(tmp_path / "m.gguf")
     out = wg.convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     err = capsys.readouterr().err
-    assert "[refreekv] converting: 0/" in err and err.count("converting: ") >= 10
+    assert "[refreekv] converting: 0% of the weights (0/" in err and err.count("converting: ") >= 10
     updates = []
     import tqdm
 

