@@ -9,6 +9,7 @@ row keeps that share, the dense cache still holds 4,096); page sizes at batch 16
 the live K and V bytes read once; the copy bandwidth (bytes read + written by a 1 GiB device copy)
 is the ceiling. Each case is first checked against a float64 reference (relative error).
 """
+
 import argparse
 import json
 import sys
@@ -63,17 +64,32 @@ def run(label, B, live, cap, ps, copy_gbps):
     t_kernel = bench(lambda: paged_decode_triton(*args))
     span = -(-live // ps)
     t_ref = bench(lambda: paged_decode_torch(*args, span=span))
-    dk = torch.randn(B, HKV, cap, D, device="cuda", dtype=torch.bfloat16)  # a dense cache of the full capacity
+    # a dense cache of the full capacity
+    dk = torch.randn(B, HKV, cap, D, device="cuda", dtype=torch.bfloat16)
     dv = torch.randn_like(dk)
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(q[:, :, None], dk, dv, enable_gqa=True))
     gbps = kv_bytes / t_kernel / 1e6
-    return dict(case=label, batch=B, live=live, capacity=cap, page_size=ps, rel_err=err, kernel_ms=t_kernel,
-                reference_ms=t_ref, dense_sdpa_ms=t_sdpa, kernel_GBps=gbps, pct_copy=100 * gbps / copy_gbps)
+    return dict(
+        case=label,
+        batch=B,
+        live=live,
+        capacity=cap,
+        page_size=ps,
+        rel_err=err,
+        kernel_ms=t_kernel,
+        reference_ms=t_ref,
+        dense_sdpa_ms=t_sdpa,
+        kernel_GBps=gbps,
+        pct_copy=100 * gbps / copy_gbps,
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -91,8 +107,10 @@ def main(argv=None):
     print("| case | rel err | kernel ms | GB/s | % copy | reference ms | dense SDPA ms |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['rel_err']:.1e} | {r['kernel_ms']:.4f} | {r['kernel_GBps']:.0f} | {r['pct_copy']:.0f} "
-              f"| {r['reference_ms']:.4f} | {r['dense_sdpa_ms']:.4f} |")
+        print(
+            f"| {r['case']} | {r['rel_err']:.1e} | {r['kernel_ms']:.4f} | {r['kernel_GBps']:.0f} "
+            f"| {r['pct_copy']:.0f} | {r['reference_ms']:.4f} | {r['dense_sdpa_ms']:.4f} |"
+        )
     return 0
 
 

@@ -1,5 +1,6 @@
 """What the speed and throughput benches share: devices and timing, argument types, the engine on a
 random-weight model of a real shape, FLOP and byte counts, copy bandwidth, and the policies."""
+
 import argparse
 import json
 import subprocess
@@ -15,14 +16,39 @@ import refreekv
 
 ROOT = Path(__file__).resolve().parent.parent
 
-QWEN7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584, intermediate_size=18944,
-              num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-              rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768, use_sliding_window=False,
-              tie_word_embeddings=False, hidden_act="silu", torch_dtype="bfloat16", bos_token_id=151643,
-              eos_token_id=151643, initializer_range=0.02)
-TINY = dict(QWEN7B, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096, bos_token_id=1,
-            eos_token_id=2, initializer_range=0.1)
+QWEN7B = dict(
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+    use_sliding_window=False,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    torch_dtype="bfloat16",
+    bos_token_id=151643,
+    eos_token_id=151643,
+    initializer_range=0.02,
+)
+TINY = dict(
+    QWEN7B,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2048,
+    max_position_embeddings=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,
+)
 SHAPES = {"qwen2.5-7b": QWEN7B, "tiny": TINY}
 
 
@@ -74,6 +100,7 @@ def names(choices):
         if bad or not out:
             raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {s!r}")
         return out
+
     return parse
 
 
@@ -88,13 +115,22 @@ def git_commit(override=None) -> str:
     if override:
         return override
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--abbrev=10"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 # ----------------------------------------------------------------------------- random-weight models
+
 
 def write_shape_dir(cfg: dict, root: Path) -> Path:
     """config.json and a byte-level tokenizer.json: what the engine needs besides the weights."""
@@ -144,6 +180,7 @@ def build_engine(a, **kw):
     cfg = SHAPES[a.shape]
     root = write_shape_dir(cfg, Path(tempfile.mkdtemp(prefix="bench-")) / a.shape)
     std = float(cfg.get("initializer_range", 0.02))
+
     def load(path, device, dtype, rank=0, world=1):
         if world > 1:
             raise NotImplementedError("random-weight shapes run on one rank")
@@ -160,6 +197,7 @@ def random_prompts(eng, B, n, seed) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------- FLOPs and bytes
+
 
 def param_counts(model):
     """(all params except the input embedding table, same minus the output head, head params)."""
@@ -181,17 +219,22 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of every parameter but the input table, plus one row of it (a tied table counts whole)."""
     tied = model.lm_head.weight is model.embed.weight
     emb = model.embed.weight
-    return sum(emb.shape[1] * emb.element_size() if p is emb and not tied else p.numel() * p.element_size()
-               for p in model.parameters())
+    return sum(
+        emb.shape[1] * emb.element_size() if p is emb and not tied else p.numel() * p.element_size()
+        for p in model.parameters()
+    )
 
 
 def gptfast_model_bytes(model) -> int:
     """gpt-fast's _get_model_size: params + buffers of every top-level child that is not an Embedding."""
     import itertools
 
-    return sum(p.numel() * p.element_size()
-               for _, child in model.named_children() if not isinstance(child, torch.nn.Embedding)
-               for p in itertools.chain(child.parameters(), child.buffers()))
+    return sum(
+        p.numel() * p.element_size()
+        for _, child in model.named_children()
+        if not isinstance(child, torch.nn.Embedding)
+        for p in itertools.chain(child.parameters(), child.buffers())
+    )
 
 
 def copy_bandwidth(dev, mib: int) -> float:
@@ -214,6 +257,7 @@ def copy_bandwidth(dev, mib: int) -> float:
 
 
 # -------------------------------------------------------------------------------------- policies
+
 
 def make_policy(name: str, threshold: float = 0.01, budget: float | None = None) -> refreekv.Policy:
     """full / refreekv at T / any registered policy; `budget` forces a fixed budget (streaming)."""

@@ -9,6 +9,7 @@ Timed as shared/anchors/hf_baseline.py does it: prefill = generate(max_new_token
 (anchor method) = B (new - 1) / (t_generate(new) - t_prefill); plus a per-step median from a
 streamer that synchronises and stamps each step (HF's loop syncs every step anyway).
 """
+
 import statistics
 import time
 
@@ -69,13 +70,18 @@ def views(eng, copy: bool = False):
 
 @torch.no_grad()
 def parity(eng, hf, ids: list[int]) -> float:
-    """Max |logit difference| at the last token of a short prompt: ours (the engine's first logits) vs theirs."""
+    """Max |logit difference| at the last token of a short prompt: ours (the engine's first logits)
+    vs theirs."""
     import refreekv
     from engine.sampling import Sampling
 
     got = {}
-    eng.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=1),
-                 on_logits=lambda keys, steps, lg: got.update(ours=lg[0].float().clone()) if 0 in steps else None)
+    eng.generate(
+        [ids],
+        refreekv.make("full"),
+        Sampling(max_new_tokens=1),
+        on_logits=lambda keys, steps, lg: got.update(ours=lg[0].float().clone()) if 0 in steps else None,
+    )
     theirs = hf(torch.tensor([ids], device=eng.device)).logits[0, -1].float()
     return (theirs - got["ours"]).abs().max().item()
 
@@ -86,7 +92,13 @@ def measure(eng, hf, mode, prompts: list[list[int]], new: int) -> dict:
     ids = torch.tensor(prompts, device=dev)
     B, n = ids.shape
     # explicit all-ones mask: without it transformers masks prompt tokens equal to pad_token_id
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    kw = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+    )
     if mode == "static-compile":
         from transformers import CompileConfig
 
@@ -120,9 +132,26 @@ def measure(eng, hf, mode, prompts: list[list[int]], new: int) -> dict:
     anchor = B * (toks - 1) / max(t_all - t_pref, 1e-9)
     med = statistics.median(steps) if steps else B * 1e3 / anchor
     flops, exact = prefill_flops(eng.model, eng.config, B, n)
-    return dict(engine="transformers", mode=mode, batch=B, prompt=n, new_tokens=toks, prefill_ms=t_pref * 1e3,
-                prefill_flops=flops, prefill_tflops=flops / t_pref / 1e12, prefill_tflops_exact=exact / t_pref / 1e12,
-                decode_ms_median=med, decode_tok_s=B * 1e3 / med, decode_tok_s_anchor=anchor, total_s=t_all,
-                peak_mem_bytes=peak, peak_mem_gib=peak / 2**30, warmup_s=warm, kv_budget=1.0,
-                graphs_compiled_warmup=g1 - g0, graphs_compiled_measured=g2 - g1, cudagraph_skips=skips,
-                _tokens=out[:, n:].cpu())
+    return dict(
+        engine="transformers",
+        mode=mode,
+        batch=B,
+        prompt=n,
+        new_tokens=toks,
+        prefill_ms=t_pref * 1e3,
+        prefill_flops=flops,
+        prefill_tflops=flops / t_pref / 1e12,
+        prefill_tflops_exact=exact / t_pref / 1e12,
+        decode_ms_median=med,
+        decode_tok_s=B * 1e3 / med,
+        decode_tok_s_anchor=anchor,
+        total_s=t_all,
+        peak_mem_bytes=peak,
+        peak_mem_gib=peak / 2**30,
+        warmup_s=warm,
+        kv_budget=1.0,
+        graphs_compiled_warmup=g1 - g0,
+        graphs_compiled_measured=g2 - g1,
+        cudagraph_skips=skips,
+        _tokens=out[:, n:].cpu(),
+    )

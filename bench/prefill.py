@@ -9,6 +9,7 @@ Both are timed on the same batch through the engine's public API (generate with 
 the admitted batch's prefill_s), after one warm-up each, with the scheduler's prefill budget
 lifted so that the whole batch is admitted at once; the first tokens must agree.
 """
+
 import argparse
 import datetime
 import platform
@@ -63,17 +64,24 @@ def main(argv=None):
     agree = sum(x == y for x, y in zip(tok_pad, tok_pack))
     rows_pad = n * a.long
     rows_pack = a.long + a.n_short * a.short
-    table = ("| prefill | rows (tokens) run | time s | first tokens equal |\n| --- | --- | --- | --- |\n"
-             f"| padded | {rows_pad} | {padded:.2f} | |\n"
-             f"| packed | {rows_pack} | {packed:.2f} | {agree}/{n} |\n"
-             f"\npacked is {padded / packed:.1f}x faster ({rows_pad / rows_pack:.1f}x fewer rows)\n")
+    table = (
+        "| prefill | rows (tokens) run | time s | first tokens equal |\n| --- | --- | --- | --- |\n"
+        f"| padded | {rows_pad} | {padded:.2f} | |\n"
+        f"| packed | {rows_pack} | {packed:.2f} | {agree}/{n} |\n"
+        f"\npacked is {padded / packed:.1f}x faster ({rows_pad / rows_pack:.1f}x fewer rows)\n"
+    )
     print(table)
     if a.results_md:
-        dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({platform.processor() or 'x86'}," \
-            f" {torch.get_num_threads()} threads)"
-        head = (f"### Packed vs padded prefill: {a.model}, 1 x {a.long} + {a.n_short} x {a.short} tokens\n\n"
-                f"{dev}, {datetime.date.today()}, commit {git_commit()}, "
-                f"`python -m bench.prefill {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n")
+        dev = (
+            torch.cuda.get_device_name()
+            if a.device.startswith("cuda")
+            else f"CPU ({platform.processor() or 'x86'}, {torch.get_num_threads()} threads)"
+        )
+        head = (
+            f"### Packed vs padded prefill: {a.model}, 1 x {a.long} + {a.n_short} x {a.short} tokens\n\n"
+            f"{dev}, {datetime.date.today()}, commit {git_commit()}, "
+            f"`python -m bench.prefill {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+        )
         append_results(Path(a.results_md), head + table)
 
 

@@ -34,6 +34,7 @@ bench/quality_report.py (markdown and plots), this file (policies, the runner, t
 Outputs: a section appended to --results-md (default bench/RESULTS.md), a JSON file and two PNG
 plots in --out (default bench/results/).
 """
+
 import argparse
 import datetime
 import json
@@ -91,7 +92,9 @@ def policy_specs(names, budgets, threshold, sweep, variants=()) -> tuple[list[Sp
         if name == "full":
             specs.append(Spec("full", name, {}, "full"))
         elif name in THRESHOLD_POLICIES:
-            specs.append(Spec(f"{name} T={threshold:g}", name, {"threshold": threshold}, "threshold", threshold))
+            specs.append(
+                Spec(f"{name} T={threshold:g}", name, {"threshold": threshold}, "threshold", threshold)
+            )
         else:
             for b in budgets:
                 specs.append(Spec(f"{name} {fmt_budget(b)}", name, {"budget": b}, "budget", b))
@@ -126,8 +129,10 @@ class Progress:
         eta = el / self.done * (self.total - self.done) if self.done else float("nan")
         w = 24
         fill = int(w * self.done / max(1, self.total))
-        line = (f"[quality] [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} {hms(el)} elapsed"
-                f"{'' if math.isnan(eta) else ', ETA ' + hms(eta)} | {what}")
+        line = (
+            f"[quality] [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} {hms(el)} elapsed"
+            f"{'' if math.isnan(eta) else ', ETA ' + hms(eta)} | {what}"
+        )
         if self.tty:
             sys.stderr.write("\r" + line[:160].ljust(160))
         else:
@@ -142,32 +147,47 @@ class Progress:
 def run_family(eng, family, tasks, specs, policies, a, prog) -> list[dict]:
     """Every policy on every task of one family (one fan-out per batch of prompts); one record per task."""
     fid = family in FIDELITY
-    max_new = a.fidelity_tokens if fid else (min(a.max_new_tokens, a.retrieval_tokens) if family == "retrieval"
-                                              else a.max_new_tokens)
+    max_new = (
+        a.fidelity_tokens
+        if fid
+        else (min(a.max_new_tokens, a.retrieval_tokens) if family == "retrieval" else a.max_new_tokens)
+    )
     stop = ["\nQuestion:"] if family == "arithmetic" else []
     full_j = [s.kind for s in specs].index("full")
     records = []
     nb = math.ceil(len(tasks) / a.batch)
     for bi in range(nb):
-        batch = tasks[bi * a.batch:(bi + 1) * a.batch]
+        batch = tasks[bi * a.batch : (bi + 1) * a.batch]
         where = f"{family} batch {bi + 1}/{nb}"
         prog.show(f"{where}: {len(batch)} x ~{max(len(t.ids) for t in batch)} tok x {len(specs)} policies")
         t0 = time.perf_counter()
         prompts = [t.ids for t in batch]
         if fid:
             score = Fidelity([t.target for t in batch], full_j)
-            out = eng.generate(prompts, policies, Sampling(max_new_tokens=max_new), forced=[t.target for t in batch],
-                               on_logits=score, probe_rows=1)
+            out = eng.generate(
+                prompts,
+                policies,
+                Sampling(max_new_tokens=max_new),
+                forced=[t.target for t in batch],
+                on_logits=score,
+                probe_rows=1,
+            )
         else:
             out = eng.generate(prompts, policies, Sampling(max_new_tokens=max_new, stop=stop), probe_rows=1)
         secs = (time.perf_counter() - t0) / (len(batch) * len(specs))
-        recs = [{"meta": t.meta, "prompt_tokens": len(t.ids), "answer": t.answer, "by_policy": {}} for t in batch]
+        recs = [
+            {"meta": t.meta, "prompt_tokens": len(t.ids), "answer": t.answer, "by_policy": {}} for t in batch
+        ]
         for b, r in enumerate(recs):
             for j, spec in enumerate(specs):
                 st = out[b][j].stats
                 frac = [sum(h) / len(h) / st["prompt_tokens"] for h in st["kept_per_head"]]
-                d = {"budget": st["budget"], "kept_per_layer": frac, "evicted_per_layer": st["evicted_per_layer"],
-                     "seconds": secs}
+                d = {
+                    "budget": st["budget"],
+                    "kept_per_layer": frac,
+                    "evicted_per_layer": st["evicted_per_layer"],
+                    "seconds": secs,
+                }
                 if fid:
                     m = score.result(b, j)
                     d.update(score=100 * m["top1"], **m)
@@ -204,33 +224,72 @@ def _floats(s):
 
 
 def parse_args(argv=None):
-    p = _Parser(prog="python -m bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint dir, hub id or bundled name (default: bundled SmolLM2-135M-Instruct)")
+    p = _Parser(
+        prog="python -m bench.quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", help="checkpoint dir, hub id or bundled name (default: bundled SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--device")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-length", type=int, help="context limit (prompt + new tokens)")
-    p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
+    p.add_argument(
+        "--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}"
+    )
     p.add_argument("--n", type=int, default=6, help="samples per family")
     p.add_argument("--prompt-tokens", type=int, default=1024, help="approximate prompt length in tokens")
     p.add_argument("--max-new-tokens", type=int, default=96, help="greedy tokens for arithmetic and summary")
-    p.add_argument("--retrieval-tokens", type=int, default=32, help="greedy tokens for retrieval (capped by --max-new-tokens)")
-    p.add_argument("--fidelity-tokens", type=int, default=128, help="teacher-forced real tokens for text and code")
-    p.add_argument("--batch", type=int, default=6, help="prompts per batch (each prompt is prefilled once for all policies)")
+    p.add_argument(
+        "--retrieval-tokens",
+        type=int,
+        default=32,
+        help="greedy tokens for retrieval (capped by --max-new-tokens)",
+    )
+    p.add_argument(
+        "--fidelity-tokens", type=int, default=128, help="teacher-forced real tokens for text and code"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=6,
+        help="prompts per batch (each prompt is prefilled once for all policies)",
+    )
     p.add_argument("--kv-memory", type=float, help="the engine's KV pool in GiB (default: the engine's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", default="full,refreekv,streaming,h2o,snapkv")
     p.add_argument("--budgets", default="0.5,0.2", help="fixed budgets: fractions <= 1 or token counts > 1")
     p.add_argument("--threshold", type=float, default=0.01, help="ReFreeKV's T in the main table")
-    p.add_argument("--variant", action="append", default=[], metavar="'NAME JSON'",
-                   help='an extra policy column with its own knobs, e.g. \'refreekv {"rows": 8}\' (repeatable)')
-    p.add_argument("--sweep", default="0.001,0.01,0.1", help="ReFreeKV thresholds for the sweep ('' for none)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'NAME JSON'",
+        help="an extra policy column with its own knobs, e.g. 'refreekv {\"rows\": 8}' (repeatable)",
+    )
+    p.add_argument(
+        "--sweep", default="0.001,0.01,0.1", help="ReFreeKV thresholds for the sweep ('' for none)"
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for JSON and PNGs")
-    p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"), help="markdown file to append to ('' for none)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; 1 is much faster on a "
-                   "machine whose cores are shared with other jobs: OpenMP barriers stall on a busy core)")
-    p.add_argument("--tag", help="suffix for the output file names (they are quality-MODEL[-FAMILIES][-TAG].*)")
+    p.add_argument(
+        "--results-md",
+        default=str(ROOT / "bench" / "RESULTS.md"),
+        help="markdown file to append to ('' for none)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's own; 1 is much faster on a "
+        "machine whose cores are shared with other jobs: OpenMP barriers stall on a busy core)",
+    )
+    p.add_argument(
+        "--tag", help="suffix for the output file names (they are quality-MODEL[-FAMILIES][-TAG].*)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.add_argument("--replot", metavar="JSON", help="only redraw the PNGs of an earlier run's JSON into --out")
+    p.add_argument(
+        "--replot", metavar="JSON", help="only redraw the PNGs of an earlier run's JSON into --out"
+    )
     a = p.parse_args(argv)
     a.families = [f.strip() for f in a.families.split(",") if f.strip()]
     bad = [f for f in a.families if f not in FAMILIES]
@@ -267,7 +326,9 @@ def run(a, argv) -> dict:
     specs, notes = policy_specs(a.policies, a.budgets, a.threshold, a.sweep, a.variant)
     policies = [refreekv.make(s.name, **s.kwargs) for s in specs]
     # a batch's whole fan-out runs at once when the pool holds it (otherwise the engine queues it)
-    g = Engine(a.model, a.device, a.dtype, a.max_length, kv_memory=a.kv_memory, max_seqs=a.batch * len(policies))
+    g = Engine(
+        a.model, a.device, a.dtype, a.max_length, kv_memory=a.kv_memory, max_seqs=a.batch * len(policies)
+    )
     chat = g.tokenizer.chat_template is not None
     if not chat:
         notes.append("the checkpoint has no chat template: prompts are fed raw")
@@ -285,8 +346,11 @@ def run(a, argv) -> dict:
             g.fit(t.ids, a.fidelity_tokens if f in FIDELITY else a.max_new_tokens)
     units = sum(math.ceil(len(ts) / a.batch) for ts in tasks.values()) * len(specs)
     prog = Progress(units, a.quiet)
-    print(f"[quality] {g.path.name} on {g.device} ({str(g.dtype).removeprefix('torch.')}): "
-          f"{len(specs)} policies x {len(a.families)} families x {a.n} samples", file=sys.stderr)
+    print(
+        f"[quality] {g.path.name} on {g.device} ({str(g.dtype).removeprefix('torch.')}): "
+        f"{len(specs)} policies x {len(a.families)} families x {a.n} samples",
+        file=sys.stderr,
+    )
     for x in notes:
         print(f"[quality] note: {x}", file=sys.stderr)
     records, results = {}, {}
@@ -295,32 +359,71 @@ def run(a, argv) -> dict:
             records[f] = run_family(g, f, tasks[f], specs, policies, a, prog)
             results[f] = summarise(f, records[f], specs)
     prog.close()
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", (a.model or "smollm2-135m-instruct").rstrip("/").split("/")[-1]) or "model"
-    stem = slug + ("" if a.families == list(FAMILIES) else "-" + "-".join(a.families)) + (f"-{a.tag}" if a.tag else "")
+    slug = (
+        re.sub(r"[^A-Za-z0-9._-]+", "_", (a.model or "smollm2-135m-instruct").rstrip("/").split("/")[-1])
+        or "model"
+    )
+    stem = (
+        slug
+        + ("" if a.families == list(FAMILIES) else "-" + "-".join(a.families))
+        + (f"-{a.tag}" if a.tag else "")
+    )
     res = {
-        "model": slug, "model_path": model_source(a.model), "device": device_name(g),
-        "dtype": str(g.dtype).removeprefix("torch."), "torch": torch.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "commit": commit,
-        "command": "python -m bench.quality " + shlex.join(argv), "chat": chat, "notes": notes,
-        "config": {k: getattr(a, k) for k in ("families", "n", "prompt_tokens", "max_new_tokens", "retrieval_tokens",
-                                               "fidelity_tokens", "batch", "seed", "policies", "budgets", "threshold",
-                                               "sweep", "threads", "variant", "tag")},
-        "policies": [dict(label=s.label, name=s.name, kind=s.kind, value=s.value, kwargs=s.kwargs) for s in specs],
+        "model": slug,
+        "model_path": model_source(a.model),
+        "device": device_name(g),
+        "dtype": str(g.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "commit": commit,
+        "command": "python -m bench.quality " + shlex.join(argv),
+        "chat": chat,
+        "notes": notes,
+        "config": {
+            k: getattr(a, k)
+            for k in (
+                "families",
+                "n",
+                "prompt_tokens",
+                "max_new_tokens",
+                "retrieval_tokens",
+                "fidelity_tokens",
+                "batch",
+                "seed",
+                "policies",
+                "budgets",
+                "threshold",
+                "sweep",
+                "threads",
+                "variant",
+                "tag",
+            )
+        },
+        "policies": [
+            dict(label=s.label, name=s.name, kind=s.kind, value=s.value, kwargs=s.kwargs) for s in specs
+        ],
         "prompt_tokens": {f: _mean([len(t.ids) for t in tasks[f]]) for f in a.families},
         "runtime_s": time.perf_counter() - t_start,
-        "results": results, "samples": records,
+        "results": results,
+        "samples": records,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res["plots"] = [os.path.relpath(p, ROOT) if Path(p).resolve().is_relative_to(ROOT) else p
-                    for p in plots(res, out, stem)]
+    res["plots"] = [
+        os.path.relpath(p, ROOT) if Path(p).resolve().is_relative_to(ROOT) else p
+        for p in plots(res, out, stem)
+    ]
     jpath = out / f"quality-{stem}.json"
     jpath.write_text(json.dumps(_round(res), indent=1))
     md = markdown(res)
     if a.results_md:
         append_results(Path(a.results_md), md)
     print(md)
-    print(f"[quality] wrote {jpath}" + (f" and appended to {a.results_md}" if a.results_md else ""), file=sys.stderr)
+    print(
+        f"[quality] wrote {jpath}" + (f" and appended to {a.results_md}" if a.results_md else ""),
+        file=sys.stderr,
+    )
     return res
 
 

@@ -1,5 +1,6 @@
 """Quality-bench scoring: ROUGE-L, answers, per-policy summaries, and teacher-forced fidelity
 (top-1 agreement, KL and NLL against the full cache) collected from the engine's logits."""
+
 import math
 import re
 
@@ -86,11 +87,16 @@ def summarise(family, records, specs) -> dict:
     for spec in specs:
         rows = [r["by_policy"][spec.label] for r in records]
         n = len(rows)
-        s = {"n": n, "score": sum(d["score"] for d in rows) / n, "budget": sum(d["budget"] for d in rows) / n,
-             "budget_min": min(d["budget"] for d in rows), "budget_max": max(d["budget"] for d in rows),
-             "kept_per_layer": [sum(col) / n for col in zip(*(d["kept_per_layer"] for d in rows))],
-             "evicted_per_layer": [sum(col) / n for col in zip(*(d["evicted_per_layer"] for d in rows))],
-             "seconds_per_sample": sum(d["seconds"] for d in rows) / n}
+        s = {
+            "n": n,
+            "score": sum(d["score"] for d in rows) / n,
+            "budget": sum(d["budget"] for d in rows) / n,
+            "budget_min": min(d["budget"] for d in rows),
+            "budget_max": max(d["budget"] for d in rows),
+            "kept_per_layer": [sum(col) / n for col in zip(*(d["kept_per_layer"] for d in rows))],
+            "evicted_per_layer": [sum(col) / n for col in zip(*(d["evicted_per_layer"] for d in rows))],
+            "seconds_per_sample": sum(d["seconds"] for d in rows) / n,
+        }
         s["evicted"] = _mean(s["evicted_per_layer"])
         if family in FIDELITY:
             s["kl"] = sum(d["kl"] for d in rows) / n
@@ -99,8 +105,12 @@ def summarise(family, records, specs) -> dict:
             s["agree"] = sum(d["agree"] for d in rows) / n
             s["same"] = 100 * sum(d["same"] for d in rows) / n
         if family == "retrieval":
-            s["by_depth"] = {str(dp): 100 * _mean([d["correct"] for r, d in zip(records, rows) if r["meta"]["depth"] == dp])
-                             for dp in DEPTHS if any(r["meta"]["depth"] == dp for r in records)}
+            s["by_depth"] = {
+                str(dp): 100
+                * _mean([d["correct"] for r, d in zip(records, rows) if r["meta"]["depth"] == dp])
+                for dp in DEPTHS
+                if any(r["meta"]["depth"] == dp for r in records)
+            }
         out[spec.label] = s
     full = out["full"]["score"]
     for s in out.values():

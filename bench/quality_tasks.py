@@ -1,5 +1,6 @@
 """Quality-bench tasks: real text and code nobody here wrote, cut into prompts with the model's
 tokenizer (fidelity windows, RULER-style retrieval, GSM8K-style arithmetic, summaries)."""
+
 import importlib
 import inspect
 import os
@@ -12,19 +13,67 @@ from weights.errors import UserError
 
 FAMILIES = ("text", "code", "retrieval", "arithmetic", "summary")
 FIDELITY = ("text", "code")
-METRIC = {"text": "top-1 agree %", "code": "top-1 agree %", "retrieval": "passkey EM %",
-          "arithmetic": "accuracy %", "summary": "ROUGE-L vs full"}
+METRIC = {
+    "text": "top-1 agree %",
+    "code": "top-1 agree %",
+    "retrieval": "passkey EM %",
+    "arithmetic": "accuracy %",
+    "summary": "ROUGE-L vs full",
+}
 DEPTHS = (0.1, 0.5, 0.9)
 
 # Pure-Python standard-library modules whose source is the code material (fixed list, sorted).
-CODE_MODULES = sorted([
-    "argparse", "ast", "asyncio.base_events", "bisect", "calendar", "collections", "configparser", "contextlib",
-    "csv", "dataclasses", "datetime", "difflib", "email.message", "enum", "fractions", "ftplib", "functools",
-    "gettext", "heapq", "http.client", "imaplib", "inspect", "ipaddress", "json.decoder", "json.encoder",
-    "logging", "mailbox", "pathlib", "pickle", "pprint", "queue", "random", "shutil", "smtplib", "statistics",
-    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback", "typing",
-    "urllib.parse", "uuid", "zipfile",
-])
+CODE_MODULES = sorted(
+    [
+        "argparse",
+        "ast",
+        "asyncio.base_events",
+        "bisect",
+        "calendar",
+        "collections",
+        "configparser",
+        "contextlib",
+        "csv",
+        "dataclasses",
+        "datetime",
+        "difflib",
+        "email.message",
+        "enum",
+        "fractions",
+        "ftplib",
+        "functools",
+        "gettext",
+        "heapq",
+        "http.client",
+        "imaplib",
+        "inspect",
+        "ipaddress",
+        "json.decoder",
+        "json.encoder",
+        "logging",
+        "mailbox",
+        "pathlib",
+        "pickle",
+        "pprint",
+        "queue",
+        "random",
+        "shutil",
+        "smtplib",
+        "statistics",
+        "string",
+        "subprocess",
+        "tarfile",
+        "tempfile",
+        "textwrap",
+        "threading",
+        "tokenize",
+        "traceback",
+        "typing",
+        "urllib.parse",
+        "uuid",
+        "zipfile",
+    ]
+)
 
 
 def doc_corpus() -> str:
@@ -85,7 +134,7 @@ class Material:
         """n_tokens ids of text[start:], or None when the text runs out first."""
         chars = 6 * n_tokens + 64
         while True:
-            chunk = text[start:start + chars]
+            chunk = text[start : start + chars]
             ids = self.g.tokenizer.encode(chunk, special=special) if special else self.tok(chunk)
             if len(ids) >= n_tokens + 2:  # +2: the last token of a cut chunk may be a partial word
                 return ids[:n_tokens]
@@ -133,8 +182,9 @@ def fidelity_tasks(m: Material, family, rng, n, prompt_tokens, cont_tokens) -> l
         if ids is None:
             continue
         seen.add((src, s))
-        tasks.append(Task(family, ids[:prompt_tokens], target=ids[prompt_tokens:],
-                          meta={"source": src, "char": s}))
+        tasks.append(
+            Task(family, ids[:prompt_tokens], target=ids[prompt_tokens:], meta={"source": src, "char": s})
+        )
     if len(tasks) < n:
         raise UserError(f"could not cut {n} windows of {prompt_tokens + cont_tokens} tokens for {family}")
     return tasks
@@ -145,11 +195,37 @@ def insert_at(text: str, depth: float, needle: str) -> str:
     target = int(depth * len(text))
     cands = [0, len(text)] + [mm.end() for mm in re.finditer(r"(?<=[.!?:])\s+|\n", text)]
     at = min(cands, key=lambda c: abs(c - target))
-    return text[:at].rstrip(" ") + ("\n" if at and not text[:at].endswith("\n") else "") + needle + "\n" + text[at:].lstrip(" ")
+    return (
+        text[:at].rstrip(" ")
+        + ("\n" if at and not text[:at].endswith("\n") else "")
+        + needle
+        + "\n"
+        + text[at:].lstrip(" ")
+    )
 
 
-WORDS = ["amber", "basil", "cedar", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "juniper",
-         "kestrel", "lantern", "meadow", "nectar", "orchid", "pepper", "quartz", "raven", "saffron", "tundra"]
+WORDS = [
+    "amber",
+    "basil",
+    "cedar",
+    "delta",
+    "ember",
+    "falcon",
+    "garnet",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lantern",
+    "meadow",
+    "nectar",
+    "orchid",
+    "pepper",
+    "quartz",
+    "raven",
+    "saffron",
+    "tundra",
+]
 
 
 def retrieval_tasks(m: Material, rng, n, prompt_tokens) -> list[Task]:
@@ -166,18 +242,42 @@ def retrieval_tasks(m: Material, rng, n, prompt_tokens) -> list[Task]:
             word = rng.choice(WORDS)
             needle = f"One of the special magic numbers for {word} is: {key}."
             intro = "A special magic number is hidden inside the following text. Memorize it."
-            q = f"What is the special magic number for {word} mentioned in the text above? Answer with the number only."
+            q = (
+                f"What is the special magic number for {word} mentioned in the text above? "
+                "Answer with the number only."
+            )
             kind = f"magic:{word}"
         overhead = len(m.tok(intro + needle + q)) + 24
         hay, src = m.doc_text(rng, max(16, prompt_tokens - overhead))
         content = f"{intro}\n\n{insert_at(hay, depth, needle)}\n\n{q}"
-        tasks.append(Task("retrieval", m.g.encode(content), answer=key,
-                          meta={"depth": depth, "kind": kind, **src}))
+        tasks.append(
+            Task("retrieval", m.g.encode(content), answer=key, meta={"depth": depth, "kind": kind, **src})
+        )
     return tasks
 
 
-NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemi", "Liam", "Maya",
-         "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sami", "Tara"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kemi",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tara",
+]
 
 
 def word_problem(rng: random.Random, t: int | None = None) -> tuple[str, list[str], int, int]:
@@ -191,17 +291,27 @@ def word_problem(rng: random.Random, t: int | None = None) -> tuple[str, list[st
 def _problem(rng, name, t):
     if t == 0:
         a, b, c, d = rng.randint(5, 40), rng.randint(2, 6), rng.randint(3, 12), rng.randint(1, 20)
-        q = (f"{name} has {a} marbles. {name} buys {b} bags with {c} marbles in each bag, then gives {d} marbles "
-             f"to a friend. How many marbles does {name} have now?")
-        s = [f"The bags hold {b} * {c} = {b * c} marbles.", f"After buying: {a} + {b * c} = {a + b * c}.",
-             f"After giving {d} away: {a + b * c} - {d} = {a + b * c - d}."]
+        q = (
+            f"{name} has {a} marbles. {name} buys {b} bags with {c} marbles in each bag, "
+            f"then gives {d} marbles to a friend. How many marbles does {name} have now?"
+        )
+        s = [
+            f"The bags hold {b} * {c} = {b * c} marbles.",
+            f"After buying: {a} + {b * c} = {a + b * c}.",
+            f"After giving {d} away: {a + b * c} - {d} = {a + b * c - d}.",
+        ]
         return q, s, a + b * c - d
     if t == 1:
         per, hours, days, spent = rng.randint(8, 25), rng.randint(2, 8), rng.randint(2, 6), rng.randint(5, 60)
-        q = (f"{name} earns {per} dollars per hour and works {hours} hours a day for {days} days. Then {name} "
-             f"spends {spent} dollars on a gift. How many dollars does {name} have left?")
-        s = [f"Per day: {per} * {hours} = {per * hours} dollars.", f"In {days} days: {per * hours} * {days} = {per * hours * days}.",
-             f"After the gift: {per * hours * days} - {spent} = {per * hours * days - spent}."]
+        q = (
+            f"{name} earns {per} dollars per hour and works {hours} hours a day for {days} days. Then {name} "
+            f"spends {spent} dollars on a gift. How many dollars does {name} have left?"
+        )
+        s = [
+            f"Per day: {per} * {hours} = {per * hours} dollars.",
+            f"In {days} days: {per * hours} * {days} = {per * hours * days}.",
+            f"After the gift: {per * hours * days} - {spent} = {per * hours * days - spent}.",
+        ]
         return q, s, per * hours * days - spent
     if t == 2:
         boxes, each, sold, k = rng.randint(3, 9), rng.randint(6, 15), rng.randint(2, 20), rng.randint(2, 5)
@@ -210,26 +320,40 @@ def _problem(rng, name, t):
         left = total - sold
         left -= left % k
         sold = total - left
-        q = (f"A shop has {boxes} boxes with {each} pens in each box. It sells {sold} pens and shares the rest "
-             f"equally among {k} classrooms. How many pens does each classroom get?")
-        s = [f"Pens: {boxes} * {each} = {total}.", f"After selling: {total} - {sold} = {left}.",
-             f"Each classroom: {left} / {k} = {left // k}."]
+        q = (
+            f"A shop has {boxes} boxes with {each} pens in each box. It sells {sold} pens and shares "
+            f"the rest equally among {k} classrooms. How many pens does each classroom get?"
+        )
+        s = [
+            f"Pens: {boxes} * {each} = {total}.",
+            f"After selling: {total} - {sold} = {left}.",
+            f"Each classroom: {left} / {k} = {left // k}.",
+        ]
         return q, s, left // k
     if t == 3:
         price, n1, n2, paid = rng.randint(2, 9), rng.randint(2, 8), rng.randint(2, 8), 0
         cost = price * (n1 + n2)
         paid = cost + rng.randint(1, 30)
-        q = (f"Apples cost {price} dollars each. {name} buys {n1} apples on Monday and {n2} apples on Tuesday, "
-             f"and pays with {paid} dollars. How much change does {name} get?")
-        s = [f"Apples: {n1} + {n2} = {n1 + n2}.", f"Cost: {n1 + n2} * {price} = {cost}.",
-             f"Change: {paid} - {cost} = {paid - cost}."]
+        q = (
+            f"Apples cost {price} dollars each. {name} buys {n1} apples on Monday and {n2} apples "
+            f"on Tuesday, and pays with {paid} dollars. How much change does {name} get?"
+        )
+        s = [
+            f"Apples: {n1} + {n2} = {n1 + n2}.",
+            f"Cost: {n1 + n2} * {price} = {cost}.",
+            f"Change: {paid} - {cost} = {paid - cost}.",
+        ]
         return q, s, paid - cost
     start, grow, weeks, eaten = rng.randint(10, 50), rng.randint(3, 12), rng.randint(2, 6), rng.randint(1, 9)
-    q = (f"A garden has {start} flowers. Every week {grow} new flowers bloom and rabbits eat {eaten} flowers. "
-         f"How many flowers are in the garden after {weeks} weeks?")
-    s = [f"Net change per week: {grow} - {eaten} = {grow - eaten}.",
-         f"Over {weeks} weeks: {grow - eaten} * {weeks} = {(grow - eaten) * weeks}.",
-         f"Total: {start} + {(grow - eaten) * weeks} = {start + (grow - eaten) * weeks}."]
+    q = (
+        f"A garden has {start} flowers. Every week {grow} new flowers bloom and rabbits eat {eaten} flowers. "
+        f"How many flowers are in the garden after {weeks} weeks?"
+    )
+    s = [
+        f"Net change per week: {grow} - {eaten} = {grow - eaten}.",
+        f"Over {weeks} weeks: {grow - eaten} * {weeks} = {(grow - eaten) * weeks}.",
+        f"Total: {start} + {(grow - eaten) * weeks} = {start + (grow - eaten) * weeks}.",
+    ]
     return q, s, start + (grow - eaten) * weeks
 
 
@@ -248,8 +372,14 @@ def arithmetic_tasks(m: Material, rng, n, prompt_tokens) -> list[Task]:
                 break
             shots.append(shot)
             used += k
-        tasks.append(Task("arithmetic", m.g.encode(head + "".join(shots) + tail), answer=str(ans),
-                          meta={"question": q, "template": kind, "shots": len(shots)}))
+        tasks.append(
+            Task(
+                "arithmetic",
+                m.g.encode(head + "".join(shots) + tail),
+                answer=str(ans),
+                meta={"question": q, "template": kind, "shots": len(shots)},
+            )
+        )
     return tasks
 
 
@@ -275,4 +405,5 @@ def make_tasks(g, family, n, seed, prompt_tokens, cont_tokens, m: Material) -> l
     if family in FIDELITY:
         return fidelity_tasks(m, family, rng, n, prompt_tokens, cont_tokens)
     return {"retrieval": retrieval_tasks, "arithmetic": arithmetic_tasks, "summary": summary_tasks}[family](
-        m, rng, n, prompt_tokens)
+        m, rng, n, prompt_tokens
+    )

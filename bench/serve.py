@@ -21,6 +21,7 @@ from first send to last finish), requests/s, peak running and waiting sequences 
 offline through engine.run_batch.run (before the server starts: one driver at a time), then through
 the server (all sent at t = 0). Server tok/s should be >= 0.9 x offline's.
 """
+
 import argparse
 import asyncio
 import datetime
@@ -46,8 +47,12 @@ from engine.kv import page_bytes
 from engine.sampling import Sampling
 from weights.errors import UserError
 
-KV = [{"policy": "full"}, {"policy": "refreekv"}, {"policy": "refreekv", "metric": "mass"},
-      {"policy": "snapkv", "budget": 0.5}]
+KV = [
+    {"policy": "full"},
+    {"policy": "refreekv"},
+    {"policy": "refreekv", "metric": "mass"},
+    {"policy": "snapkv", "budget": 0.5},
+]
 POLL_S = 0.05
 RATIO = 0.9  # --offline-check: server tok/s >= RATIO x offline tok/s
 
@@ -113,8 +118,11 @@ async def poll(client, root, done: asyncio.Event, peak: dict) -> dict:
         m = await scrape(client, root)
         peak["running"] = max(peak["running"], int(m["refreekv_requests_running"]))
         peak["waiting"] = max(peak["waiting"], int(m["refreekv_requests_waiting"]))
-        if done.is_set() and m["refreekv_requests_running"] == m["refreekv_requests_waiting"] == 0 and \
-                m["refreekv_kv_pages_free"] == m["refreekv_kv_pages_total"]:
+        if (
+            done.is_set()
+            and m["refreekv_requests_running"] == m["refreekv_requests_waiting"] == 0
+            and m["refreekv_kv_pages_free"] == m["refreekv_kv_pages_total"]
+        ):
             return m
         await asyncio.sleep(POLL_S)
 
@@ -134,7 +142,7 @@ async def one(client, root, body: dict, at: float) -> dict:
                     break
                 if not line.startswith("data: "):
                     continue
-                obj = json.loads(line[len("data: "):])
+                obj = json.loads(line[len("data: ") :])
                 if "error" in obj:
                     rec["error"] = obj["error"].get("message")
                     break
@@ -181,31 +189,51 @@ def summarize(policy: str, rate: float | None, run: dict) -> dict:
     ttft = [1e3 * (r["first"] - r["sent"]) for r in ok if r["first"] is not None]
     itl = [1e3 * g for r in ok for g in r["gaps"]]
     budgets = [r["budget"] for r in ok if r["budget"] is not None]
-    return dict(policy=policy, rate=rate, requests=len(recs), ok=len(ok),
-                errors=[r["error"] for r in recs if r["error"] is not None],
-                mean_budget=sum(budgets) / len(budgets) if budgets else None,
-                ttft_p50_ms=pct(ttft, 0.5), ttft_p99_ms=pct(ttft, 0.99), itl_p50_ms=pct(itl, 0.5),
-                itl_p99_ms=pct(itl, 0.99), new_tokens=toks, wall_s=wall, tok_s=toks / wall if wall else 0.0,
-                req_s=len(ok) / wall if wall else 0.0, peak_running=run["peak"]["running"],
-                peak_waiting=run["peak"]["waiting"], preemptions=run["preemptions"],
-                ttft_ms=[None if r["first"] is None else 1e3 * (r["first"] - r["sent"]) for r in recs],
-                chunks=[len(r["gaps"]) + (r["first"] is not None) for r in recs],
-                completion_tokens=[r["tokens"] for r in recs])
+    return dict(
+        policy=policy,
+        rate=rate,
+        requests=len(recs),
+        ok=len(ok),
+        errors=[r["error"] for r in recs if r["error"] is not None],
+        mean_budget=sum(budgets) / len(budgets) if budgets else None,
+        ttft_p50_ms=pct(ttft, 0.5),
+        ttft_p99_ms=pct(ttft, 0.99),
+        itl_p50_ms=pct(itl, 0.5),
+        itl_p99_ms=pct(itl, 0.99),
+        new_tokens=toks,
+        wall_s=wall,
+        tok_s=toks / wall if wall else 0.0,
+        req_s=len(ok) / wall if wall else 0.0,
+        peak_running=run["peak"]["running"],
+        peak_waiting=run["peak"]["waiting"],
+        preemptions=run["preemptions"],
+        ttft_ms=[None if r["first"] is None else 1e3 * (r["first"] - r["sent"]) for r in recs],
+        chunks=[len(r["gaps"]) + (r["first"] is not None) for r in recs],
+        completion_tokens=[r["tokens"] for r in recs],
+    )
 
 
 def offline(eng, parser, bodies: list[dict]) -> dict:
     """The same bodies (non-streaming) through engine.run_batch.run, every request at once."""
     from engine.run_batch import run
 
-    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": b})
-             for i, b in enumerate(bodies)]
+    lines = [
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": b})
+        for i, b in enumerate(bodies)
+    ]
     t0 = time.perf_counter()
     outs = run(eng, parser, lines)
     wall = time.perf_counter() - t0
     ok = [o["response"]["body"] for o in outs if o["response"]["status_code"] == 200]
     toks = sum(b["usage"]["completion_tokens"] for b in ok)
-    return dict(requests=len(lines), ok=len(ok), new_tokens=toks, wall_s=wall, tok_s=toks / wall,
-                completion_tokens=[b["usage"]["completion_tokens"] for b in ok])
+    return dict(
+        requests=len(lines),
+        ok=len(ok),
+        new_tokens=toks,
+        wall_s=wall,
+        tok_s=toks / wall,
+        completion_tokens=[b["usage"]["completion_tokens"] for b in ok],
+    )
 
 
 def fmt(x, spec: str) -> str:
@@ -213,23 +241,55 @@ def fmt(x, spec: str) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    head = ["policy", "rate req/s", "n", "mean budget", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
-            "ITL p99 ms", "out tok/s", "req/s", "peak running", "peak waiting", "preempt."]
+    head = [
+        "policy",
+        "rate req/s",
+        "n",
+        "mean budget",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "out tok/s",
+        "req/s",
+        "peak running",
+        "peak waiting",
+        "preempt.",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         budget = None if r["mean_budget"] is None else 100 * r["mean_budget"]
         n = str(r["requests"]) + (f" ({len(r['errors'])} failed)" if r["errors"] else "")
-        out.append("| " + " | ".join([
-            r["policy"], "all at t=0" if r["rate"] is None else f"{r['rate']:g}", n, fmt(budget, ".1f") + "%",
-            fmt(r["ttft_p50_ms"], ".0f"), fmt(r["ttft_p99_ms"], ".0f"), fmt(r["itl_p50_ms"], ".1f"),
-            fmt(r["itl_p99_ms"], ".1f"), f"{r['tok_s']:.1f}", f"{r['req_s']:.2f}", str(r["peak_running"]),
-            str(r["peak_waiting"]), str(r["preemptions"])]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["policy"],
+                    "all at t=0" if r["rate"] is None else f"{r['rate']:g}",
+                    n,
+                    fmt(budget, ".1f") + "%",
+                    fmt(r["ttft_p50_ms"], ".0f"),
+                    fmt(r["ttft_p99_ms"], ".0f"),
+                    fmt(r["itl_p50_ms"], ".1f"),
+                    fmt(r["itl_p99_ms"], ".1f"),
+                    f"{r['tok_s']:.1f}",
+                    f"{r['req_s']:.2f}",
+                    str(r["peak_running"]),
+                    str(r["peak_waiting"]),
+                    str(r["preemptions"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", help="real checkpoint (dir / hub id / bundled name; default: bundled SmolLM2)")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s (default 2)")
     p.add_argument("--requests", type=int, default=64)
@@ -268,10 +328,16 @@ def setup(a):
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
     pages = -(-a.pool_tokens // a.page_size) * c.n_layers * c.n_kv_heads
     kv_gib = pages * page_bytes(a.page_size, c.head_dim, dtype) / 2**30
-    src = argparse.Namespace(model=a.model, shape=None, device=a.device, dtype=a.dtype, compile=a.compile,
-                             seed=a.seed)
-    eng, name = build_engine(src, max_length=a.max_tokens + a.new_tokens, kv_memory=kv_gib,
-                             page_size=a.page_size, max_seqs=a.max_seqs)
+    src = argparse.Namespace(
+        model=a.model, shape=None, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
+    )
+    eng, name = build_engine(
+        src,
+        max_length=a.max_tokens + a.new_tokens,
+        kv_memory=kv_gib,
+        page_size=a.page_size,
+        max_seqs=a.max_seqs,
+    )
     prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=True)
     try:
         eng.check_fits(prompts, a.new_tokens)
@@ -297,13 +363,17 @@ def main(argv=None):
     rng = random.Random(f"serve:{a.seed}")
     arrivals = list(itertools.accumulate([0.0] + [rng.expovariate(a.rate) for _ in prompts[1:]]))
     pt = [len(p) for p in prompts]
-    log(f"[serve] {name}: {len(prompts)} requests, {sum(pt)} prompt tokens ({min(pt)}-{max(pt)}), "
-        f"pool {eng.kv.n_pages} pages ({kv_gib:.2f} GiB), arrivals over {arrivals[-1]:.1f} s")
+    log(
+        f"[serve] {name}: {len(prompts)} requests, {sum(pt)} prompt tokens ({min(pt)}-{max(pt)}), "
+        f"pool {eng.kv.n_pages} pages ({kv_gib:.2f} GiB), arrivals over {arrivals[-1]:.1f} s"
+    )
 
     def bodies(spec, stream=True):
         extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
-        return [dict(model=served, prompt=p, max_tokens=a.new_tokens, temperature=0, kv=spec, **extra)
-                for p in prompts]
+        return [
+            dict(model=served, prompt=p, max_tokens=a.new_tokens, temperature=0, kv=spec, **extra)
+            for p in prompts
+        ]
 
     for spec in KV:  # compile (if on) and first-call costs, outside every timing
         pol = policy_of(spec)
@@ -329,34 +399,54 @@ def main(argv=None):
             r = summarize(label(policy_of(spec)), a.rate, run)
             rows.append(r)
             first_error = f": {r['errors'][0]}" if r["errors"] else ""
-            log(f"[serve]   TTFT p50 {fmt(r['ttft_p50_ms'], '.0f')} ms, {r['tok_s']:.1f} tok/s, "
-                f"peak running {r['peak_running']}; {len(r['errors'])} errors{first_error}")
+            log(
+                f"[serve]   TTFT p50 {fmt(r['ttft_p50_ms'], '.0f')} ms, {r['tok_s']:.1f} tok/s, "
+                f"peak running {r['peak_running']}; {len(r['errors'])} errors{first_error}"
+            )
     dev = eng.device
-    res = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), model=name,
-               device=torch.cuda.get_device_name(dev) if is_cuda(dev) else
-               f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-               dtype=str(eng.dtype).removeprefix("torch."), commit=commit,
-               command="python -m bench.serve " + shlex.join(argv), pool_pages=eng.kv.n_pages,
-               page_size=eng.page_size, pool_gib=kv_gib, rate=a.rate, arrivals=arrivals, prompt_tokens=pt,
-               kinds=kinds, rows=rows, offline_check=check)
+    res = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        model=name,
+        device=torch.cuda.get_device_name(dev)
+        if is_cuda(dev)
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        dtype=str(eng.dtype).removeprefix("torch."),
+        commit=commit,
+        command="python -m bench.serve " + shlex.join(argv),
+        pool_pages=eng.kv.n_pages,
+        page_size=eng.page_size,
+        pool_gib=kv_gib,
+        rate=a.rate,
+        arrivals=arrivals,
+        prompt_tokens=pt,
+        kinds=kinds,
+        rows=rows,
+        offline_check=check,
+    )
     text = render(rows)
     if check:
         o, s = check["offline"], check["server"]
-        text += (f"\n\nOffline check (full, every request at once): server {s['tok_s']:.1f} tok/s "
-                 f"({s['new_tokens']} tokens, streaming) vs engine.run_batch {o['tok_s']:.1f} tok/s "
-                 f"({o['new_tokens']} tokens): ratio {check['ratio']:.2f} "
-                 f"({'met' if check['met'] else 'MISSED'}: >= {RATIO})")
+        text += (
+            f"\n\nOffline check (full, every request at once): server {s['tok_s']:.1f} tok/s "
+            f"({s['new_tokens']} tokens, streaming) vs engine.run_batch {o['tok_s']:.1f} tok/s "
+            f"({o['new_tokens']} tokens): ratio {check['ratio']:.2f} "
+            f"({'met' if check['met'] else 'MISSED'}: >= {RATIO})"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     if a.results_md:
-        append_results(Path(a.results_md), (
-            f"## Serving: {name} ({res['date']})\n\n"
-            f"- device: {res['device']}, dtype {res['dtype']}; commit `{commit}`\n"
-            f"- command: `{res['command']}`\n"
-            f"- workload: {len(prompts)} requests, Poisson arrivals at {a.rate:g} req/s, prompts "
-            f"{min(pt)}-{max(pt)} tokens (mean {sum(pt) / len(pt):.0f}), {a.new_tokens} new tokens each, "
-            f"streaming; pool {eng.kv.n_pages} pages of {eng.page_size} tokens ({kv_gib:.2f} GiB), "
-            f"max {a.max_seqs} sequences\n\n" + text + "\n"))
+        append_results(
+            Path(a.results_md),
+            (
+                f"## Serving: {name} ({res['date']})\n\n"
+                f"- device: {res['device']}, dtype {res['dtype']}; commit `{commit}`\n"
+                f"- command: `{res['command']}`\n"
+                f"- workload: {len(prompts)} requests, Poisson arrivals at {a.rate:g} req/s, prompts "
+                f"{min(pt)}-{max(pt)} tokens (mean {sum(pt) / len(pt):.0f}), {a.new_tokens} new tokens each, "
+                f"streaming; pool {eng.kv.n_pages} pages of {eng.page_size} tokens ({kv_gib:.2f} GiB), "
+                f"max {a.max_seqs} sequences\n\n" + text + "\n"
+            ),
+        )
     print(text)
     return 0
 

@@ -36,7 +36,8 @@ Sections (--sections, comma list; default all; run in this order):
 
 Output: markdown tables on stdout (last), progress on stderr, JSON at --json (rewritten after every
 run), and with --results-md PATH a dated section appended. Exit 1 when any run failed.
-"""
+"""  # noqa: E501 (--help text)
+
 import argparse
 import datetime
 import json
@@ -75,14 +76,30 @@ from weights.errors import UserError
 
 SECTIONS = ("speed", "floor", "hf", "scaling", "batch", "profile")
 DEFAULTS = {
-    "qwen2.5-7b": dict(prompt_lens=[512, 8192], new_tokens=256, scaling_lens=[512, 8192, 32512], batches=[16],
-                       batch_prompt=4096, budgets=[0.5, 0.25], bw_mib=2048),
-    "tiny": dict(prompt_lens=[24, 40], new_tokens=8, scaling_lens=[16, 48, 96], batches=[2, 3], batch_prompt=32,
-                 budgets=[0.5, 0.25], bw_mib=64),
+    "qwen2.5-7b": dict(
+        prompt_lens=[512, 8192],
+        new_tokens=256,
+        scaling_lens=[512, 8192, 32512],
+        batches=[16],
+        batch_prompt=4096,
+        budgets=[0.5, 0.25],
+        bw_mib=2048,
+    ),
+    "tiny": dict(
+        prompt_lens=[24, 40],
+        new_tokens=8,
+        scaling_lens=[16, 48, 96],
+        batches=[2, 3],
+        batch_prompt=32,
+        budgets=[0.5, 0.25],
+        bw_mib=64,
+    ),
 }
-ANCHOR = ("Anchors (H100 80GB, 7B shape, batch 1, prompt 512): copy 3.01 TB/s, weight floor ~213 tok/s; transformers "
-          "eager 30 tok/s, static+compile 118 tok/s; HF prefill 8192 tok 279 ms (464 TFLOP/s); HF compiled batch 16 x "
-          "4096: 534 tok/s summed; bare compiled decode step 127-131 tok/s.")
+ANCHOR = (
+    "Anchors (H100 80GB, 7B shape, batch 1, prompt 512): copy 3.01 TB/s, weight floor ~213 tok/s; "
+    "transformers eager 30 tok/s, static+compile 118 tok/s; HF prefill 8192 tok 279 ms (464 TFLOP/s); "
+    "HF compiled batch 16 x 4096: 534 tok/s summed; bare compiled decode step 127-131 tok/s."
+)
 
 
 class Bench:
@@ -96,7 +113,8 @@ class Bench:
         """Two Engine.generate runs of B prompts of n tokens (warm-up, measured); the row of stats."""
         eng = self.eng
         prompts = random_prompts(eng, B, n, seed)
-        eng.max_prefill_tokens = max(eng.max_prefill_tokens, B * n)  # one prefill batch: decode runs all B at once
+        # one prefill batch: decode runs all B at once
+        eng.max_prefill_tokens = max(eng.max_prefill_tokens, B * n)
         s = Sampling(max_new_tokens=new)
         g0, _ = dynamo_counts()
         eng.generate(prompts, policy, s)
@@ -108,17 +126,35 @@ class Bench:
         steps = st["step_ms"]
         med = statistics.median(steps) if steps else float("nan")
         flops, exact = prefill_flops(eng.model, eng.config, B, n)
-        return dict(engine="ours", policy=policy_label(policy), batch=B, prompt=n, new_tokens=new,
-                    prefill_ms=first["prefill_s"] * 1e3, prefill_flops=flops, prefill_tflops=flops / first["prefill_s"] / 1e12,
-                    prefill_tflops_exact=exact / first["prefill_s"] / 1e12, prune_ms=first["prune_s"] * 1e3,
-                    decode_ms_median=med, decode_ms_mean=statistics.fmean(steps) if steps else float("nan"),
-                    decode_tok_s=B * 1e3 / med if steps else 0.0, wall_s=st["wall_s"],
-                    kv_budget=statistics.fmean(r.stats["budget"] for r in res),
-                    pages_after_prefill=st["pages_after_prefill"], pages_after_pruning=st["pages_after_pruning"],
-                    peak_concurrent=st["peak_concurrent"], peak_mem_bytes=st["peak_memory_bytes"],
-                    peak_mem_gib=st["peak_memory_bytes"] / 2**30, warmup_s=warm, compile_warmup_s=max(0.0, warm - st["wall_s"]),
-                    compiled=bool(eng.compiled), graphs_compiled_warmup=g1 - g0, graphs_compiled_measured=g2 - g1,
-                    cudagraph_skips=skips, _tokens=[r.tokens for r in res])
+        return dict(
+            engine="ours",
+            policy=policy_label(policy),
+            batch=B,
+            prompt=n,
+            new_tokens=new,
+            prefill_ms=first["prefill_s"] * 1e3,
+            prefill_flops=flops,
+            prefill_tflops=flops / first["prefill_s"] / 1e12,
+            prefill_tflops_exact=exact / first["prefill_s"] / 1e12,
+            prune_ms=first["prune_s"] * 1e3,
+            decode_ms_median=med,
+            decode_ms_mean=statistics.fmean(steps) if steps else float("nan"),
+            decode_tok_s=B * 1e3 / med if steps else 0.0,
+            wall_s=st["wall_s"],
+            kv_budget=statistics.fmean(r.stats["budget"] for r in res),
+            pages_after_prefill=st["pages_after_prefill"],
+            pages_after_pruning=st["pages_after_pruning"],
+            peak_concurrent=st["peak_concurrent"],
+            peak_mem_bytes=st["peak_memory_bytes"],
+            peak_mem_gib=st["peak_memory_bytes"] / 2**30,
+            warmup_s=warm,
+            compile_warmup_s=max(0.0, warm - st["wall_s"]),
+            compiled=bool(eng.compiled),
+            graphs_compiled_warmup=g1 - g0,
+            graphs_compiled_measured=g2 - g1,
+            cudagraph_skips=skips,
+            _tokens=[r.tokens for r in res],
+        )
 
     def attempt(self, what, fn):
         try:
@@ -152,6 +188,7 @@ def strip_private(x):
 
 # -------------------------------------------------------------------------------------- sections
 
+
 def section_speed(b: Bench):
     a = b.a
     for n in a.prompt_lens:
@@ -163,9 +200,13 @@ def section_speed(b: Bench):
             def run():
                 row = b.measure(policy, 1, n, a.new_tokens, a.seed + n)
                 b.results["speed"].append(row)
-                log(f"[bench.speed]   prefill {row['prefill_ms']:.1f} ms ({row['prefill_tflops']:.1f} TFLOP/s), prune "
-                    f"{row['prune_ms']:.2f} ms, decode {row['decode_ms_median']:.3f} ms/tok = {row['decode_tok_s']:.1f} tok/s, "
-                    f"budget {100 * row['kv_budget']:.1f}%, warm-up {row['warmup_s']:.1f} s")
+                log(
+                    f"[bench.speed]   prefill {row['prefill_ms']:.1f} ms "
+                    f"({row['prefill_tflops']:.1f} TFLOP/s), prune {row['prune_ms']:.2f} ms, "
+                    f"decode {row['decode_ms_median']:.3f} ms/tok = {row['decode_tok_s']:.1f} tok/s, "
+                    f"budget {100 * row['kv_budget']:.1f}%, warm-up {row['warmup_s']:.1f} s"
+                )
+
             b.attempt(what, run)
 
 
@@ -174,21 +215,38 @@ def section_floor(b: Bench):
     bw = copy_bandwidth(b.dev, a.bw_mib)
     wbytes = weight_bytes_per_token(model)
     floor_ms = wbytes / bw * 1e3
-    f = b.results["floor"] = dict(copy_GBps=bw / 1e9, weight_bytes_per_token=wbytes, floor_ms=floor_ms,
-                                  floor_tok_s=1e3 / floor_ms, gptfast_model_bytes=gptfast_model_bytes(model),
-                                  params=sum(p.numel() for p in model.parameters()))
+    f = b.results["floor"] = dict(
+        copy_GBps=bw / 1e9,
+        weight_bytes_per_token=wbytes,
+        floor_ms=floor_ms,
+        floor_tok_s=1e3 / floor_ms,
+        gptfast_model_bytes=gptfast_model_bytes(model),
+        params=sum(p.numel() for p in model.parameters()),
+    )
     ref = next((r for r in b.results["speed"] if r["policy"] == "full" and r["batch"] == 1), None)
     if ref is None:  # floor alone: time a full-KV run at the shortest prompt
         n = min(a.prompt_lens)
-        ref = b.attempt(f"floor reference prompt {n}", lambda: b.measure(make_policy("full"), 1, n, a.new_tokens, a.seed + n))
+        ref = b.attempt(
+            f"floor reference prompt {n}",
+            lambda: b.measure(make_policy("full"), 1, n, a.new_tokens, a.seed + n),
+        )
     if ref is None:
         return
     med = ref["decode_ms_median"]
-    f.update(ref_prompt=ref["prompt"], ref_policy=ref["policy"], ours_decode_ms=med, ours_tok_s=ref["decode_tok_s"],
-             ours_pct_of_floor=100 * med / floor_ms, bandwidth_efficiency_pct=100 * floor_ms / med,
-             achieved_GBps=f["gptfast_model_bytes"] * ref["decode_tok_s"] / 1e9,
-             achieved_GBps_e2e=f["gptfast_model_bytes"] * ref["new_tokens"] / ref["wall_s"] / 1e9)
-    log(f"[bench.speed] floor {floor_ms:.3f} ms/tok at {bw / 1e9:.0f} GB/s; ours {med:.3f} ms = {f['ours_pct_of_floor']:.0f}% of it")
+    f.update(
+        ref_prompt=ref["prompt"],
+        ref_policy=ref["policy"],
+        ours_decode_ms=med,
+        ours_tok_s=ref["decode_tok_s"],
+        ours_pct_of_floor=100 * med / floor_ms,
+        bandwidth_efficiency_pct=100 * floor_ms / med,
+        achieved_GBps=f["gptfast_model_bytes"] * ref["decode_tok_s"] / 1e9,
+        achieved_GBps_e2e=f["gptfast_model_bytes"] * ref["new_tokens"] / ref["wall_s"] / 1e9,
+    )
+    log(
+        f"[bench.speed] floor {floor_ms:.3f} ms/tok at {bw / 1e9:.0f} GB/s; "
+        f"ours {med:.3f} ms = {f['ours_pct_of_floor']:.0f}% of it"
+    )
 
 
 def section_hf(b: Bench):
@@ -197,7 +255,9 @@ def section_hf(b: Bench):
     hf = b.attempt("transformers model", lambda: hfb.views(b.eng, a.hf_weights == "copy"))
     if hf is None:
         return
-    parity = b.attempt("transformers parity", lambda: hfb.parity(b.eng, hf, random_prompts(b.eng, 1, 16, 1234)[0]))
+    parity = b.attempt(
+        "transformers parity", lambda: hfb.parity(b.eng, hf, random_prompts(b.eng, 1, 16, 1234)[0])
+    )
     b.results["meta"].update(hf_weights=a.hf_weights, parity_max_abs_logit_diff=parity)
     runs = [(1, n) for n in a.prompt_lens] + [(B, a.batch_prompt) for B in a.batches]
     for mode in modes:  # eager first: static-compile leaves compiled state behind
@@ -206,26 +266,48 @@ def section_hf(b: Bench):
             log(f"[bench.speed] {what} ...")
 
             def run():
-                row = hfb.measure(b.eng, hf, mode, random_prompts(b.eng, B, n, a.seed + (n if B == 1 else B)), a.new_tokens)
+                row = hfb.measure(
+                    b.eng, hf, mode, random_prompts(b.eng, B, n, a.seed + (n if B == 1 else B)), a.new_tokens
+                )
                 row["parity_max_abs_logit_diff"] = parity
-                ref = next((r for r in b.results["speed"] + b.results["batch"]
-                            if r["policy"] == "full" and r["prompt"] == n and r["batch"] == B), None)
+                ref = next(
+                    (
+                        r
+                        for r in b.results["speed"] + b.results["batch"]
+                        if r["policy"] == "full" and r["prompt"] == n and r["batch"] == B
+                    ),
+                    None,
+                )
                 row["tokens_agree_prefix"] = None
                 if ref is not None:
                     x, y = ref["_tokens"][0], row["_tokens"][0].tolist()
-                    row["tokens_agree_prefix"] = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+                    row["tokens_agree_prefix"] = next(
+                        (i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))
+                    )
                 b.results["hf"].append(row)
-                log(f"[bench.speed]   prefill {row['prefill_ms']:.1f} ms, decode {row['decode_ms_median']:.3f} ms/step = "
-                    f"{row['decode_tok_s']:.1f} tok/s ({row['decode_tok_s_anchor']:.1f} anchor method), warm-up {row['warmup_s']:.1f} s")
+                log(
+                    f"[bench.speed]   prefill {row['prefill_ms']:.1f} ms, "
+                    f"decode {row['decode_ms_median']:.3f} ms/step = {row['decode_tok_s']:.1f} tok/s "
+                    f"({row['decode_tok_s_anchor']:.1f} anchor method), warm-up {row['warmup_s']:.1f} s"
+                )
+
             b.attempt(what, run)
         free_cache(b.dev)
     hf = None  # let its memory go before the ratios
     free_cache(b.dev)
-    b.results["ratios"] = [dict(batch=h["batch"], prompt=h["prompt"], hf_mode=h["mode"], ours=r["policy"],
-                                decode_speedup=r["decode_tok_s"] / h["decode_tok_s"] if h["decode_tok_s"] else None,
-                                prefill_speedup=h["prefill_ms"] / r["prefill_ms"] if r["prefill_ms"] else None)
-                           for h in b.results["hf"] for r in b.results["speed"] + b.results["batch"]
-                           if r["prompt"] == h["prompt"] and r["batch"] == h["batch"]]
+    b.results["ratios"] = [
+        dict(
+            batch=h["batch"],
+            prompt=h["prompt"],
+            hf_mode=h["mode"],
+            ours=r["policy"],
+            decode_speedup=r["decode_tok_s"] / h["decode_tok_s"] if h["decode_tok_s"] else None,
+            prefill_speedup=h["prefill_ms"] / r["prefill_ms"] if r["prefill_ms"] else None,
+        )
+        for h in b.results["hf"]
+        for r in b.results["speed"] + b.results["batch"]
+        if r["prompt"] == h["prompt"] and r["batch"] == h["batch"]
+    ]
 
 
 def section_scaling(b: Bench):
@@ -233,7 +315,9 @@ def section_scaling(b: Bench):
     s = b.results["scaling"] = dict(rows=[], grows_with_live_kv=None)
     for n in a.scaling_lens:
         log(f"[bench.speed] scaling full KV prompt {n} ...")
-        row = b.attempt(f"scaling prompt {n}", lambda: b.measure(make_policy("full"), 1, n, a.new_tokens, a.seed + n))
+        row = b.attempt(
+            f"scaling prompt {n}", lambda: b.measure(make_policy("full"), 1, n, a.new_tokens, a.seed + n)
+        )
         if row:
             s["rows"].append(row)
             log(f"[bench.speed]   {row['decode_ms_median']:.3f} ms/tok")
@@ -254,8 +338,11 @@ def section_batch(b: Bench):
             def run():
                 row = b.measure(p, B, n, a.new_tokens, a.seed + B)
                 b.results["batch"].append(row)
-                log(f"[bench.speed]   {row['decode_ms_median']:.3f} ms/step = {row['decode_tok_s']:.1f} tok/s summed, "
-                    f"budget {100 * row['kv_budget']:.1f}%")
+                log(
+                    f"[bench.speed]   {row['decode_ms_median']:.3f} ms/step = "
+                    f"{row['decode_tok_s']:.1f} tok/s summed, budget {100 * row['kv_budget']:.1f}%"
+                )
+
             b.attempt(what, run)
 
 
@@ -265,7 +352,11 @@ def section_profile(b: Bench):
     from torch.profiler import ProfilerActivity, profile
 
     a, n, new = b.a, min(b.a.prompt_lens), min(b.a.new_tokens, 64)
-    prompts, s, policy = random_prompts(b.eng, 1, n, a.seed), Sampling(max_new_tokens=new), make_policy("full")
+    prompts, s, policy = (
+        random_prompts(b.eng, 1, n, a.seed),
+        Sampling(max_new_tokens=new),
+        make_policy("full"),
+    )
     b.eng.generate(prompts, policy, s)  # warm: compiled and recorded before the profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(b.dev) else [])
     with profile(activities=acts) as prof:
@@ -277,12 +368,21 @@ def section_profile(b: Bench):
     key = dev_time if is_cuda(b.dev) else (lambda e: e.self_cpu_time_total)
     total = sum(key(e) for e in ev) or 1
     top = sorted(ev, key=key, reverse=True)[:15]
-    b.results["profile"] = dict(prompt=n, new_tokens=new, total_ms=total / 1e3, per_step_ms=total / 1e3 / new,
-                                top=[dict(name=e.key[:90], calls=e.count, ms=key(e) / 1e3, share=key(e) / total) for e in top])
-    log(f"[bench.speed] profile: {total / 1e3:.1f} ms of {'device' if is_cuda(b.dev) else 'CPU'} time over {new} tokens")
+    b.results["profile"] = dict(
+        prompt=n,
+        new_tokens=new,
+        total_ms=total / 1e3,
+        per_step_ms=total / 1e3 / new,
+        top=[dict(name=e.key[:90], calls=e.count, ms=key(e) / 1e3, share=key(e) / total) for e in top],
+    )
+    log(
+        f"[bench.speed] profile: {total / 1e3:.1f} ms of {'device' if is_cuda(b.dev) else 'CPU'} time "
+        f"over {new} tokens"
+    )
 
 
 # -------------------------------------------------------------------------------------- output
+
 
 def _f(x, fmt="{:.1f}"):
     return "-" if x is None or (isinstance(x, float) and x != x) else fmt.format(x)
@@ -295,47 +395,161 @@ def table(head, rows):
 
 def render(res) -> str:
     parts = []
-    ours = ["policy", "batch", "prompt", "new", "prefill ms", "TFLOP/s", "prune ms", "decode ms/step", "tok/s",
-            "KV budget", "peak GiB", "warm-up s"]
-    row = lambda r: [r["policy"], r["batch"], r["prompt"], r["new_tokens"], _f(r["prefill_ms"]), _f(r["prefill_tflops"], "{:.4g}"),
-                     _f(r["prune_ms"], "{:.2f}"), _f(r["decode_ms_median"], "{:.3f}"), _f(r["decode_tok_s"]),
-                     _f(100 * r["kv_budget"], "{:.1f}%"), _f(r["peak_mem_gib"], "{:.2f}"), _f(r["warmup_s"])]
+    ours = [
+        "policy",
+        "batch",
+        "prompt",
+        "new",
+        "prefill ms",
+        "TFLOP/s",
+        "prune ms",
+        "decode ms/step",
+        "tok/s",
+        "KV budget",
+        "peak GiB",
+        "warm-up s",
+    ]
+    row = lambda r: [
+        r["policy"],
+        r["batch"],
+        r["prompt"],
+        r["new_tokens"],
+        _f(r["prefill_ms"]),
+        _f(r["prefill_tflops"], "{:.4g}"),
+        _f(r["prune_ms"], "{:.2f}"),
+        _f(r["decode_ms_median"], "{:.3f}"),
+        _f(r["decode_tok_s"]),
+        _f(100 * r["kv_budget"], "{:.1f}%"),
+        _f(r["peak_mem_gib"], "{:.2f}"),
+        _f(r["warmup_s"]),
+    ]
     if res["speed"]:
-        parts.append("**Ours, batch 1** (Engine.generate; decode = median step)\n\n" + table(ours, [row(r) for r in res["speed"]]))
+        parts.append(
+            "**Ours, batch 1** (Engine.generate; decode = median step)\n\n"
+            + table(ours, [row(r) for r in res["speed"]])
+        )
     if res["hf"]:
+
         def ratio(h):
-            x = next((q for q in res["ratios"] if q["prompt"] == h["prompt"] and q["batch"] == h["batch"]
-                      and q["hf_mode"] == h["mode"] and q["ours"] == "full"), None)
-            return (_f(x["decode_speedup"], "{:.2f}x"), _f(x["prefill_speedup"], "{:.2f}x")) if x else ("-", "-")
-        parts.append("**transformers, same weights** (ours ÷ theirs: our full-KV speed over theirs, >1 = ours faster)\n\n" + table(
-            ["mode", "batch", "prompt", "prefill ms", "TFLOP/s", "decode ms/step", "tok/s", "tok/s (anchor method)", "peak GiB",
-             "warm-up s", "decode ours/theirs", "prefill ours/theirs", "same tokens"],
-            [[h["mode"], h["batch"], h["prompt"], _f(h["prefill_ms"]), _f(h["prefill_tflops"], "{:.4g}"),
-              _f(h["decode_ms_median"], "{:.3f}"), _f(h["decode_tok_s"]), _f(h["decode_tok_s_anchor"]), _f(h["peak_mem_gib"], "{:.2f}"),
-              _f(h["warmup_s"]), *ratio(h), _f(h.get("tokens_agree_prefix"), "{}")] for h in res["hf"]]))
+            x = next(
+                (
+                    q
+                    for q in res["ratios"]
+                    if q["prompt"] == h["prompt"]
+                    and q["batch"] == h["batch"]
+                    and q["hf_mode"] == h["mode"]
+                    and q["ours"] == "full"
+                ),
+                None,
+            )
+            return (
+                (_f(x["decode_speedup"], "{:.2f}x"), _f(x["prefill_speedup"], "{:.2f}x")) if x else ("-", "-")
+            )
+
+        parts.append(
+            "**transformers, same weights** "
+            "(ours ÷ theirs: our full-KV speed over theirs, >1 = ours faster)\n\n"
+            + table(
+                [
+                    "mode",
+                    "batch",
+                    "prompt",
+                    "prefill ms",
+                    "TFLOP/s",
+                    "decode ms/step",
+                    "tok/s",
+                    "tok/s (anchor method)",
+                    "peak GiB",
+                    "warm-up s",
+                    "decode ours/theirs",
+                    "prefill ours/theirs",
+                    "same tokens",
+                ],
+                [
+                    [
+                        h["mode"],
+                        h["batch"],
+                        h["prompt"],
+                        _f(h["prefill_ms"]),
+                        _f(h["prefill_tflops"], "{:.4g}"),
+                        _f(h["decode_ms_median"], "{:.3f}"),
+                        _f(h["decode_tok_s"]),
+                        _f(h["decode_tok_s_anchor"]),
+                        _f(h["peak_mem_gib"], "{:.2f}"),
+                        _f(h["warmup_s"]),
+                        *ratio(h),
+                        _f(h.get("tokens_agree_prefix"), "{}"),
+                    ]
+                    for h in res["hf"]
+                ],
+            )
+        )
     f = res["floor"]
     if f:
-        parts.append("**Weight-streaming floor** (bytes read per token ÷ measured copy bandwidth)\n\n" + table(
-            ["copy GB/s", "weight GB/token", "floor ms/tok", "floor tok/s", "ours ms/tok", "ours % of floor",
-             "efficiency", "achieved GB/s (gpt-fast)", "e2e GB/s (gpt-fast)"],
-            [[_f(f["copy_GBps"], "{:.0f}"), _f(f["weight_bytes_per_token"] / 1e9, "{:.3f}"), _f(f["floor_ms"], "{:.3f}"),
-              _f(f["floor_tok_s"]), _f(f.get("ours_decode_ms"), "{:.3f}"), _f(f.get("ours_pct_of_floor"), "{:.0f}%"),
-              _f(f.get("bandwidth_efficiency_pct"), "{:.0f}%"), _f(f.get("achieved_GBps"), "{:.0f}"),
-              _f(f.get("achieved_GBps_e2e"), "{:.0f}")]]))
+        parts.append(
+            "**Weight-streaming floor** (bytes read per token ÷ measured copy bandwidth)\n\n"
+            + table(
+                [
+                    "copy GB/s",
+                    "weight GB/token",
+                    "floor ms/tok",
+                    "floor tok/s",
+                    "ours ms/tok",
+                    "ours % of floor",
+                    "efficiency",
+                    "achieved GB/s (gpt-fast)",
+                    "e2e GB/s (gpt-fast)",
+                ],
+                [
+                    [
+                        _f(f["copy_GBps"], "{:.0f}"),
+                        _f(f["weight_bytes_per_token"] / 1e9, "{:.3f}"),
+                        _f(f["floor_ms"], "{:.3f}"),
+                        _f(f["floor_tok_s"]),
+                        _f(f.get("ours_decode_ms"), "{:.3f}"),
+                        _f(f.get("ours_pct_of_floor"), "{:.0f}%"),
+                        _f(f.get("bandwidth_efficiency_pct"), "{:.0f}%"),
+                        _f(f.get("achieved_GBps"), "{:.0f}"),
+                        _f(f.get("achieved_GBps_e2e"), "{:.0f}"),
+                    ]
+                ],
+            )
+        )
     s = res["scaling"]
     if s and s.get("rows"):
-        parts.append(f"**Decode step vs live KV, `--kv full`** (grows with live KV: {s.get('grows_with_live_kv')})\n\n" + table(
-            ["prompt", "decode ms/tok", "tok/s", "peak GiB"],
-            [[r["prompt"], _f(r["decode_ms_median"], "{:.3f}"), _f(r["decode_tok_s"]), _f(r["peak_mem_gib"], "{:.2f}")]
-             for r in s["rows"]]))
+        parts.append(
+            f"**Decode step vs live KV, `--kv full`** (grows with live KV: {s.get('grows_with_live_kv')})\n\n"
+            + table(
+                ["prompt", "decode ms/tok", "tok/s", "peak GiB"],
+                [
+                    [
+                        r["prompt"],
+                        _f(r["decode_ms_median"], "{:.3f}"),
+                        _f(r["decode_tok_s"]),
+                        _f(r["peak_mem_gib"], "{:.2f}"),
+                    ]
+                    for r in s["rows"]
+                ],
+            )
+        )
     if res["batch"]:
-        parts.append("**Batched decode** (tok/s summed over the batch = batch ÷ median step)\n\n" + table(ours, [row(r) for r in res["batch"]]))
+        parts.append(
+            "**Batched decode** (tok/s summed over the batch = batch ÷ median step)\n\n"
+            + table(ours, [row(r) for r in res["batch"]])
+        )
     pr = res.get("profile")
     if pr:
-        parts.append(f"**Profile** (batch 1, prompt {pr['prompt']}, {pr['new_tokens']} tokens: {pr['per_step_ms']:.3f} ms "
-                     "of self time per token; top kernels)\n\n" + table(
-                         ["kernel", "calls", "ms", "share"],
-                         [[f"`{t['name']}`", t["calls"], _f(t["ms"], "{:.2f}"), _f(100 * t["share"], "{:.1f}%")] for t in pr["top"]]))
+        parts.append(
+            f"**Profile** (batch 1, prompt {pr['prompt']}, {pr['new_tokens']} tokens: "
+            f"{pr['per_step_ms']:.3f} ms of self time per token; top kernels)\n\n"
+            + table(
+                ["kernel", "calls", "ms", "share"],
+                [
+                    [f"`{t['name']}`", t["calls"], _f(t["ms"], "{:.2f}"), _f(100 * t["share"], "{:.1f}%")]
+                    for t in pr["top"]
+                ],
+            )
+        )
     if res["errors"]:
         parts.append("**Errors**\n\n" + "\n".join(f"- {e['run']}: `{e['error']}`" for e in res["errors"]))
     return "\n\n".join(parts)
@@ -349,27 +563,52 @@ def meta(a, eng, label, argv):
         tf = transformers.__version__
     except ImportError:
         tf = None
-    name = torch.cuda.get_device_name(dev) if is_cuda(dev) else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    name = (
+        torch.cuda.get_device_name(dev)
+        if is_cuda(dev)
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
     c = eng.config
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=dev,
-                device_name=name, torch=torch.__version__, cuda=torch.version.cuda, transformers=tf,
-                commit=git_commit(a.commit), command="python -m bench.speed " + shlex.join(argv), model=label,
-                dtype=str(eng.dtype).removeprefix("torch."), compiled=bool(eng.compiled), page_size=eng.page_size,
-                decode_projections="triton gemv" if eng.model.gemv is not None else "F.linear",
-                attention="triton" if eng.kv.triton else "torch",
-                pool_pages=eng.kv.n_pages, params=sum(p.numel() for p in eng.model.parameters()), sections=a.sections,
-                config=dict(layers=c.n_layers, dim=c.dim, heads=c.n_heads, kv_heads=c.n_kv_heads, head_dim=c.head_dim,
-                            ffn=c.ffn_dim, vocab=c.vocab_size))
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        device=dev,
+        device_name=name,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        transformers=tf,
+        commit=git_commit(a.commit),
+        command="python -m bench.speed " + shlex.join(argv),
+        model=label,
+        dtype=str(eng.dtype).removeprefix("torch."),
+        compiled=bool(eng.compiled),
+        page_size=eng.page_size,
+        decode_projections="triton gemv" if eng.model.gemv is not None else "F.linear",
+        attention="triton" if eng.kv.triton else "torch",
+        pool_pages=eng.kv.n_pages,
+        params=sum(p.numel() for p in eng.model.parameters()),
+        sections=a.sections,
+        config=dict(
+            layers=c.n_layers,
+            dim=c.dim,
+            heads=c.n_heads,
+            kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            ffn=c.ffn_dim,
+            vocab=c.vocab_size,
+        ),
+    )
 
 
 def append_results_md(path, res, text):
     m = res["meta"]
-    head = (f"\n## Speed — {m['date']} — {m['device_name']}\n\n"
-            f"- model: {m['model']}, {m['params'] / 1e9:.3f} B parameters, compiled: {m['compiled']}, "
-            f"pool {m['pool_pages']} pages of {m['page_size']} tokens, decode projections: {m['decode_projections']}, "
-            f"decode attention: {m['attention']}\n"
-            f"- torch {m['torch']} (CUDA {m['cuda']}), transformers {m['transformers']}, commit `{m['commit']}`\n"
-            f"- command: `{m['command']}`\n\n")
+    head = (
+        f"\n## Speed — {m['date']} — {m['device_name']}\n\n"
+        f"- model: {m['model']}, {m['params'] / 1e9:.3f} B parameters, compiled: {m['compiled']}, "
+        f"pool {m['pool_pages']} pages of {m['page_size']} tokens, "
+        f"decode projections: {m['decode_projections']}, decode attention: {m['attention']}\n"
+        f"- torch {m['torch']} (CUDA {m['cuda']}), transformers {m['transformers']}, commit `{m['commit']}`\n"
+        f"- command: `{m['command']}`\n\n"
+    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:  # append only: others append to the same file
         fh.write(head + text + f"\n\n{ANCHOR}\n")
@@ -377,39 +616,74 @@ def append_results_md(path, res, text):
 
 # ------------------------------------------------------------------------------------------ CLI
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
-    p = _Parser(prog="python -m bench.speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m bench.speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="real checkpoint (dir / hub id / bundled name) instead of random weights")
+    src.add_argument(
+        "--model", help="real checkpoint (dir / hub id / bundled name) instead of random weights"
+    )
     src.add_argument("--shape", choices=sorted(DEFAULTS), help="random-weight shape (default qwen2.5-7b)")
-    src.add_argument("--tiny", action="store_true", help="same as --shape tiny: ~1M-parameter Qwen2 shape, small sizes")
-    p.add_argument("--sections", type=names(SECTIONS), default=list(SECTIONS), help="comma list of " + ",".join(SECTIONS))
+    src.add_argument(
+        "--tiny", action="store_true", help="same as --shape tiny: ~1M-parameter Qwen2 shape, small sizes"
+    )
+    p.add_argument(
+        "--sections", type=names(SECTIONS), default=list(SECTIONS), help="comma list of " + ",".join(SECTIONS)
+    )
     p.add_argument("--prompt-lens", type=ints, help="speed/hf prompt lengths (default 512,8192)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per run (default 256)")
-    p.add_argument("--scaling-lens", type=ints, help="scaling prompt lengths (default 512,8192,32512: 32k live at the end)")
+    p.add_argument(
+        "--scaling-lens",
+        type=ints,
+        help="scaling prompt lengths (default 512,8192,32512: 32k live at the end)",
+    )
     p.add_argument("--batches", type=ints, help="batch sizes of the batch and hf sections (default 16)")
     p.add_argument("--batch-prompt", type=int, help="batch section prompt length (default 4096)")
     p.add_argument("--budgets", type=floats, help="batch section forced budgets (default 0.5,0.25)")
-    p.add_argument("--policies", type=names(tuple(refreekv.available())), default=["full", "refreekv"],
-                   help="speed section policies (default full,refreekv)")
+    p.add_argument(
+        "--policies",
+        type=names(tuple(refreekv.available())),
+        default=["full", "refreekv"],
+        help="speed section policies (default full,refreekv)",
+    )
     p.add_argument("--threshold", type=float, default=0.01, help="ReFreeKV T (default 0.01)")
-    p.add_argument("--hf-modes", type=names(hfb.MODES), help="transformers modes (default eager,static-compile on CUDA, eager on CPU)")
-    p.add_argument("--hf-weights", choices=["view", "copy"], default="view", help="transformers parameters as views of ours or copies")
+    p.add_argument(
+        "--hf-modes",
+        type=names(hfb.MODES),
+        help="transformers modes (default eager,static-compile on CUDA, eager on CPU)",
+    )
+    p.add_argument(
+        "--hf-weights",
+        choices=["view", "copy"],
+        default="view",
+        help="transformers parameters as views of ours or copies",
+    )
     p.add_argument("--device")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: the engine's)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile (default: the engine's)",
+    )
     p.add_argument("--kv-memory", type=float, help="the engine's KV pool in GiB (default: the engine's)")
     p.add_argument("--page-size", type=int, default=16, help="KV page size (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", help="profile section: write its chrome trace here")
     p.add_argument("--bw-mib", type=int, help="copy-bandwidth buffer size in MiB (default 2048)")
     p.add_argument("--json", help="write the results here (rewritten after every run)")
-    p.add_argument("--results-md", help="append a dated section to this markdown file (e.g. bench/RESULTS.md)")
+    p.add_argument(
+        "--results-md", help="append a dated section to this markdown file (e.g. bench/RESULTS.md)"
+    )
     p.add_argument("--commit", help="git commit to record (default: git describe)")
     a = p.parse_args(argv)
     if a.tiny:
@@ -428,19 +702,32 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         a = parse_args(argv)
-        longest = max(a.prompt_lens + a.scaling_lens * ("scaling" in a.sections) + [a.batch_prompt]) + a.new_tokens
-        eng, label = build_engine(a, max_length=longest, kv_memory=a.kv_memory, page_size=a.page_size,
-                                  max_seqs=max(a.batches + [1]))
+        longest = (
+            max(a.prompt_lens + a.scaling_lens * ("scaling" in a.sections) + [a.batch_prompt]) + a.new_tokens
+        )
+        eng, label = build_engine(
+            a, max_length=longest, kv_memory=a.kv_memory, page_size=a.page_size, max_seqs=max(a.batches + [1])
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     b = Bench(a, eng, label)
     b.results["meta"] = meta(a, eng, label, argv)
     m = b.results["meta"]
-    log(f"[bench.speed] {label} on {m['device_name']}, {m['params'] / 1e9:.3f} B params, dtype {m['dtype']}, compiled {eng.compiled}")
-    steps = {"speed": section_speed, "hf": section_hf, "floor": section_floor, "scaling": section_scaling,
-             "batch": section_batch, "profile": section_profile}
-    for name in ("speed", "floor", "scaling", "batch", "profile", "hf"):  # hf last: its ratios use our rows; compiled HF runs are slow
+    log(
+        f"[bench.speed] {label} on {m['device_name']}, {m['params'] / 1e9:.3f} B params, "
+        f"dtype {m['dtype']}, compiled {eng.compiled}"
+    )
+    steps = {
+        "speed": section_speed,
+        "hf": section_hf,
+        "floor": section_floor,
+        "scaling": section_scaling,
+        "batch": section_batch,
+        "profile": section_profile,
+    }
+    # hf last: its ratios use our rows; compiled HF runs are slow
+    for name in ("speed", "floor", "scaling", "batch", "profile", "hf"):
         if name in a.sections:
             b.attempt(f"section {name}", lambda: steps[name](b))
     text = render(b.results)

@@ -11,6 +11,7 @@ detokenising included; the median of its launch-to-launch intervals, so that a p
 mid-run does not count as decode) as tokens/s per sequence. Greedy tokens of the two stores are
 compared.
 """
+
 import argparse
 import statistics
 import sys
@@ -50,8 +51,16 @@ def steps_paged(eng, prompts, steps):
 
     m, c, ps = eng.model, eng.config, eng.page_size
     B, n = len(prompts), len(prompts[0])
-    kv = PagedKV(c.n_layers, c.n_kv_heads, c.head_dim, B * c.n_layers * c.n_kv_heads * -(-(n + steps + 1) // ps), ps,
-                 max_seqs=B, max_len=n + steps + 1, dtype=eng.dtype)
+    kv = PagedKV(
+        c.n_layers,
+        c.n_kv_heads,
+        c.head_dim,
+        B * c.n_layers * c.n_kv_heads * -(-(n + steps + 1) // ps),
+        ps,
+        max_seqs=B,
+        max_len=n + steps + 1,
+        dtype=eng.dtype,
+    )
     for b in range(B):
         kv.assign(b, n)
     logits, _ = m.prefill(torch.tensor(prompts), torch.full((B,), n), kv, torch.arange(B), probe_rows=0)
@@ -67,8 +76,11 @@ def steps_paged(eng, prompts, steps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.store",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--models", default="smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct")
     p.add_argument("--prompt-lens", default="512,2048")
     p.add_argument("--batches", default="1,4")
@@ -78,9 +90,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from bench.quality_tasks import (
-        doc_corpus,  # real prose nobody here wrote (Python's documentation topics)
-    )
+    # real prose nobody here wrote (Python's documentation topics)
+    from bench.quality_tasks import doc_corpus
 
     rows = []
     for name in a.models.split(","):
@@ -89,28 +100,61 @@ def main(argv=None):
         ids = eng.tokenizer.encode(doc_corpus()[:60000])
         for n in map(int, a.prompt_lens.split(",")):
             for B in map(int, a.batches.split(",")):
-                prompts = [ids[b * 97: b * 97 + n] for b in range(B)]
+                prompts = [ids[b * 97 : b * 97 + n] for b in range(B)]
                 td, tokd = steps_dense(eng, prompts, a.steps)
                 tp, tokp = steps_paged(eng, prompts, a.steps)
                 eng.generate(prompts, refreekv.make("full"), Sampling(max_new_tokens=4))  # warm
                 eng.generate(prompts, refreekv.make("full"), Sampling(max_new_tokens=a.steps + 1))
                 d, pg = statistics.median(td) * 1e3, statistics.median(tp) * 1e3
-                rate = 1e3 / statistics.median(eng.stats["step_ms"])  # prefill batches interleave: the median step
-                rows.append([name, n, B, f"{d:.1f}", f"{pg:.1f}", f"{pg / d:.2f}", f"{1e3 / d:.1f}", f"{rate:.1f}",
-                             f"{rate / (1e3 / d):.2f}", "yes" if tokd == tokp else "NO"])
+                # prefill batches interleave: the median step
+                rate = 1e3 / statistics.median(eng.stats["step_ms"])
+                rows.append(
+                    [
+                        name,
+                        n,
+                        B,
+                        f"{d:.1f}",
+                        f"{pg:.1f}",
+                        f"{pg / d:.2f}",
+                        f"{1e3 / d:.1f}",
+                        f"{rate:.1f}",
+                        f"{rate / (1e3 / d):.2f}",
+                        "yes" if tokd == tokp else "NO",
+                    ]
+                )
                 log(f"[store] {rows[-1]}")
-    head = ["model", "prompt", "batch", "dense step ms", "paged step ms", "paged / dense", "dense tok/s per seq",
-            "engine tok/s per seq", "engine / dense", "same tokens"]
-    text = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+    head = [
+        "model",
+        "prompt",
+        "batch",
+        "dense step ms",
+        "paged step ms",
+        "paged / dense",
+        "dense tok/s per seq",
+        "engine tok/s per seq",
+        "engine / dense",
+        "same tokens",
+    ]
+    text = "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    )
     if a.results_md:
         import datetime
         import platform
         import shlex
 
-        append_results(Path(a.results_md), (
-            f"## CPU decode: paged pool vs dense store ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC})\n\n"
-            f"- device: cpu ({platform.machine()}, {torch.get_num_threads()} threads), fp32; commit `{git_commit()}`\n"
-            f"- command: `python -m bench.store {shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n" + text + "\n"))
+        append_results(
+            Path(a.results_md),
+            (
+                "## CPU decode: paged pool vs dense store "
+                f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC})\n\n"
+                f"- device: cpu ({platform.machine()}, {torch.get_num_threads()} threads), fp32; "
+                f"commit `{git_commit()}`\n"
+                "- command: `python -m bench.store "
+                f"{shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n" + text + "\n"
+            ),
+        )
     print(text)
     return 0
 

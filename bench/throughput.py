@@ -24,6 +24,7 @@ as 1 / budget: mean concurrency over the decode steps during which requests wait
 (`mean_concurrent_pool_bound`) >= 0.9 x (1 / mean budget) x full's (`conc_target_met`). The mean
 over all steps includes the ramp-down at the end of the workload, where nothing waits.
 """
+
 import argparse
 import datetime
 import json
@@ -42,7 +43,10 @@ from engine.kv import page_bytes
 from engine.sampling import Sampling
 from weights.errors import UserError
 
-ASKS = {"doc": "What is this text about? Answer in two sentences.", "code": "Explain what this code does, briefly."}
+ASKS = {
+    "doc": "What is this text about? Answer in two sentences.",
+    "code": "Explain what this code does, briefly.",
+}
 
 
 def workload(eng, n: int, lo: int, hi: int, seed: int, real: bool) -> tuple[list[list[int]], list[str]]:
@@ -51,7 +55,9 @@ def workload(eng, n: int, lo: int, hi: int, seed: int, real: bool) -> tuple[list
     lengths = [rng.randint(lo, hi) for _ in range(n)]
     if not real:
         g = torch.Generator().manual_seed(seed)
-        return [torch.randint(3, min(eng.config.vocab_size, 150000), (k,), generator=g).tolist() for k in lengths], ["random"] * n
+        return [
+            torch.randint(3, min(eng.config.vocab_size, 150000), (k,), generator=g).tolist() for k in lengths
+        ], ["random"] * n
     from bench.quality_tasks import Material
 
     m = Material(eng)
@@ -71,8 +77,12 @@ def workload(eng, n: int, lo: int, hi: int, seed: int, real: bool) -> tuple[list
 def policies_for(a) -> list[refreekv.Policy]:
     if a.budgets:
         return [refreekv.make("full") if b >= 1 else refreekv.make("streaming", budget=b) for b in a.budgets]
-    return [refreekv.make("full"), refreekv.make("refreekv"), refreekv.make("refreekv", metric="mass"),
-            refreekv.make("snapkv", budget=0.5)]
+    return [
+        refreekv.make("full"),
+        refreekv.make("refreekv"),
+        refreekv.make("refreekv", metric="mass"),
+        refreekv.make("snapkv", budget=0.5),
+    ]
 
 
 def label(p) -> str:
@@ -83,13 +93,27 @@ def run_policy(eng, prompts, policy, new) -> dict:
     res = eng.generate(prompts, policy, Sampling(max_new_tokens=new))
     st = eng.stats
     budgets = [r.stats["budget"] for r in res]
-    return dict(policy=label(policy), requests=len(prompts), mean_budget=sum(budgets) / len(budgets),
-                peak_concurrent=st["peak_concurrent"], mean_concurrent=st["mean_concurrent"],
-                pool_bound_steps=st["pool_bound_steps"], mean_concurrent_pool_bound=st["mean_concurrent_pool_bound"],
-                pages_after_prefill=st["pages_after_prefill"], pages_after_pruning=st["pages_after_pruning"],
-                peak_pages=st["peak_pages"], pool_pages=st["pool_pages"], steps=st["steps"],
-                preemptions=st["preemptions"], admission_waits=st["admission_waits"], new_tokens=st["new_tokens"],
-                wall_s=st["wall_s"], tok_s=st["tok_s"], req_s=st["req_s"], peak_memory_bytes=st["peak_memory_bytes"])
+    return dict(
+        policy=label(policy),
+        requests=len(prompts),
+        mean_budget=sum(budgets) / len(budgets),
+        peak_concurrent=st["peak_concurrent"],
+        mean_concurrent=st["mean_concurrent"],
+        pool_bound_steps=st["pool_bound_steps"],
+        mean_concurrent_pool_bound=st["mean_concurrent_pool_bound"],
+        pages_after_prefill=st["pages_after_prefill"],
+        pages_after_pruning=st["pages_after_pruning"],
+        peak_pages=st["peak_pages"],
+        pool_pages=st["pool_pages"],
+        steps=st["steps"],
+        preemptions=st["preemptions"],
+        admission_waits=st["admission_waits"],
+        new_tokens=st["new_tokens"],
+        wall_s=st["wall_s"],
+        tok_s=st["tok_s"],
+        req_s=st["req_s"],
+        peak_memory_bytes=st["peak_memory_bytes"],
+    )
 
 
 @torch.no_grad()
@@ -117,9 +141,15 @@ def run_hf(eng, prompts, mode, batch, new) -> dict:
         ids = torch.zeros(len(rows), N, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, p in enumerate(rows):
-            ids[b, N - len(p):], mask[b, N - len(p):] = torch.tensor(p), 1
-        out = model.generate(ids.to(eng.device), attention_mask=mask.to(eng.device), max_new_tokens=new, do_sample=False,
-                             eos_token_id=eos, pad_token_id=0)[:len(chunk), N:].cpu()
+            ids[b, N - len(p) :], mask[b, N - len(p) :] = torch.tensor(p), 1
+        out = model.generate(
+            ids.to(eng.device),
+            attention_mask=mask.to(eng.device),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )[: len(chunk), N:].cpu()
         return sum(next((k for k, t in enumerate(row) if eos and t in eos), len(row)) for row in out.tolist())
 
     t0 = time.perf_counter()
@@ -128,34 +158,80 @@ def run_hf(eng, prompts, mode, batch, new) -> dict:
     warm = time.perf_counter() - t0
     made, t0 = 0, time.perf_counter()
     for i in range(0, len(prompts), batch):
-        made += run(prompts[i:i + batch])
+        made += run(prompts[i : i + batch])
     wall = time.perf_counter() - t0
-    return dict(policy=f"transformers {mode}, batches of {batch}", requests=len(prompts), new_tokens=made, wall_s=wall,
-                tok_s=made / wall, req_s=len(prompts) / wall, warmup_s=warm)
+    return dict(
+        policy=f"transformers {mode}, batches of {batch}",
+        requests=len(prompts),
+        new_tokens=made,
+        wall_s=wall,
+        tok_s=made / wall,
+        req_s=len(prompts) / wall,
+        warmup_s=warm,
+    )
 
 
 def render(res) -> str:
-    head = ["policy", "mean budget", "peak conc.", "mean conc.", "mean conc. pool-bound (steps)", "pool-bound conc. / full's",
-            "target 0.9/budget", "pages after prefill",
-            "after pruning", "steps", "preempt.", "new tok", "tok/s", "req/s", "wall s"]
+    head = [
+        "policy",
+        "mean budget",
+        "peak conc.",
+        "mean conc.",
+        "mean conc. pool-bound (steps)",
+        "pool-bound conc. / full's",
+        "target 0.9/budget",
+        "pages after prefill",
+        "after pruning",
+        "steps",
+        "preempt.",
+        "new tok",
+        "tok/s",
+        "req/s",
+        "wall s",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
-        out.append("| " + " | ".join([
-            r["policy"], f"{100 * r['mean_budget']:.1f}%", str(r["peak_concurrent"]), f"{r['mean_concurrent']:.2f}",
-            f"{r['mean_concurrent_pool_bound'] or 0:.2f} ({r['pool_bound_steps']})",
-            f"{r['conc_ratio']:.2f}x", f"{r['conc_target']:.2f}x {'met' if r['conc_target_met'] else 'MISSED'}",
-            str(r["pages_after_prefill"]), str(r["pages_after_pruning"]), str(r["steps"]), str(r["preemptions"]),
-            str(r["new_tokens"]), f"{r['tok_s']:.1f}", f"{r['req_s']:.3f}", f"{r['wall_s']:.0f}"]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["policy"],
+                    f"{100 * r['mean_budget']:.1f}%",
+                    str(r["peak_concurrent"]),
+                    f"{r['mean_concurrent']:.2f}",
+                    f"{r['mean_concurrent_pool_bound'] or 0:.2f} ({r['pool_bound_steps']})",
+                    f"{r['conc_ratio']:.2f}x",
+                    f"{r['conc_target']:.2f}x {'met' if r['conc_target_met'] else 'MISSED'}",
+                    str(r["pages_after_prefill"]),
+                    str(r["pages_after_pruning"]),
+                    str(r["steps"]),
+                    str(r["preemptions"]),
+                    str(r["new_tokens"]),
+                    f"{r['tok_s']:.1f}",
+                    f"{r['req_s']:.3f}",
+                    f"{r['wall_s']:.0f}",
+                ]
+            )
+            + " |"
+        )
     for h in res["hf"]:
-        out.append(f"| {h['policy']} | 100% | | | | | | | | | | {h['new_tokens']} | {h['tok_s']:.1f} | {h['req_s']:.3f} | {h['wall_s']:.0f} |")
+        out.append(
+            f"| {h['policy']} | 100% | | | | | | | | | "
+            f"| {h['new_tokens']} | {h['tok_s']:.1f} | {h['req_s']:.3f} | {h['wall_s']:.0f} |"
+        )
     return "\n".join(out)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="real checkpoint (dir / hub id / bundled name; default: bundled SmolLM2)")
+    src.add_argument(
+        "--model", help="real checkpoint (dir / hub id / bundled name; default: bundled SmolLM2)"
+    )
     src.add_argument("--shape", choices=["qwen2.5-7b", "tiny"], help="random weights of this shape instead")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--min-tokens", type=int, default=500)
@@ -164,7 +240,9 @@ def parse_args(argv):
     p.add_argument("--pool-tokens", type=int, default=48000, help="KV pool size in full-cache tokens per row")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-seqs", type=int, default=64)
-    p.add_argument("--budgets", type=floats, help="forced budgets (streaming) instead of the real policies; 1 = full")
+    p.add_argument(
+        "--budgets", type=floats, help="forced budgets (streaming) instead of the real policies; 1 = full"
+    )
     p.add_argument("--hf", choices=["eager", "static-compile"], help="also run transformers static batching")
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--device")
@@ -200,30 +278,46 @@ def main(argv=None):
             c = load_config(write_shape_dir(SHAPES[a.shape], Path(tempfile.mkdtemp()) / "cfg"))
         else:
             c = load_config(resolve(a.model))
-        dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if (a.device or "").startswith("cuda") or
-                                                         (a.device is None and torch.cuda.is_available()) else torch.float32)
+        dtype = (
+            getattr(torch, a.dtype)
+            if a.dtype
+            else (
+                torch.bfloat16
+                if (a.device or "").startswith("cuda") or (a.device is None and torch.cuda.is_available())
+                else torch.float32
+            )
+        )
         pages = -(-a.pool_tokens // a.page_size) * c.n_layers * c.n_kv_heads
         kv_gib = pages * page_bytes(a.page_size, c.head_dim, dtype) / 2**30
         a.seed_model = a.seed
-        eng, name = build_engine(argparse.Namespace(model=a.model, shape=a.shape, device=a.device, dtype=a.dtype,
-                                                    compile=a.compile, seed=a.seed),
-                                 max_length=a.max_tokens + a.new_tokens, kv_memory=kv_gib, page_size=a.page_size,
-                                 max_seqs=a.max_seqs)
+        eng, name = build_engine(
+            argparse.Namespace(
+                model=a.model, shape=a.shape, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
+            ),
+            max_length=a.max_tokens + a.new_tokens,
+            kv_memory=kv_gib,
+            page_size=a.page_size,
+            max_seqs=a.max_seqs,
+        )
         if a.shape:
             eng.eos = set()
         prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=not a.shape)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log(f"[throughput] {name}: {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens "
-        f"({min(map(len, prompts))}-{max(map(len, prompts))}), pool {eng.kv.n_pages} pages ({kv_gib:.2f} GiB)")
+    log(
+        f"[throughput] {name}: {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens "
+        f"({min(map(len, prompts))}-{max(map(len, prompts))}), pool {eng.kv.n_pages} pages ({kv_gib:.2f} GiB)"
+    )
     rows = []
     for p in policies_for(a):
         log(f"[throughput] {label(p)} ...")
         r = run_policy(eng, prompts, p, a.new_tokens)
         rows.append(r)
-        log(f"[throughput]   budget {100 * r['mean_budget']:.1f}%, mean concurrency {r['mean_concurrent']:.2f}, "
-            f"{r['tok_s']:.1f} tok/s, {r['wall_s']:.0f} s")
+        log(
+            f"[throughput]   budget {100 * r['mean_budget']:.1f}%, "
+            f"mean concurrency {r['mean_concurrent']:.2f}, {r['tok_s']:.1f} tok/s, {r['wall_s']:.0f} s"
+        )
     full = next((r for r in rows if r["policy"] == "full"), rows[0])
     for r in rows:  # concurrency while requests wait for pages (the pool is the limit)
         if r["mean_concurrent_pool_bound"] and full["mean_concurrent_pool_bound"]:
@@ -235,22 +329,40 @@ def main(argv=None):
         r["tok_s_ratio"] = r["tok_s"] / full["tok_s"]
     hf = [run_hf(eng, prompts, a.hf, a.hf_batch, a.new_tokens)] if a.hf else []
     dev = eng.device
-    res = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), model=name,
-               device=torch.cuda.get_device_name(dev) if is_cuda(dev) else
-               f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-               dtype=str(eng.dtype).removeprefix("torch."), commit=commit,
-               command="python -m bench.throughput " + shlex.join(argv), pool_pages=eng.kv.n_pages, page_size=eng.page_size,
-               pool_gib=kv_gib, prompt_tokens=[len(p) for p in prompts], kinds=kinds, rows=rows, hf=hf)
+    res = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        model=name,
+        device=torch.cuda.get_device_name(dev)
+        if is_cuda(dev)
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        dtype=str(eng.dtype).removeprefix("torch."),
+        commit=commit,
+        command="python -m bench.throughput " + shlex.join(argv),
+        pool_pages=eng.kv.n_pages,
+        page_size=eng.page_size,
+        pool_gib=kv_gib,
+        prompt_tokens=[len(p) for p in prompts],
+        kinds=kinds,
+        rows=rows,
+        hf=hf,
+    )
     text = render(res)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     if a.results_md:
-        append_results(Path(a.results_md), (
-            f"## Throughput: {name} ({res['date']})\n\n- device: {res['device']}, dtype {res['dtype']}; commit `{res['commit']}`\n"
-            f"- command: `{res['command']}`\n- workload: {len(prompts)} requests, prompts {min(res['prompt_tokens'])}-"
-            f"{max(res['prompt_tokens'])} tokens (mean {sum(res['prompt_tokens']) / len(prompts):.0f}), "
-            f"{a.new_tokens} new tokens each; pool {eng.kv.n_pages} pages of {eng.page_size} tokens ({kv_gib:.2f} GiB), "
-            f"max {a.max_seqs} sequences\n\n" + text + "\n"))
+        append_results(
+            Path(a.results_md),
+            (
+                f"## Throughput: {name} ({res['date']})\n\n"
+                f"- device: {res['device']}, dtype {res['dtype']}; commit `{res['commit']}`\n"
+                f"- command: `{res['command']}`\n"
+                f"- workload: {len(prompts)} requests, "
+                f"prompts {min(res['prompt_tokens'])}-{max(res['prompt_tokens'])} tokens "
+                f"(mean {sum(res['prompt_tokens']) / len(prompts):.0f}), {a.new_tokens} new tokens each; "
+                f"pool {eng.kv.n_pages} pages of {eng.page_size} tokens ({kv_gib:.2f} GiB), "
+                f"max {a.max_seqs} sequences\n\n" + text + "\n"
+            ),
+        )
     print(text)
     return 0
 

@@ -9,6 +9,7 @@ GPUs). Median of --steps steps after warm-up; the split's logits are checked aga
 product. What it measures is the trade on this machine: the split reads 1/N of the head's bytes
 and adds one all-gather of [1, vocab] floats per step.
 """
+
 import argparse
 import os
 import socket
@@ -28,7 +29,7 @@ def _rank(rank, world, port, vocab, dim, steps, out):
     w = torch.randn(vocab, dim, generator=g) * 0.02  # the same matrix on every rank
     x = torch.randn(1, dim, generator=g)
     part = vocab // world
-    mine = w[rank * part:(rank + 1) * part].clone()
+    mine = w[rank * part : (rank + 1) * part].clone()
 
     def whole():
         return x @ w.T
@@ -57,8 +58,11 @@ def _rank(rank, world, port, vocab, dim, steps, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.tp_head", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.tp_head",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--vocab", type=int, default=151936, help="default: Qwen2.5's")
     p.add_argument("--dim", type=int, default=896, help="default: Qwen2.5-0.5B's")
@@ -72,15 +76,22 @@ def main(argv=None):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(a.ranks, port, a.vocab, a.dim, a.steps, q), nprocs=a.ranks, start_method="spawn")
+    mp.start_processes(
+        _rank, args=(a.ranks, port, a.vocab, a.dim, a.steps, q), nprocs=a.ranks, start_method="spawn"
+    )
     r = q.get()
     head_mb = a.vocab * a.dim * 4 / 1e6
-    print(f"LM head {a.vocab} x {a.dim} fp32 ({head_mb:.0f} MB), {a.ranks} gloo ranks of 1 thread on "
-          f"{os.cpu_count()} cores, batch 1; split vs whole max |diff| {r['err']:.1e}")
+    print(
+        f"LM head {a.vocab} x {a.dim} fp32 ({head_mb:.0f} MB), {a.ranks} gloo ranks of 1 thread on "
+        f"{os.cpu_count()} cores, batch 1; split vs whole max |diff| {r['err']:.1e}"
+    )
     print("| LM head | ms / step (two rounds, median each) | bytes read / rank |")
     print("|---|---|---|")
     print(f"| replicated | {r['replicated'][0]:.2f}, {r['replicated'][1]:.2f} | {head_mb:.0f} MB |")
-    print(f"| split over the vocabulary + all-gather | {r['split'][0]:.2f}, {r['split'][1]:.2f} | {head_mb / a.ranks:.0f} MB |")
+    print(
+        f"| split over the vocabulary + all-gather | {r['split'][0]:.2f}, {r['split'][1]:.2f} "
+        f"| {head_mb / a.ranks:.0f} MB |"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ its own pages, compact the sources in place and free their emptied pages, record
 sequence's KV stats, and choose the first tokens. Prompt log-probabilities (echo scoring) come
 from the final hidden states, a chunk of positions at a time.
 """
+
 import time
 
 import torch
@@ -55,7 +56,7 @@ def prefill_prune(core, batch: list[list[Sequence]]):
     for b in scoring:
         ids, at = rows[b]
         n = lens_l[b]
-        prompt_logprobs(core, batch[b], hidden[0][at:at + n], ids[at:at + n])
+        prompt_logprobs(core, batch[b], hidden[0][at : at + n], ids[at : at + n])
     del hidden
     eng.sync()
     t1 = time.perf_counter()
@@ -65,17 +66,21 @@ def prefill_prune(core, batch: list[list[Sequence]]):
         from weights.shard import kv_heads
 
         h0, nh = kv_heads(c, eng.tp.rank, eng.tp.world)
-        keep = keep[:, :, h0:h0 + nh]
+        keep = keep[:, :, h0 : h0 + nh]
     counts = torch.cat((full_keep.sum(-1), keep.sum(-1)), -1).cpu()  # one read-back
-    kept_all, kept = counts[..., :c.n_kv_heads], counts[..., c.n_kv_heads:]  # [L, S, .]: every head / this rank's
+    # [L, S, .]: every head / this rank's
+    kept_all, kept = counts[..., : c.n_kv_heads], counts[..., c.n_kv_heads :]
     at = {id(q): i for i, q in enumerate(seqs)}
     forks = [(b, q) for b, g in enumerate(batch) for q in g[1:]]
     if forks:  # forks first: they copy from the source before it compacts in place
         for b, q in forks:
             kv.assign(q.slot, kept[:, at[id(q)]])
         rows = eng.dev_long([at[id(q)] for _, q in forks])
-        kv.compact(src[eng.dev_long([b for b, _ in forks])], eng.dev_long([q.slot for _, q in forks]),
-                   keep.index_select(1, rows))
+        kv.compact(
+            src[eng.dev_long([b for b, _ in forks])],
+            eng.dev_long([q.slot for _, q in forks]),
+            keep.index_select(1, rows),
+        )
     w["peak_pages"] = max(w["peak_pages"], kv.used)  # the prompts and the forks' copies, before compaction
     first = eng.dev_long([at[id(g[0])] for g in batch])
     kv.compact(src, src, keep.index_select(1, first))
@@ -97,18 +102,28 @@ def prefill_prune(core, batch: list[list[Sequence]]):
             i = at[id(q)]
             per_head = kept_all[:, i].tolist()  # every KV head (tensor parallel: not only this rank's)
             budget = kept_all[:, i].double().mean().item() / n
-            q.stats.update(policy=q.policy.name, prompt_tokens=n,
-                           kept_per_layer=[round(sum(h) / len(h)) for h in per_head], budget=budget,
-                           prefill_s=t1 - t0, prune_s=t2 - t1, batch=B, pages_after_prefill=pages_prefill[b],
-                           pages_after_pruning=kv.owned(q.slot), preempted=q.stats.get("preempted", -1) + 1,
-                           kept_per_head=per_head,
-                           evicted_per_layer=None if evicted is None else evicted[:, i].tolist(), _t0=t2)
+            q.stats.update(
+                policy=q.policy.name,
+                prompt_tokens=n,
+                kept_per_layer=[round(sum(h) / len(h)) for h in per_head],
+                budget=budget,
+                prefill_s=t1 - t0,
+                prune_s=t2 - t1,
+                batch=B,
+                pages_after_prefill=pages_prefill[b],
+                pages_after_pruning=kv.owned(q.slot),
+                preempted=q.stats.get("preempted", -1) + 1,
+                kept_per_head=per_head,
+                evicted_per_layer=None if evicted is None else evicted[:, i].tolist(),
+                _t0=t2,
+            )
             if q.stats["preempted"] == 0:
                 core.totals["budget_sum"] += budget
                 core.totals["budgets"] += 1
     ks = [len(g) for g in batch]
     first_logits = logits if max(ks) == 1 else logits.repeat_interleave(torch.tensor(ks, device=dev), 0)
     return core.choose(first_logits, seqs, [True] * len(seqs)), seqs
+
 
 def plan(core, batch, probe, lens, N) -> torch.Tensor:
     """Each sequence's keep mask, [L, S, Hkv, N] in slot order. Sequences sharing a policy object
@@ -126,12 +141,14 @@ def plan(core, batch, probe, lens, N) -> torch.Tensor:
         sel = core.eng.dev_long(bs)
         attn = None
         if pol.probe_rows:
-            attn = probe[..., probe.shape[-2] - pol.probe_rows:, :].index_select(1, sel)
+            attn = probe[..., probe.shape[-2] - pol.probe_rows :, :].index_select(1, sel)
         try:
             k = pol.plan(refreekv.Probe(attn, lens.index_select(0, sel), c.n_layers, c.n_kv_heads, N))
             if k.shape != (c.n_layers, len(bs), c.n_kv_heads, N) or k.dtype != torch.bool:
-                raise ValueError(f"plan returned {tuple(k.shape)} {k.dtype}, not "
-                                 f"{(c.n_layers, len(bs), c.n_kv_heads, N)} bool")
+                raise ValueError(
+                    f"plan returned {tuple(k.shape)} {k.dtype}, not "
+                    f"{(c.n_layers, len(bs), c.n_kv_heads, N)} bool"
+                )
         except Exception as e:  # noqa: BLE001 - a policy is research code: its failure is its requests' alone
             k = refreekv.Probe(None, lens.index_select(0, sel), c.n_layers, c.n_kv_heads, N).real
             k = k[None, :, None].expand(c.n_layers, -1, c.n_kv_heads, -1)
@@ -144,6 +161,7 @@ def plan(core, batch, probe, lens, N) -> torch.Tensor:
             keep[:, i] = k[:, bs.index(seqs[i][0])]
     return keep
 
+
 def prompt_logprobs(core, grp, h, ids):
     """Log-probability of each prompt token given the ones before it, and the top ones, from the
     final hidden states h [n, dim], a chunk of positions at a time (never n x V at once)."""
@@ -153,14 +171,15 @@ def prompt_logprobs(core, grp, h, ids):
     for s in range(0, h.shape[0] - 1, PROMPT_LOGPROB_CHUNK):
         e = min(h.shape[0] - 1, s + PROMPT_LOGPROB_CHUNK)
         lp = model._logits(h[s:e]).log_softmax(-1)
-        chosen = lp.gather(-1, ids[s + 1:e + 1, None])[:, 0].tolist()
+        chosen = lp.gather(-1, ids[s + 1 : e + 1, None])[:, 0].tolist()
         if k:
             top = lp.topk(k, -1)
             tops = [dict(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
         else:
             tops = [{}] * len(chosen)
-        out += list(zip(ids[s + 1:e + 1].tolist(), chosen, tops))
+        out += list(zip(ids[s + 1 : e + 1].tolist(), chosen, tops))
     for q in grp:
         q.prompt_logprobs = out
+
 
 # --------------------------------------------------------------------------- figures

@@ -17,6 +17,7 @@ Two implementations with one contract:
 - `paged_decode_torch`: plain PyTorch (gather the first `span` pages of each row, masked SDPA).
   The CPU path and the oracle in tests; `span` (pages, known on the host) bounds what it reads.
 """
+
 import math
 import os
 
@@ -46,11 +47,34 @@ def paged_decode_torch(q, k, v, pos, table, lengths, qpos, window=None, span=Non
 
 
 if triton is not None:
+
     @triton.jit
-    def _decode_split(Q, K, V, POS, TABLE, LENS, QPOS, SPLIT_LEN, O, ML,
-                      stride_tb, stride_th, scale, window, splits,
-                      HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                      PS: tl.constexpr, BLOCK: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    def _decode_split(
+        Q,
+        K,
+        V,
+        POS,
+        TABLE,
+        LENS,
+        QPOS,
+        SPLIT_LEN,
+        O,
+        ML,
+        stride_tb,
+        stride_th,
+        scale,
+        window,
+        splits,
+        HKV: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+        PS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        WINDOW: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """One (row, split): the row's tokens [split * span, (split + 1) * span) up to its length."""
         row = tl.program_id(0)  # b * HKV + h
         split = tl.program_id(1)
@@ -61,7 +85,9 @@ if triton is not None:
         hi = tl.minimum(n, lo + span)
         g, d = tl.arange(0, GP), tl.arange(0, DP)
         gm, dm = g < G, d < D
-        q = tl.load(Q + (b * HKV * G + h * G + g)[:, None] * D + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+        q = tl.load(
+            Q + (b * HKV * G + h * G + g)[:, None] * D + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0
+        )
         qpos = tl.load(QPOS + b)
         m = tl.full([GP], -1e30, tl.float32)  # finite: a fully masked block leaves m, l and acc unchanged
         l = tl.zeros([GP], tl.float32)
@@ -102,8 +128,18 @@ if triton is not None:
         tl.store(ML + out * 2 + 1, l, mask=wm)
 
     @triton.jit
-    def _decode_combine(O, ML, LENS, SPLIT_LEN, OUT, splits,
-                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    def _decode_combine(
+        O,
+        ML,
+        LENS,
+        SPLIT_LEN,
+        OUT,
+        splits,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+    ):
         """out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the row's own splits."""
         row = tl.program_id(0)
         n = tl.load(LENS + row)
@@ -124,7 +160,11 @@ if triton is not None:
             acc = acc * a[:, None] + os * c[:, None]
             m = m_new
         res = tl.where(l[:, None] > 0, acc / tl.maximum(l, 1e-30)[:, None], 0.0)  # nothing live: 0
-        tl.store(OUT + (row * G + g)[:, None] * D + d[None, :], res.to(OUT.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+        tl.store(
+            OUT + (row * G + g)[:, None] * D + d[None, :],
+            res.to(OUT.dtype.element_ty),
+            mask=gm[:, None] & dm[None, :],
+        )
 
 
 MIN_SPLIT = 256  # tokens: shorter splits cost more in partial results than they win in parallelism
@@ -135,8 +175,9 @@ def pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, x - 1).bit_length())
 
 
-def paged_decode_triton(q, k, v, pos, table, lengths, qpos, window=None, span=None, min_split=MIN_SPLIT,
-                        target=TARGET_PROGRAMS):
+def paged_decode_triton(
+    q, k, v, pos, table, lengths, qpos, window=None, span=None, min_split=MIN_SPLIT, target=TARGET_PROGRAMS
+):
     """`span` is ignored: every row stops at its own length. The grid is fixed by the shapes
     (rows x the most splits the table width allows); the tokens per split are set on the device
     from the longest row, so that rows x active splits is about TARGET_PROGRAMS: a single long
@@ -144,7 +185,8 @@ def paged_decode_triton(q, k, v, pos, table, lengths, qpos, window=None, span=No
     B, H, D = q.shape
     hkv, P, ps = table.shape[1], table.shape[2], k.shape[1]
     G, rows = H // hkv, B * hkv
-    block = min(max(16, ps), 64)  # tokens per block: large pages are walked in parts (shared memory bounds the tile)
+    # tokens per block: large pages are walked in parts (shared memory bounds the tile)
+    block = min(max(16, ps), 64)
     min_split = -(-min_split // block) * block
     # the grid's splits: as many as the table width allows, but never more than a row can use: each
     # split spans >= longest * rows / target tokens (below), so a row has <= target / rows <= target / hkv
@@ -152,16 +194,42 @@ def paged_decode_triton(q, k, v, pos, table, lengths, qpos, window=None, span=No
     # allocates no partials it cannot fill
     splits = min(-(-(P * ps) // min_split), -(-target // hkv) + 1)
     GP, DP = pow2(G, 16), pow2(D, 16)
-    longest = lengths.amax().reshape(1).long() if lengths.numel() else torch.zeros(1, dtype=torch.long, device=q.device)
+    longest = (
+        lengths.amax().reshape(1).long()
+        if lengths.numel()
+        else torch.zeros(1, dtype=torch.long, device=q.device)
+    )
     want = (longest * rows + target - 1) // target  # tokens per split for ~target programs
     split_len = ((want.clamp(min=min_split) + block - 1) // block * block).to(torch.int32)
     o = torch.empty(rows * splits * G * D, dtype=torch.float32, device=q.device)
     ml = torch.empty(rows * splits * G * 2, dtype=torch.float32, device=q.device)
     lens = lengths.contiguous()
     _decode_split[(rows, splits)](
-        q.contiguous(), k, v, pos, table, lens, qpos, split_len, o, ml,
-        table.stride(0), table.stride(1), 1.0 / math.sqrt(D), int(window or 0), splits,
-        HKV=hkv, G=G, GP=GP, D=D, DP=DP, PS=ps, BLOCK=block, WINDOW=bool(window), IEEE=q.dtype == torch.float32)
+        q.contiguous(),
+        k,
+        v,
+        pos,
+        table,
+        lens,
+        qpos,
+        split_len,
+        o,
+        ml,
+        table.stride(0),
+        table.stride(1),
+        1.0 / math.sqrt(D),
+        int(window or 0),
+        splits,
+        HKV=hkv,
+        G=G,
+        GP=GP,
+        D=D,
+        DP=DP,
+        PS=ps,
+        BLOCK=block,
+        WINDOW=bool(window),
+        IEEE=q.dtype == torch.float32,
+    )
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     _decode_combine[(rows,)](o, ml, lens, split_len, out, splits, G=G, GP=GP, D=D, DP=DP)
     return out

@@ -3,6 +3,7 @@ llama.cpp's). The conversation is kept as messages; each turn renders it through
 chat template and prefills it whole under the chosen policy (a new prompt every turn, so every
 turn is pruned afresh), streams the answer and adds it to the conversation. /exit, /quit or
 Ctrl-D leaves; /reset forgets the conversation. Oldest turns go when the context is full."""
+
 import sys
 
 from engine.cli import say
@@ -13,7 +14,9 @@ COMMANDS = "/exit or Ctrl-D leaves, /reset starts over"
 
 def interactive(eng, policy, s, a) -> int:
     if eng.tokenizer.chat_template is None or a.chat is False:
-        raise UserError("--interactive needs the checkpoint's chat template (it has none, or --raw was given)")
+        raise UserError(
+            "--interactive needs the checkpoint's chat template (it has none, or --raw was given)"
+        )
     eng.check_policy(policy)
     if eng.kv_memory is None and not eng.cuda:
         from engine.engine import CPU_KV_GIB
@@ -51,7 +54,7 @@ def interactive(eng, policy, s, a) -> int:
         shown = [0]
 
         def stream(_, t):
-            sys.stdout.write(t[shown[0]:])
+            sys.stdout.write(t[shown[0] :])
             sys.stdout.flush()
             shown[0] = len(t)
 
@@ -62,12 +65,14 @@ def interactive(eng, policy, s, a) -> int:
             say("(answer interrupted)")
             turns.pop()
             continue
-        sys.stdout.write(r.text[shown[0]:] + "\n")
+        sys.stdout.write(r.text[shown[0] :] + "\n")
         sys.stdout.flush()
         turns.append({"role": "assistant", "content": r.text})
         st = r.stats
-        say(f"[{st['prompt_tokens']} tok in, KV budget {100 * st['budget']:.1f}%, {st['new_tokens']} tok out at "
-            f"{st['decode_tok_s']:.1f} tok/s]")
+        say(
+            f"[{st['prompt_tokens']} tok in, KV budget {100 * st['budget']:.1f}%, "
+            f"{st['new_tokens']} tok out at {st['decode_tok_s']:.1f} tok/s]"
+        )
 
 
 def _fit(eng, system, turns, max_new):

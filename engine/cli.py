@@ -1,5 +1,6 @@
 """What the command lines share (engine.generate, engine.serve, engine.run_batch): the parser, the
 engine and KV-policy flags, and the checks a flag gets before any weights load."""
+
 import argparse
 import json
 import os
@@ -32,43 +33,97 @@ def version() -> str:
 
 def add_common(p, what: str):
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    p.add_argument("--model", metavar="NAME|PATH", help=f"checkpoint directory, hub id (e.g. Qwen/Qwen2.5-7B) or "
-                   f"bundled name (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct); default: the bundled "
-                   f"SmolLM2-135M-Instruct{what}")
+    p.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help=f"checkpoint directory, hub id (e.g. Qwen/Qwen2.5-7B) or "
+        f"bundled name (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct); default: the bundled "
+        f"SmolLM2-135M-Instruct{what}",
+    )
 
 
 def add_policy_flags(p):
     """The KV policy flags."""
-    p.add_argument("--kv", default="refreekv", metavar="POLICY",
-                   help=f"KV policy (default refreekv): {', '.join(refreekv.available())}")
-    p.add_argument("--threshold", type=float, metavar="T", help="ReFreeKV's threshold T, a share of the attention "
-                   "in [0, 1] (default 0.01 = 1%%; 0 keeps everything)")
-    p.add_argument("--budget", type=float, metavar="B", help="fixed-budget policies (streaming, h2o, snapkv): a "
-                   "fraction of each prompt in (0, 1] or a whole token count > 1 (default 0.5)")
-    p.add_argument("--kv-args", default="{}", metavar="JSON",
-                   help='any other policy knob as JSON, e.g. \'{"sinks": 4, "protected": [0, 1], "metric": "mass"}\'')
+    p.add_argument(
+        "--kv",
+        default="refreekv",
+        metavar="POLICY",
+        help=f"KV policy (default refreekv): {', '.join(refreekv.available())}",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="ReFreeKV's threshold T, a share of the attention "
+        "in [0, 1] (default 0.01 = 1%%; 0 keeps everything)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="B",
+        help="fixed-budget policies (streaming, h2o, snapkv): a "
+        "fraction of each prompt in (0, 1] or a whole token count > 1 (default 0.5)",
+    )
+    p.add_argument(
+        "--kv-args",
+        default="{}",
+        metavar="JSON",
+        help='any other policy knob as JSON, e.g. \'{"sinks": 4, "protected": [0, 1], "metric": "mass"}\'',
+    )
 
 
 def add_engine_flags(p):
     """The engine's flags."""
-    p.add_argument("--kv-memory", type=float, metavar="GiB", help="KV pool size (default: 80%% of the GPU memory left "
-                   "after loading the weights; on CPU what the prompts need at most, up to 2 GiB)")
-    p.add_argument("--max-seqs", type=int, metavar="N", help=f"sequences decoded at once at most, 1-{MAX_SEQS} "
-                   "(default 64 on GPU, 16 on CPU)")
-    p.add_argument("--page-size", type=int, default=16, metavar="N", help="tokens per KV page, a power of two "
-                   "from 1 to 256 (default 16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile prefill and the decode step with CUDA graphs (default: on with CUDA; costs a "
-                   "warm-up of about a minute, then no recompiles). Refused on CPU, where inductor's compiled decode "
-                   "measured ~0.5 tok/s against ~9 eager after a ~700 s warm-up")
+    p.add_argument(
+        "--kv-memory",
+        type=float,
+        metavar="GiB",
+        help="KV pool size (default: 80%% of the GPU memory left "
+        "after loading the weights; on CPU what the prompts need at most, up to 2 GiB)",
+    )
+    p.add_argument(
+        "--max-seqs",
+        type=int,
+        metavar="N",
+        help=f"sequences decoded at once at most, 1-{MAX_SEQS} (default 64 on GPU, 16 on CPU)",
+    )
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="tokens per KV page, a power of two from 1 to 256 (default 16)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile prefill and the decode step with CUDA graphs (default: on with CUDA; costs a "
+        "warm-up of about a minute, then no recompiles). Refused on CPU, where inductor's compiled decode "
+        "measured ~0.5 tok/s against ~9 eager after a ~700 s warm-up",
+    )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--tp", type=int, metavar="N", help="tensor parallel over N ranks (one GPU each; gloo on CPU): "
-                   "spawns them, or, under torchrun, must equal its --nproc-per-node (default 1)")
-    p.add_argument("--threads", type=int, metavar="N", help=f"CPU threads for torch, 1-{os.cpu_count()} (default: "
-                   "torch's; on a machine whose cores are busy with other work, 1 can be several times faster)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="tensor parallel over N ranks (one GPU each; gloo on CPU): "
+        "spawns them, or, under torchrun, must equal its --nproc-per-node (default 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help=f"CPU threads for torch, 1-{os.cpu_count()} (default: "
+        "torch's; on a machine whose cores are busy with other work, 1 can be several times faster)",
+    )
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--max-length", type=int, metavar="N", help="context limit in tokens, prompt + new (default: "
-                   "the model's max_position_embeddings)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="context limit in tokens, prompt + new (default: the model's max_position_embeddings)",
+    )
 
 
 def policy_from_args(a) -> refreekv.Policy:
@@ -83,7 +138,9 @@ def policy_from_args(a) -> refreekv.Policy:
         if flag is None:
             continue
         if name in kw and kw[name] != flag:
-            raise UserError(f"{name} given twice: --{name} {flag:g} and --kv-args {name} {kw[name]}; pass one")
+            raise UserError(
+                f"{name} given twice: --{name} {flag:g} and --kv-args {name} {kw[name]}; pass one"
+            )
         kw[name] = flag  # a policy without this knob rejects it in refreekv.make
     return refreekv.make(a.kv, **kw)
 
@@ -109,12 +166,18 @@ def sampling_from_args(a, warn=None) -> Sampling:
         s.check()
     except UserError as e:  # the API names the field, the CLI its flag
         field = str(e).split(" ", 1)[0]
-        raise UserError("--" + field.replace("_", "-") + str(e)[len(field):]) from None
+        raise UserError("--" + field.replace("_", "-") + str(e)[len(field) :]) from None
     if warn is not None and s.temperature == 0:
-        idle = [f for f, on in (("--top-k", s.top_k), ("--top-p", s.top_p < 1), ("--seed", s.seed is not None)) if on]
+        idle = [
+            f
+            for f, on in (("--top-k", s.top_k), ("--top-p", s.top_p < 1), ("--seed", s.seed is not None))
+            if on
+        ]
         if idle:
-            warn(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect under greedy decoding "
-                 "(--temperature 0); pass --temperature > 0 to sample")
+            warn(
+                f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect under greedy decoding "
+                "(--temperature 0); pass --temperature > 0 to sample"
+            )
     return s
 
 
@@ -124,8 +187,10 @@ def check_flags(a):
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.compile and device.startswith("cpu"):
-        raise UserError("--compile is for CUDA: on CPU inductor's compiled decode measured ~0.5 tok/s against ~9 "
-                        "eager, after a ~700 s warm-up; drop --compile (eager is the CPU default)")
+        raise UserError(
+            "--compile is for CUDA: on CPU inductor's compiled decode measured ~0.5 tok/s against ~9 "
+            "eager, after a ~700 s warm-up; drop --compile (eager is the CPU default)"
+        )
     if a.threads is not None:
         n = os.cpu_count() or 1
         if not 1 <= a.threads <= n:
@@ -139,7 +204,9 @@ def check_flags(a):
             raise UserError(f"--kv-memory must be > 0 GiB, got {a.kv_memory}")
         ram = _ram_gib()
         if ram and a.kv_memory > ram and (a.device or "cpu").startswith("cpu"):
-            raise UserError(f"--kv-memory {a.kv_memory:g} GiB is more than this machine's {ram:.1f} GiB of memory")
+            raise UserError(
+                f"--kv-memory {a.kv_memory:g} GiB is more than this machine's {ram:.1f} GiB of memory"
+            )
 
 
 def _ram_gib() -> float | None:

@@ -19,6 +19,7 @@ of the next step are gathered into that order on the device.
 Sampling is per request and vectorised over the batch (engine/sampling.py): a seeded request's
 draws depend on its seed, its own logits and its token index only, never on its neighbours.
 """
+
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,14 +33,17 @@ from engine.sampling import Detok, Sampling, find_stop, sample_rows, stop_prefix
 from engine.scheduler import Scheduler, Sequence
 from weights.errors import UserError
 
+
 @dataclass
 class Result:
     tokens: list[int]
     text: str
     stats: dict
     finish_reason: str = "length"  # "stop" (EOS or a stop string), "length", "abort" or "error"
-    logprobs: list | None = None  # per token (an ending EOS included): (token, logprob, {token: logprob} of the top)
-    prompt_logprobs: list | None = None  # per prompt token: (token, logprob, top) (logprob, top None for the first)
+    # per token (an ending EOS included): (token, logprob, {token: logprob} of the top)
+    logprobs: list | None = None
+    # per prompt token: (token, logprob, top) (logprob, top None for the first)
+    prompt_logprobs: list | None = None
     error: str | None = None
 
 
@@ -77,8 +81,14 @@ class Core:
         self.reset_workload()
 
     # --------------------------------------------------------------------------- requests
-    def add_request(self, prompt: list[int], policy, sampling: Sampling, forced: list[int] | None = None,
-                    rid: int | None = None) -> int:
+    def add_request(
+        self,
+        prompt: list[int],
+        policy,
+        sampling: Sampling,
+        forced: list[int] | None = None,
+        rid: int | None = None,
+    ) -> int:
         """Queue a prompt (token ids) with its policy (or a list: one sequence per policy, each pruned
         by its own) and its sampling. Everything that could make it fail later is checked here:
         a UserError names what is wrong and nothing is queued."""
@@ -88,8 +98,11 @@ class Core:
             raise UserError("no KV policy given")
         for p in policies:
             if not isinstance(p, refreekv.Policy):
-                raise UserError(f"policy must be a refreekv.Policy (e.g. refreekv.make({p!r})), got {type(p).__name__}"
-                                if isinstance(p, str) else f"policy must be a refreekv.Policy, got {type(p).__name__}")
+                raise UserError(
+                    f"policy must be a refreekv.Policy (e.g. refreekv.make({p!r})), got {type(p).__name__}"
+                    if isinstance(p, str)
+                    else f"policy must be a refreekv.Policy, got {type(p).__name__}"
+                )
             eng.check_policy(p)
         sampling.check()
         V = eng.config.vocab_size
@@ -167,8 +180,18 @@ class Core:
         self.cur_seqs, self.cur, self.ready = [], None, None
 
     def reset_workload(self):
-        self.w = dict(t0=time.perf_counter(), steps=0, live_sum=0, peak_seqs=0, peak_pages=0, launches=[], pool_bound_steps=0,
-                      pool_bound_sum=0, preemptions0=self.sched.preemptions, waits0=self.sched.waits)
+        self.w = dict(
+            t0=time.perf_counter(),
+            steps=0,
+            live_sum=0,
+            peak_seqs=0,
+            peak_pages=0,
+            launches=[],
+            pool_bound_steps=0,
+            pool_bound_sum=0,
+            preemptions0=self.sched.preemptions,
+            waits0=self.sched.waits,
+        )
 
     # ------------------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -221,10 +244,12 @@ class Core:
             for i, q in enumerate(admitted):
                 index[id(q)] = (0 if new is None else len(cur_seqs)) + i
             for q in admitted:
-                if q.sampling.max_new_tokens == 0 or q.reason == "error":  # prompt scoring only, or its plan failed
+                # prompt scoring only, or its plan failed
+                if q.sampling.max_new_tokens == 0 or q.reason == "error":
                     self.finish(q)
         elif not sched.running and sched.waiting:
-            raise RuntimeError("scheduler stalled with an empty pool")  # add_request's check_fits rules this out
+            # add_request's check_fits rules this out
+            raise RuntimeError("scheduler stalled with an empty pool")
         while True:  # pages for the next step; the newest sequence makes room when there are none
             live = [q.n_chosen < q.sampling.max_new_tokens for q in sched.running]
             short = kv.shortage(live)
@@ -259,19 +284,28 @@ class Core:
         eng = self.eng
         rows = [i for i, lv in enumerate(live) if lv]  # draining rows' logits are padding
         if self.on_logits is not None and rows:
-            self.on_logits([seqs[i].key for i in rows], [seqs[i].n_chosen for i in rows],
-                           logits if len(rows) == len(seqs) else logits[eng.dev_long(rows)])
+            self.on_logits(
+                [seqs[i].key for i in rows],
+                [seqs[i].n_chosen for i in rows],
+                logits if len(rows) == len(seqs) else logits[eng.dev_long(rows)],
+            )
         ss = [q.sampling for q in seqs]
         if any(s.temperature > 0 for s in ss):
             dev = logits.device
             params = torch.tensor([[s.temperature, s.top_k, s.top_p] for s in ss], dtype=torch.float64)
-            keys = torch.tensor([[q.seed & 0xFFFFFFFF, q.seed >> 32, q.n_chosen] for q in seqs], dtype=torch.long)
-            params, keys = (t.pin_memory().to(dev, non_blocking=True) if eng.cuda else t for t in (params, keys))
+            keys = torch.tensor(
+                [[q.seed & 0xFFFFFFFF, q.seed >> 32, q.n_chosen] for q in seqs], dtype=torch.long
+            )
+            params, keys = (
+                t.pin_memory().to(dev, non_blocking=True) if eng.cuda else t for t in (params, keys)
+            )
             filtered = any(s.temperature > 0 and (s.top_k or s.top_p < 1) for s in ss)
             tok = sample_rows(logits, params, keys, filtered)
         else:
             tok = logits.argmax(-1)
-        forced = [(i, q.forced[q.n_chosen]) for i, q in enumerate(seqs) if live[i] and q.n_chosen < len(q.forced)]
+        forced = [
+            (i, q.forced[q.n_chosen]) for i, q in enumerate(seqs) if live[i] and q.n_chosen < len(q.forced)
+        ]
         if forced:
             at, val = zip(*forced)
             tok = tok.index_put((eng.dev_long(list(at)),), eng.dev_long(list(val)))
@@ -304,7 +338,11 @@ class Core:
         if q.logprobs is not None and lp is not None:  # EOS too: a scorer counts every token it was sent
             vals, ids, r = lp
             k = s.logprobs
-            tops = {int(t): v for t, v in zip(ids[r, :k].tolist(), vals[r, 1:k + 1].tolist())} if ids is not None else {}
+            tops = (
+                {int(t): v for t, v in zip(ids[r, :k].tolist(), vals[r, 1 : k + 1].tolist())}
+                if ids is not None
+                else {}
+            )
             entry = (tok, vals[r, 0].item(), tops)
             q.logprobs.append(entry)
             self._update(q).logprobs.append(entry)
@@ -347,14 +385,19 @@ class Core:
         q.done = True
         t0 = q.stats.pop("_t0", None)
         t = time.perf_counter() - t0 if t0 is not None else 0.0
-        q.stats.update(new_tokens=len(q.out), decode_tok_s=(len(q.out) - 1) / t if len(q.out) > 1 and t > 0 else 0.0,
-                       finished_at_step=self.steps, finish_reason=q.reason)
+        q.stats.update(
+            new_tokens=len(q.out),
+            decode_tok_s=(len(q.out) - 1) / t if len(q.out) > 1 and t > 0 else 0.0,
+            finished_at_step=self.steps,
+            finish_reason=q.reason,
+        )
         self.totals["new_tokens"] += len(q.out)
         if q.reason != "abort":
             q.shown = len(q.text)
         u = self._update(q)
-        u.result = Result(q.out, q.text, dict(q.stats), q.reason, q.logprobs, q.prompt_logprobs,
-                          getattr(q, "error", None))
+        u.result = Result(
+            q.out, q.text, dict(q.stats), q.reason, q.logprobs, q.prompt_logprobs, getattr(q, "error", None)
+        )
         grp = self._groups.get(q.idx)
         if grp is not None and all(x.done for x in grp):
             del self._groups[q.idx]
@@ -369,21 +412,32 @@ class Core:
         new_tokens = sum(len(q.out) for q in seqs)
         steps = w["steps"]
         pb = w["pool_bound_steps"]
-        return dict(requests=len(groups), sequences=len(seqs), policies=sorted({q.policy.name for q in seqs}),
-                    new_tokens=new_tokens, steps=steps, wall_s=wall, tok_s=new_tokens / wall if wall else 0.0,
-                    req_s=len(groups) / wall if wall else 0.0, pool_pages=kv.n_pages, page_size=kv.ps,
-                    peak_pages=w["peak_pages"], peak_concurrent=w["peak_seqs"],
-                    mean_concurrent=w["live_sum"] / steps if steps else 0.0,
-                    pool_bound_steps=pb,  # steps while requests waited for pages
-                    mean_concurrent_pool_bound=w["pool_bound_sum"] / pb if pb else None,
-                    preemptions=sched.preemptions - w["preemptions0"], admission_waits=sched.waits - w["waits0"],
-                    # each sequence's pages at its last admission (a preempted one is counted once)
-                    pages_after_prefill=sum(q.stats.get("pages_after_prefill", 0) for q in seqs),
-                    pages_after_pruning=sum(q.stats.get("pages_after_pruning", 0) for q in seqs),
-                    peak_memory_bytes=peak,
-                    # launch-to-launch intervals: the host waits on step t-1 before launching t+1, so in
-                    # steady state each interval is one device step (prefills show up as outliers)
-                    step_ms=[1e3 * (b - a) for a, b in zip(w["launches"], w["launches"][1:])])
+        return dict(
+            requests=len(groups),
+            sequences=len(seqs),
+            policies=sorted({q.policy.name for q in seqs}),
+            new_tokens=new_tokens,
+            steps=steps,
+            wall_s=wall,
+            tok_s=new_tokens / wall if wall else 0.0,
+            req_s=len(groups) / wall if wall else 0.0,
+            pool_pages=kv.n_pages,
+            page_size=kv.ps,
+            peak_pages=w["peak_pages"],
+            peak_concurrent=w["peak_seqs"],
+            mean_concurrent=w["live_sum"] / steps if steps else 0.0,
+            pool_bound_steps=pb,  # steps while requests waited for pages
+            mean_concurrent_pool_bound=w["pool_bound_sum"] / pb if pb else None,
+            preemptions=sched.preemptions - w["preemptions0"],
+            admission_waits=sched.waits - w["waits0"],
+            # each sequence's pages at its last admission (a preempted one is counted once)
+            pages_after_prefill=sum(q.stats.get("pages_after_prefill", 0) for q in seqs),
+            pages_after_pruning=sum(q.stats.get("pages_after_pruning", 0) for q in seqs),
+            peak_memory_bytes=peak,
+            # launch-to-launch intervals: the host waits on step t-1 before launching t+1, so in
+            # steady state each interval is one device step (prefills show up as outliers)
+            step_ms=[1e3 * (b - a) for a, b in zip(w["launches"], w["launches"][1:])],
+        )
 
 
 def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:

@@ -17,6 +17,7 @@ The decode step never waits for the host: step t+1 is queued before the tokens o
 back, and the pages a step needs are handed out by the host beforehand (it knows every row's
 length). On CUDA the step is compiled with CUDA graphs, one recording per batch-size bucket.
 """
+
 import os
 import time
 
@@ -24,9 +25,9 @@ import torch
 
 import refreekv
 from engine.attention import pow2
+from engine.core import Core, Result  # noqa: F401  (Result: part of the engine's API)
 from engine.gemv import gemv, use_gemv
 from engine.kv import PagedKV, page_bytes
-from engine.core import Core, Result  # noqa: F401  (Result: part of the engine's API)
 from engine.sampling import Sampling
 from engine.tokenizer import Tokenizer
 from weights.errors import UserError
@@ -36,10 +37,20 @@ CUDA_KV_SHARE = 0.8  # default pool on CUDA: this share of the memory left after
 
 
 class Engine:
-    def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 max_length: int | None = None, compile: bool | None = None, kv_memory: float | None = None,
-                 max_seqs: int | None = None, page_size: int = 16, max_prefill_tokens: int | None = None,
-                 load: bool = True, tp: int | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        compile: bool | None = None,
+        kv_memory: float | None = None,
+        max_seqs: int | None = None,
+        page_size: int = 16,
+        max_prefill_tokens: int | None = None,
+        load: bool = True,
+        tp: int | None = None,
+    ):
         """Cheap checks and the tokenizer first; `load=False` stops there (call load() later), so
         a caller can check its prompts before the weights are read."""
         from engine import tp as tp_mod
@@ -85,9 +96,12 @@ class Engine:
         limit = self.config.context_limit
         if max_length is not None and max_length > limit:
             raise UserError(f"--max-length {max_length} exceeds the model's {limit} positions")
-        self.context = max_length or self.config.max_positions  # a RoPE-scaled model reaches `limit` when asked
+        # a RoPE-scaled model reaches `limit` when asked
+        self.context = max_length or self.config.max_positions
         self.compiled = self.cuda if compile is None else compile
-        self.eos = set(self.config.eos_ids) | {i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None}
+        self.eos = set(self.config.eos_ids) | {
+            i for i in [self.tokenizer.token_id(self.tokenizer.eos)] if i is not None
+        }
         self.kv = None
         self.stats: dict = {}  # the last generate() call's workload figures
         if load:
@@ -141,12 +155,22 @@ class Engine:
         if use_gemv(self.dev):  # opt-in (REFREEKV_GEMV=triton): the Triton GEMV for small decode batches
             self.model.gemv = gemv
         c = self.local
-        slots = pow2(self.max_seqs) if self.cuda and self.compiled else self.max_seqs  # room for the last bucket
+        # room for the last bucket
+        slots = pow2(self.max_seqs) if self.cuda and self.compiled else self.max_seqs
         pages = self.pool_pages()
         if self.tp.on:
             pages = self.tp.host_min(pages)  # the same pool on every rank (free memory may differ)
-        self.kv = PagedKV(c.n_layers, c.n_kv_heads, c.head_dim, pages, self.page_size, slots,
-                          self.context, self.dtype, self.dev)
+        self.kv = PagedKV(
+            c.n_layers,
+            c.n_kv_heads,
+            c.head_dim,
+            pages,
+            self.page_size,
+            slots,
+            self.context,
+            self.dtype,
+            self.dev,
+        )
         # torch.compile: the decode step with the batch symbolic (dynamic=True) and, on CUDA, CUDA
         # graphs: one recording per batch-size bucket, the page tables and lengths static inputs.
         # Prefill compiles with dynamic prompt length and batch but no CUDA graphs (one program per
@@ -176,8 +200,9 @@ class Engine:
                     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
             # module-level wrappers, not the no_grad-decorated methods themselves: the decorator's inner
             # function would be one code object (one cache, one recompile budget) for both
-            self._decode = torch.compile(_decode_step, fullgraph=True, dynamic=True,
-                                         mode="reduce-overhead" if self.cuda else None)
+            self._decode = torch.compile(
+                _decode_step, fullgraph=True, dynamic=True, mode="reduce-overhead" if self.cuda else None
+            )
             if not c.sliding_window:  # the windowed prefill loops over query chunks: compiled, it would
                 # specialise on the prompt length (one program per length); eager it is matmul-bound anyway
                 self._prefill = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
@@ -202,39 +227,55 @@ class Engine:
         if len(ids) <= room:
             return ids
         if room < 1:
-            raise UserError(f"--max-new-tokens {max_new} leaves no room for a prompt in the context of "
-                            f"{self.context} tokens; lower it")
+            raise UserError(
+                f"--max-new-tokens {max_new} leaves no room for a prompt in the context of "
+                f"{self.context} tokens; lower it"
+            )
         if truncate == "middle" and room >= 2:
-            return ids[: room // 2] + ids[len(ids) - (room - room // 2):]
-        raise UserError(f"prompt has {len(ids)} tokens but the context is {self.context} tokens "
-                        f"(--max-length / max_position_embeddings) and {max_new} new tokens were asked for; "
-                        "shorten it, lower --max-new-tokens or pass --truncate middle")
+            return ids[: room // 2] + ids[len(ids) - (room - room // 2) :]
+        raise UserError(
+            f"prompt has {len(ids)} tokens but the context is {self.context} tokens "
+            f"(--max-length / max_position_embeddings) and {max_new} new tokens were asked for; "
+            "shorten it, lower --max-new-tokens or pass --truncate middle"
+        )
 
     def check_policy(self, policy):
         """Knobs that only the model can judge: protected layers must exist."""
         bad = [x for x in getattr(policy, "protected", ()) if x >= self.config.n_layers]
         if bad:
-            raise UserError(f"KV policy {policy.name!r}: protected layer {bad[0]} does not exist (the model has "
-                            f"{self.config.n_layers} layers, 0-{self.config.n_layers - 1})")
+            raise UserError(
+                f"KV policy {policy.name!r}: protected layer {bad[0]} does not exist (the model has "
+                f"{self.config.n_layers} layers, 0-{self.config.n_layers - 1})"
+            )
 
     def check_fits(self, prompts: list[list[int]], max_new: int, forks: int = 1):
         """Every request must fit the context, and alone in the pool at its largest (no pruning)."""
         c, ps = self.local, self.page_size
         if forks > self.max_seqs:
-            raise UserError(f"{forks} policies per prompt need {forks} sequences at once but --max-seqs is {self.max_seqs}")
+            raise UserError(
+                f"{forks} policies per prompt need {forks} sequences at once "
+                f"but --max-seqs is {self.max_seqs}"
+            )
         pages = self.pool_pages()
         for i, p in enumerate(prompts):
             n = len(p)
             if n + max_new > self.context:
-                raise UserError(f"prompt of {n} tokens + {max_new} new tokens exceeds the context of {self.context} tokens")
+                raise UserError(
+                    f"prompt of {n} tokens + {max_new} new tokens "
+                    f"exceeds the context of {self.context} tokens"
+                )
             rows = -(-(n + max_new - 1) // ps)
             need = forks * c.n_layers * c.n_kv_heads * rows
             if pages is not None and need > pages:
-                per = f"{c.n_layers} layers x {c.n_kv_heads} KV heads x {rows} pages of {ps} tokens" + (f" x {forks} policies" if forks > 1 else "")
+                per = f"{c.n_layers} layers x {c.n_kv_heads} KV heads x {rows} pages of {ps} tokens" + (
+                    f" x {forks} policies" if forks > 1 else ""
+                )
                 size = pages * page_bytes(ps, c.head_dim, self.dtype)
                 size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.3g} MiB"
-                raise UserError(f"prompt {i} ({n} tokens + {max_new} new) needs {need} KV pages ({per}) but the pool "
-                                f"holds {pages} pages ({size}); raise --kv-memory or lower --max-new-tokens")
+                raise UserError(
+                    f"prompt {i} ({n} tokens + {max_new} new) needs {need} KV pages ({per}) but the pool "
+                    f"holds {pages} pages ({size}); raise --kv-memory or lower --max-new-tokens"
+                )
 
     def max_new_fitting(self, n: int) -> int:
         """The most new tokens a prompt of n tokens can ask for: within the context and, alone in
@@ -252,7 +293,8 @@ class Engine:
         t0 = time.perf_counter()
         if self.compiled:
             new = max(1, min(3, self.context - 2))  # a context of a few tokens still warms up
-            n = max(1, min(37, self.context - new))  # lengths equal to no static size (page size, heads), within limits
+            # lengths equal to no static size (page size, heads), within limits
+            n = max(1, min(37, self.context - new))
             while n > 2 and self.kv.seq_pages(n + new - 1) * 2 > self.kv.n_pages:
                 n //= 2
             ids = [[self.config.bos_id or 1] * n, [self.config.bos_id or 1] * max(1, n - 8)]
@@ -266,8 +308,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], policy, s: Sampling, on_token=None, on_finish=None,
-                 forced: list[list[int]] | None = None, on_logits=None, probe_rows: int = 0):
+    def generate(
+        self,
+        prompts: list[list[int]],
+        policy,
+        s: Sampling,
+        on_token=None,
+        on_finish=None,
+        forced: list[list[int]] | None = None,
+        on_logits=None,
+        probe_rows: int = 0,
+    ):
         """Serve token-id prompts with one policy (results in prompt order) or a list of policies
         (fan-out: results[i][j] for prompt i and policy j): every prompt is added to the core
         (engine/core.py), which then steps until it is idle. `policy` may also be a registered name.

@@ -13,6 +13,7 @@ Opt-in while it is unmeasured on a GPU: REFREEKV_GEMV=triton uses it in the deco
 (and on the CPU under TRITON_INTERPRET=1, for tests). `bench/gemv.py` times it against cuBLAS on
 the Qwen2.5-7B projections and sweeps the tile sizes below.
 """
+
 import os
 
 import torch
@@ -29,10 +30,25 @@ TARGET_PROGRAMS = 264  # about two per SM of an H100: split K until the grid has
 
 
 if triton is not None:
+
     @triton.jit
-    def _gemv(X, W, P, M, N, K, k_per_split, stride_x, stride_w,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        """One (tile of BLOCK_N outputs, split of K): P[split, m, n] = sum over the split's k of x[m, k] w[n, k]."""
+    def _gemv(
+        X,
+        W,
+        P,
+        M,
+        N,
+        K,
+        k_per_split,
+        stride_x,
+        stride_w,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """One (tile of BLOCK_N outputs, split of K):
+        P[split, m, n] = sum over the split's k of x[m, k] w[n, k]."""
         pn, split = tl.program_id(0), tl.program_id(1)
         n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
@@ -44,7 +60,9 @@ if triton is not None:
         for k0 in range(lo, hi, BLOCK_K):
             k = k0 + kk
             km = k < hi
-            w = tl.load(W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            w = tl.load(
+                W + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=nm[:, None] & km[None, :], other=0.0
+            )
             x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
@@ -54,14 +72,22 @@ if triton is not None:
         tl.store(P + out, acc, mask=mm[:, None] & nm[None, :])
 
 
-def splits_for(N: int, K: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K, target: int = TARGET_PROGRAMS) -> int:
+def splits_for(
+    N: int, K: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K, target: int = TARGET_PROGRAMS
+) -> int:
     """How many ways K is split: enough programs to fill the GPU, each split at least 4 K-tiles."""
     tiles = -(-N // block_n)
     return max(1, min(-(-target // tiles), K // (4 * block_k)))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = BLOCK_N,
-         block_k: int = BLOCK_K, target: int = TARGET_PROGRAMS) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_n: int = BLOCK_N,
+    block_k: int = BLOCK_K,
+    target: int = TARGET_PROGRAMS,
+) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] with at most ROWS rows, weight [N, K] contiguous."""
     *lead, K = x.shape
     N = weight.shape[0]
@@ -73,8 +99,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     per = -(-K // (s * block_k)) * block_k  # K per split, whole tiles
     s = -(-K // per)
     part = torch.empty(s, M, N, dtype=torch.float32, device=x.device)
-    _gemv[(-(-N // block_n), s)](x2, weight, part, M, N, K, per, x2.stride(0), weight.stride(0),
-                                BLOCK_M=ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32)
+    _gemv[(-(-N // block_n), s)](
+        x2,
+        weight,
+        part,
+        M,
+        N,
+        K,
+        per,
+        x2.stride(0),
+        weight.stride(0),
+        BLOCK_M=ROWS,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32,
+    )
     y = part.sum(0)
     if bias is not None:
         y = y + bias.float()

@@ -5,14 +5,26 @@ KV pool, a refreekv/ policy at the prefill -> decode transition).
     python -m engine.generate --model Qwen/Qwen2.5-7B --prompt "..." --kv refreekv --threshold 0.01
     python -m engine.generate --interactive                  # a multi-turn chat in the terminal
 """
+
 import json
 import os
 import signal
 import sys
 import time
 
-from engine.cli import (Formatter, Parser, add_common, add_engine_flags, add_policy_flags, check_flags, check_writable,
-                        policy_from_args, sampling_from_args, say, set_threads)
+from engine.cli import (
+    Formatter,
+    Parser,
+    add_common,
+    add_engine_flags,
+    add_policy_flags,
+    check_flags,
+    check_writable,
+    policy_from_args,
+    sampling_from_args,
+    say,
+    set_threads,
+)
 from engine.engine import Engine, Result
 from engine.sampling import Sampling
 from weights.errors import UserError
@@ -27,59 +39,117 @@ EPILOG = """stats (stderr), one line per prompt and one for the whole run:
   new tok at tok/s  tokens generated, and this sequence's own decode rate
   workload          tokens/s over the run, most sequences decoded at once, most pool pages in use,
                     preemptions (pages ran out: a sequence gave its pages back and replays later), peak memory
---stats-json writes the same per prompt (with its text and finish reason); --output-jsonl one object a line."""
+--stats-json writes the same per prompt (with its text and finish reason); --output-jsonl one object a line."""  # noqa: E501 (--help text)
 
 PREFILL_NOTE = 2048  # prompt tokens in one prefill past which the CLI says it is prefilling (CPU)
 PROGRESS_S = 5.0  # a batch's progress line at most this often when stderr is not a terminal
 
 
 def parse_args(argv=None):
-    p = Parser(prog="python -m engine.generate", description=__doc__, epilog=EPILOG, formatter_class=Formatter)
+    p = Parser(
+        prog="python -m engine.generate", description=__doc__, epilog=EPILOG, formatter_class=Formatter
+    )
     add_common(p, " (converted once from its pip package)")
     # both append to one list, so a batch keeps the command line's order
-    p.add_argument("--prompt", action="append", dest="inputs", metavar="TEXT", type=lambda v: ("text", v),
-                   help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", action="append", dest="inputs", metavar="PATH", type=lambda v: ("file", v),
-                   help="read a prompt from a file ('-' for stdin); repeatable, mixes with --prompt in order")
-    p.add_argument("--interactive", action="store_true", help="a multi-turn chat: type a message, get the answer; "
-                   "/exit or Ctrl-D leaves (each turn re-prefills the conversation under the chosen policy)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        dest="inputs",
+        metavar="TEXT",
+        type=lambda v: ("text", v),
+        help="prompt text; repeat for a batch",
+    )
+    p.add_argument(
+        "--prompt-file",
+        action="append",
+        dest="inputs",
+        metavar="PATH",
+        type=lambda v: ("file", v),
+        help="read a prompt from a file ('-' for stdin); repeatable, mixes with --prompt in order",
+    )
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="a multi-turn chat: type a message, get the answer; "
+        "/exit or Ctrl-D leaves (each turn re-prefills the conversation under the chosen policy)",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="apply the chat template (default when the checkpoint has one)")
+    mode.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        default=None,
+        help="apply the chat template (default when the checkpoint has one)",
+    )
     mode.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
     p.add_argument("--system", metavar="TEXT", help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
-                   help="tokens to generate at most per prompt (default 256)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="tokens to generate at most per prompt (default 256)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, metavar="X", help="0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens only "
-                   "(default 0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of tokens "
-                   "with this much probability, in (0, 1] (default 1 = off)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per prompt; a seeded prompt gives "
-                   "the same text whatever else runs beside it)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help=r"stop string (repeatable); "
-                   r"the escapes \n \t \r \\ are read, so --stop '\n' stops at a newline")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="sample from the K most likely tokens only (default 0 = off)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="sample from the smallest set of tokens with this much probability, in (0, 1] (default 1 = off)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="sampling seed (default: a fresh one per prompt; a seeded prompt gives "
+        "the same text whatever else runs beside it)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help=r"stop string (repeatable); "
+        r"the escapes \n \t \r \\ are read, so --stop '\n' stops at a newline",
+    )
     add_policy_flags(p)
     add_engine_flags(p)
-    p.add_argument("--truncate", choices=["middle"], help="middle-truncate prompts that do not fit (default: an error)")
+    p.add_argument(
+        "--truncate", choices=["middle"], help="middle-truncate prompts that do not fit (default: an error)"
+    )
     p.add_argument("--stats-json", metavar="PATH", help="write per-prompt stats, text and finish reason here")
-    p.add_argument("--output-jsonl", metavar="PATH", help="write one JSON object per prompt: prompt index, text, "
-                   "tokens, finish reason, stats")
+    p.add_argument(
+        "--output-jsonl",
+        metavar="PATH",
+        help="write one JSON object per prompt: prompt index, text, tokens, finish reason, stats",
+    )
     return p.parse_args(argv)
 
 
 def summary(st: dict, per_rank: bool = False) -> str:
-    return (f"prompt {st['prompt_tokens']} tok | KV budget {100 * st['budget']:.1f}% | pages "
-            f"{st['pages_after_prefill']} -> {st['pages_after_pruning']}{' per rank' if per_rank else ''} | prefill "
-            f"{st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms | {st['new_tokens']} new tok at "
-            f"{st['decode_tok_s']:.1f} tok/s")
+    return (
+        f"prompt {st['prompt_tokens']} tok | KV budget {100 * st['budget']:.1f}% | "
+        f"pages {st['pages_after_prefill']} -> {st['pages_after_pruning']}"
+        f"{' per rank' if per_rank else ''} | "
+        f"prefill {st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms | "
+        f"{st['new_tokens']} new tok at {st['decode_tok_s']:.1f} tok/s"
+    )
 
 
 def read_prompts(a) -> list[str]:
     prompts = []
     for kind, v in a.inputs or []:
         try:
-            prompts.append(v if kind == "text" else sys.stdin.read() if v == "-" else open(v, encoding="utf-8").read())
+            prompts.append(
+                v if kind == "text" else sys.stdin.read() if v == "-" else open(v, encoding="utf-8").read()
+            )
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read prompt file {v}: {e}") from None
     if any(not p.strip() for p in prompts):
@@ -121,7 +191,9 @@ class Progress:
             return
         self.last = now
         line = f"{self.done}/{self.n} prompts done, {sum(self.tokens.values())} tokens so far"
-        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        print(
+            f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True
+        )
 
     def clear(self):
         if self.tty:
@@ -154,7 +226,7 @@ def run(a, eng, policy, s, ids) -> int:
 
     def on_token(i, text):
         if not many:
-            sys.stdout.write(text[shown[0]:])
+            sys.stdout.write(text[shown[0] :])
             sys.stdout.flush()
             shown[0] = len(text)
         else:
@@ -178,21 +250,26 @@ def run(a, eng, policy, s, ids) -> int:
         if not many:
             sys.stdout.write("\n")
         cut = [i for i in range(len(ids)) if i not in done]
-        say(f"interrupted: {len(done)} of {len(ids)} prompt(s) finished; cut: "
-            f"{', '.join(map(str, cut[:20]))}{' ...' if len(cut) > 20 else ''}")
+        say(
+            f"interrupted: {len(done)} of {len(ids)} prompt(s) finished; cut: "
+            f"{', '.join(map(str, cut[:20]))}{' ...' if len(cut) > 20 else ''}"
+        )
         write_outputs(a, [done.get(i) for i in range(len(ids))])
         return 130
     if progress:
         progress.clear()
     if not many:
-        sys.stdout.write(results[0].text[shown[0]:] + "\n")
+        sys.stdout.write(results[0].text[shown[0] :] + "\n")
         sys.stdout.flush()
     for i, r in enumerate(results):
         say((f"prompt {i}: " if many else "") + summary(r.stats, eng.tp.on))
     w = eng.stats
-    say(f"workload: {w['requests']} prompt(s), {w['new_tokens']} new tok in {w['wall_s']:.2f} s "
-        f"({w['tok_s']:.1f} tok/s) | peak {w['peak_concurrent']} seqs, {w['peak_pages']}/{w['pool_pages']} pages | "
-        f"{w['preemptions']} preemptions | peak mem {w['peak_memory_bytes'] / 2**30:.2f} GiB")
+    say(
+        f"workload: {w['requests']} prompt(s), {w['new_tokens']} new tok in {w['wall_s']:.2f} s "
+        f"({w['tok_s']:.1f} tok/s) | peak {w['peak_concurrent']} seqs, "
+        f"{w['peak_pages']}/{w['pool_pages']} pages | "
+        f"{w['preemptions']} preemptions | peak mem {w['peak_memory_bytes'] / 2**30:.2f} GiB"
+    )
     write_outputs(a, results)
     return 0
 
@@ -200,13 +277,30 @@ def run(a, eng, policy, s, ids) -> int:
 def write_outputs(a, results: list):
     """--stats-json and --output-jsonl (finished prompts only, after an interrupt); a failing write
     is one line, and the text already printed stays."""
-    rows = [dict(r.stats, text=r.text, finish_reason=r.finish_reason) if r is not None else None for r in results]
+    rows = [
+        dict(r.stats, text=r.text, finish_reason=r.finish_reason) if r is not None else None for r in results
+    ]
     if a.stats_json:
         kept = [x for x in rows if x is not None]
-        _write(a.stats_json, json.dumps(kept[0] if len(results) == 1 and kept else kept, indent=1), "--stats-json")
+        _write(
+            a.stats_json,
+            json.dumps(kept[0] if len(results) == 1 and kept else kept, indent=1),
+            "--stats-json",
+        )
     if a.output_jsonl:
-        lines = [json.dumps({"prompt": i, "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
-                             "stats": r.stats}) for i, r in enumerate(results) if r is not None]
+        lines = [
+            json.dumps(
+                {
+                    "prompt": i,
+                    "text": r.text,
+                    "tokens": r.tokens,
+                    "finish_reason": r.finish_reason,
+                    "stats": r.stats,
+                }
+            )
+            for i, r in enumerate(results)
+            if r is not None
+        ]
         _write(a.output_jsonl, "".join(x + "\n" for x in lines), "--output-jsonl")
 
 
@@ -261,8 +355,18 @@ def _main(argv, rank0) -> int:
     if not prompts and not a.interactive:
         raise UserError("no prompt: pass --prompt TEXT or --prompt-file PATH (or --interactive)")
     set_threads(a.threads)
-    eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size, load=False,
-                 tp=a.tp)
+    eng = Engine(
+        a.model,
+        a.device,
+        a.dtype,
+        a.max_length,
+        a.compile,
+        a.kv_memory,
+        a.max_seqs,
+        a.page_size,
+        load=False,
+        tp=a.tp,
+    )
     if a.interactive:
         from engine.chat import interactive
 
@@ -284,16 +388,23 @@ def _main(argv, rank0) -> int:
         asked = eng.pool_pages()
         usable = eng.usable_pages()
         if asked is not None and usable < eng.requested_pages():
-            warn(f"--kv-memory {eng.kv_memory:g} GiB capped to {eng.pool_gib(usable):.2f} GiB: all that "
-                 f"{eng.max_seqs} sequences of {eng.context} tokens can use")
+            warn(
+                f"--kv-memory {eng.kv_memory:g} GiB capped to {eng.pool_gib(usable):.2f} GiB: all that "
+                f"{eng.max_seqs} sequences of {eng.context} tokens can use"
+            )
     eng.check_fits(ids, s.max_new_tokens)  # before the weights load, where the pool size is known
     eng.load()
     out = sys.stderr if rank0 else open(os.devnull, "w")
     if eng.compiled:  # compile now, so every figure below is steady state
         print(f"compile warm-up {eng.warmup(policy):.1f} s (not in the figures below)", file=out)
-    print(f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, device={eng.device}, "
-          f"dtype={str(eng.dtype).removeprefix('torch.')}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens"
-          + (f" per rank, tensor parallel over {eng.tp.world} rank(s)" if eng.tp.on else ""), file=out, flush=True)
+    print(
+        f"[{eng.path.name}] {len(ids)} prompt(s), {sum(map(len, ids))} tokens, kv={policy.name}, "
+        f"device={eng.device}, dtype={str(eng.dtype).removeprefix('torch.')}, "
+        f"pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens"
+        + (f" per rank, tensor parallel over {eng.tp.world} rank(s)" if eng.tp.on else ""),
+        file=out,
+        flush=True,
+    )
     if not rank0:
         eng.generate(ids, policy, s)
         return 0

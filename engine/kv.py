@@ -14,6 +14,7 @@ Host state (the allocator; the host hands out pages, so it never reads the devic
   and the free stack. Invariant: a row owns exactly ceil(h_len / page_size) pages, entries past
   them are 0, and the device table equals h_table.
 """
+
 import torch
 
 from engine.attention import paged_decode_torch, paged_decode_triton, use_triton
@@ -25,8 +26,18 @@ def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:
 
 
 class PagedKV:
-    def __init__(self, n_layers, n_kv_heads, head_dim, n_pages, page_size=16, max_seqs=8, max_len=4096,
-                 dtype=torch.float32, device="cpu"):
+    def __init__(
+        self,
+        n_layers,
+        n_kv_heads,
+        head_dim,
+        n_pages,
+        page_size=16,
+        max_seqs=8,
+        max_len=4096,
+        dtype=torch.float32,
+        device="cpu",
+    ):
         if page_size < 1 or page_size & (page_size - 1) or page_size > 256:
             raise UserError(f"--page-size must be a power of two from 1 to 256, got {page_size}")
         if max_seqs < 1:
@@ -72,11 +83,11 @@ class PagedKV:
     def _alloc(self, k: int) -> torch.Tensor:
         assert k <= self.n_free, (k, self.n_free)
         self.n_free -= k
-        return self._free[self.n_free:self.n_free + k].clone()
+        return self._free[self.n_free : self.n_free + k].clone()
 
     def _release(self, ids: torch.Tensor):
         k = ids.numel()
-        self._free[self.n_free:self.n_free + k] = ids.reshape(-1)
+        self._free[self.n_free : self.n_free + k] = ids.reshape(-1)
         self.n_free += k
 
     def _h2d(self, dst: torch.Tensor, src: torch.Tensor):
@@ -106,7 +117,9 @@ class PagedKV:
         need = self.pages_for(ln)
         assert (need <= self.h_pages[:, slot]).all()
         tab = self.h_table[:, slot]
-        gone = (torch.arange(self.P) >= need[..., None]) & (torch.arange(self.P) < self.h_pages[:, slot, :, None])
+        gone = (torch.arange(self.P) >= need[..., None]) & (
+            torch.arange(self.P) < self.h_pages[:, slot, :, None]
+        )
         self._release(tab[gone])
         tab[gone] = 0
         self.h_pages[:, slot], self.h_len[:, slot] = need, ln
@@ -175,14 +188,16 @@ class PagedKV:
         """Which of the slots [0, len(live)) advance in the next decode steps (the rest of the
         batch, and every other slot, is padding: it writes into the trash page)."""
         mask = torch.zeros(self.S, dtype=torch.int32)
-        mask[:len(live)] = torch.tensor(live, dtype=torch.int32)
+        mask[: len(live)] = torch.tensor(live, dtype=torch.int32)
         self._h2d(self.live, mask)
 
     def owned(self, slot: int) -> int:
         return int(self.h_pages[:, slot].sum())
 
     # ------------------------------------------------------------------------- device (compiled)
-    def write_prompt(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor):
+    def write_prompt(
+        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
+    ):
         """Prefill: write right-padded prompts' K/V [B, Hkv, N, D] into the slots' pages; row b is
         live up to lens[b] (padding lands past the length or in the trash page)."""
         B, H, N, D = k.shape
@@ -194,7 +209,9 @@ class PagedKV:
         self.pos.view(-1)[flat] = t.int().expand(B * H, N).reshape(-1)
         self.lengths[layer, slots] = lens[:, None].int()
 
-    def write_packed(self, layer: int, owner: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def write_packed(
+        self, layer: int, owner: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ):
         """Prefill, packed: token t of k, v [Hkv, T, D] goes to slot owner[t] at position pos[t]
         in every KV head's row (each row owns pages for its prompt)."""
         H, T, D = k.shape
@@ -219,8 +236,17 @@ class PagedKV:
     def attend(self, layer: int, q: torch.Tensor, window=None, span=None) -> torch.Tensor:
         """Decode attention of q [B, H, D] (slots [0, B)) over each row's live tokens."""
         B = q.shape[0]
-        return self._attn(q, self.k, self.v, self.pos, self.table[layer, :B], self.lengths[layer, :B],
-                          self.next_pos[:B], window, span)
+        return self._attn(
+            q,
+            self.k,
+            self.v,
+            self.pos,
+            self.table[layer, :B],
+            self.lengths[layer, :B],
+            self.next_pos[:B],
+            window,
+            span,
+        )
 
     def compact(self, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor):
         """Keep the prompt slots marked in keep [L, B, Hkv, N] of the sequences in slots `src`,
@@ -230,7 +256,8 @@ class PagedKV:
         N = keep.shape[-1]
         j = torch.arange(N, device=keep.device)
         for layer in range(self.L):
-            order = torch.argsort((~keep[layer]).to(torch.int8), dim=-1, stable=True)  # [B, Hkv, N] source of slot j
+            # [B, Hkv, N] source of slot j
+            order = torch.argsort((~keep[layer]).to(torch.int8), dim=-1, stable=True)
             s_flat = (self.table[layer, src].gather(-1, order // ps).long() * ps + order % ps).reshape(-1)
             d_tab = self.table[layer, dst]
             d_flat = (d_tab.gather(-1, (j // ps).expand_as(order)).long() * ps + j % ps).reshape(-1)

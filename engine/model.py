@@ -6,6 +6,7 @@ Two entry points, both writing into the paged KV pool (engine/kv.py):
 The probe is what pruning policies see: each layer's attention of the last `probe_rows`
 prompt queries over all prompt keys ([L, B, H, w, N], fp32), never the N x N matrix.
 """
+
 import math
 
 import torch
@@ -44,7 +45,9 @@ class Attention(nn.Module):
     def qkv(self, x, cos, sin, fast=None):
         B, T, _ = x.shape
         c = self.c
-        q, k, v = linear(self.wqkv, x, fast).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        q, k, v = linear(self.wqkv, x, fast).split(
+            [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1
+        )
         q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
         k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
@@ -106,8 +109,15 @@ def windowed_attention(q, k, v, window: int, chunk: int = 256):
         lo, hi = max(0, i - window + 1), min(N, i + chunk)
         qp = torch.arange(i, hi, device=q.device)
         mask = causal_mask(qp, torch.arange(lo, hi, device=q.device), window)
-        outs.append(F.scaled_dot_product_attention(q[:, :, i:hi], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask,
-                                                   enable_gqa=k.shape[1] != q.shape[1]))
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, i:hi],
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                attn_mask=mask,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
+        )
     return torch.cat(outs, 2)
 
 
@@ -126,7 +136,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.lm_head = nn.Linear(c.dim, c.head_rows or c.vocab_size, bias=False)  # tensor parallel: this rank's rows
+        # tensor parallel: this rank's rows
+        self.lm_head = nn.Linear(c.dim, c.head_rows or c.vocab_size, bias=False)
         if c.tie_embeddings and not c.head_rows:
             self.lm_head.weight = self.embed.weight
 
@@ -141,7 +152,9 @@ class Transformer(nn.Module):
         self.register_buffer("sin", emb.sin() * att, persistent=False)
 
     @torch.no_grad()
-    def prefill(self, tokens, lens, kv, slots, probe_rows: int = 1, all_logits: bool = False, hidden: bool = False):
+    def prefill(
+        self, tokens, lens, kv, slots, probe_rows: int = 1, all_logits: bool = False, hidden: bool = False
+    ):
         """Run right-padded prompts [B, N] (row b real up to lens[b]) and write their K/V into the
         pool slots `slots` [B] (whose rows own pages for their prompts).
 
@@ -158,7 +171,8 @@ class Transformer(nn.Module):
         if w:
             rows = lens[:, None] - w + torch.arange(w, device=tokens.device)  # [B, w] absolute positions
             real = (rows >= 0)[..., None] & (ar < lens[:, None, None])
-            rmasks = {win: causal_mask(rows, ar, win) & real for win in set(c.layer_windows)}  # per window size
+            # per window size
+            rmasks = {win: causal_mask(rows, ar, win) & real for win in set(c.layer_windows)}
             probe = torch.empty(c.n_layers, B, c.n_heads, w, N, device=tokens.device)
         for i, layer in enumerate(self.layers):
             win = c.layer_windows[i]
@@ -181,8 +195,9 @@ class Transformer(nn.Module):
         return self._logits(last), (probe if w else None)
 
     @torch.no_grad()
-    def prefill_packed(self, tokens, lens: list[int], kv, slots, probe_rows: int = 1, hidden: bool = False,
-                       progress=None):
+    def prefill_packed(
+        self, tokens, lens: list[int], kv, slots, probe_rows: int = 1, hidden: bool = False, progress=None
+    ):
         """prefill() for prompts packed end to end: tokens [T] (T = sum(lens), no padding), lens
         on the host. Embedding, projections and MLP run on the T real tokens only; attention and
         the probe run prompt by prompt. One 8k prompt batched with fifty short ones costs 8k + 50
@@ -196,7 +211,8 @@ class Transformer(nn.Module):
         for n in lens:
             starts.append(starts[-1] + n)
         lens_t = torch.tensor(lens, device=dev)
-        pos = torch.cat([torch.arange(n, device=dev) for n in lens])  # [T] each token's position in its prompt
+        # [T] each token's position in its prompt
+        pos = torch.cat([torch.arange(n, device=dev) for n in lens])
         cos, sin = self.cos[pos], self.sin[pos]
         x = self.embed(tokens)[None]  # [1, T, dim]
         ar = torch.arange(N, device=dev)
@@ -213,10 +229,14 @@ class Transformer(nn.Module):
             kv.write_packed(i, owner, pos, k[0], v[0])
             outs = []
             for b, n in enumerate(lens):
-                qb, kb, vb = (t[:, :, starts[b]:starts[b + 1]] for t in (q, k, v))
-                outs.append(windowed_attention(qb, kb, vb, win) if win and n > win else causal_attention(qb, kb, vb))
+                qb, kb, vb = (t[:, :, starts[b] : starts[b + 1]] for t in (q, k, v))
+                outs.append(
+                    windowed_attention(qb, kb, vb, win) if win and n > win else causal_attention(qb, kb, vb)
+                )
                 if w:
-                    probe[i, b, ..., :n] = self._probe(qb, kb, rows[b:b + 1].clamp(min=0), rmasks[win][b:b + 1, ..., :n])[0]
+                    probe[i, b, ..., :n] = self._probe(
+                        qb, kb, rows[b : b + 1].clamp(min=0), rmasks[win][b : b + 1, ..., :n]
+                    )[0]
             x = x + self._sum(layer.attn.out(torch.cat(outs, 2)))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if progress is not None:
@@ -247,7 +267,8 @@ class Transformer(nn.Module):
         B, H, N, D = q.shape
         hkv, w = k.shape[1], rows.shape[1]
         qr = q.gather(2, rows[:, None, :, None].expand(B, H, w, D)).float()
-        s = qr.view(B, hkv, -1, D) @ k.float().transpose(-1, -2) / math.sqrt(D)  # GQA: groups folded into rows
+        # GQA: groups folded into rows
+        s = qr.view(B, hkv, -1, D) @ k.float().transpose(-1, -2) / math.sqrt(D)
         s = s.view(B, H, w, N).masked_fill(~rmask[:, None], float("-inf"))
         return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows before the prompt start are all -inf -> 0
 

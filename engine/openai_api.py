@@ -10,6 +10,7 @@ Extensions beyond OpenAI's fields: `top_k`, and `kv`, the request's KV policy: a
 (`"kv": "snapkv"`) or an object (`"kv": {"policy": "snapkv", "budget": 0.3}`); every choice of a
 response carries the KV stats of its sequence (`kv`: policy, budget, pages).
 """
+
 import json
 import math
 import time
@@ -26,12 +27,23 @@ IGNORED_ZERO = ("frequency_penalty", "presence_penalty")  # accepted only at the
 
 
 class ApiError(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        kind: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
-        self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             413: "invalid_request_error", 500: "internal_server_error"}.get(status, "invalid_request_error")
+        self.kind = kind or {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            413: "invalid_request_error",
+            500: "internal_server_error",
+        }.get(status, "invalid_request_error")
 
     def body(self) -> dict:
         return error_body(self.message, self.kind, self.param, self.code)
@@ -102,7 +114,12 @@ class Parser:
     """Turns request bodies into Jobs for one loaded engine (its tokenizer, context and pool)."""
 
     def __init__(self, eng, model_name: str, default_policy, max_tokens: int):
-        self.eng, self.model_name, self.default_policy, self.max_tokens = eng, model_name, default_policy, max_tokens
+        self.eng, self.model_name, self.default_policy, self.max_tokens = (
+            eng,
+            model_name,
+            default_policy,
+            max_tokens,
+        )
         self._policies: dict[str, object] = {}  # one object per distinct knob set: planned together
 
     def body(self, raw: bytes) -> dict:
@@ -117,8 +134,12 @@ class Parser:
     def _model(self, body):
         m = body.get("model")
         if m is not None and m != self.model_name:
-            raise ApiError(f"The model `{m}` does not exist; this server serves `{self.model_name}`", "model", 404,
-                           code="model_not_found")
+            raise ApiError(
+                f"The model `{m}` does not exist; this server serves `{self.model_name}`",
+                "model",
+                404,
+                code="model_not_found",
+            )
         return self.model_name
 
     def policy(self, spec):
@@ -176,10 +197,15 @@ class Parser:
         ctx = self.eng.context
         room = ctx - prompt_len
         if room < 1 or prompt_len > ctx:
-            raise ApiError(f"the prompt has {prompt_len} tokens but the context is {ctx} tokens (prompt + "
-                           "max_tokens must fit)", "messages" if max_name == "max_completion_tokens" else "prompt",
-                           code="context_length_exceeded")
-        mt = body.get(max_name, body.get("max_tokens")) if max_name != "max_tokens" else body.get("max_tokens")
+            raise ApiError(
+                f"the prompt has {prompt_len} tokens but the context is {ctx} tokens (prompt + "
+                "max_tokens must fit)",
+                "messages" if max_name == "max_completion_tokens" else "prompt",
+                code="context_length_exceeded",
+            )
+        mt = (
+            body.get(max_name, body.get("max_tokens")) if max_name != "max_tokens" else body.get("max_tokens")
+        )
         least = 0 if prompt_logprobs is not None else 1
         if mt is None:
             mt = min(room, self.max_tokens) if default_max is None else min(default_max, room)
@@ -187,15 +213,27 @@ class Parser:
         else:
             mt = _int({max_name: mt}, max_name, None, least, None)
             if mt > self.max_tokens:
-                raise ApiError(f"'{max_name}' is {mt}; this server allows at most {self.max_tokens}", max_name)
+                raise ApiError(
+                    f"'{max_name}' is {mt}; this server allows at most {self.max_tokens}", max_name
+                )
             if prompt_len + mt > ctx:
-                raise ApiError(f"the prompt has {prompt_len} tokens and {max_name} is {mt}, but the context is "
-                               f"{ctx} tokens: {prompt_len} + {mt} > {ctx}", max_name, code="context_length_exceeded")
+                raise ApiError(
+                    f"the prompt has {prompt_len} tokens and {max_name} is {mt}, but the context is "
+                    f"{ctx} tokens: {prompt_len} + {mt} > {ctx}",
+                    max_name,
+                    code="context_length_exceeded",
+                )
         top_k = _int(body, "top_k", 0, -1, None)
-        s = Sampling(max_new_tokens=mt, temperature=_number(body, "temperature", 1.0, 0.0, None),
-                     top_k=max(0, top_k), top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                     seed=_int(body, "seed", None, -(2**63), 2**64 - 1), stop=self._stops(body),
-                     logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        s = Sampling(
+            max_new_tokens=mt,
+            temperature=_number(body, "temperature", 1.0, 0.0, None),
+            top_k=max(0, top_k),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            seed=_int(body, "seed", None, -(2**63), 2**64 - 1),
+            stop=self._stops(body),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
         try:
             s.check()
         except UserError as e:
@@ -230,20 +268,36 @@ class Parser:
                 ids, text = p, self.eng.tokenizer.decode(p) if echo else ""
             if not ids:
                 raise ApiError("the prompt is empty", "prompt")
-            s = self._sampling(body, len(ids), "max_tokens", 16, lp, lp if echo and lp is not None else
-                               (0 if echo and body.get("max_tokens") == 0 else None))
+            s = self._sampling(
+                body,
+                len(ids),
+                "max_tokens",
+                16,
+                lp,
+                lp if echo and lp is not None else (0 if echo and body.get("max_tokens") == 0 else None),
+            )
             self._fits(ids, s, policy, "max_tokens")
             for j in range(n):
-                sj = s if j == 0 or s.seed is None else Sampling(**{**s.__dict__, "seed": (s.seed + j) % 2**64})
+                sj = (
+                    s
+                    if j == 0 or s.seed is None
+                    else Sampling(**{**s.__dict__, "seed": (s.seed + j) % 2**64})
+                )
                 job.choices.append(Choice(i * n + j, ids, sj, policy, text))
         return job
 
     def _prompts(self, prompt):
-        err = ApiError("'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                       "token-id lists", "prompt")
+        err = ApiError(
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
+            "prompt",
+        )
         if isinstance(prompt, str):
             prompt = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
             raise ApiError("'prompt' must not be empty", "prompt") if prompt == [] else err
@@ -251,7 +305,9 @@ class Parser:
             if isinstance(p, str):
                 if not p:
                     raise ApiError("'prompt' holds an empty string", "prompt")
-            elif not (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
+            elif not (
+                isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            ):
                 raise err
         return prompt
 
@@ -279,17 +335,33 @@ class Parser:
             raise ApiError("'messages' must be a non-empty list of {role, content} objects", "messages")
         clean = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-                raise ApiError(f"messages[{i}] must be an object with a role of system, user, assistant, developer "
-                               "or tool", f"messages[{i}].role")
+            if not isinstance(m, dict) or m.get("role") not in (
+                "system",
+                "user",
+                "assistant",
+                "developer",
+                "tool",
+            ):
+                raise ApiError(
+                    f"messages[{i}] must be an object with a role of system, user, assistant, developer "
+                    "or tool",
+                    f"messages[{i}].role",
+                )
             c = m.get("content")
             if isinstance(c, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-                    raise ApiError(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                    for p in c
+                ):
+                    raise ApiError(
+                        f"messages[{i}].content: only text parts are supported", f"messages[{i}].content"
+                    )
                 c = "".join(p["text"] for p in c)
             if not isinstance(c, str):
-                raise ApiError(f"messages[{i}].content must be a string or a list of text parts",
-                               f"messages[{i}].content")
+                raise ApiError(
+                    f"messages[{i}].content must be a string or a list of text parts",
+                    f"messages[{i}].content",
+                )
             clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": c})
         if self.eng.tokenizer.chat_template is None:
             raise ApiError("this model has no chat template: use /v1/completions", "messages")
@@ -312,8 +384,18 @@ class Parser:
 # ------------------------------------------------------------------------------- responses
 def kv_stats(result) -> dict:
     st = result.stats
-    return {k: st.get(k) for k in ("policy", "budget", "prompt_tokens", "pages_after_prefill", "pages_after_pruning",
-                                   "preempted", "kept_per_head")}
+    return {
+        k: st.get(k)
+        for k in (
+            "policy",
+            "budget",
+            "prompt_tokens",
+            "pages_after_prefill",
+            "pages_after_pruning",
+            "preempted",
+            "kept_per_head",
+        )
+    }
 
 
 def completion_logprobs(tok, entries) -> dict:
@@ -336,7 +418,11 @@ def chat_logprobs(tok, entries) -> dict:
         s = tok.decode([t])
         return {"token": s, "logprob": lp, "bytes": list(s.encode())}
 
-    return {"content": [dict(one(t, lp), top_logprobs=[one(k, v) for k, v in top.items()]) for t, lp, top in entries]}
+    return {
+        "content": [
+            dict(one(t, lp), top_logprobs=[one(k, v) for k, v in top.items()]) for t, lp, top in entries
+        ]
+    }
 
 
 def completion_tokens(r) -> int:
@@ -352,9 +438,12 @@ def response(job: Job, results: dict, tok) -> dict:
         r = results[c.index]
         completion += completion_tokens(r)
         if job.chat:
-            ch = {"index": c.index, "message": {"role": "assistant", "content": r.text},
-                  "logprobs": chat_logprobs(tok, r.logprobs) if job.logprobs is not None else None,
-                  "finish_reason": r.finish_reason}
+            ch = {
+                "index": c.index,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": chat_logprobs(tok, r.logprobs) if job.logprobs is not None else None,
+                "finish_reason": r.finish_reason,
+            }
         else:
             text = (c.prompt_text if job.echo else "") + r.text
             lp = None
@@ -363,11 +452,18 @@ def response(job: Job, results: dict, tok) -> dict:
             ch = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason}
         ch["kv"] = kv_stats(r)
         choices.append(ch)
-    return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
-            "object": "chat.completion" if job.chat else "text_completion", "created": job.created,
-            "model": job.model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion}}
+    return {
+        "id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
+        "object": "chat.completion" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        },
+    }
 
 
 def _n(job: Job) -> int:
@@ -376,24 +472,46 @@ def _n(job: Job) -> int:
     return len(job.choices) // max(1, len(prompts))
 
 
-def chunk(job: Job, index: int, text: str, finish: str | None = None, lps=None, kv: dict | None = None,
-          role: bool = False) -> dict:
+def chunk(
+    job: Job,
+    index: int,
+    text: str,
+    finish: str | None = None,
+    lps=None,
+    kv: dict | None = None,
+    role: bool = False,
+) -> dict:
     """One streamed chunk for one choice."""
     if job.chat:
-        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or not finish else {})
+        delta = (
+            {"role": "assistant", "content": text}
+            if role
+            else ({"content": text} if text or not finish else {})
+        )
         ch = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
     else:
         ch = {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
     if kv is not None:
         ch["kv"] = kv
-    return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
-            "object": "chat.completion.chunk" if job.chat else "text_completion", "created": job.created,
-            "model": job.model, "choices": [ch]}
+    return {
+        "id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
+        "object": "chat.completion.chunk" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": [ch],
+    }
 
 
 def usage_chunk(job: Job, prompt_tokens: int, completion: int) -> dict:
-    return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
-            "object": "chat.completion.chunk" if job.chat else "text_completion", "created": job.created,
-            "model": job.model, "choices": [],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion}}
+    return {
+        "id": ("chatcmpl-" if job.chat else "cmpl-") + job.id,
+        "object": "chat.completion.chunk" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        },
+    }

@@ -9,6 +9,7 @@ A line: {"custom_id": "q1", "method": "POST", "url": "/v1/completions" | "/v1/ch
 "error"}: a bad request gets its 4xx status and OpenAI's error body, and the rest still run. Every
 request is queued at once; continuous batching does the rest.
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,11 @@ URLS = {"/v1/completions": False, "/v1/chat/completions": True}
 def parse_args(argv=None):
     from engine.cli import Parser, add_common, add_engine_flags, add_policy_flags
 
-    p = Parser(prog="python -m engine.run_batch", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="python -m engine.run_batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-i", "--input-file", required=True, help="requests, one JSON object a line ('-': stdin)")
     p.add_argument("-o", "--output-file", required=True, help="results, one JSON object a line ('-': stdout)")
     add_common(p, "")
@@ -66,7 +70,9 @@ def run(eng, parser: Parser, lines: list[str], progress=None) -> list[dict]:
             if req.get("method", "POST") != "POST":
                 raise ApiError("'method' must be POST", "method")
             if req.get("url") not in URLS:
-                raise ApiError(f"'url' must be one of {', '.join(URLS)}, got {json.dumps(req.get('url'))}", "url")
+                raise ApiError(
+                    f"'url' must be one of {', '.join(URLS)}, got {json.dumps(req.get('url'))}", "url"
+                )
             body = req.get("body")
             if not isinstance(body, dict):
                 raise ApiError("'body' must be a JSON object", "body")
@@ -90,8 +96,12 @@ def run(eng, parser: Parser, lines: list[str], progress=None) -> list[dict]:
             n = owner.pop(u.key)
             job, index, results, custom, rid = jobs[n]
             if u.result.finish_reason == "error":
-                outs[n] = _line(custom, rid, 500, error_body(u.result.error or "the request failed",
-                                                             "internal_server_error"))
+                outs[n] = _line(
+                    custom,
+                    rid,
+                    500,
+                    error_body(u.result.error or "the request failed", "internal_server_error"),
+                )
                 for other in index:
                     if owner.pop(other, None) is not None:
                         core.abort(other)
@@ -106,13 +116,17 @@ def run(eng, parser: Parser, lines: list[str], progress=None) -> list[dict]:
 
 
 def _line(custom, rid, status, body) -> dict:
-    return {"id": f"batch_{rid}", "custom_id": custom,
-            "response": {"status_code": status, "request_id": rid, "body": body}, "error": None}
+    return {
+        "id": f"batch_{rid}",
+        "custom_id": custom,
+        "response": {"status_code": status, "request_id": rid, "body": body},
+        "error": None,
+    }
 
 
 def main(argv=None):
-    from engine.engine import Engine
     from engine.cli import check_flags, policy_from_args, set_threads
+    from engine.engine import Engine
 
     try:
         a = parse_args(argv)
@@ -127,8 +141,17 @@ def main(argv=None):
                 raise UserError(f"-o {a.output_file}: not a file in an existing directory")
             open(a.output_file, "a").close()  # writable, checked before the weights load
         set_threads(a.threads)
-        eng = Engine(a.model, a.device, a.dtype, a.max_length, a.compile, a.kv_memory, a.max_seqs, a.page_size,
-                     load=False)
+        eng = Engine(
+            a.model,
+            a.device,
+            a.dtype,
+            a.max_length,
+            a.compile,
+            a.kv_memory,
+            a.max_seqs,
+            a.page_size,
+            load=False,
+        )
         eng.check_policy(policy)
         eng.load()
         parser = Parser(eng, a.served_model_name or a.model or eng.path.name, policy, eng.context)
@@ -148,8 +171,10 @@ def main(argv=None):
         ok = sum(o["response"]["status_code"] == 200 for o in outs)
         toks = eng.core.totals["new_tokens"]
         wall = time.perf_counter() - t0
-        print(f"{ok}/{len(outs)} requests ok, {toks} new tokens in {wall:.1f} s ({toks / wall:.1f} tok/s)",
-              file=sys.stderr)
+        print(
+            f"{ok}/{len(outs)} requests ok, {toks} new tokens in {wall:.1f} s ({toks / wall:.1f} tok/s)",
+            file=sys.stderr,
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

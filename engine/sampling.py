@@ -1,5 +1,6 @@
 """Choosing tokens and turning them into text: sampling settings, the sync-free sampler,
 incremental detokenisation and stop strings."""
+
 import math
 from dataclasses import dataclass, field
 
@@ -24,7 +25,11 @@ class Sampling:
     def check(self):
         least = 0 if self.prompt_logprobs is not None else 1
         _whole("max_new_tokens", self.max_new_tokens, least)
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0 and math.isfinite(self.temperature)):
+        if not (
+            isinstance(self.temperature, (int, float))
+            and self.temperature >= 0
+            and math.isfinite(self.temperature)
+        ):
             raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
         _whole("top_k", self.top_k, 0)
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -110,10 +115,10 @@ class Detok:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        done = self.tok.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
-        now = self.tok.decode(self.ids[self.prefix:])
+        done = self.tok.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        now = self.tok.decode(self.ids[self.prefix :])
         if len(now) > len(done) and not now.endswith("\ufffd"):
-            self.text += now[len(done):]
+            self.text += now[len(done) :]
             self.prefix, self.read = self.read, len(self.ids)
         return self.text
 
@@ -126,6 +131,13 @@ def find_stop(text: str, stops: list[str], since: int = 0) -> int:
 
 
 def stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that could still grow into a stop string (held back from streaming)."""
-    return next((k for k in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1)
-                 if any(st.startswith(text[-k:]) for st in stops)), 0)
+    """Length of the longest tail of text that could still grow into a stop string (held back from
+    streaming)."""
+    return next(
+        (
+            k
+            for k in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1)
+            if any(st.startswith(text[-k:]) for st in stops)
+        ),
+        0,
+    )

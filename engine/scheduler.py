@@ -17,6 +17,7 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
   replays them as forced tokens when it is admitted again (greedy recomputation gives the same
   cache; nothing already streamed is streamed twice).
 """
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -78,7 +79,8 @@ class Scheduler:
         while self.waiting:
             grp = self.waiting[0]
             n, k = len(grp[0].prompt), len(grp)
-            work = (len(batch) + 1) * max(longest, n) if self.padded else tokens + n  # padded to the longest, or packed
+            # padded to the longest, or packed
+            work = (len(batch) + 1) * max(longest, n) if self.padded else tokens + n
             if batch and work > self.max_prefill_tokens:
                 break
             if seqs + k > self.max_seqs:
@@ -131,7 +133,7 @@ class Scheduler:
         will replay what it produced."""
         s = max(self.running, key=lambda x: x.order)
         self._remove(s)
-        s.forced = s.out + s.forced[len(s.out):]
+        s.forced = s.out + s.forced[len(s.out) :]
         self.waiting.appendleft([s])
         self.preemptions += 1
         return s

@@ -1,4 +1,5 @@
 """The checkpoint's own tokenizer (tokenizer.json) and chat template (Jinja, rendered as HF does)."""
+
 import json
 from datetime import datetime
 from pathlib import Path
@@ -46,9 +47,13 @@ class Tokenizer:
         tmpl = cfg.get("chat_template")
         if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
             if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in tmpl):
-                raise UserError(f"{where}: chat_template as a list must hold {{'name': ..., 'template': ...}} objects")
+                raise UserError(
+                    f"{where}: chat_template as a list must hold {{'name': ..., 'template': ...}} objects"
+                )
             tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
-        if (model_dir / "chat_template.jinja").is_file():  # the file wins over the config's field (transformers 5)
+        if (
+            model_dir / "chat_template.jinja"
+        ).is_file():  # the file wins over the config's field (transformers 5)
             tmpl = (model_dir / "chat_template.jinja").read_text()
         if tmpl is not None and not isinstance(tmpl, str):
             raise UserError(f"{where}: chat_template must be a string, not {type(tmpl).__name__}")
@@ -65,8 +70,9 @@ class Tokenizer:
         return None if text is None else self.tok.token_to_id(text)
 
     def apply_chat(self, prompt: str, system: str | None = None) -> str:
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
-            [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}
+        ]
         return self.apply_messages(messages)
 
     def apply_messages(self, messages: list[dict]) -> str:
@@ -79,10 +85,16 @@ class Tokenizer:
         def raise_exception(msg):
             raise TemplateError(msg)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=self.bos or "", eos_token=self.eos or "")
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos or "",
+                eos_token=self.eos or "",
+            )
         except Exception as e:  # noqa: BLE001 - a template is the checkpoint's code: any failure is its error
             raise UserError(f"chat template failed: {type(e).__name__}: {e}") from None

@@ -10,6 +10,7 @@ is decided identically on every rank: tokens are broadcast from rank 0, page sho
 pages are all-reduced (on a CPU group, so no decision waits for the GPU stream), and the pruning
 probe is gathered so that every policy sees all heads and plans exactly as on one process.
 """
+
 import datetime
 import os
 
@@ -52,7 +53,8 @@ class TP:
         head's logits (functional collective: traceable by torch.compile)."""
         import torch.distributed._functional_collectives as funcol
 
-        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the new name, where torch has it
+        # the new name, where torch has it
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
         return gather(t.contiguous(), dim % t.dim(), dist.group.WORLD)
 
     def errors(self, msg: str | None) -> list[str]:
@@ -66,8 +68,10 @@ def init(tp: int | None, device: str | None) -> TP:
     """Join the group torchrun (or --tp) started; no group: a single process."""
     if "WORLD_SIZE" not in os.environ:
         if tp is not None and tp > 1:
-            raise UserError(f"--tp {tp} needs {tp} ranks: run it through torchrun --nproc-per-node {tp}, or let "
-                            "engine.generate spawn them")
+            raise UserError(
+                f"--tp {tp} needs {tp} ranks: run it through torchrun --nproc-per-node {tp}, or let "
+                "engine.generate spawn them"
+            )
         return TP()
     world = int(os.environ["WORLD_SIZE"])
     if tp is not None and tp != world:
@@ -77,8 +81,10 @@ def init(tp: int | None, device: str | None) -> TP:
         if cuda:
             here, n = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
             if here > n:  # checked on every rank before any waits for the others: all exit, rank 0 says why
-                raise UserError(f"{here} ranks on this machine need a GPU each, but it has {n}: start at most {n}, "
-                                "or pass --device cpu")
+                raise UserError(
+                    f"{here} ranks on this machine need a GPU each, but it has {n}: start at most {n}, "
+                    "or pass --device cpu"
+                )
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
     cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
@@ -96,10 +102,21 @@ def spawn(argv: list[str], n: int) -> int:
         port = s.getsockname()[1]
     procs = []
     for r in range(n):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "engine.generate", *argv], env=env,
-                                      stdout=None if r == 0 else subprocess.DEVNULL,
-                                      stderr=None if r == 0 else subprocess.DEVNULL))
+        env = dict(
+            os.environ,
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE=str(n),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "engine.generate", *argv],
+                env=env,
+                stdout=None if r == 0 else subprocess.DEVNULL,
+                stderr=None if r == 0 else subprocess.DEVNULL,
+            )
+        )
     codes = [p.wait() for p in procs]
     return codes[0] or max(codes)

@@ -6,6 +6,7 @@ prompt slots of each (layer, sequence, KV head) row survive into decode. The eng
 compacts the paged KV pool with it (the emptied pages go back to the pool); everything else about
 generation is unchanged.
 Every module in this package is imported on first use, so a new method is one new file."""
+
 import importlib
 import math
 import pkgutil
@@ -56,6 +57,7 @@ def register(name: str):
         cls.name = name
         POLICIES[name] = cls
         return cls
+
     return deco
 
 
@@ -80,7 +82,9 @@ def make(name: str, **kwargs) -> Policy:
     takes = knobs(name)
     bad = [k for k in kwargs if k not in takes]
     if bad:
-        raise UserError(f"KV policy {name!r} has no knob {bad[0]!r}; it takes: {', '.join(takes) or 'nothing'}")
+        raise UserError(
+            f"KV policy {name!r} has no knob {bad[0]!r}; it takes: {', '.join(takes) or 'nothing'}"
+        )
     try:
         return POLICIES[name](**kwargs)
     except (TypeError, ValueError) as e:
@@ -88,6 +92,7 @@ def make(name: str, **kwargs) -> Policy:
 
 
 # --- helpers shared by the fixed-budget methods (streaming, h2o, snapkv); see README.md ---
+
 
 def check_budget(budget) -> float:
     """Validate a fixed budget: a fraction of each prompt (0 < budget <= 1) or a whole token
@@ -121,7 +126,9 @@ def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) ->
     broadcastable to scores.shape[:-1]. Equal scores prefer the later (more recent) slot."""
     N = scores.shape[-1]
     s = torch.where(eligible, scores, -math.inf)
-    order = (N - 1) - torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices  # ties: later slot first
+    order = (N - 1) - torch.sort(
+        s.flip(-1), dim=-1, descending=True, stable=True
+    ).indices  # ties: later slot first
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=s.device).expand_as(order))
     return (rank < k[..., None]) & eligible
 
@@ -138,7 +145,11 @@ def check_layers(protected) -> tuple[int, ...]:
         layers = tuple(protected)
     except TypeError:
         layers = None
-    if layers is None or isinstance(protected, (str, bytes)) or any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
+    if (
+        layers is None
+        or isinstance(protected, (str, bytes))
+        or any(isinstance(x, bool) or not isinstance(x, int) for x in layers)
+    ):
         raise ValueError(f"protected must be a list of layer indices, got {protected!r}")
     if any(x < 0 for x in layers):
         raise ValueError(f"protected layers must be >= 0, got {list(protected)}")
@@ -156,7 +167,8 @@ def check_threshold(threshold) -> float:
         t = float(threshold)
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
-    if not (math.isfinite(t) and 0 <= t <= 1):  # a share of the attention: past 1 it means nothing more than 1
+    # a share of the attention: past 1 it means nothing more than 1
+    if not (math.isfinite(t) and 0 <= t <= 1):
         raise ValueError(f"threshold must be in [0, 1] (a share of the attention), got {threshold!r}")
     return t
 

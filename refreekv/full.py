@@ -4,6 +4,7 @@ from refreekv import Policy, Probe, register
 @register("full")
 class Full(Policy):
     """No pruning: every prompt token stays (the reference every method is measured against)."""
+
     probe_rows = 0
 
     def plan(self, probe: Probe):

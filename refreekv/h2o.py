@@ -13,14 +13,25 @@ split; an int caps at k), always kept; the other k - recent slots go to the per-
 scores among the older tokens (ties: the more recent key). Every layer is pruned unless listed
 in `protected` (default none).
 """
-from refreekv import (Policy, Probe, budget_tokens, check_budget, check_layers, kv_head_scores, protect,
-                      register, top_k_mask)
+
+from refreekv import (
+    Policy,
+    Probe,
+    budget_tokens,
+    check_budget,
+    check_layers,
+    kv_head_scores,
+    protect,
+    register,
+    top_k_mask,
+)
 
 
 @register("h2o")
 class H2O(Policy):
-    def __init__(self, budget: float = 0.5, window: int = 8, recent: int | None = None,
-                 protected: tuple[int, ...] = ()):
+    def __init__(
+        self, budget: float = 0.5, window: int = 8, recent: int | None = None, protected: tuple[int, ...] = ()
+    ):
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if recent is not None and int(recent) < 0:

@@ -15,6 +15,7 @@ the share of the last query's softmax that eviction removes, which bounds the ch
 query's attention output (<= 2 gap max|v|). On small models the L2 gap lets a diffuse 25% of
 the attention go at T = 1%; the mass gap does not.
 """
+
 import torch
 
 from refreekv import Policy, Probe, check_count, check_flag, check_layers, check_threshold, register
@@ -37,7 +38,9 @@ def cut_positions(a, lens, threshold, sinks, include_sinks=False, metric="l2"):
     the gap is formed without subtracting near-equal quantities, so it agrees with a direct sum
     far below any sensible T and stays > 0 however small the evicted attention. T = 0 keeps all,
     keys with exactly zero attention included."""
-    return torch.cat([_cut(a[l: l + 1], lens, threshold, sinks, include_sinks, metric) for l in range(a.shape[0])])
+    return torch.cat(
+        [_cut(a[l : l + 1], lens, threshold, sinks, include_sinks, metric) for l in range(a.shape[0])]
+    )
 
 
 def _cut(a, lens, threshold, sinks, include_sinks, metric):
@@ -53,7 +56,8 @@ def _cut(a, lens, threshold, sinks, include_sinks, metric):
         sink = (s.square() if metric == "l2" else s).sum(-1, keepdim=True)
     if metric == "l2":
         x = x.square()
-    removed = torch.cat((torch.zeros_like(x[..., :1]), x[..., :-1].cumsum(-1)), -1)  # sum_{t < p} over candidates
+    # sum_{t < p} over candidates
+    removed = torch.cat((torch.zeros_like(x[..., :1]), x[..., :-1].cumsum(-1)), -1)
     whole = x.sum(-1, keepdim=True) + sink
     if metric == "l2":
         base_h, S_h = whole.sqrt(), (x.flip(-1).cumsum(-1).flip(-1) + sink).sqrt()  # S[p]: t >= p
@@ -73,17 +77,40 @@ def _cut(a, lens, threshold, sinks, include_sinks, metric):
 
 @register("refreekv")
 class ReFreeKV(Policy):
-    def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1,
-                 protected: tuple[int, ...] = (0, 1), include_sinks: bool = False, metric: str = "l2"):
+    def __init__(
+        self,
+        threshold: float = 0.01,
+        sinks: int = 4,
+        rows: int = 1,
+        protected: tuple[int, ...] = (0, 1),
+        include_sinks: bool = False,
+        metric: str = "l2",
+    ):
         if metric not in ("l2", "mass"):
             raise ValueError(f"metric must be 'l2' or 'mass', got {metric!r}")
         self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
         self.probe_rows = check_count("rows", rows, 1)
-        self.protected, self.include_sinks, self.metric = check_layers(protected), check_flag("include_sinks", include_sinks), metric
+        self.protected, self.include_sinks, self.metric = (
+            check_layers(protected),
+            check_flag("include_sinks", include_sinks),
+            metric,
+        )
 
     def plan(self, probe: Probe):
-        p = torch.cat([cut_positions(row_scores(probe.attn[l: l + 1], probe.lens), probe.lens, self.threshold, self.sinks,
-                                     self.include_sinks, self.metric) for l in range(probe.n_layers)])  # layer by layer
+        # layer by layer
+        p = torch.cat(
+            [
+                cut_positions(
+                    row_scores(probe.attn[l : l + 1], probe.lens),
+                    probe.lens,
+                    self.threshold,
+                    self.sinks,
+                    self.include_sinks,
+                    self.metric,
+                )
+                for l in range(probe.n_layers)
+            ]
+        )
         for layer in self.protected:
             if layer < probe.n_layers:
                 p[layer] = 0
@@ -100,14 +127,17 @@ def gap_reference(a, n, sinks, include_sinks=False, metric="l2"):
     if metric == "mass":
         base = (cand.sum(-1) + sink.sum(-1)).mean().item()
         return [cand[:, :j].sum(-1).mean().item() / base if base > 0 else 0.0 for j in range(cand.shape[1])]
-    extra = (sink ** 2).sum(-1)
-    base = ((cand ** 2).sum(-1) + extra).sqrt().mean().item()
-    return [(base - ((cand[:, j:] ** 2).sum(-1) + extra).sqrt().mean().item()) / base if base > 0 else 0.0
-            for j in range(cand.shape[1])]
+    extra = (sink**2).sum(-1)
+    base = ((cand**2).sum(-1) + extra).sqrt().mean().item()
+    return [
+        (base - ((cand[:, j:] ** 2).sum(-1) + extra).sqrt().mean().item()) / base if base > 0 else 0.0
+        for j in range(cand.shape[1])
+    ]
 
 
 def cut_reference(a, n, threshold, sinks, include_sinks=False, metric="l2"):
-    """Per-(layer, sequence) loop reference: the kept suffix starts at sinks + the deepest j with gap[j] <= T."""
+    """Per-(layer, sequence) loop reference: the kept suffix starts at sinks + the deepest j with
+    gap[j] <= T."""
     if n <= sinks or threshold == 0:
         return min(n, sinks) if n > sinks else n
     gaps = gap_reference(a, n, sinks, include_sinks, metric)

@@ -13,6 +13,7 @@ layer keeps the sinks and the rest.
 The authors' code ranks per query head with one shared cut depth; this ablation ranks per layer
 so its plans stay one set per layer like ReFreeKV's.
 """
+
 import math
 
 import torch
@@ -33,19 +34,30 @@ def eviction_order(rank: torch.Tensor, lens: torch.Tensor, sinks: int) -> torch.
 
 @register("refreekv-h2o")
 class ReFreeKVH2O(Policy):
-    def __init__(self, threshold: float = 0.01, sinks: int = 4, rows: int = 1, window: int = 8,
-                 protected: tuple[int, ...] = (0, 1), include_sinks: bool = False):
+    def __init__(
+        self,
+        threshold: float = 0.01,
+        sinks: int = 4,
+        rows: int = 1,
+        window: int = 8,
+        protected: tuple[int, ...] = (0, 1),
+        include_sinks: bool = False,
+    ):
         self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
         self.rows, self.window = check_count("rows", rows, 1), check_count("window", window, 1)
         self.probe_rows = max(self.rows, self.window)
-        self.protected, self.include_sinks = check_layers(protected), check_flag("include_sinks", include_sinks)
+        self.protected, self.include_sinks = (
+            check_layers(protected),
+            check_flag("include_sinks", include_sinks),
+        )
 
     def plan(self, probe: Probe):
         attn, lens = probe.attn, probe.lens
-        a = row_scores(attn[..., -self.rows:, :], lens)  # [L, B, H, N] metric
-        order = eviction_order(attn[..., -self.window:, :].sum((2, 3)), lens, self.sinks)  # [L, B, N]
+        a = row_scores(attn[..., -self.rows :, :], lens)  # [L, B, H, N] metric
+        order = eviction_order(attn[..., -self.window :, :].sum((2, 3)), lens, self.sinks)  # [L, B, N]
         a_ranked = a.gather(-1, order[:, :, None].expand_as(a))  # candidates in eviction order
-        p = cut_positions(a_ranked, lens, self.threshold, self.sinks, self.include_sinks)  # [L, B], ranked slots
+        # [L, B], ranked slots
+        p = cut_positions(a_ranked, lens, self.threshold, self.sinks, self.include_sinks)
         for layer in self.protected:
             if layer < probe.n_layers:
                 p[layer] = 0

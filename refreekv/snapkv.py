@@ -12,18 +12,30 @@ scores among the older tokens, per KV head (ties: the more recent key). A budget
 the window keeps only the last k tokens. Every layer is pruned unless listed in `protected`
 (default none).
 """
+
 import math
 
 import torch
 import torch.nn.functional as F
 
-from refreekv import (Policy, Probe, budget_tokens, check_budget, check_layers, kv_head_scores, protect,
-                      register, top_k_mask)
+from refreekv import (
+    Policy,
+    Probe,
+    budget_tokens,
+    check_budget,
+    check_layers,
+    kv_head_scores,
+    protect,
+    register,
+    top_k_mask,
+)
 
 
 @register("snapkv")
 class SnapKV(Policy):
-    def __init__(self, budget: float = 0.5, window: int = 8, kernel: int = 7, protected: tuple[int, ...] = ()):
+    def __init__(
+        self, budget: float = 0.5, window: int = 8, kernel: int = 7, protected: tuple[int, ...] = ()
+    ):
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if int(kernel) < 1 or int(kernel) % 2 == 0:
@@ -40,6 +52,9 @@ class SnapKV(Policy):
         older = real & (pos < (probe.lens - win)[None, :, None, None])
         scores = kv_head_scores(probe.attn, probe.n_kv_heads).masked_fill(~older, -math.inf)
         L, B, Hkv, N = scores.shape
-        pooled = F.max_pool1d(scores.view(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2).view(L, B, Hkv, N)
+        pooled = F.max_pool1d(scores.view(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2)
+        pooled = pooled.view(L, B, Hkv, N)
         heavy = top_k_mask(pooled, older, (k - kw)[None, :, None])
-        return protect(heavy | (real & (pos >= (probe.lens - kw)[None, :, None, None])), probe, self.protected)
+        return protect(
+            heavy | (real & (pos >= (probe.lens - kw)[None, :, None, None])), probe, self.protected
+        )

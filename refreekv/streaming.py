@@ -7,6 +7,7 @@ The sinks are counted inside the budget: a budget of k tokens keeps [0, min(sink
 last k - min(sinks, k) tokens (so a budget below `sinks` keeps only the first k tokens). Every
 layer is pruned unless listed in `protected` (default none, as in the paper's baseline).
 """
+
 from refreekv import Policy, Probe, budget_tokens, check_budget, check_layers, protect, register
 
 

@@ -14,7 +14,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (set before triton loads)
+# Triton kernels run on the CPU through the interpreter (set before triton loads)
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -24,10 +25,20 @@ def tiny_ckpts(tmp_path_factory):
     from helpers import write_tiny
 
     root = tmp_path_factory.mktemp("tiny")
-    return {(fam, sharded): write_tiny(fam, root / f"{fam}{'-sharded' if sharded else ''}", sharded)
-            for fam in ("llama", "mistral", "qwen2", "llama-bias", "qwen2-window", "llama-window", "qwen2-yarn",
-                        "llama-linear")
-            for sharded in (False, True)}
+    return {
+        (fam, sharded): write_tiny(fam, root / f"{fam}{'-sharded' if sharded else ''}", sharded)
+        for fam in (
+            "llama",
+            "mistral",
+            "qwen2",
+            "llama-bias",
+            "qwen2-window",
+            "llama-window",
+            "qwen2-yarn",
+            "llama-linear",
+        )
+        for sharded in (False, True)
+    }
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +62,7 @@ def real_text(n_chars: int, start: str = "assignment") -> str:
 
     keys = sorted(topics)
     text = ""
-    for k in keys[keys.index(start):] + keys:
+    for k in keys[keys.index(start) :] + keys:
         text += topics[k]
         if len(text) >= n_chars:
             return text[:n_chars]

@@ -2,6 +2,7 @@
 before pages (one [layers, batch, kv_heads, capacity, head_dim] buffer, rows compacted in place,
 attention masked to each row's length) and a plain greedy loop over one fixed batch. No pages,
 no queue, no preemption, no pipelining: what the engine must reproduce token for token."""
+
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +70,9 @@ def dense_generate(model, prompts, policy, max_new, eos=()):
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p)
     kv = DenseKV(c.n_layers, B, c.n_kv_heads, N + max_new, c.head_dim, model.embed.weight.dtype, dev)
-    logits, probe = model.prefill(tokens.to(dev), lens, kv, torch.arange(B, device=dev), probe_rows=policy.probe_rows)
+    logits, probe = model.prefill(
+        tokens.to(dev), lens, kv, torch.arange(B, device=dev), probe_rows=policy.probe_rows
+    )
     kv.compact(policy.plan(refreekv.Probe(probe, lens, c.n_layers, c.n_kv_heads, N)))
     kept = kv.lengths.to("cpu", copy=True)
     out, done = [[] for _ in range(B)], [False] * B

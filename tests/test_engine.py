@@ -1,6 +1,7 @@
 """The engine end to end: continuous batching over the paged pool gives the tokens of the dense
 store (tests/dense_reference.py) for every policy, with admission waits, sequences finishing at
 different steps and preemptions all happening; fan-out, teacher forcing, streaming, bad input."""
+
 import json
 
 import pytest
@@ -15,9 +16,15 @@ from engine.kv import page_bytes
 from engine.sampling import Detok, Sampling
 from weights.errors import UserError
 
-POLICIES = {"full": {}, "refreekv": dict(threshold=0.2, protected=(0,)), "streaming": dict(budget=0.5),
-            "h2o": dict(budget=0.5), "snapkv": dict(budget=12), "refreekv-h2o": dict(threshold=0.2),
-            "refreekv-topp": dict(threshold=0.2, protected=(1,))}
+POLICIES = {
+    "full": {},
+    "refreekv": dict(threshold=0.2, protected=(0,)),
+    "streaming": dict(budget=0.5),
+    "h2o": dict(budget=0.5),
+    "snapkv": dict(budget=12),
+    "refreekv-h2o": dict(threshold=0.2),
+    "refreekv-topp": dict(threshold=0.2, protected=(1,)),
+}
 
 
 def gib(pages, c, page_size, dtype=torch.float32):
@@ -30,7 +37,9 @@ def small_engine(path, pages_per_row, page_size=4, max_seqs=4):
 
     c = load_config(path)
     pages = pages_per_row * c.n_layers * c.n_kv_heads
-    return Engine(str(path), device="cpu", kv_memory=gib(pages, c, page_size), max_seqs=max_seqs, page_size=page_size)
+    return Engine(
+        str(path), device="cpu", kv_memory=gib(pages, c, page_size), max_seqs=max_seqs, page_size=page_size
+    )
 
 
 class Trace:
@@ -84,7 +93,10 @@ def test_fan_out_equals_one_policy_at_a_time_and_sequences_finish_apart(tiny_ckp
     for j, p in enumerate(policies):
         alone = eng.generate(prompts, p, Sampling(max_new_tokens=20))
         for i in range(len(prompts)):
-            assert fan[i][j].tokens == alone[i].tokens and fan[i][j].stats["kept_per_head"] == alone[i].stats["kept_per_head"]
+            assert (
+                fan[i][j].tokens == alone[i].tokens
+                and fan[i][j].stats["kept_per_head"] == alone[i].stats["kept_per_head"]
+            )
     assert len({n for n, _ in trace.at.values()}) > 2  # sequences ended after different numbers of tokens
 
 
@@ -102,10 +114,14 @@ def test_teacher_forcing_reproduces_full_sequence_logits(tiny_ckpts):
         for k, st, row in zip(keys, steps, logits):
             got[k, st] = row.clone()
 
-    out = eng.generate(ctx.tolist(), refreekv.make("full"), Sampling(max_new_tokens=12), forced=tgt.tolist(), on_logits=hook)
+    out = eng.generate(
+        ctx.tolist(), refreekv.make("full"), Sampling(max_new_tokens=12), forced=tgt.tolist(), on_logits=hook
+    )
     assert [r.tokens for r in out] == tgt.tolist()
     kv, slots = paged(eng.config, [42, 42])
-    whole, _ = eng.model.prefill(torch.cat([ctx, tgt], 1), torch.tensor([42, 42]), kv, slots, probe_rows=0, all_logits=True)
+    whole, _ = eng.model.prefill(
+        torch.cat([ctx, tgt], 1), torch.tensor([42, 42]), kv, slots, probe_rows=0, all_logits=True
+    )
     for b in range(2):
         for t in range(12):
             torch.testing.assert_close(got[b, t], whole[b, 29 + t], atol=1e-4, rtol=0)
@@ -125,7 +141,8 @@ def test_streaming_survives_preemption(tiny_ckpts):
     res = eng.generate(prompts, refreekv.make("full"), Sampling(max_new_tokens=30), on_token=on_token)
     assert eng.stats["preemptions"] > 0
     assert [seen[i] for i in range(len(prompts))] == [r.text for r in res]
-    for k in ("pages_after_prefill", "pages_after_pruning"):  # a preempted sequence counts once in the workload
+    # a preempted sequence counts once in the workload
+    for k in ("pages_after_prefill", "pages_after_pruning"):
         assert eng.stats[k] == sum(r.stats[k] for r in res), k
 
 
@@ -141,8 +158,12 @@ def test_streaming_ends_with_the_result_text_at_eos(tiny_ckpts):
     text = eng.tokenizer.decode(free.tokens[:k])
     stop = text[-1] + "\x00\x00"  # never matches, but the text's last character could start it
     seen = []
-    r = eng.generate([ids], refreekv.make("full"), Sampling(max_new_tokens=20, stop=[stop]),
-                     on_token=lambda i, t: seen.append(t))[0]
+    r = eng.generate(
+        [ids],
+        refreekv.make("full"),
+        Sampling(max_new_tokens=20, stop=[stop]),
+        on_token=lambda i, t: seen.append(t),
+    )[0]
     assert r.tokens == free.tokens[:k] and r.text == text
     assert seen[-1] == text and (len(seen) < 2 or seen[-2] != text)  # held back until the end
 
@@ -150,7 +171,9 @@ def test_streaming_ends_with_the_result_text_at_eos(tiny_ckpts):
 def test_peak_pages_count_the_prompt_before_pruning(tiny_ckpts):
     eng = small_engine(tiny_ckpts["llama", False], 40)
     eng.eos = set()
-    r = eng.generate([list(range(3, 83))], refreekv.make("streaming", budget=0.25), Sampling(max_new_tokens=4))[0]
+    r = eng.generate(
+        [list(range(3, 83))], refreekv.make("streaming", budget=0.25), Sampling(max_new_tokens=4)
+    )[0]
     assert r.stats["pages_after_pruning"] < r.stats["pages_after_prefill"] == eng.stats["peak_pages"]
 
 
@@ -177,7 +200,8 @@ def test_pool_and_scheduler_arguments_are_checked(tiny_ckpts, capsys):
     rc = main(["--model", path, "--prompt", "x" * 100, "--kv-memory", "0.00001", "--max-new-tokens", "10"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
-    # 3 layers x 2 KV heads x ceil(109 / 16) = 7 pages = 42; 0.00001 GiB = 10737 B / (16 tokens x (2 x 16 x 4 + 4) B) = 5 pages
+    # 3 layers x 2 KV heads x ceil(109 / 16) = 7 pages = 42;
+    # 0.00001 GiB = 10737 B / (16 tokens x (2 x 16 x 4 + 4) B) = 5 pages
     assert "needs 42 KV pages" in err and "pool holds 5 pages" in err, err
     eng = Engine(path, device="cpu", max_seqs=2)
     with pytest.raises(UserError, match="3 policies per prompt need 3 sequences at once but --max-seqs is 2"):
@@ -212,10 +236,20 @@ def test_real_models_every_policy_equals_the_dense_store(name):
 
     eng = Engine(str(ensure_bundled(name)), device="cpu", max_seqs=28, page_size=4, load=False)
     c = eng.config
-    docs = [real_text(n, start) for n, start in [(400, "assert"), (500, "atom-identifiers"), (300, "break"),
-                                                (600, "calls"), (450, "class"), (350, "continue")]]
+    docs = [
+        real_text(n, start)
+        for n, start in [
+            (400, "assert"),
+            (500, "atom-identifiers"),
+            (300, "break"),
+            (600, "calls"),
+            (450, "class"),
+            (350, "continue"),
+        ]
+    ]
     prompts = [eng.encode(f"{d}\n\nExplain this text in detail, step by step.") for d in docs]
-    rows = lambda m: c.n_layers * c.n_kv_heads * -(-(max(map(len, prompts)) + m) // 4)  # pages of the longest, whole
+    # pages of the longest, whole
+    rows = lambda m: c.n_layers * c.n_kv_heads * -(-(max(map(len, prompts)) + m) // 4)
     policies = [refreekv.make(n, **({"budget": 0.3} if "budget" in kw else {})) for n, kw in POLICIES.items()]
     eng.kv_memory = gib(int(1.3 * len(policies) * rows(10)), c, 4)
     eng.load()
@@ -227,7 +261,9 @@ def test_real_models_every_policy_equals_the_dense_store(name):
             assert fan[i][j].tokens == want[i], (p.name, i)
             assert fan[i][j].stats["kept_per_head"] == kept[:, i].tolist(), (p.name, i)
 
-    eng = Engine(str(eng.path), device="cpu", max_seqs=8, page_size=4, kv_memory=gib(int(1.7 * rows(40)), c, 4))
+    eng = Engine(
+        str(eng.path), device="cpu", max_seqs=8, page_size=4, kv_memory=gib(int(1.7 * rows(40)), c, 4)
+    )
     for p in (refreekv.make("full"), refreekv.make("refreekv")):
         res = eng.generate(prompts, p, Sampling(max_new_tokens=40))
         check_busy(eng.stats, len(prompts))
@@ -240,8 +276,18 @@ def test_real_models_every_policy_equals_the_dense_store(name):
 
 @pytest.mark.slow
 def test_cli_batch_prints_every_answer_in_order(smollm, tmp_path):
-    r = run_cli("--prompt", "What is the capital of France?", "--prompt", "Name a primary colour.", "--max-seqs", "1",
-                "--max-new-tokens", "12", "--stats-json", str(tmp_path / "s.json"))
+    r = run_cli(
+        "--prompt",
+        "What is the capital of France?",
+        "--prompt",
+        "Name a primary colour.",
+        "--max-seqs",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "--stats-json",
+        str(tmp_path / "s.json"),
+    )
     assert r.returncode == 0, r.stderr
     st = json.loads((tmp_path / "s.json").read_text())
     assert "Paris" in r.stdout.split("\n\n")[0]

@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1, which conftest sets without CUDA) against float64 F.linear, for drawn shapes
 that are not multiples of the tiles, K split several ways, with and without bias; and the engine's
 decode through it gives the tokens of the F.linear path."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,16 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @settings(max_examples=examples(25), deadline=None)
-@given(st.integers(1, gm.ROWS), st.integers(1, 150), st.integers(1, 300), st.booleans(),
-       st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.sampled_from([1, 8, 64]), st.integers(0, 2**31 - 1))
+@given(
+    st.integers(1, gm.ROWS),
+    st.integers(1, 150),
+    st.integers(1, 300),
+    st.booleans(),
+    st.sampled_from([16, 32]),
+    st.sampled_from([16, 32]),
+    st.sampled_from([1, 8, 64]),
+    st.integers(0, 2**31 - 1),
+)
 def test_gemv_equals_linear(M, N, K, bias, block_n, block_k, target, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, 1, K + 3, generator=g)[..., 3:]  # a strided view, as a slice of the residual stream
@@ -27,7 +36,7 @@ def test_gemv_equals_linear(M, N, K, bias, block_n, block_k, target, seed):
     y = gm.gemv(x.to(DEV), w.to(DEV), None if b is None else b.to(DEV), block_n, block_k, target).cpu()
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.shape == (M, 1, N) and y.dtype == torch.float32
-    torch.testing.assert_close(y.double(), ref, atol=1e-4 * K ** 0.5, rtol=1e-5)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4 * K**0.5, rtol=1e-5)
 
 
 def test_splits_cover_k_and_fill_the_grid():
@@ -43,8 +52,11 @@ def test_more_rows_than_the_kernel_serves_go_to_linear():
     torch.testing.assert_close(gm.gemv(x, w), F.linear(x, w))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter path (triton picks compiled or interpreted at "
-                    "import); on CUDA test_compiled_cuda_decode_through_the_kernel covers it")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="CPU interpreter path (triton picks compiled or interpreted at "
+    "import); on CUDA test_compiled_cuda_decode_through_the_kernel covers it",
+)
 def test_engine_decode_through_the_kernel_gives_the_linear_tokens(tiny_ckpts, monkeypatch):
     """qwen2 (q/k/v biases): every decode projection and the LM head go through the kernel, and
     the greedy tokens equal the F.linear engine's (fp32)."""
@@ -88,7 +100,10 @@ def test_choice(monkeypatch):
 def test_gemv_bf16_at_7b_shapes(N, K, M):
     g = torch.Generator(device="cuda").manual_seed(M)
     w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()
-    x, b = torch.randn(M, K, device="cuda", generator=g).bfloat16(), torch.randn(N, device="cuda", generator=g).bfloat16()
+    x, b = (
+        torch.randn(M, K, device="cuda", generator=g).bfloat16(),
+        torch.randn(N, device="cuda", generator=g).bfloat16(),
+    )
     ref = F.linear(x.double(), w.double(), b.double())
     y = gm.gemv(x, w, b)
     assert y.dtype == torch.bfloat16 and ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
@@ -104,7 +119,10 @@ def test_compiled_cuda_decode_through_the_kernel(tiny_ckpts, monkeypatch):
 
     path = str(tiny_ckpts["llama", False])
     g = torch.Generator().manual_seed(3)
-    rounds = [[torch.randint(3, 256, (n,), generator=g).tolist() for n in lens] for lens in ((9, 30, 17), (40, 5, 22))]
+    rounds = [
+        [torch.randint(3, 256, (n,), generator=g).tolist() for n in lens]
+        for lens in ((9, 30, 17), (40, 5, 22))
+    ]
     ref = Engine(path, device="cuda", dtype="float32", compile=False, kv_memory=0.05, page_size=4)
     ref.eos = set()
     monkeypatch.setenv("REFREEKV_GEMV", "triton")
@@ -117,4 +135,6 @@ def test_compiled_cuda_decode_through_the_kernel(tiny_ckpts, monkeypatch):
             torch._dynamo.utils.counters.clear()
         want = [r.tokens for r in ref.generate(prompts, refreekv.make("full"), s)]
         assert [r.tokens for r in eng.generate(prompts, refreekv.make("full"), s)] == want
-    assert not torch._dynamo.utils.counters["stats"].get("unique_graphs"), dict(torch._dynamo.utils.counters["stats"])
+    assert not torch._dynamo.utils.counters["stats"].get("unique_graphs"), dict(
+        torch._dynamo.utils.counters["stats"]
+    )

@@ -48,8 +48,15 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "1 2"]
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", *, tied: bool = True, pre: str = "smollm",
-                    bad_quant_tensor: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    *,
+    tied: bool = True,
+    pre: str = "smollm",
+    bad_quant_tensor: str | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Write a small random model as GGUF; return the HF-layout tensors it should convert back to."""
     rng = np.random.default_rng(seed)
     h, nh, kv, ffn, nl = TINY["hidden"], TINY["heads"], TINY["kv"], TINY["ffn"], TINY["layers"]
@@ -77,7 +84,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", *, tied: bool = True, pre: 
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
 
     def r(*shape):
         return rng.standard_normal(shape).astype(np.float32)
@@ -146,7 +155,11 @@ def test_tiny_roundtrip(tmp_path, arch, tied):
     out = convert_gguf(src, tmp_path / "out")
     assert out == tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     got = _load(out)
     assert set(got) == set(expected)
@@ -174,7 +187,11 @@ def test_tiny_roundtrip(tmp_path, arch, tied):
     eos = [2, 0] if arch == "qwen2" else 2  # Qwen2 also stops on its pad/<|endoftext|> id
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, eos, 0)
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
-    assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["pad_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     assert tcfg["chat_template"].startswith("{% for m in messages %}")
     assert not list(tmp_path.glob(".out*")), "temp dir left behind"
 
@@ -260,7 +277,9 @@ def test_undequantizable_quant_type(tmp_path):
     # premise: gguf itself really cannot dequantize Q8_1
     with pytest.raises(NotImplementedError):
         gguf.quants.dequantize(np.zeros((1, 40), np.uint8), gguf.GGMLQuantizationType.Q8_1)
-    with pytest.raises(UserError, match=r"blk\.1\.ffn_up\.weight has quant type Q8_1, which gguf cannot dequantize") as e:
+    with pytest.raises(
+        UserError, match=r"blk\.1\.ffn_up\.weight has quant type Q8_1, which gguf cannot dequantize"
+    ) as e:
         convert_gguf(p, tmp_path / "out")
     assert str(p) in str(e.value) and "\n" not in str(e.value)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.gguf"]  # nothing half-written
@@ -327,14 +346,36 @@ def gguf_dir(tmp_path_factory):
 
 
 MODELS_MD = {  # the published facts of the two bundled checkpoints (their model cards and GGUF metadata)
-    SMOL: dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
-               num_key_value_heads=3, head_dim=64, intermediate_size=1536, rope_theta=1e5,
-               tie_word_embeddings=True, vocab_size=49152, max_position_embeddings=8192,
-               bos_token_id=1, eos_token_id=2),
-    QWEN: dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
-               num_key_value_heads=2, head_dim=64, intermediate_size=4864, rope_theta=1e6,
-               tie_word_embeddings=False, vocab_size=151936, max_position_embeddings=32768,
-               eos_token_id=151645, use_sliding_window=False),
+    SMOL: dict(
+        model_type="llama",
+        num_hidden_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        rope_theta=1e5,
+        tie_word_embeddings=True,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    QWEN: dict(
+        model_type="qwen2",
+        num_hidden_layers=24,
+        hidden_size=896,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=4864,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        eos_token_id=151645,
+        use_sliding_window=False,
+    ),
 }
 
 
@@ -345,7 +386,9 @@ def test_real_config_matches_models_md(converted, name):
     cfg = json.loads((out / "config.json").read_text())
     for k, v in MODELS_MD[name].items():
         assert cfg[k] == v, k
-    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg["model_type"]]]
+    assert cfg["architectures"] == [
+        {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg["model_type"]]
+    ]
     assert cfg["torch_dtype"] == "float32" and "rope_parameters" not in cfg
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tcfg["eos_token"] == "<|im_end|>"
@@ -402,7 +445,10 @@ TEXTS = [
     " 12345 and 2024-11-22 at 09:30",
     'def reverse_string(s):\n    """Reverse s."""\n    return s[::-1]\n\n\tif x:\n\t\tpass\n',
     "café naïve 日本語 🚀 Ünïcödé — “quotes”",
-    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
     "  leading spaces\r\n\r\ntrailing   ",
 ]
 
@@ -430,7 +476,9 @@ def test_real_tokenizer_matches_transformers(converted, gguf_dir, name):
     # and transformers loads our tokenizer dir, with our special-token strings
     mine = AutoTokenizer.from_pretrained(out)
     assert mine.eos_token == "<|im_end|>" and mine.encode(TEXTS[0]) == ours.encode(TEXTS[0]).ids
-    chat = mine.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    chat = mine.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
     # Where we deliberately differ from transformers' GGUF tokenizer, which ignores `tokenizer.ggml.pre`

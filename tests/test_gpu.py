@@ -1,6 +1,7 @@
 """CUDA only (skipped cleanly without it): the Triton decode kernel at GPU sizes, the compiled
 CUDA-graph engine against eager and against the dense store, and no recompiles or CUDA-graph
 re-recordings once the batch-size buckets are warm."""
+
 import pytest
 import torch
 from dense_reference import dense_generate
@@ -30,7 +31,11 @@ def _pool(B, hkv, G, D, ps, lengths, dtype, seed=0):
 def test_kernel_equals_reference_at_gpu_sizes(dtype, B, lens):
     from engine.attention import paged_decode_torch, paged_decode_triton
 
-    lengths = torch.tensor(lens) if lens else torch.randint(0, 3000, (B, 4), generator=torch.Generator().manual_seed(B))
+    lengths = (
+        torch.tensor(lens)
+        if lens
+        else torch.randint(0, 3000, (B, 4), generator=torch.Generator().manual_seed(B))
+    )
     case = _pool(B, 4, 7, 128, 16, lengths, dtype)
     ref = paged_decode_torch(*[t.double() if t.is_floating_point() else t for t in case])
     got = paged_decode_triton(*case).double()
@@ -61,8 +66,15 @@ def test_compiled_cuda_graphs_match_eager_teacher_forced(pair):
     logs = []
     for eng in (eager, comp):
         got = {}
-        eng.generate(prompts, policy, Sampling(max_new_tokens=24), forced=forced,
-                     on_logits=lambda keys, steps, lg: got.update({(k, s): r.float().cpu() for k, s, r in zip(keys, steps, lg)}))
+        eng.generate(
+            prompts,
+            policy,
+            Sampling(max_new_tokens=24),
+            forced=forced,
+            on_logits=lambda keys, steps, lg: got.update(
+                {(k, s): r.float().cpu() for k, s, r in zip(keys, steps, lg)}
+            ),
+        )
         logs.append(got)
     assert logs[0].keys() == logs[1].keys() and len(logs[0]) == 5 * 24
     for key, a in logs[0].items():
@@ -72,8 +84,15 @@ def test_compiled_cuda_graphs_match_eager_teacher_forced(pair):
 
 
 def test_fp32_engine_equals_the_dense_store_on_cuda(tiny_ckpts):
-    eng = Engine(str(tiny_ckpts["llama", False]), device="cuda", dtype="float32", compile=True, max_seqs=4,
-                 page_size=4, kv_memory=0.0002)
+    eng = Engine(
+        str(tiny_ckpts["llama", False]),
+        device="cuda",
+        dtype="float32",
+        compile=True,
+        max_seqs=4,
+        page_size=4,
+        kv_memory=0.0002,
+    )
     eng.eos = set()
     prompts = _prompts(2, (40, 17, 55, 9, 31, 26))
     for name in ("full", "refreekv", "snapkv"):
@@ -83,7 +102,8 @@ def test_fp32_engine_equals_the_dense_store_on_cuda(tiny_ckpts):
         for i, r in enumerate(res):
             assert r.stats["kept_per_head"] == kept[:, i].tolist(), (name, i)
             agree = sum(a == b for a, b in zip(r.tokens, want[i]))
-            assert agree >= len(want[i]) - 2, (name, i, r.tokens, want[i])  # fp32 (ieee dots): at most a late near-tie
+            # fp32 (ieee dots): at most a late near-tie
+            assert agree >= len(want[i]) - 2, (name, i, r.tokens, want[i])
 
 
 def test_no_recompiles_or_rerecordings_after_warmup(pair):
@@ -102,13 +122,19 @@ def test_no_recompiles_or_rerecordings_after_warmup(pair):
         s = Sampling(max_new_tokens=12)
         for n in range(1, 9):  # every bucket 1, 2, 4, 8, and every probe width measured below (0, 1, 8):
             # prefill compiles one program per width (per policy), decode records one graph per bucket
-            comp.generate(_prompts(n, [20 + 3 * i for i in range(n)]), refreekv.make("refreekv", threshold=0.2), s)
+            comp.generate(
+                _prompts(n, [20 + 3 * i for i in range(n)]), refreekv.make("refreekv", threshold=0.2), s
+            )
             comp.generate(_prompts(n, [9 + 5 * i for i in range(n)]), refreekv.make("full"), s)
             comp.generate(_prompts(n, [12 + 4 * i for i in range(n)]), refreekv.make("snapkv", budget=0.5), s)
         counters.clear()
         recorded.clear()
         for seed, lens in [(20, (33, 50, 7)), (21, (61,)), (22, (8, 9, 10, 11, 12, 13, 14))]:
-            for p in (refreekv.make("refreekv", threshold=0.05), refreekv.make("snapkv", budget=0.3), refreekv.make("full")):
+            for p in (
+                refreekv.make("refreekv", threshold=0.05),
+                refreekv.make("snapkv", budget=0.3),
+                refreekv.make("full"),
+            ):
                 comp.generate(_prompts(seed, lens), p, s)
     finally:
         torch.cuda.CUDAGraph.capture_begin = orig
@@ -126,8 +152,13 @@ def test_speed_bench_tiny_on_cuda(tmp_path):
 
     out = tmp_path / "speed.json"
     root = Path(__file__).resolve().parent.parent
-    p = subprocess.run([sys.executable, "-m", "bench.speed", "--tiny", "--device", "cuda", "--json", str(out)],
-                       cwd=root, capture_output=True, text=True, timeout=540)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.speed", "--tiny", "--device", "cuda", "--json", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert p.returncode == 0, p.stderr[-6000:]
     res = json.loads(out.read_text())
     assert res["errors"] == [] and res["meta"]["compiled"] is True and res["meta"]["dtype"] == "bfloat16"

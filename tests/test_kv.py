@@ -1,6 +1,7 @@
 """The paged pool: page ownership under any sequence of scheduler operations (a Hypothesis state
 machine with a shadow copy of every row's tokens), and paged decode attention (PyTorch and the
 Triton kernel under TRITON_INTERPRET=1) against plain masked attention."""
+
 import math
 
 import pytest
@@ -43,7 +44,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 30))
     def add(self, n):
-        assume(self.forks * self.kv.seq_pages(n + 8) <= self.kv.n_pages)  # fits alone (the engine checks this)
+        # fits alone (the engine checks this)
+        assume(self.forks * self.kv.seq_pages(n + 8) <= self.kv.n_pages)
         self.sched.add([Sequence(0, j, [1] * n, policy=None) for j in range(self.forks)])
 
     @rule(data=st.data())
@@ -54,10 +56,15 @@ class PoolMachine(RuleBasedStateMachine):
             ids = self._ids((L, 1, H, n))
             for l in range(L):  # prefill (padded to a longer batch width: the padding must land harmlessly)
                 pad = torch.cat([ids[l], torch.full((1, H, 3), -7.0)], -1)
-                kv.write_prompt(l, torch.tensor([src]), pad[..., None].expand(1, H, n + 3, D),
-                                -pad[..., None].expand(1, H, n + 3, D), torch.tensor([n]))
-            keeps = [torch.tensor(data.draw(st.lists(st.booleans(), min_size=L * H * n, max_size=L * H * n))).view(L, 1, H, n)
-                     for _ in grp]
+                kv.write_prompt(
+                    l,
+                    torch.tensor([src]),
+                    pad[..., None].expand(1, H, n + 3, D),
+                    -pad[..., None].expand(1, H, n + 3, D),
+                    torch.tensor([n]),
+                )
+            flags = st.lists(st.booleans(), min_size=L * H * n, max_size=L * H * n)
+            keeps = [torch.tensor(data.draw(flags)).view(L, 1, H, n) for _ in grp]
             kv.next_pos[src] = n  # as the model's prefill does
             for j, q in enumerate(grp[1:], 1):
                 kv.assign(q.slot, keeps[j].sum(-1)[:, 0])
@@ -66,8 +73,13 @@ class PoolMachine(RuleBasedStateMachine):
             kv.trim(src, keeps[0].sum(-1)[:, 0])
             t = torch.arange(n)
             for j, q in enumerate(grp):  # (id, absolute position) of every kept token
-                self.shadow[id(q)] = [[list(zip(ids[l, 0, h][keeps[j][l, 0, h]].tolist(), t[keeps[j][l, 0, h]].tolist()))
-                                       for h in range(H)] for l in range(L)]
+                self.shadow[id(q)] = [
+                    [
+                        list(zip(ids[l, 0, h][keeps[j][l, 0, h]].tolist(), t[keeps[j][l, 0, h]].tolist()))
+                        for h in range(H)
+                    ]
+                    for l in range(L)
+                ]
                 self.next[id(q)] = n
             self.sched.start(grp)
 
@@ -88,7 +100,9 @@ class PoolMachine(RuleBasedStateMachine):
         kv.set_live(live)
         ids = self._ids((L, B, H))
         for l in range(L):
-            kv.append(l, ids[l, :, :, None, None].expand(B, H, 1, D), -ids[l, :, :, None, None].expand(B, H, 1, D))
+            kv.append(
+                l, ids[l, :, :, None, None].expand(B, H, 1, D), -ids[l, :, :, None, None].expand(B, H, 1, D)
+            )
         for q, lv in zip(sched.running, live):
             if lv:
                 for l in range(L):
@@ -118,7 +132,7 @@ class PoolMachine(RuleBasedStateMachine):
     def pages_are_owned_once(self):
         kv = self.kv
         owned = kv.h_table[kv.h_table > 0]
-        free = kv._free[:kv.n_free]
+        free = kv._free[: kv.n_free]
         assert owned.numel() == owned.unique().numel(), "a page is owned twice"
         assert owned.numel() + kv.n_free == kv.n_pages, "owned + free != pool"
         assert not set(owned.tolist()) & set(free.tolist()) and free.numel() == free.unique().numel()
@@ -127,7 +141,9 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def rows_own_exactly_their_length(self):
         kv = self.kv
-        assert torch.equal(kv.h_pages, -(-kv.h_len // kv.ps)), "a row owns other than ceil(length / page_size) pages"
+        assert torch.equal(kv.h_pages, -(-kv.h_len // kv.ps)), (
+            "a row owns other than ceil(length / page_size) pages"
+        )
         col = torch.arange(kv.P)
         assert ((kv.h_table > 0) == (col < kv.h_pages[..., None])).all()
         assert torch.equal(kv.table, kv.h_table), "device page table differs from the host's"
@@ -170,7 +186,8 @@ def masked_attention(q, keys, vals, visible):
 def _paged_case(data, seed, dtype):
     B, hkv, group = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))
     ps, Dh = data.draw(st.sampled_from([1, 2, 4, 16, 128])), data.draw(st.sampled_from([4, 16, 24]))
-    lens = torch.tensor(data.draw(st.lists(st.integers(0, 70), min_size=B * hkv, max_size=B * hkv))).view(B, hkv)
+    lens = data.draw(st.lists(st.integers(0, 70), min_size=B * hkv, max_size=B * hkv))
+    lens = torch.tensor(lens).view(B, hkv)
     window = data.draw(st.sampled_from([None, 5, 40]))
     P = -(-int(lens.max().clamp(min=1)) // ps) + data.draw(st.integers(0, 2))
     g = torch.Generator().manual_seed(seed)
@@ -222,8 +239,9 @@ def test_triton_paged_attention_equals_masked_attention(seed, min_split, target,
     then still cover every row)."""
     case = _paged_case(data, seed, torch.float32)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    got = attention.paged_decode_triton(*[t.to(dev) for t in case[:-1]], case[-1], min_split=min_split,
-                                        target=target).cpu()
+    got = attention.paged_decode_triton(
+        *[t.to(dev) for t in case[:-1]], case[-1], min_split=min_split, target=target
+    ).cpu()
     torch.testing.assert_close(got.double(), _reference(*case), atol=2e-5, rtol=0)
 
 

@@ -1,5 +1,6 @@
 """Our model vs transformers on tiny random checkpoints of each family (CPU, fp32): whole-sequence
 logits, a right-padded batch of different lengths, and 32 greedy decode steps logit by logit."""
+
 import pytest
 import torch
 from helpers import hf_model, paged
@@ -7,7 +8,16 @@ from helpers import hf_model, paged
 from weights.errors import UserError
 from weights.loader import load_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "llama-bias", "qwen2-window", "llama-window", "qwen2-yarn", "llama-linear")
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "llama-bias",
+    "qwen2-window",
+    "llama-window",
+    "qwen2-yarn",
+    "llama-linear",
+)
 CASES = [(f, s) for f in FAMILIES for s in (False, True)]
 
 
@@ -43,7 +53,7 @@ def test_padded_batch_equals_each_prompt_alone(tiny_ckpts, family):
     kv, slots = paged(c, lens, cap=37)
     got, _ = model.prefill(ids, torch.tensor(lens), kv, slots, probe_rows=0, all_logits=True)
     for b, n in enumerate(lens):
-        ref = hf(ids[b: b + 1, :n]).logits[0]
+        ref = hf(ids[b : b + 1, :n]).logits[0]
         assert (got[b, :n] - ref).abs().max().item() < 1e-4, (family, b)
 
 
@@ -56,8 +66,15 @@ def test_greedy_decode_logits_step_by_step(tiny_ckpts, family, sharded):
     ids = torch.randint(3, c.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
     # llama-window: transformers' Llama attends to every key but its generate cache keeps only the
     # config's sliding_window tokens (a Llama has no window: the no-cache forward is the model)
-    out = hf_model(path).generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, output_logits=True,
-                                  return_dict_in_generate=True, use_cache=family != "llama-window")
+    out = hf_model(path).generate(
+        ids,
+        max_new_tokens=32,
+        do_sample=False,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        use_cache=family != "llama-window",
+    )
     ref_tokens, ref_logits = out.sequences[0, 12:].tolist(), torch.stack(out.logits)[:, 0]  # [32, V]
     kv, slots = paged(c, [12], cap=12 + 32, page_size=4)
     logits, _ = model.prefill(ids, torch.tensor([12]), kv, slots, probe_rows=0)
@@ -84,7 +101,9 @@ def test_tensors_the_model_does_not_use_are_an_error(tiny_ckpts, tmp_path):
     t["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
     t["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # a known extra: fine
     save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(UserError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.bias is not part of a llama model"):
+    with pytest.raises(
+        UserError, match=r"tensor model\.layers\.0\.self_attn\.o_proj\.bias is not part of a llama model"
+    ):
         load_model(dst)
     del t["model.layers.0.self_attn.o_proj.bias"]
     save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
@@ -128,6 +147,17 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    grow = {m: int(subprocess.run([sys.executable, "-c", code, m], cwd=root, capture_output=True, text=True,
-                                  timeout=600, check=True).stdout.split()[-1]) for m in ("window", "causal")}
+    grow = {
+        m: int(
+            subprocess.run(
+                [sys.executable, "-c", code, m],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            ).stdout.split()[-1]
+        )
+        for m in ("window", "causal")
+    }
     assert grow["window"] < grow["causal"] + 32 * 2**20, grow

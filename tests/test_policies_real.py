@@ -1,4 +1,5 @@
 """Every KV policy end to end from the CLI on the bundled real model and a long real prompt."""
+
 import json
 
 import pytest
@@ -7,8 +8,15 @@ from test_weights import run_cli
 
 import refreekv
 
-ARGS = {"full": [], "refreekv": [], "streaming": ["--budget", "0.3"], "h2o": ["--budget", "0.3"],
-        "snapkv": ["--budget", "512"], "refreekv-h2o": ["--threshold", "0.01"], "refreekv-topp": ["--kv-args", '{"rows": 8}']}
+ARGS = {
+    "full": [],
+    "refreekv": [],
+    "streaming": ["--budget", "0.3"],
+    "h2o": ["--budget", "0.3"],
+    "snapkv": ["--budget", "512"],
+    "refreekv-h2o": ["--threshold", "0.01"],
+    "refreekv-topp": ["--kv-args", '{"rows": 8}'],
+}
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +28,18 @@ def long_prompt(tmp_path_factory):
 
 def cli(prompt, tmp, kv, *extra):
     out = tmp / f"{kv}.json"
-    r = run_cli("--chat", "--prompt-file", str(prompt), "--kv", kv, "--max-new-tokens", "16", "--stats-json", str(out), *extra)
+    r = run_cli(
+        "--chat",
+        "--prompt-file",
+        str(prompt),
+        "--kv",
+        kv,
+        "--max-new-tokens",
+        "16",
+        "--stats-json",
+        str(out),
+        *extra,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout, json.loads(out.read_text())
 

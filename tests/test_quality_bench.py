@@ -1,5 +1,6 @@
 """bench/quality.py end to end on a tiny random checkpoint (byte tokenizer, no chat template), its
 fidelity scoring against a direct computation, and its scoring and task helpers."""
+
 import json
 from pathlib import Path
 
@@ -22,9 +23,35 @@ def test_pipeline_writes_tables_json_plots(tiny, tmp_path):
     results_md = ROOT / "bench" / "RESULTS.md"
     before = results_md.read_bytes() if results_md.exists() else None
     md, out = tmp_path / "RESULTS.md", tmp_path / "out"
-    argv = ["--model", str(tiny), "--families", "code,arithmetic", "--n", "2", "--batch", "2", "--prompt-tokens", "80",
-            "--fidelity-tokens", "6", "--max-new-tokens", "6", "--policies", "full,refreekv,streaming,snapkv,no-such",
-            "--budgets", "0.5,0.2", "--sweep", "0.001,0.01,0.1", "--variant", 'refreekv {"rows": 2}', "--out", str(out), "--results-md", str(md), "--quiet"]
+    argv = [
+        "--model",
+        str(tiny),
+        "--families",
+        "code,arithmetic",
+        "--n",
+        "2",
+        "--batch",
+        "2",
+        "--prompt-tokens",
+        "80",
+        "--fidelity-tokens",
+        "6",
+        "--max-new-tokens",
+        "6",
+        "--policies",
+        "full,refreekv,streaming,snapkv,no-such",
+        "--budgets",
+        "0.5,0.2",
+        "--sweep",
+        "0.001,0.01,0.1",
+        "--variant",
+        'refreekv {"rows": 2}',
+        "--out",
+        str(out),
+        "--results-md",
+        str(md),
+        "--quiet",
+    ]
     assert quality.main(argv) == 0
     assert quality.main(argv) == 0  # a second run appends a section, never rewrites
 
@@ -43,7 +70,9 @@ def test_pipeline_writes_tables_json_plots(tiny, tmp_path):
             assert 0 <= r[label]["score"] <= 100 and 0 < r[label]["budget"] <= 1
             assert len(r[label]["kept_per_layer"]) == 3
         # monotone in T: a larger threshold never keeps more
-        assert r["refreekv T=0.001"]["budget"] >= r["refreekv T=0.01"]["budget"] >= r["refreekv T=0.1"]["budget"]
+        assert (
+            r["refreekv T=0.001"]["budget"] >= r["refreekv T=0.01"]["budget"] >= r["refreekv T=0.1"]["budget"]
+        )
         assert len(res["samples"][fam]) == 2
     assert res["results"]["code"]["full"]["score"] == 100 and res["results"]["code"]["full"]["kl"] == 0
     for s in res["samples"]["arithmetic"]:
@@ -74,20 +103,36 @@ def test_fidelity_scores_equal_a_direct_computation(tiny):
 
     eng = Engine(str(tiny), device="cpu")
     g = torch.Generator().manual_seed(1)
-    ctx, tgt = torch.randint(0, 256, (2, 50), generator=g).tolist(), torch.randint(0, 256, (2, 10), generator=g).tolist()
-    policies = [refreekv.make("full"), refreekv.make("streaming", budget=0.3), refreekv.make("refreekv", threshold=0.3)]
+    ctx, tgt = (
+        torch.randint(0, 256, (2, 50), generator=g).tolist(),
+        torch.randint(0, 256, (2, 10), generator=g).tolist(),
+    )
+    policies = [
+        refreekv.make("full"),
+        refreekv.make("streaming", budget=0.3),
+        refreekv.make("refreekv", threshold=0.3),
+    ]
     score = Fidelity(tgt, full_j=0)
     eng.generate(ctx, policies, Sampling(max_new_tokens=10), forced=tgt, on_logits=score)
     lps = []
     for p in policies:
         got = {}
-        eng.generate(ctx, p, Sampling(max_new_tokens=10), forced=tgt,
-                     on_logits=lambda keys, steps, lg: got.update({(k, s): r.double().log_softmax(-1) for k, s, r in zip(keys, steps, lg)}))
+        eng.generate(
+            ctx,
+            p,
+            Sampling(max_new_tokens=10),
+            forced=tgt,
+            on_logits=lambda keys, steps, lg: got.update(
+                {(k, s): r.double().log_softmax(-1) for k, s, r in zip(keys, steps, lg)}
+            ),
+        )
         lps.append(got)
     for i in range(2):
         for j in range(3):
             nll = sum(-lps[j][i, t][tgt[i][t]].item() for t in range(10)) / 10
-            kl = sum((lps[0][i, t].exp() * (lps[0][i, t] - lps[j][i, t])).sum().item() for t in range(10)) / 10
+            kl = (
+                sum((lps[0][i, t].exp() * (lps[0][i, t] - lps[j][i, t])).sum().item() for t in range(10)) / 10
+            )
             top1 = sum(float(lps[0][i, t].argmax() == lps[j][i, t].argmax()) for t in range(10)) / 10
             m = score.result(i, j)
             assert math.isclose(m["nll"], nll, abs_tol=1e-4) and math.isclose(m["kl"], kl, abs_tol=1e-4)
@@ -99,7 +144,13 @@ def test_scoring_helpers():
     assert quality_metrics.lcs(list("abcbdab"), list("bdcaba")) == 4
     assert quality_metrics.rouge_l("the cat sat", "the cat sat") == 1.0
     assert quality_metrics.rouge_l("", "") == 1.0 and quality_metrics.rouge_l("a", "") == 0.0
-    assert abs(quality_metrics.rouge_l("the cat sat on the mat", "the cat on a mat") - 2 * 0.8 * (4 / 6) / (0.8 + 4 / 6)) < 1e-9
+    assert (
+        abs(
+            quality_metrics.rouge_l("the cat sat on the mat", "the cat on a mat")
+            - 2 * 0.8 * (4 / 6) / (0.8 + 4 / 6)
+        )
+        < 1e-9
+    )
     assert quality_metrics.last_int("3 + 4 = 7. The answer is 1,234.") == "1234"
     assert quality_metrics.last_int("no digits") is None
     for seed in range(50):  # generated word problems: the worked steps end at the answer

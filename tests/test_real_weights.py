@@ -1,4 +1,5 @@
 """Real weights: our model's perplexity on real text equals transformers' on the same converted checkpoint."""
+
 import math
 
 import pytest
@@ -49,10 +50,19 @@ def test_loading_keeps_no_second_copy_in_host_memory():
     from weights.bundled import ensure_bundled
 
     path = ensure_bundled("qwen2.5-coder-0.5b-instruct")
-    code = ("import sys, torch; from weights.loader import load_model; print('ready', flush=True); sys.stdin.readline(); "
-            f"m, c = load_model({str(path)!r}); print(sum(p.numel() * p.element_size() for p in m.parameters()), flush=True)")
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, torch; from weights.loader import load_model; print('ready', flush=True); "
+        "sys.stdin.readline(); "
+        f"m, c = load_model({str(path)!r}); "
+        "print(sum(p.numel() * p.element_size() for p in m.parameters()), flush=True)"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
     def anon():
         status = Path(f"/proc/{p.pid}/status").read_text()
@@ -60,7 +70,8 @@ def test_loading_keeps_no_second_copy_in_host_memory():
 
     assert p.stdout.readline().strip() == "ready"
     base, peak = anon(), 0
-    p.stdin.write("\n"); p.stdin.flush()
+    p.stdin.write("\n")
+    p.stdin.flush()
     while p.poll() is None:
         try:
             peak = max(peak, anon())

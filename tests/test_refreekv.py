@@ -1,4 +1,5 @@
 """Hypothesis invariants of the ReFreeKV cut (../shared/REFREEKV.md) and its loop reference."""
+
 import math
 
 import torch
@@ -38,7 +39,9 @@ def scores(draw, max_l=3, max_b=3, max_h=4, max_n=40, garbage=False):
     if kind == "zeros":  # a random share of keys gets exactly zero attention (never the last one)
         hidden = (torch.rand(logits.shape, generator=g) < 0.5) & (pos < lt - 1)
     elif kind == "on_first":  # every key past the first few gets exactly zero
-        hidden = (pos >= draw(st.integers(1, 6))) & (pos < lt - 1) | ((pos >= 1) & (pos == lt - 1) & draw(st.booleans()))
+        hidden = (pos >= draw(st.integers(1, 6))) & (pos < lt - 1) | (
+            (pos >= 1) & (pos == lt - 1) & draw(st.booleans())
+        )
     a = logits.masked_fill(hidden | (pos >= lt), -math.inf).softmax(-1).nan_to_num(0.0)
     if kind == "all_zero":
         a = a * (torch.rand(L, B, 1, 1, generator=g) < 0.5)
@@ -71,7 +74,9 @@ def test_t0_keeps_zero_attention_keys_and_t_above_0_drops_them():
     assert cut_positions(a, lens, 0.0, 1).item() == 1
     assert cut_positions(a, lens, 1e-9, 1).item() == 3  # the zero-mass prefix goes as soon as T > 0
     assert cut_reference(a[0, 0], 5, 0.0, 1) == 1 and cut_reference(a[0, 0], 5, 1e-9, 1) == 3
-    keep = ReFreeKV(threshold=0.0, sinks=1, protected=()).plan(probe_of(torch.zeros(2, 1, 3, 6), torch.tensor([6])))
+    keep = ReFreeKV(threshold=0.0, sinks=1, protected=()).plan(
+        probe_of(torch.zeros(2, 1, 3, 6), torch.tensor([6]))
+    )
     assert keep.all()  # all-zero probe rows: nothing to measure, T = 0 keeps every key
 
 
@@ -112,7 +117,9 @@ def test_scale_invariance(sa, sinks, t, k, form):
     """Powers of two scale exactly in floating point; any other c > 0 can only move a cut whose gap
     lies within rounding of T."""
     a, lens = sa
-    assert torch.equal(cut_positions(a, lens, t, sinks, *form), cut_positions(a * 2.0**k, lens, t, sinks, *form))
+    assert torch.equal(
+        cut_positions(a, lens, t, sinks, *form), cut_positions(a * 2.0**k, lens, t, sinks, *form)
+    )
 
 
 @SET
@@ -128,7 +135,7 @@ def test_mass_gap_bounds_the_evicted_softmax_share(sa, sinks, t):
             evicted = a[l, b, :, sinks:j].sum(-1).mean().item()  # rows sum to 1
             assert evicted <= t + 1e-12
             if sinks <= j < n - 1:
-                assert a[l, b, :, sinks:j + 1].sum(-1).mean().item() > t - 1e-12
+                assert a[l, b, :, sinks : j + 1].sum(-1).mean().item() > t - 1e-12
 
 
 @SET
@@ -157,7 +164,9 @@ def test_batch_independence(sa, sinks, t):
     a, lens = sa
     keep = ReFreeKV(threshold=t, sinks=sinks).plan(probe_of(a, lens))
     for b, n in enumerate(lens.tolist()):
-        alone = ReFreeKV(threshold=t, sinks=sinks).plan(probe_of(a[:, b : b + 1, :, :n].contiguous(), lens[b : b + 1]))
+        alone = ReFreeKV(threshold=t, sinks=sinks).plan(
+            probe_of(a[:, b : b + 1, :, :n].contiguous(), lens[b : b + 1])
+        )
         assert torch.equal(alone[:, 0], keep[:, b, :, :n])
 
 
@@ -167,7 +176,9 @@ def test_row_scores_divides_by_rows_that_see_each_key():
     attn[0, 0, 0, 1, :4] = torch.tensor([0.1, 0.1, 0.4, 0.4])  # position 3
     attn[0, 0, 0, 2, :5] = 0.2  # position 4
     s = row_scores(attn, torch.tensor([5]))[0, 0, 0]
-    expected = torch.tensor([(0.2 + 0.1 + 0.2) / 3, (0.3 + 0.1 + 0.2) / 3, (0.5 + 0.4 + 0.2) / 3, (0.4 + 0.2) / 2, 0.2])
+    expected = torch.tensor(
+        [(0.2 + 0.1 + 0.2) / 3, (0.3 + 0.1 + 0.2) / 3, (0.5 + 0.4 + 0.2) / 3, (0.4 + 0.2) / 2, 0.2]
+    )
     assert torch.allclose(s, expected)
 
 
@@ -200,11 +211,12 @@ def test_multi_row_probe_with_garbage_padding_matches_a_loop(seed, rows, sinks, 
             if q >= 0:  # a softmax over keys <= q; keys in (q, n) are causally hidden (0); >= n stays garbage
                 row = torch.rand(L, H, q + 1, generator=g, dtype=torch.float64)
                 attn[:, b, :, r, : q + 1] = (row / row.sum(-1, keepdim=True)).float()
-                attn[:, b, :, r, q + 1: n] = 0.0
+                attn[:, b, :, r, q + 1 : n] = 0.0
             else:
                 attn[:, b, :, r, :] = 0.0  # rows before the prompt start are zero (Probe's contract)
-    keep = ReFreeKV(threshold=t, sinks=sinks, rows=rows, protected=(), include_sinks=form[0], metric=form[1]).plan(
-        refreekv.Probe(attn, lens, L, 1, N))
+    keep = ReFreeKV(
+        threshold=t, sinks=sinks, rows=rows, protected=(), include_sinks=form[0], metric=form[1]
+    ).plan(refreekv.Probe(attn, lens, L, 1, N))
     for l in range(L):
         for b, n in enumerate(lens.tolist()):
             sc = torch.zeros(H, n, dtype=torch.float64)
@@ -238,7 +250,13 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 refreekv.make("refreekv").plan(refreekv.Probe(attn, torch.tensor([N]), L, 4, N))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, attn.numel() * 4)
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                         text=True, timeout=300, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split()
     grow, probe = int(out[-2]), int(out[-1])
     assert grow < 3 * probe, (grow, probe)

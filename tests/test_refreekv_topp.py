@@ -1,5 +1,6 @@
 """refreekv-topp (threshold-only, per-KV-head attention mass): hand-worked plan, Hypothesis
 invariants and a plain loop reference (on the dyadic probes of test_baselines)."""
+
 import torch
 from helpers import examples
 from hypothesis import given, settings
@@ -29,7 +30,9 @@ def head_scores(attn, lens, n_kv, rows):
                 continue
             for l in range(L):
                 for h in range(H):
-                    out[l, b, h // (H // n_kv), j] += sum(a[l, b, h, r, j].item() for r in seers) * (lcm // len(seers))
+                    out[l, b, h // (H // n_kv), j] += sum(a[l, b, h, r, j].item() for r in seers) * (
+                        lcm // len(seers)
+                    )
     return out
 
 
@@ -45,7 +48,8 @@ def reference(attn, lens, n_kv, threshold, sinks, rows, protected):
                 sc = s[l, b, h, :n].tolist()
                 keep, budget, evicted = set(range(n)), threshold * sum(sc), 0.0
                 if l not in protected and threshold > 0:
-                    for j in sorted(range(sinks, n - 1), key=lambda j: (sc[j], j)):  # lowest first, older first
+                    # lowest first, older first
+                    for j in sorted(range(sinks, n - 1), key=lambda j: (sc[j], j)):
                         if evicted + sc[j] > budget:
                             break
                         evicted += sc[j]
@@ -56,8 +60,12 @@ def reference(attn, lens, n_kv, threshold, sinks, rows, protected):
 
 @st.composite
 def knobs(draw):
-    return dict(threshold=draw(thresholds), sinks=draw(st.integers(0, 6)), rows=draw(st.integers(1, 3)),
-                protected=tuple(draw(st.lists(st.integers(0, 3), max_size=2))))
+    return dict(
+        threshold=draw(thresholds),
+        sinks=draw(st.integers(0, 6)),
+        rows=draw(st.integers(1, 3)),
+        protected=tuple(draw(st.lists(st.integers(0, 3), max_size=2))),
+    )
 
 
 @SET
@@ -84,7 +92,9 @@ def test_t0_keeps_all_monotone_scale_invariant_batch_independent(pa, kw, t2):
     attn, lens, n_kv = pa
     mk = lambda t: refreekv.make("refreekv-topp", **{**kw, "threshold": t})
     real = torch.arange(attn.shape[-1]) < torch.tensor(lens)[:, None]
-    assert torch.equal(mk(0.0).plan(probe(attn, lens, n_kv)), real[None, :, None].expand(attn.shape[0], -1, n_kv, -1))
+    assert torch.equal(
+        mk(0.0).plan(probe(attn, lens, n_kv)), real[None, :, None].expand(attn.shape[0], -1, n_kv, -1)
+    )
     lo, hi = sorted((kw["threshold"], t2))
     a, b = mk(lo).plan(probe(attn, lens, n_kv)), mk(hi).plan(probe(attn, lens, n_kv))
     assert (a.sum(-1) >= b.sum(-1)).all()
@@ -97,10 +107,12 @@ def test_hand_worked():
     # one layer, one KV head of two query heads, 7 keys, sinks 1; head scores (sum of both rows):
     # [.30, .02, .01, .05, .02, .10, .50] -> candidates 1..5 evicted lowest first: 2 (.01), 1 (.02, older
     # than 4), 4 (.02), 3 (.05), 5 (.10); total 1.0
-    attn = torch.tensor([[.20, .01, .00, .03, .01, .05, .20], [.10, .01, .01, .02, .01, .05, .30]])[None, None, :, None]
+    attn = torch.tensor(
+        [[0.20, 0.01, 0.00, 0.03, 0.01, 0.05, 0.20], [0.10, 0.01, 0.01, 0.02, 0.01, 0.05, 0.30]]
+    )[None, None, :, None]
     lens = [7]
-    kept = lambda t: torch.nonzero(refreekv.make("refreekv-topp", threshold=t, sinks=1, protected=())
-                                   .plan(probe(attn, lens, 1))[0, 0, 0]).flatten().tolist()
+    policy = lambda t: refreekv.make("refreekv-topp", threshold=t, sinks=1, protected=())
+    kept = lambda t: torch.nonzero(policy(t).plan(probe(attn, lens, 1))[0, 0, 0]).flatten().tolist()
     assert kept(0.0) == [0, 1, 2, 3, 4, 5, 6]
     assert kept(0.01) == [0, 1, 3, 4, 5, 6]
     assert kept(0.03) == [0, 3, 4, 5, 6]

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server (engine/serve.py) driven over loopback by real clients: the
 `openai` package, httpx, and lm-evaluation-harness's own `local-completions` model. Oracles:
 Engine.generate on a second engine (its own pool), and transformers for log-probabilities."""
+
 import json
 import random
 import shutil
@@ -42,7 +43,9 @@ def offline(tiny):
 
 @pytest.fixture(scope="module")
 def served(tiny):
-    with Served(engine(tiny), refreekv.make("refreekv", threshold=0.2), "tiny", api_key=KEY, max_body_mb=0.25) as s:
+    with Served(
+        engine(tiny), refreekv.make("refreekv", threshold=0.2), "tiny", api_key=KEY, max_body_mb=0.25
+    ) as s:
         yield s
 
 
@@ -51,7 +54,9 @@ def client(s, **kw):
 
 
 def greedy(eng, ids, n, policy=None):
-    return eng.generate([ids], policy or refreekv.make("refreekv", threshold=0.2), Sampling(max_new_tokens=n))[0]
+    return eng.generate(
+        [ids], policy or refreekv.make("refreekv", threshold=0.2), Sampling(max_new_tokens=n)
+    )[0]
 
 
 def test_completions_streaming_and_chat_equal_engine_generate(served, offline):
@@ -59,7 +64,9 @@ def test_completions_streaming_and_chat_equal_engine_generate(served, offline):
     prompt = "The river ran past the mill"
     want = greedy(offline, offline.encode(prompt, chat=False), 24)
     r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
-    assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.tokens) + bool(want.stats.get("eos"))
+    assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.tokens) + bool(
+        want.stats.get("eos")
+    )
     assert r.choices[0].finish_reason == want.finish_reason
     kv = r.choices[0].model_extra["kv"]
     assert kv["policy"] == "refreekv" and kv["kept_per_head"] == want.stats["kept_per_head"]
@@ -79,8 +86,16 @@ def test_completions_streaming_and_chat_equal_engine_generate(served, offline):
     want = greedy(offline, chat_ids, 16)
     r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
     assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == len(chat_ids)
-    parts = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}))
+    parts = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == want.text
     assert parts[-1].usage.prompt_tokens == len(chat_ids)
     served.idle()
@@ -95,8 +110,9 @@ def test_stop_strings_and_seeded_sampling(served, offline):
     assert r.choices[0].text == text[: text.find(stop)] and r.choices[0].finish_reason == "stop"
     s = Sampling(max_new_tokens=20, temperature=1.0, top_k=20, seed=11)
     want = offline.generate([ids], refreekv.make("refreekv", threshold=0.2), s)[0].text
-    r = c.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=1.0, seed=11, n=3,
-                             extra_body={"top_k": 20})
+    r = c.completions.create(
+        model="tiny", prompt=ids, max_tokens=20, temperature=1.0, seed=11, n=3, extra_body={"top_k": 20}
+    )
     texts = [ch.text for ch in r.choices]
     assert texts[0] == want and len(set(texts)) > 1  # n > 1: seed, seed + 1, ... (not n copies)
 
@@ -106,25 +122,44 @@ def test_echo_logprobs_equal_transformers_teacher_forced(served, tiny):
     ids = [12, 200, 45, 45, 3 + 90, 17, 250, 8, 64, 31]
     with torch.no_grad():
         lp = hf_model(tiny)(torch.tensor([ids])).logits[0].double().log_softmax(-1)
-    body = {"model": "tiny", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True,
-            "seed": 1234}
+    body = {
+        "model": "tiny",
+        "prompt": [ids],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "echo": True,
+        "seed": 1234,
+    }
     r = httpx.post(served.url + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()
     got = r["choices"][0]["logprobs"]
     assert len(got["token_logprobs"]) == len(ids) + 1 and got["token_logprobs"][0] is None  # prompt + 1 new
     want = lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-    assert torch.allclose(torch.tensor(got["token_logprobs"][1:len(ids)], dtype=torch.float64), want, atol=1e-4)
-    best = [max(t.values()) for t in got["top_logprobs"][1:]]  # the top-1 at every position, the new token's too
+    assert torch.allclose(
+        torch.tensor(got["token_logprobs"][1 : len(ids)], dtype=torch.float64), want, atol=1e-4
+    )
+    # the top-1 at every position, the new token's too
+    best = [max(t.values()) for t in got["top_logprobs"][1:]]
     assert torch.allclose(torch.tensor(best, dtype=torch.float64), lp.max(-1).values, atol=1e-4)
     assert got["token_logprobs"][-1] == pytest.approx(lp[-1].max().item(), abs=1e-4)  # greedy: the top-1
-    r0 = httpx.post(served.url + "/completions", json={**body, "max_tokens": 0},
-                    headers={"Authorization": f"Bearer {KEY}"}).json()
+    r0 = httpx.post(
+        served.url + "/completions",
+        json={**body, "max_tokens": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ).json()
     assert r0["choices"][0]["logprobs"]["token_logprobs"] == got["token_logprobs"][:-1]
     assert r0["usage"]["completion_tokens"] == 0
 
 
 def test_requests_with_their_own_policies_get_what_they_get_alone(served, offline):
-    policies = [None, {"policy": "full"}, {"policy": "snapkv", "budget": 0.3}, {"policy": "streaming", "budget": 12},
-                "h2o", {"policy": "refreekv", "metric": "mass", "threshold": 0.05}]
+    policies = [
+        None,
+        {"policy": "full"},
+        {"policy": "snapkv", "budget": 0.3},
+        {"policy": "streaming", "budget": 12},
+        "h2o",
+        {"policy": "refreekv", "metric": "mass", "threshold": 0.05},
+    ]
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randrange(20, 60))] for _ in policies]
     out = [None] * len(policies)
@@ -133,8 +168,9 @@ def test_requests_with_their_own_policies_get_what_they_get_alone(served, offlin
         body = {"model": "tiny", "prompt": prompts[i], "max_tokens": 12, "temperature": 0}
         if policies[i] is not None:
             body["kv"] = policies[i]
-        out[i] = httpx.post(served.url + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                            timeout=60).json()
+        out[i] = httpx.post(
+            served.url + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ).json()
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(policies))]
     for t in threads:
@@ -142,8 +178,13 @@ def test_requests_with_their_own_policies_get_what_they_get_alone(served, offlin
     for t in threads:
         t.join()
     for i, spec in enumerate(policies):
-        name, kw = ("refreekv", {"threshold": 0.2}) if spec is None else \
-            (spec, {}) if isinstance(spec, str) else (spec["policy"], {k: v for k, v in spec.items() if k != "policy"})
+        name, kw = (
+            ("refreekv", {"threshold": 0.2})
+            if spec is None
+            else (spec, {})
+            if isinstance(spec, str)
+            else (spec["policy"], {k: v for k, v in spec.items() if k != "policy"})
+        )
         want = greedy(offline, prompts[i], 12, refreekv.make(name, **kw))
         ch = out[i]["choices"][0]
         assert ch["text"] == want.text and ch["kv"]["kept_per_head"] == want.stats["kept_per_head"], i
@@ -152,28 +193,38 @@ def test_requests_with_their_own_policies_get_what_they_get_alone(served, offlin
 
 def test_lm_eval_local_completions_client(served, tiny):
     """lm-evaluation-harness's own client, in process, with hand-built requests (no dataset)."""
+    import os
+
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    import os
-
     os.environ["OPENAI_API_KEY"] = KEY
-    lm = LocalCompletionsAPI(base_url=served.url + "/completions", model="tiny", tokenizer=str(tiny),
-                             tokenizer_backend="huggingface", num_concurrent=1, max_retries=1)
+    lm = LocalCompletionsAPI(
+        base_url=served.url + "/completions",
+        model="tiny",
+        tokenizer=str(tiny),
+        tokenizer_backend="huggingface",
+        num_concurrent=1,
+        max_retries=1,
+    )
     pairs = [("The capital of France is", " Paris"), ("One two three", " four five")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
     model = hf_model(tiny)
     eng = engine(tiny)
     for (ctx, cont), (ll, is_greedy) in zip(pairs, got):
-        a, b = eng.tokenizer.encode(ctx), eng.tokenizer.encode(ctx + cont)[len(eng.tokenizer.encode(ctx)):]
+        a, b = eng.tokenizer.encode(ctx), eng.tokenizer.encode(ctx + cont)[len(eng.tokenizer.encode(ctx)) :]
         with torch.no_grad():
             lp = model(torch.tensor([a + b])).logits[0].double().log_softmax(-1)
-        rows = lp[len(a) - 1: len(a) + len(b) - 1]
+        rows = lp[len(a) - 1 : len(a) + len(b) - 1]
         assert ll == pytest.approx(rows[torch.arange(len(b)), torch.tensor(b)].sum().item(), abs=1e-3)
         assert is_greedy == (rows.argmax(-1).tolist() == b)
-    gen = lm.generate_until([Instance("generate_until", {}, ("Q: rivers? A:", {"until": ["\n"], "max_gen_toks": 8}), 0)])
+    gen = lm.generate_until(
+        [Instance("generate_until", {}, ("Q: rivers? A:", {"until": ["\n"], "max_gen_toks": 8}), 0)]
+    )
     ids = eng.tokenizer.encode("Q: rivers? A:")
-    want = eng.generate([ids], refreekv.make("refreekv", threshold=0.2), Sampling(max_new_tokens=8, stop=["\n"]))[0]
+    want = eng.generate(
+        [ids], refreekv.make("refreekv", threshold=0.2), Sampling(max_new_tokens=8, stop=["\n"])
+    )[0]
     assert gen == [want.text]
 
 
@@ -182,13 +233,22 @@ def test_load_with_disconnects(served, offline):
     completed one equals its offline greedy output, none is lost, /health answers throughout, and
     every page is back in the pool afterwards."""
     rng = random.Random(7)
-    reqs = [dict(prompt=[rng.randrange(3, 256) for _ in range(rng.randrange(4, 70))], max_tokens=rng.randrange(4, 40),
-                 stream=rng.random() < 0.7, drop=rng.random() < 0.25) for _ in range(200)]
+    reqs = [
+        dict(
+            prompt=[rng.randrange(3, 256) for _ in range(rng.randrange(4, 70))],
+            max_tokens=rng.randrange(4, 40),
+            stream=rng.random() < 0.7,
+            drop=rng.random() < 0.25,
+        )
+        for _ in range(200)
+    ]
     for r in reqs:
         r["stream"] |= r["drop"]
         r["drop_after"] = rng.randrange(1, 4)
     pol = refreekv.make("refreekv", threshold=0.2)
-    rids = [offline.core.add_request(r["prompt"], pol, Sampling(max_new_tokens=r["max_tokens"])) for r in reqs]
+    rids = [
+        offline.core.add_request(r["prompt"], pol, Sampling(max_new_tokens=r["max_tokens"])) for r in reqs
+    ]
     done = {}
     while offline.core.busy():
         done.update({u.key: u.result for u in offline.core.step() if u.result is not None})
@@ -205,8 +265,13 @@ def test_load_with_disconnects(served, offline):
                         return
                     i = todo.pop()
                 r = reqs[i]
-                body = {"model": "tiny", "prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0,
-                        "stream": r["stream"]}
+                body = {
+                    "model": "tiny",
+                    "prompt": r["prompt"],
+                    "max_tokens": r["max_tokens"],
+                    "temperature": 0,
+                    "stream": r["stream"],
+                }
                 if not r["stream"]:
                     got[i] = ("done", h.post("/completions", json=body).json()["choices"][0]["text"])
                     continue
@@ -254,52 +319,258 @@ def test_load_with_disconnects(served, offline):
 
 BAD = [  # (what, method, path, body or raw bytes, headers, status, words in the message, param)
     ("no API key", "POST", "/v1/completions", {"prompt": "hi"}, {}, 401, "API key", None),
-    ("wrong API key", "POST", "/v1/completions", {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, "API key", None),
+    (
+        "wrong API key",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi"},
+        {"Authorization": "Bearer nope"},
+        401,
+        "API key",
+        None,
+    ),
     ("body not JSON", "POST", "/v1/completions", b"{prompt: hi", None, 400, "not valid JSON", None),
     ("body a list", "POST", "/v1/completions", [1, 2], None, 400, "JSON object", None),
     ("no prompt", "POST", "/v1/completions", {"max_tokens": 3}, None, 400, "'prompt' is required", "prompt"),
     ("prompt a number", "POST", "/v1/completions", {"prompt": 5}, None, 400, "'prompt' must be", "prompt"),
     ("empty prompt", "POST", "/v1/completions", {"prompt": ""}, None, 400, "empty string", "prompt"),
-    ("empty prompt list", "POST", "/v1/completions", {"prompt": []}, None, 400, "must not be empty", "prompt"),
-    ("token id past the vocabulary", "POST", "/v1/completions", {"prompt": [5, 256]}, None, 400, "token id 256", "prompt"),
-    ("token list holding a string", "POST", "/v1/completions", {"prompt": [[5, "a"]]}, None, 400, "'prompt' must be", "prompt"),
-    ("negative max_tokens", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": -1}, None, 400, "'max_tokens'", "max_tokens"),
-    ("max_tokens a string", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, None, 400, "integer", "max_tokens"),
-    ("max_tokens over the cap", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, None, 400, "at most", "max_tokens"),
-    ("prompt + max_tokens past the context", "POST", "/v1/completions", {"prompt": [5] * 500, "max_tokens": 20}, None, 400,
-     "500 + 20 > 512", "max_tokens"),
-    ("prompt longer than the context", "POST", "/v1/completions", {"prompt": [5] * 600}, None, 400, "600 tokens", "prompt"),
-    ("max_tokens 0 without echo", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, None, 400, "'max_tokens'", "max_tokens"),
-    ("negative temperature", "POST", "/v1/completions", {"prompt": "hi", "temperature": -1}, None, 400, "'temperature'", "temperature"),
+    (
+        "empty prompt list",
+        "POST",
+        "/v1/completions",
+        {"prompt": []},
+        None,
+        400,
+        "must not be empty",
+        "prompt",
+    ),
+    (
+        "token id past the vocabulary",
+        "POST",
+        "/v1/completions",
+        {"prompt": [5, 256]},
+        None,
+        400,
+        "token id 256",
+        "prompt",
+    ),
+    (
+        "token list holding a string",
+        "POST",
+        "/v1/completions",
+        {"prompt": [[5, "a"]]},
+        None,
+        400,
+        "'prompt' must be",
+        "prompt",
+    ),
+    (
+        "negative max_tokens",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": -1},
+        None,
+        400,
+        "'max_tokens'",
+        "max_tokens",
+    ),
+    (
+        "max_tokens a string",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": "ten"},
+        None,
+        400,
+        "integer",
+        "max_tokens",
+    ),
+    (
+        "max_tokens over the cap",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 10**6},
+        None,
+        400,
+        "at most",
+        "max_tokens",
+    ),
+    (
+        "prompt + max_tokens past the context",
+        "POST",
+        "/v1/completions",
+        {"prompt": [5] * 500, "max_tokens": 20},
+        None,
+        400,
+        "500 + 20 > 512",
+        "max_tokens",
+    ),
+    (
+        "prompt longer than the context",
+        "POST",
+        "/v1/completions",
+        {"prompt": [5] * 600},
+        None,
+        400,
+        "600 tokens",
+        "prompt",
+    ),
+    (
+        "max_tokens 0 without echo",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 0},
+        None,
+        400,
+        "'max_tokens'",
+        "max_tokens",
+    ),
+    (
+        "negative temperature",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "temperature": -1},
+        None,
+        400,
+        "'temperature'",
+        "temperature",
+    ),
     ("top_p 0", "POST", "/v1/completions", {"prompt": "hi", "top_p": 0}, None, 400, "'top_p'", "top_p"),
     ("top_k -2", "POST", "/v1/completions", {"prompt": "hi", "top_k": -2}, None, 400, "'top_k'", "top_k"),
     ("n 0", "POST", "/v1/completions", {"prompt": "hi", "n": 0}, None, 400, "'n'", "n"),
     ("n 17", "POST", "/v1/completions", {"prompt": "hi", "n": 17}, None, 400, "'n'", "n"),
     ("stop a number", "POST", "/v1/completions", {"prompt": "hi", "stop": 3}, None, 400, "'stop'", "stop"),
-    ("logprobs 21", "POST", "/v1/completions", {"prompt": "hi", "logprobs": 21}, None, 400, "'logprobs'", "logprobs"),
+    (
+        "logprobs 21",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "logprobs": 21},
+        None,
+        400,
+        "'logprobs'",
+        "logprobs",
+    ),
     ("seed a float", "POST", "/v1/completions", {"prompt": "hi", "seed": 1.5}, None, 400, "'seed'", "seed"),
-    ("stream a string", "POST", "/v1/completions", {"prompt": "hi", "stream": "yes"}, None, 400, "'stream'", "stream"),
-    ("unknown model", "POST", "/v1/completions", {"prompt": "hi", "model": "gpt-4"}, None, 404, "gpt-4", "model"),
-    ("unknown KV policy", "POST", "/v1/completions", {"prompt": "hi", "kv": "magic"}, None, 400, "unknown KV policy", "kv"),
-    ("bad KV budget", "POST", "/v1/completions", {"prompt": "hi", "kv": {"policy": "snapkv", "budget": -1}}, None, 400,
-     "budget", "kv"),
-    ("KV knob a policy lacks", "POST", "/v1/completions", {"prompt": "hi", "kv": {"policy": "full", "budget": 0.5}}, None,
-     400, "no knob", "kv"),
-    ("kv without a policy name", "POST", "/v1/completions", {"prompt": "hi", "kv": {"budget": 0.5}}, None, 400,
-     "name its policy", "kv.policy"),
-    ("presence_penalty", "POST", "/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, None, 400, "not supported",
-     "presence_penalty"),
-    ("stream_options without stream", "POST", "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
-     None, 400, "only allowed with stream", "stream_options"),
+    (
+        "stream a string",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "stream": "yes"},
+        None,
+        400,
+        "'stream'",
+        "stream",
+    ),
+    (
+        "unknown model",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "model": "gpt-4"},
+        None,
+        404,
+        "gpt-4",
+        "model",
+    ),
+    (
+        "unknown KV policy",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "kv": "magic"},
+        None,
+        400,
+        "unknown KV policy",
+        "kv",
+    ),
+    (
+        "bad KV budget",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "kv": {"policy": "snapkv", "budget": -1}},
+        None,
+        400,
+        "budget",
+        "kv",
+    ),
+    (
+        "KV knob a policy lacks",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "kv": {"policy": "full", "budget": 0.5}},
+        None,
+        400,
+        "no knob",
+        "kv",
+    ),
+    (
+        "kv without a policy name",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "kv": {"budget": 0.5}},
+        None,
+        400,
+        "name its policy",
+        "kv.policy",
+    ),
+    (
+        "presence_penalty",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "presence_penalty": 0.5},
+        None,
+        400,
+        "not supported",
+        "presence_penalty",
+    ),
+    (
+        "stream_options without stream",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "stream_options": {"include_usage": True}},
+        None,
+        400,
+        "only allowed with stream",
+        "stream_options",
+    ),
     ("body over the cap", "POST", "/v1/completions", {"prompt": "x" * 300_000}, None, 413, "at most", None),
-    ("chat without messages", "POST", "/v1/chat/completions", {"max_tokens": 3}, None, 400, "'messages'", "messages"),
-    ("chat with a bad role", "POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, None, 400,
-     "role", "messages[0].role"),
-    ("chat with image content", "POST", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None, 400,
-     "only text", "messages[0].content"),
-    ("top_logprobs without logprobs", "POST", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, None, 400, "needs 'logprobs'", "top_logprobs"),
+    (
+        "chat without messages",
+        "POST",
+        "/v1/chat/completions",
+        {"max_tokens": 3},
+        None,
+        400,
+        "'messages'",
+        "messages",
+    ),
+    (
+        "chat with a bad role",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        None,
+        400,
+        "role",
+        "messages[0].role",
+    ),
+    (
+        "chat with image content",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        None,
+        400,
+        "only text",
+        "messages[0].content",
+    ),
+    (
+        "top_logprobs without logprobs",
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        None,
+        400,
+        "needs 'logprobs'",
+        "top_logprobs",
+    ),
     ("unknown route", "GET", "/v1/engines", None, None, 404, "Not Found", None),
     ("wrong method", "GET", "/v1/completions", None, None, 405, "Method Not Allowed", None),
 ]
@@ -320,7 +591,9 @@ def test_a_request_that_could_never_fit_the_pool_is_a_400(tiny):
     with Served(engine(tiny, kv_memory=0.0002), refreekv.make("full"), "tiny") as s:
         r = httpx.post(s.url + "/completions", json={"prompt": [5] * 300, "max_tokens": 100}, timeout=30)
         assert r.status_code == 400 and "could never fit the KV pool" in r.json()["error"]["message"]
-        r = httpx.post(s.url + "/completions", json={"prompt": [5] * 20, "max_tokens": 4, "temperature": 0}, timeout=30)
+        r = httpx.post(
+            s.url + "/completions", json={"prompt": [5] * 20, "max_tokens": 4, "temperature": 0}, timeout=30
+        )
         assert r.status_code == 200
 
 
@@ -337,15 +610,21 @@ def test_a_failing_request_fails_alone_and_the_server_keeps_serving(served, offl
     out = {}
 
     def go(k, kv):
-        out[k] = httpx.post(served.url + "/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0, "kv": kv},
-                            headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        out[k] = httpx.post(
+            served.url + "/completions",
+            json={"prompt": ids, "max_tokens": 8, "temperature": 0, "kv": kv},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+        )
 
     ts = [threading.Thread(target=go, args=(k, kv)) for k, kv in (("bad", "boom-test"), ("good", "full"))]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    assert out["bad"].status_code == 500 and "bug in a research policy" in out["bad"].json()["error"]["message"]
+    assert (
+        out["bad"].status_code == 500 and "bug in a research policy" in out["bad"].json()["error"]["message"]
+    )
     assert out["good"].status_code == 200
     assert out["good"].json()["choices"][0]["text"] == greedy(offline, ids, 8, refreekv.make("full")).text
     served.idle()
@@ -357,13 +636,20 @@ def test_models_health_and_metrics(served):
     assert m["data"][0]["id"] == "tiny" and m["data"][0]["max_model_len"] == 512
     assert httpx.get(served.root + "/health").json() == {"status": "ok"}
     before = _metrics(served)
-    httpx.post(served.url + "/completions", json={"prompt": [5, 6, 7], "max_tokens": 5, "temperature": 0, "kv": "full"},
-               headers=h, timeout=30)
+    httpx.post(
+        served.url + "/completions",
+        json={"prompt": [5, 6, 7], "max_tokens": 5, "temperature": 0, "kv": "full"},
+        headers=h,
+        timeout=30,
+    )
     served.idle()
     after = _metrics(served)
     assert after["refreekv_requests_total"] == before["refreekv_requests_total"] + 1
     assert after["refreekv_generation_tokens_total"] > before["refreekv_generation_tokens_total"]
-    assert after["refreekv_kv_pages_free"] == after["refreekv_kv_pages_total"] and after["refreekv_requests_running"] == 0
+    assert (
+        after["refreekv_kv_pages_free"] == after["refreekv_kv_pages_total"]
+        and after["refreekv_requests_running"] == 0
+    )
     assert 0 < after["refreekv_kv_budget_mean"] <= 1
 
 
@@ -383,9 +669,28 @@ def test_serve_cli_drains_on_sigterm_and_exits_0(tiny):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--model", str(tiny), "--port", "0", "--kv", "full",
-                             "--device", "cpu", "--kv-memory", "0.05", "--drain-s", "20"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.serve",
+            "--model",
+            str(tiny),
+            "--port",
+            "0",
+            "--kv",
+            "full",
+            "--device",
+            "cpu",
+            "--kv-memory",
+            "0.05",
+            "--drain-s",
+            "20",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         line = ""
         t0 = time.time()
@@ -425,13 +730,21 @@ def test_serve_cli_bad_flags_are_one_line_before_loading(tiny):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for args, msg in [(["--port", "70000"], "--port must be in [0, 65535]"),
-                          (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
-                          (["--kv", "nope"], "unknown KV policy 'nope'"),
-                          (["--tp", "2"], "--tp must be 1")]:
-            r = subprocess.run([sys.executable, "-m", "engine.serve", "--model", str(tiny), *args], capture_output=True,
-                               text=True, timeout=120)
-            assert r.returncode == 2 and r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and msg in r.stderr, r.stderr
+        for args, msg in [
+            (["--port", "70000"], "--port must be in [0, 65535]"),
+            (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+            (["--kv", "nope"], "unknown KV policy 'nope'"),
+            (["--tp", "2"], "--tp must be 1"),
+        ]:
+            r = subprocess.run(
+                [sys.executable, "-m", "engine.serve", "--model", str(tiny), *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert (
+                r.returncode == 2 and r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and msg in r.stderr
+            ), r.stderr
             assert r.stderr.count("\n") == 1
 
 
@@ -439,21 +752,66 @@ def test_run_batch_follows_the_openai_batch_format(tiny, offline, tmp_path):
     import subprocess
     import sys
 
-    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
-              "body": {"prompt": "The mill", "max_tokens": 12, "temperature": 0}},
-             {"custom_id": "b", "method": "POST", "url": "/v1/completions",
-              "body": {"prompt": [[5, 6, 7, 8]], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}},
-             {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10, "temperature": 0,
-                       "kv": {"policy": "snapkv", "budget": 0.5}}},
-             {"custom_id": "d", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
-             {"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 2}}]
+    lines = [
+        {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "The mill", "max_tokens": 12, "temperature": 0},
+        },
+        {
+            "custom_id": "b",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "prompt": [[5, 6, 7, 8]],
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": 1,
+            },
+        },
+        {
+            "custom_id": "c",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 10,
+                "temperature": 0,
+                "kv": {"policy": "snapkv", "budget": 0.5},
+            },
+        },
+        {"custom_id": "d", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 2}},
+    ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     out = tmp_path / "out.jsonl"
-    r = subprocess.run([sys.executable, "-m", "engine.run_batch", "-i", str(inp), "-o", str(out), "--model", str(tiny),
-                        "--kv", "refreekv", "--threshold", "0.2", "--device", "cpu", "--kv-memory", "0.05"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.run_batch",
+            "-i",
+            str(inp),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny),
+            "--kv",
+            "refreekv",
+            "--threshold",
+            "0.2",
+            "--device",
+            "cpu",
+            "--kv-memory",
+            "0.05",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     res = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["custom_id"] for x in res] == ["a", "b", "c", "d", "e", None]
@@ -463,7 +821,9 @@ def test_run_batch_follows_the_openai_batch_format(tiny, offline, tmp_path):
     b = res[1]["response"]["body"]["choices"][0]["logprobs"]
     assert len(b["token_logprobs"]) == 5 and b["token_logprobs"][0] is None
     c = res[2]["response"]["body"]["choices"][0]
-    ids = offline.tokenizer.encode(offline.tokenizer.apply_messages([{"role": "user", "content": "Hi"}]), special=False)
+    ids = offline.tokenizer.encode(
+        offline.tokenizer.apply_messages([{"role": "user", "content": "Hi"}]), special=False
+    )
     assert c["message"]["content"] == greedy(offline, ids, 10, refreekv.make("snapkv", budget=0.5)).text
     assert c["kv"]["policy"] == "snapkv"
     assert "'url' must be one of" in res[3]["response"]["body"]["error"]["message"]
@@ -476,16 +836,20 @@ def test_bundled_model_through_the_openai_client(smollm_gen, smollm):
     """The real bundled model: chat and completions, streamed and not, equal Engine.generate."""
     eng = Engine(str(smollm), device="cpu", kv_memory=0.25, max_seqs=4)
     q = "What is the capital of France?"
-    want_chat = smollm_gen.generate([smollm_gen.encode(q)], refreekv.make("refreekv"), Sampling(max_new_tokens=24))[0]
+    want_chat = smollm_gen.generate(
+        [smollm_gen.encode(q)], refreekv.make("refreekv"), Sampling(max_new_tokens=24)
+    )[0]
     raw = smollm_gen.encode("The capital of France is", chat=False)
     want_raw = smollm_gen.generate([raw], refreekv.make("refreekv"), Sampling(max_new_tokens=16))[0]
     with Served(eng, refreekv.make("refreekv"), "smollm") as s:
         c = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0)
-        r = c.chat.completions.create(model="smollm", messages=[{"role": "user", "content": q}], max_tokens=24,
-                                      temperature=0)
+        r = c.chat.completions.create(
+            model="smollm", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0
+        )
         assert r.choices[0].message.content == want_chat.text and "Paris" in want_chat.text
         assert r.choices[0].model_extra["kv"]["budget"] == pytest.approx(want_chat.stats["budget"])
-        parts = c.completions.create(model="smollm", prompt="The capital of France is", max_tokens=16, temperature=0,
-                                     stream=True)
+        parts = c.completions.create(
+            model="smollm", prompt="The capital of France is", max_tokens=16, temperature=0, stream=True
+        )
         assert "".join(p.choices[0].text for p in parts) == want_raw.text
         s.idle()

@@ -1,4 +1,5 @@
 """config.json parsing, checkpoint resolution (local / hub cache) and clear errors on bad input."""
+
 import json
 import os
 import shutil
@@ -14,47 +15,113 @@ from weights.errors import UserError
 from weights.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 100}
+BASE = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 96,
+    "vocab_size": 100,
+}
 
 
 def run_cli(*args, env=None):
     e = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "engine.generate", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.generate", *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_hub_style_llama31_config():
-    c = parse_config({**BASE, "rope_theta": 500000.0, "eos_token_id": [128001, 128008, 128009], "bos_token_id": 128000,
-                      "max_position_embeddings": 131072, "tie_word_embeddings": True,
-                      "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}})
-    assert (c.family, c.rope_theta, c.eos_ids, c.bos_id, c.tie_embeddings, c.head_dim) == ("llama", 5e5, [128001, 128008, 128009], 128000, True, 16)
+    c = parse_config(
+        {
+            **BASE,
+            "rope_theta": 500000.0,
+            "eos_token_id": [128001, 128008, 128009],
+            "bos_token_id": 128000,
+            "max_position_embeddings": 131072,
+            "tie_word_embeddings": True,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
+    assert (c.family, c.rope_theta, c.eos_ids, c.bos_id, c.tie_embeddings, c.head_dim) == (
+        "llama",
+        5e5,
+        [128001, 128008, 128009],
+        128000,
+        True,
+        16,
+    )
     assert c.rope_scaling["factor"] == 8.0
     plain = parse_config({**BASE, "rope_theta": 500000.0})
-    assert (rope_inv_freq(c) <= rope_inv_freq(plain)).all() and not torch.equal(rope_inv_freq(c), rope_inv_freq(plain))
+    assert (rope_inv_freq(c) <= rope_inv_freq(plain)).all() and not torch.equal(
+        rope_inv_freq(c), rope_inv_freq(plain)
+    )
 
 
 def test_transformers5_rope_parameters_and_family_quirks():
     c = parse_config({**BASE, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}})
     assert c.rope_theta == 1e6 and c.rope_scaling is None
-    q = parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 131072, "use_sliding_window": False})
+    q = parse_config(
+        {**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 131072, "use_sliding_window": False}
+    )
     assert q.sliding_window is None and q.qkv_bias  # Qwen2.5 carries a window it does not use
-    q = parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096, "use_sliding_window": True,
-                      "max_window_layers": 1})  # transformers' rule: layers from max_window_layers on
+    # transformers' rule: layers from max_window_layers on
+    q = parse_config(
+        {
+            **BASE,
+            "architectures": ["Qwen2ForCausalLM"],
+            "sliding_window": 4096,
+            "use_sliding_window": True,
+            "max_window_layers": 1,
+        }
+    )
     assert q.sliding_window == 4096 and q.layer_windows == [None] + [4096] * (BASE["num_hidden_layers"] - 1)
-    q = parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096, "use_sliding_window": True})
-    assert q.sliding_window is None and not any(q.layer_windows)  # default max_window_layers 28: no layer here
-    assert parse_config({**BASE, "architectures": ["LlamaForCausalLM"], "sliding_window": 8}).layer_windows == \
-        [None] * BASE["num_hidden_layers"]  # Llama ignores it, as transformers does
+    q = parse_config(
+        {**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096, "use_sliding_window": True}
+    )
+    # default max_window_layers 28: no layer here
+    assert q.sliding_window is None and not any(q.layer_windows)
+    # Llama ignores it, as transformers does
+    assert (
+        parse_config({**BASE, "architectures": ["LlamaForCausalLM"], "sliding_window": 8}).layer_windows
+        == [None] * BASE["num_hidden_layers"]
+    )
     with pytest.raises(UserError, match="layer_types must list"):
-        parse_config({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 8, "use_sliding_window": True,
-                      "layer_types": ["full_attention"]})
-    m = parse_config({**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 4096, "head_dim": 128})
-    assert m.sliding_window == 4096 and m.head_dim == 128 and not m.qkv_bias  # Mistral v0.1 window, Nemo's head_dim
+        parse_config(
+            {
+                **BASE,
+                "architectures": ["Qwen2ForCausalLM"],
+                "sliding_window": 8,
+                "use_sliding_window": True,
+                "layer_types": ["full_attention"],
+            }
+        )
+    m = parse_config(
+        {**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 4096, "head_dim": 128}
+    )
+    # Mistral v0.1 window, Nemo's head_dim
+    assert m.sliding_window == 4096 and m.head_dim == 128 and not m.qkv_bias
 
 
 def test_unsupported_architecture_is_named():
-    with pytest.raises(UserError, match=r"unsupported architecture GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        UserError,
+        match=r"unsupported architecture GPT2LMHeadModel.*"
+        r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+    ):
         parse_config({**BASE, "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(UserError, match="unsupported rope_scaling type 'longrope'"):
         parse_config({**BASE, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
@@ -98,13 +165,17 @@ def test_wrong_shape_and_missing_tensor(tiny_ckpts, tmp_path):
     shutil.copytree(tiny_ckpts["llama", False], d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
-    with pytest.raises(UserError, match=r"tensor model\.layers\.\d+\.mlp\.\w+_proj\.weight has shape \(\d+, \d+\), expected"):
+    with pytest.raises(
+        UserError, match=r"tensor model\.layers\.\d+\.mlp\.\w+_proj\.weight has shape \(\d+, \d+\), expected"
+    ):
         load_model(d)
     (d / "config.json").write_text(json.dumps(cfg))
     sd = load_file(d / "model.safetensors")
     del sd["model.layers.1.self_attn.k_proj.weight"]
     save_file(sd, d / "model.safetensors")
-    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\), e\.g\. model\.layers\.1\.self_attn\.k_proj\.weight"):
+    with pytest.raises(
+        UserError, match=r"lacks 1 tensor\(s\), e\.g\. model\.layers\.1\.self_attn\.k_proj\.weight"
+    ):
         load_model(d)
 
 
@@ -113,10 +184,24 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path):
     cases = [
         (["--model", str(tmp_path), "--prompt", "hi"], "unsupported architecture FalconForCausalLM"),
         (["--model", str(tmp_path / "nope"), "--prompt", "hi"], "no such model directory"),
-        (["--model", str(tiny_ckpts["llama", False]), "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+        (
+            ["--model", str(tiny_ckpts["llama", False]), "--prompt", "hi", "--temperature", "-1"],
+            "--temperature must be >= 0",
+        ),
         (["--model", str(tiny_ckpts["llama", False]), "--prompt", "   "], "empty prompt"),
-        (["--model", str(tiny_ckpts["llama", False]), "--prompt", "x" * 300, "--max-length", "200", "--max-new-tokens", "10"],
-         "prompt has 300 tokens but the context is 200 tokens"),
+        (
+            [
+                "--model",
+                str(tiny_ckpts["llama", False]),
+                "--prompt",
+                "x" * 300,
+                "--max-length",
+                "200",
+                "--max-new-tokens",
+                "10",
+            ],
+            "prompt has 300 tokens but the context is 200 tokens",
+        ),
     ]
     for args, msg in cases:
         r = run_cli(*args)
@@ -145,9 +230,11 @@ def test_hub_id_not_cached_says_how_to_get_it(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "home")}
     r = run_cli("--model", "Qwen/Qwen2.5-7B", "--prompt", "hello", env=env)
     assert r.returncode == 2
-    assert r.stderr.strip() == ("error: model Qwen/Qwen2.5-7B is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                                "on a connected machine run `hf download Qwen/Qwen2.5-7B` (and copy the cache to $HF_HOME), "
-                                "or pass a local directory")
+    assert r.stderr.strip() == (
+        "error: model Qwen/Qwen2.5-7B is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        "on a connected machine run `hf download Qwen/Qwen2.5-7B` (and copy the cache to $HF_HOME), "
+        "or pass a local directory"
+    )
 
 
 def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
@@ -168,7 +255,10 @@ def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
         (["--kv-args", "{"], "--kv-args is not valid JSON"),
         (["--kv-args", '{"protected": [-1]}'], "protected layers must be >= 0"),
         (["--kv", "snapkv", "--threshold", "0.1"], "KV policy 'snapkv' has no knob 'threshold'"),
-        (["--kv", "streaming", "--budget", "2.5"], "a budget > 1 is a token count and must be a whole number"),
+        (
+            ["--kv", "streaming", "--budget", "2.5"],
+            "a budget > 1 is a token count and must be a whole number",
+        ),
         (["--kv", "nope"], "unknown KV policy 'nope'"),
         (["--model", str(tmp_path)], f"no *.safetensors weights in {tmp_path}"),
         (["--kv-args", '{"include_sinks": "false"}'], "include_sinks must be true or false, got 'false'"),
@@ -184,8 +274,13 @@ def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
 
 
 def test_hub_unreachable_says_how_to_get_it(tmp_path):
-    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
-           "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "home")}
+    env = {
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_CACHE": str(tmp_path / "empty"),
+        "HF_HOME": str(tmp_path / "home"),
+    }
     r = run_cli("--model", "Qwen/Qwen2.5-7B", "--prompt", "hello", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr
@@ -193,7 +288,8 @@ def test_hub_unreachable_says_how_to_get_it(tmp_path):
 
 
 def test_hub_download_fetches_only_the_indexed_shards(tmp_path, monkeypatch):
-    """Mistral repos hold consolidated.safetensors beside the HF shards: only the index's shards are fetched."""
+    """Mistral repos hold consolidated.safetensors beside the HF shards: only the index's shards are
+    fetched."""
     import huggingface_hub
 
     from weights import resolve
@@ -203,13 +299,26 @@ def test_hub_download_fetches_only_the_indexed_shards(tmp_path, monkeypatch):
     def fake(repo_id, allow_patterns):
         calls.append(list(allow_patterns))
         if len(calls) == 1 and repo_id.startswith("mistralai/"):
-            (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-                "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}}))
+            (tmp_path / "model.safetensors.index.json").write_text(
+                json.dumps(
+                    {
+                        "weight_map": {
+                            "a": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors",
+                            "c": "model-00001-of-00002.safetensors",
+                        }
+                    }
+                )
+            )
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     assert resolve.resolve("mistralai/Mistral-7B-Instruct-v0.3") == tmp_path
-    assert not any("*" in p for p in calls[0]) and "config.json" in calls[0] and "model.safetensors.index.json" in calls[0]
+    assert (
+        not any("*" in p for p in calls[0])
+        and "config.json" in calls[0]
+        and "model.safetensors.index.json" in calls[0]
+    )
     assert calls[1] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     (tmp_path / "model.safetensors.index.json").unlink()
     calls.clear()
@@ -217,19 +326,45 @@ def test_hub_download_fetches_only_the_indexed_shards(tmp_path, monkeypatch):
     assert calls[1] == ["model.safetensors"]
 
 
-@pytest.mark.parametrize("edit,msg", [
-    (lambda c: [c], "must hold a JSON object, not list"),
-    (lambda c: {**c, "num_attention_heads": 0}, "num_attention_heads must be >= 1"),
-    (lambda c: {**c, "rope_scaling": "llama3"}, "rope_scaling must be an object"),
-    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 32}},
-     "llama3 rope_scaling needs a positive number factor, got None"),
-    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": "8", "original_max_position_embeddings": 32}},
-     "needs a positive number factor, got '8'"),
-    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": "32"}},
-     "original_max_position_embeddings must be a positive number, got '32'"),
-    (lambda c: {**c, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope_scaling type 'dynamic'"),
-    (lambda c: {**c, "architectures": "LlamaForCausalLM"}, "architectures must be a list"),
-])
+@pytest.mark.parametrize(
+    "edit,msg",
+    [
+        (lambda c: [c], "must hold a JSON object, not list"),
+        (lambda c: {**c, "num_attention_heads": 0}, "num_attention_heads must be >= 1"),
+        (lambda c: {**c, "rope_scaling": "llama3"}, "rope_scaling must be an object"),
+        (
+            lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 32}},
+            "llama3 rope_scaling needs a positive number factor, got None",
+        ),
+        (
+            lambda c: {
+                **c,
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": "8",
+                    "original_max_position_embeddings": 32,
+                },
+            },
+            "needs a positive number factor, got '8'",
+        ),
+        (
+            lambda c: {
+                **c,
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "original_max_position_embeddings": "32",
+                },
+            },
+            "original_max_position_embeddings must be a positive number, got '32'",
+        ),
+        (
+            lambda c: {**c, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            "unsupported rope_scaling type 'dynamic'",
+        ),
+        (lambda c: {**c, "architectures": "LlamaForCausalLM"}, "architectures must be a list"),
+    ],
+)
 def test_malformed_config_is_one_error_before_loading(tiny_ckpts, tmp_path, capsys, edit, msg):
     """Each once a traceback (some only after the weights were loaded): now one line, exit 2."""
     from engine.generate import main
@@ -253,24 +388,54 @@ def test_malformed_generation_config_is_one_error(tiny_ckpts, tmp_path, gen):
         load_config(tmp_path)
 
 
-@pytest.mark.parametrize("scaling,max_pos", [
-    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),  # Qwen2.5's long context
-    ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "mscale": 0.7,
-      "mscale_all_dim": 1.0}, 8192),
-    ({"rope_type": "yarn", "factor": 8.0, "attention_factor": 1.3, "truncate": False}, 32768),
-    ({"rope_type": "linear", "factor": 2.0}, 8192),
-    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 8192}, 131072),
-])
+@pytest.mark.parametrize(
+    "scaling,max_pos",
+    [
+        # Qwen2.5's long context
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
+        (
+            {
+                "type": "yarn",
+                "factor": 2.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 16,
+                "mscale": 0.7,
+                "mscale_all_dim": 1.0,
+            },
+            8192,
+        ),
+        ({"rope_type": "yarn", "factor": 8.0, "attention_factor": 1.3, "truncate": False}, 32768),
+        ({"rope_type": "linear", "factor": 2.0}, 8192),
+        (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            131072,
+        ),
+    ],
+)
 def test_rope_scaling_equals_transformers(scaling, max_pos):
-    """Inverse frequencies and the cos/sin factor against transformers' own RoPE initialisers on 7B-sized heads."""
+    """Inverse frequencies and the cos/sin factor against transformers' own RoPE initialisers on
+    7B-sized heads."""
     import transformers as tf
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from weights.config import rope_attention_factor
 
-    shape = dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=2,
-                 intermediate_size=96, vocab_size=100, rope_theta=1e6, max_position_embeddings=max_pos)
+    shape = dict(
+        hidden_size=3584,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        vocab_size=100,
+        rope_theta=1e6,
+        max_position_embeddings=max_pos,
+    )
     hf = tf.Qwen2Config(**shape, rope_scaling=dict(scaling))
     want_inv, want_att = ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf, "cpu")
     c = parse_config({"architectures": ["Qwen2ForCausalLM"], **shape, "rope_scaling": scaling})
@@ -284,14 +449,26 @@ def test_rope_kind_named_by_type_and_the_context_it_reaches(tiny_ckpts):
     from engine.engine import Engine
 
     shape = {**BASE, "architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 32768}
-    c = parse_config({**shape, "rope_parameters": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
-                                                   "rope_theta": 1e6}})
+    c = parse_config(
+        {
+            **shape,
+            "rope_parameters": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32768,
+                "rope_theta": 1e6,
+            },
+        }
+    )
     assert c.rope_scaling["rope_type"] == "yarn" and c.rope_theta == 1e6 and c.context_limit == 131072
-    assert parse_config({**shape, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}).context_limit == 65536
+    assert (
+        parse_config({**shape, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}).context_limit == 65536
+    )
     assert parse_config(shape).context_limit == 32768
     path = tiny_ckpts["llama-linear", False]  # max_position_embeddings 512, linear factor 2
     assert Engine(str(path), device="cpu", max_length=1024, load=False).context == 1024
-    assert Engine(str(path), device="cpu", load=False).context == 512  # the stated length unless asked for more
+    # the stated length unless asked for more
+    assert Engine(str(path), device="cpu", load=False).context == 512
     with pytest.raises(UserError, match="--max-length 1025 exceeds the model's 1024 positions"):
         Engine(str(path), device="cpu", max_length=1025, load=False)
 
@@ -299,9 +476,17 @@ def test_rope_kind_named_by_type_and_the_context_it_reaches(tiny_ckpts):
 def test_an_absent_sliding_window_is_transformers_default():
     import transformers as tf
 
-    for arch, extra in (("MistralForCausalLM", {}), ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0})):
+    for arch, extra in (
+        ("MistralForCausalLM", {}),
+        ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}),
+    ):
         cfg = {**BASE, "architectures": [arch], **extra}
-        hf = (tf.MistralConfig if arch.startswith("Mistral") else tf.Qwen2Config)(**{k: v for k, v in cfg.items() if k != "architectures"})
+        hf = (tf.MistralConfig if arch.startswith("Mistral") else tf.Qwen2Config)(
+            **{k: v for k, v in cfg.items() if k != "architectures"}
+        )
         c = parse_config(cfg)
-        assert c.sliding_window == hf.sliding_window == 4096 and c.layer_windows == [4096] * BASE["num_hidden_layers"]
+        assert (
+            c.sliding_window == hf.sliding_window == 4096
+            and c.layer_windows == [4096] * BASE["num_hidden_layers"]
+        )
         assert parse_config({**cfg, "sliding_window": None}).sliding_window is None  # stated null: no window

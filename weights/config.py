@@ -1,4 +1,5 @@
 """ModelConfig: every knob of the supported families, read from an HF config.json."""
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ class ModelConfig:
     ffn_dim: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "yarn" | "linear", ...}, completed by _rope_scaling
+    # {"rope_type": "llama3" | "yarn" | "linear", ...}, completed by _rope_scaling
+    rope_scaling: dict | None = None
     sliding_window: int | None = None  # the window of the windowed layers; None: full attention everywhere
     layer_windows: list = field(default_factory=list)  # per layer: its window, or None (full attention)
     qkv_bias: bool = False
@@ -70,7 +72,13 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
         raise UserError(f"unsupported architecture {got} in {where}; supported: {', '.join(SUPPORTED)}")
     family = SUPPORTED[arch]
     try:
-        for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        for k in (
+            "hidden_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "intermediate_size",
+            "vocab_size",
+        ):
             if int(cfg[k]) < 1:
                 raise UserError(f"{where}: {k} must be >= 1, got {cfg[k]!r}")
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -86,12 +94,22 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
         n_layers = int(cfg["num_hidden_layers"])
         window, layers = _windows(family, cfg, n_layers, where)
         c = ModelConfig(
-            family=family, vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=n_layers,
-            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=int(cfg["intermediate_size"]),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=theta, rope_scaling=scaling,
-            sliding_window=window, layer_windows=layers,
+            family=family,
+            vocab_size=int(cfg["vocab_size"]),
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            ffn_dim=int(cfg["intermediate_size"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            sliding_window=window,
+            layer_windows=layers,
             qkv_bias=family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias"))),
-            o_bias=family == "llama" and bool(cfg.get("attention_bias")), mlp_bias=family == "llama" and bool(cfg.get("mlp_bias")),
+            o_bias=family == "llama" and bool(cfg.get("attention_bias")),
+            mlp_bias=family == "llama" and bool(cfg.get("mlp_bias")),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_positions=int(cfg.get("max_position_embeddings", 4096)),
             bos_id=_ids(cfg.get("bos_token_id"))[0] if _ids(cfg.get("bos_token_id")) else None,
@@ -102,7 +120,10 @@ def parse_config(cfg: dict, where: str = "config.json") -> ModelConfig:
     except (TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{where} has a malformed field: {e}") from None
     if c.n_heads % c.n_kv_heads:
-        raise UserError(f"{where}: num_attention_heads {c.n_heads} is not a multiple of num_key_value_heads {c.n_kv_heads}")
+        raise UserError(
+            f"{where}: num_attention_heads {c.n_heads} "
+            f"is not a multiple of num_key_value_heads {c.n_kv_heads}"
+        )
     return c
 
 
@@ -127,16 +148,25 @@ def _rope_scaling(cfg: dict, scaling, where: str) -> dict | None:
     if kind == "default":
         return None
     if kind not in ROPE_KINDS:
-        raise UserError(f"unsupported rope_scaling type {kind!r} in {where}; supported: {', '.join(ROPE_KINDS)}")
-    if not isinstance(scaling.get("factor"), (int, float)) or isinstance(scaling.get("factor"), bool) or scaling["factor"] <= 0:
-        raise UserError(f"{where}: {kind} rope_scaling needs a positive number factor, got {scaling.get('factor')!r}")
+        raise UserError(
+            f"unsupported rope_scaling type {kind!r} in {where}; supported: {', '.join(ROPE_KINDS)}"
+        )
+    if (
+        not isinstance(scaling.get("factor"), (int, float))
+        or isinstance(scaling.get("factor"), bool)
+        or scaling["factor"] <= 0
+    ):
+        raise UserError(
+            f"{where}: {kind} rope_scaling needs a positive number factor, got {scaling.get('factor')!r}"
+        )
     out = dict(rope_type=kind, factor=float(scaling["factor"]))
     if kind == "linear":
         return out
     # the pretraining length: a top-level field wins (as transformers reads it), else max_position_embeddings
     orig = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
-    out["original_max_position_embeddings"] = _number(where, "original_max_position_embeddings", orig,
-                                                      cfg.get("max_position_embeddings", 4096))
+    out["original_max_position_embeddings"] = _number(
+        where, "original_max_position_embeddings", orig, cfg.get("max_position_embeddings", 4096)
+    )
     if kind == "llama3":
         out["low_freq_factor"] = _number(where, "low_freq_factor", scaling.get("low_freq_factor"), 1.0)
         out["high_freq_factor"] = _number(where, "high_freq_factor", scaling.get("high_freq_factor"), 4.0)
@@ -172,7 +202,8 @@ def _windows(family: str, cfg: dict, n_layers: int, where: str) -> tuple[int | N
     """Which layers attend through a sliding window, as transformers reads the config: Llama never
     (it ignores sliding_window), Mistral every layer, Qwen2 only with use_sliding_window, on the
     layers its layer_types name "sliding_attention" (by default those from max_window_layers on)."""
-    w = cfg.get("sliding_window", 4096)  # transformers' Mistral and Qwen2 default when the key is absent (null: none)
+    # transformers' Mistral and Qwen2 default when the key is absent (null: none)
+    w = cfg.get("sliding_window", 4096)
     if family == "llama" or not w:
         return None, [None] * n_layers
     w = int(w)
@@ -186,9 +217,15 @@ def _windows(family: str, cfg: dict, n_layers: int, where: str) -> tuple[int | N
     if types is None:
         first = int(cfg.get("max_window_layers", 28))  # transformers' Qwen2Config default
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-    if not isinstance(types, list) or len(types) != n_layers or set(types) - {"full_attention", "sliding_attention"}:
-        raise UserError(f"{where}: layer_types must list 'full_attention' or 'sliding_attention' for each of the "
-                        f"{n_layers} layers")
+    if (
+        not isinstance(types, list)
+        or len(types) != n_layers
+        or set(types) - {"full_attention", "sliding_attention"}
+    ):
+        raise UserError(
+            f"{where}: layer_types must list 'full_attention' or 'sliding_attention' for each of the "
+            f"{n_layers} layers"
+        )
     layers = [w if t == "sliding_attention" else None for t in types]
     return (w if any(layers) else None), layers
 
@@ -223,7 +260,8 @@ def rope_inv_freq(c: ModelConfig):
     if s and s["rope_type"] == "yarn":  # NTK-by-parts: interpolate the low frequencies, keep the high ones
         d, base, orig = c.head_dim, c.rope_theta, s["original_max_position_embeddings"]
 
-        def dim_of(rotations):  # the dimension whose wavelength fits `rotations` turns in the original context
+        # the dimension whose wavelength fits `rotations` turns in the original context
+        def dim_of(rotations):
             return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
         lo, hi = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])

@@ -86,7 +86,9 @@ def _open(path: Path):
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size or t.data.nbytes != int(t.n_bytes):
-            raise UserError(f"GGUF {path} is truncated: tensor {t.name} ends at byte {end:,}, file has {size:,}")
+            raise UserError(
+                f"GGUF {path} is truncated: tensor {t.name} ends at byte {end:,}, file has {size:,}"
+            )
     return reader
 
 
@@ -107,7 +109,11 @@ def _field(reader, key, default=None):
         return bool(v)
     if vt in (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64):
         # float32 metadata: keep the shortest decimal that round-trips (1e-06, not 9.99999997e-07)
-        return float(np.format_float_positional(v, unique=True, trim="-")) if vt == gguf.GGUFValueType.FLOAT32 else float(v)
+        return (
+            float(np.format_float_positional(v, unique=True, trim="-"))
+            if vt == gguf.GGUFValueType.FLOAT32
+            else float(v)
+        )
     return int(v)
 
 
@@ -143,7 +149,9 @@ def _build_config(reader, path: Path, arch: str, tokens: list[str], has_output: 
     if head_dim is None or arch == "qwen2":
         head_dim = hidden // heads
     if _field(reader, f"{a}.rope.scaling.type") not in (None, "none"):
-        raise UserError(f"GGUF {path}: rope scaling {_field(reader, f'{a}.rope.scaling.type')!r} is not supported")
+        raise UserError(
+            f"GGUF {path}: rope scaling {_field(reader, f'{a}.rope.scaling.type')!r} is not supported"
+        )
     n_vocab = len(tokens)
     meta_vocab = _field(reader, f"{a}.vocab_size")
     if meta_vocab is not None and meta_vocab != n_vocab:
@@ -189,6 +197,7 @@ def _build_config(reader, path: Path, arch: str, tokens: list[str], has_output: 
 # tokenizer
 # ----------------------------------------------------------------------------------------------
 
+
 def _tokenizer_files(reader, tokens: list[str], cfg: dict) -> tuple[dict, dict]:
     def tok(key):
         i = _field(reader, f"tokenizer.ggml.{key}")
@@ -208,8 +217,11 @@ def _tokenizer_files(reader, tokens: list[str], cfg: dict) -> tuple[dict, dict]:
     template = _field(reader, "tokenizer.chat_template")
     if template is not None:
         tcfg["chat_template"] = template
-    gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"),
-           "refreekv_converter": CONVERTER_VERSION}
+    gen = {
+        "bos_token_id": cfg.get("bos_token_id"),
+        "eos_token_id": cfg.get("eos_token_id"),
+        "refreekv_converter": CONVERTER_VERSION,
+    }
     if cfg.get("pad_token_id") is not None:
         gen["pad_token_id"] = cfg["pad_token_id"]
         if cfg.get("model_type") == "qwen2" and cfg["pad_token_id"] != cfg.get("eos_token_id"):
@@ -249,9 +261,13 @@ def _plan_tensors(reader, path: Path, arch: str, cfg: dict) -> list[tuple[str, o
         try:
             qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
         except ValueError:
-            raise UserError(f"GGUF {path}: tensor {t.name} has unknown quant type id {int(t.tensor_type)}") from None
+            raise UserError(
+                f"GGUF {path}: tensor {t.name} has unknown quant type id {int(t.tensor_type)}"
+            ) from None
         if not _can_dequantize(qtype):
-            raise UserError(f"GGUF {path}: tensor {t.name} has quant type {qtype.name}, which gguf cannot dequantize")
+            raise UserError(
+                f"GGUF {path}: tensor {t.name} has quant type {qtype.name}, which gguf cannot dequantize"
+            )
         shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))  # GGUF lists dims innermost first
         plan.append((hf, t, shape))
     names = {p[0] for p in plan}
@@ -291,7 +307,9 @@ def _dequant(t, qtype_name: str, path: Path) -> np.ndarray:
     try:
         return gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-        raise UserError(f"GGUF {path}: tensor {t.name} has quant type {qtype_name}, which gguf cannot dequantize") from None
+        raise UserError(
+            f"GGUF {path}: tensor {t.name} has quant type {qtype_name}, which gguf cannot dequantize"
+        ) from None
 
 
 PROGRESS_S = 5.0  # seconds between progress lines when stderr is not a terminal
@@ -310,8 +328,15 @@ def _write_safetensors(file: Path, plan, reader, path: Path, arch: str, cfg: dic
     from tqdm import tqdm  # a dependency of huggingface-hub
 
     tty = sys.stderr.isatty()
-    bar = tqdm(plan, desc=f"converting {path.name} (once)", unit="tensor", file=sys.stderr, leave=False,
-               disable=not tty)  # on a terminal a bar; elsewhere a line every few seconds
+    # on a terminal a bar; elsewhere a line every few seconds
+    bar = tqdm(
+        plan,
+        desc=f"converting {path.name} (once)",
+        unit="tensor",
+        file=sys.stderr,
+        leave=False,
+        disable=not tty,
+    )
     last = time.monotonic()
     sizes = [int(np.prod(shape, dtype=np.int64)) for _, _, shape in plan]
     total, done = sum(sizes), 0
@@ -322,8 +347,13 @@ def _write_safetensors(file: Path, plan, reader, path: Path, arch: str, cfg: dic
             big = sizes[i] > 0.1 * total  # an embedding can be a quarter of a small model: say so before it
             if not tty and (time.monotonic() - last > PROGRESS_S or big):
                 last = time.monotonic()
-                print(f"[refreekv] converting: {100 * done / total:.0f}% of the weights ({i}/{len(plan)} tensors)"
-                      + (f", now {hf} ({100 * sizes[i] / total:.0f}%)" if big else ""), file=sys.stderr, flush=True)
+                print(
+                    f"[refreekv] converting: {100 * done / total:.0f}% of the weights "
+                    f"({i}/{len(plan)} tensors)"
+                    + (f", now {hf} ({100 * sizes[i] / total:.0f}%)" if big else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
             done += sizes[i]
             w = _dequant(t, t.tensor_type.name, path)
             w = np.asarray(w, dtype=np.float32)
@@ -349,7 +379,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     path = Path(gguf_path)
     out = Path(out_dir)
     if not sys.stderr.isatty():  # (a terminal gets the bar below)
-        print("[refreekv] converting: reading the GGUF's metadata and vocabulary", file=sys.stderr, flush=True)
+        print(
+            "[refreekv] converting: reading the GGUF's metadata and vocabulary", file=sys.stderr, flush=True
+        )
     reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHS:
@@ -361,7 +393,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     cfg = _build_config(reader, path, arch, tokens, has_output)
     plan = _plan_tensors(reader, path, arch, cfg)  # validates names and quant types before any work
     meta = {k: _array(reader, f"tokenizer.ggml.{k}") for k in ("token_type", "merges")}
-    meta |= {k: _field(reader, f"tokenizer.ggml.{k}") for k in ("model", "pre", "bos_token_id", "add_bos_token")}
+    meta |= {
+        k: _field(reader, f"tokenizer.ggml.{k}") for k in ("model", "pre", "bos_token_id", "add_bos_token")
+    }
     tokenizer = build_tokenizer(path, dict(meta, tokens=tokens))
     tcfg, gen = _tokenizer_files(reader, tokens, cfg)
 

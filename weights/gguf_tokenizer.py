@@ -2,6 +2,7 @@
 `tokenizers` Tokenizer, spelled and split the way the models' own tokenizer.json files are:
 SmolLM2 (digits alone, then GPT-2 byte-level), Qwen2 (NFC, its split regex) and Llama 3 (its split
 regex, merges ignored where a whole word is a token)."""
+
 from pathlib import Path
 
 from .errors import UserError
@@ -35,8 +36,13 @@ def _pre_tokenizer(pre: str | None, path: Path):
             False,
             True,
         )
-    split = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-             "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}.get(pre)
+    split = {
+        "qwen2": _QWEN2_SPLIT,
+        "deepseek-r1-qwen": _QWEN2_SPLIT,
+        "llama-bpe": _LLAMA3_SPLIT,
+        "llama3": _LLAMA3_SPLIT,
+        "llama-v3": _LLAMA3_SPLIT,
+    }.get(pre)
     if split is None:
         raise UserError(f"GGUF {path}: unsupported tokenizer pre-tokenizer {pre!r}")
     pt = pre_tokenizers.Sequence(
@@ -51,7 +57,11 @@ def _pre_tokenizer(pre: str | None, path: Path):
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -71,7 +81,9 @@ def build_tokenizer(path: Path, meta: dict):
     tokens = meta["tokens"]
     model = meta.get("model")
     if model != "gpt2":
-        raise UserError(f"GGUF {path}: tokenizer type {model!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise UserError(
+            f"GGUF {path}: tokenizer type {model!r} is not supported (only byte-level BPE, 'gpt2')"
+        )
     merges_raw = meta.get("merges")
     if not merges_raw:
         raise UserError(f"GGUF {path}: byte-level BPE tokenizer has no tokenizer.ggml.merges")
@@ -97,8 +109,16 @@ def build_tokenizer(path: Path, meta: dict):
         merges.append((parts[0], parts[1]))
 
     tk = Tokenizer(
-        BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-            fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=ignore_merges,
+        )
     )
     if normalizer is not None:
         tk.normalizer = normalizer
@@ -107,19 +127,31 @@ def build_tokenizer(path: Path, meta: dict):
     bos = meta.get("bos_token_id")
     if meta.get("add_bos_token") and bos is not None:
         b = tokens[bos]
-        tk.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=trim_offsets),
-            processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, bos)]),
-        ])
+        tk.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=trim_offsets),
+                processors.TemplateProcessing(
+                    single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, bos)]
+                ),
+            ]
+        )
     else:
         tk.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
     # Control tokens (<|im_start|>, <|endoftext|>...) are special: matched whole, dropped by
     # skip_special_tokens. User-defined ones (Qwen's <tool_call>) are matched whole but are not
     # special, as in the models' own tokenizer.json.
     tk.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL]
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _TOKEN_CONTROL
+        ]
     )
     tk.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED]
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _TOKEN_USER_DEFINED
+        ]
     )
     return tk

@@ -3,6 +3,7 @@
 The model is built on the meta device, materialised once in the target dtype, and each
 checkpoint tensor is copied into its slot (q/k/v and gate/up land in slices of fused
 weights), so host memory never holds a second full copy of the weights."""
+
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ from weights.config import ModelConfig, load_config
 from weights.errors import UserError
 
 
-def name_map(c: ModelConfig, rank: int = 0, world: int = 1) -> dict[str, tuple[str, slice | None, tuple | None]]:
+def name_map(
+    c: ModelConfig, rank: int = 0, world: int = 1
+) -> dict[str, tuple[str, slice | None, tuple | None]]:
     """HF tensor name -> (our parameter, row slice in a fused weight, the part of the checkpoint
     tensor this rank reads: None = all of it). Llama, Mistral and Qwen2 share HF's names; Qwen2 adds
     q/k/v biases, Llama's attention_bias q/k/v/o biases and its mlp_bias gate/up/down biases.
@@ -30,26 +33,40 @@ def name_map(c: ModelConfig, rank: int = 0, world: int = 1) -> dict[str, tuple[s
     qd, kd, f = lc.n_heads * D, lc.n_kv_heads * D, lc.ffn_dim
     q0, kv0, f0 = rank * lc.n_heads * D, kv_heads(c, rank, world)[0] * D, rank * f
     whole = world == 1
-    m = {"model.embed_tokens.weight": ("embed.weight", None, None), "model.norm.weight": ("norm.weight", None, None)}
+    m = {
+        "model.embed_tokens.weight": ("embed.weight", None, None),
+        "model.norm.weight": ("norm.weight", None, None),
+    }
     if not c.tie_embeddings:
         v = lc.head_rows
         m["lm_head.weight"] = ("lm_head.weight", None, None if not v else (slice(rank * v, (rank + 1) * v),))
     for i in range(c.n_layers):
         hf, us = f"model.layers.{i}.", f"layers.{i}."
-        parts = {"q_proj": (slice(0, qd), slice(q0, q0 + qd)), "k_proj": (slice(qd, qd + kd), slice(kv0, kv0 + kd)),
-                 "v_proj": (slice(qd + kd, qd + 2 * kd), slice(kv0, kv0 + kd))}
+        parts = {
+            "q_proj": (slice(0, qd), slice(q0, q0 + qd)),
+            "k_proj": (slice(qd, qd + kd), slice(kv0, kv0 + kd)),
+            "v_proj": (slice(qd + kd, qd + 2 * kd), slice(kv0, kv0 + kd)),
+        }
         for proj, (rows, src) in parts.items():
             m[f"{hf}self_attn.{proj}.weight"] = (f"{us}attn.wqkv.weight", rows, None if whole else (src,))
             if c.qkv_bias:
                 m[f"{hf}self_attn.{proj}.bias"] = (f"{us}attn.wqkv.bias", rows, None if whole else (src,))
-        m[f"{hf}self_attn.o_proj.weight"] = (f"{us}attn.wo.weight", None, None if whole else (slice(None), slice(q0, q0 + qd)))
+        m[f"{hf}self_attn.o_proj.weight"] = (
+            f"{us}attn.wo.weight",
+            None,
+            None if whole else (slice(None), slice(q0, q0 + qd)),
+        )
         if c.o_bias:
             m[f"{hf}self_attn.o_proj.bias"] = (f"{us}attn.wo.bias", None, None if rank == 0 else "zero")
         for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
             src = None if whole else (slice(f0, f0 + f),)
             m[f"{hf}mlp.gate_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(0, f), src)
             m[f"{hf}mlp.up_proj.{kind}"] = (f"{us}mlp.w13.{kind}", slice(f, 2 * f), src)
-        m[f"{hf}mlp.down_proj.weight"] = (f"{us}mlp.w2.weight", None, None if whole else (slice(None), slice(f0, f0 + f)))
+        m[f"{hf}mlp.down_proj.weight"] = (
+            f"{us}mlp.w2.weight",
+            None,
+            None if whole else (slice(None), slice(f0, f0 + f)),
+        )
         if c.mlp_bias:
             m[f"{hf}mlp.down_proj.bias"] = (f"{us}mlp.w2.bias", None, None if rank == 0 else "zero")
         m[f"{hf}input_layernorm.weight"] = (f"{us}attn_norm.weight", None, None)
@@ -76,7 +93,9 @@ def shard_files(model_dir: Path) -> list[Path]:
         return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise UserError(f"no *.safetensors weights in {model_dir} (only safetensors checkpoints are supported)")
+        raise UserError(
+            f"no *.safetensors weights in {model_dir} (only safetensors checkpoints are supported)"
+        )
     return files
 
 
@@ -91,7 +110,8 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
     lc = shard_config(c, rank, world)
     with torch.device("meta"):
         model = Transformer(lc).to(dtype)
-        if c.tie_embeddings and lc.head_rows:  # becomes a view of the embedding below: allocate nothing for it
+        # becomes a view of the embedding below: allocate nothing for it
+        if c.tie_embeddings and lc.head_rows:
             model.lm_head.weight = torch.nn.Parameter(torch.empty(0, c.dim, dtype=dtype), requires_grad=False)
     model = model.to_empty(device=device)
     if c.tie_embeddings and not lc.head_rows:
@@ -102,8 +122,16 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
     table, seen, read = name_map(c, rank, world), set(), 0
     files = shard_files(model_dir)
     size = sum(p.stat().st_size for p in files)
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"loading {model_dir.name}", file=sys.stderr, leave=False,
-               disable=None if size > 2**30 and rank == 0 else True)  # a bar for large checkpoints, on a terminal
+    # a bar for large checkpoints, on a terminal
+    bar = tqdm(
+        total=size,
+        unit="B",
+        unit_scale=True,
+        desc=f"loading {model_dir.name}",
+        file=sys.stderr,
+        leave=False,
+        disable=None if size > 2**30 and rank == 0 else True,
+    )
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -111,8 +139,10 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
                     if key not in table:
                         if known_extra(key, c):
                             continue
-                        raise UserError(f"{path.name}: tensor {key} is not part of a {c.family} model as its config.json "
-                                        "describes it (the engine would ignore it and compute something else)")
+                        raise UserError(
+                            f"{path.name}: tensor {key} is not part of a {c.family} model as its config.json "
+                            "describes it (the engine would ignore it and compute something else)"
+                        )
                     name, rows, src = table[key]
                     dst = params[name].data if rows is None else params[name].data[rows]
                     if src == "zero":  # a row-parallel bias: added once, by rank 0
@@ -121,21 +151,32 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
                         continue
                     t = f.get_tensor(key) if src is None else f.get_slice(key)[src]
                     if t.shape != dst.shape:
-                        want = "" if src is None else f" (this rank's part of {tuple(f.get_slice(key).get_shape())})"
-                        raise UserError(f"{path.name}: tensor {key} has shape {tuple(t.shape)}{want}, expected "
-                                        f"{tuple(dst.shape)} from config.json")
+                        want = (
+                            ""
+                            if src is None
+                            else f" (this rank's part of {tuple(f.get_slice(key).get_shape())})"
+                        )
+                        raise UserError(
+                            f"{path.name}: tensor {key} has shape {tuple(t.shape)}{want}, expected "
+                            f"{tuple(dst.shape)} from config.json"
+                        )
                     dst.copy_(t)
                     read += t.numel() * t.element_size()
-                    bar.update(t.numel() * t.element_size())  # as read, tensor by tensor (not a file at a time)
+                    # as read, tensor by tensor (not a file at a time)
+                    bar.update(t.numel() * t.element_size())
                     seen.add(key)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})"
+            ) from None
     bar.close()
     missing = [k for k in table if k not in seen]
     if missing:
         raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     if c.tie_embeddings and lc.head_rows:  # this rank's rows of the head: a view of the embedding, no copy
         v = lc.head_rows
-        model.lm_head.weight = torch.nn.Parameter(model.embed.weight.data[rank * v:(rank + 1) * v], requires_grad=False)
+        model.lm_head.weight = torch.nn.Parameter(
+            model.embed.weight.data[rank * v : (rank + 1) * v], requires_grad=False
+        )
     model.bytes_read = read
     return model.eval(), c

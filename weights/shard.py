@@ -6,6 +6,7 @@ are split the same way when N divides them; with more ranks than KV heads (N > H
 of Hkv) each KV head is replicated on the N / Hkv ranks whose query heads read it, as vLLM and
 SGLang do: rank r holds the one KV head its query heads map to.
 """
+
 from dataclasses import replace
 
 from weights.config import ModelConfig
@@ -20,7 +21,9 @@ def check(c: ModelConfig, world: int):
     if c.ffn_dim % world:
         raise UserError(f"--tp {world} does not divide the model's ffn width {c.ffn_dim}")
     if c.n_kv_heads % world and world % c.n_kv_heads:
-        raise UserError(f"--tp {world} neither divides the model's {c.n_kv_heads} KV heads nor is a multiple of them")
+        raise UserError(
+            f"--tp {world} neither divides the model's {c.n_kv_heads} KV heads nor is a multiple of them"
+        )
 
 
 def kv_heads(c: ModelConfig, rank: int, world: int) -> tuple[int, int]:
@@ -28,7 +31,9 @@ def kv_heads(c: ModelConfig, rank: int, world: int) -> tuple[int, int]:
     if c.n_kv_heads >= world:
         n = c.n_kv_heads // world
         return rank * n, n
-    return rank * (c.n_heads // world) // (c.n_heads // c.n_kv_heads), 1  # the KV head of this rank's query heads
+    return rank * (c.n_heads // world) // (
+        c.n_heads // c.n_kv_heads
+    ), 1  # the KV head of this rank's query heads
 
 
 def head_rows(c: ModelConfig, world: int) -> int | None:
@@ -43,5 +48,10 @@ def shard_config(c: ModelConfig, rank: int, world: int) -> ModelConfig:
     if world == 1:
         return c
     check(c, world)
-    return replace(c, n_heads=c.n_heads // world, n_kv_heads=kv_heads(c, rank, world)[1], ffn_dim=c.ffn_dim // world,
-                   head_rows=head_rows(c, world))
+    return replace(
+        c,
+        n_heads=c.n_heads // world,
+        n_kv_heads=kv_heads(c, rank, world)[1],
+        ffn_dim=c.ffn_dim // world,
+        head_rows=head_rows(c, world),
+    )
