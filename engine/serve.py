@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import queue
 import signal
 import socket
@@ -54,9 +55,16 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.stopping = False
         self.failures = 0  # steps that raised (every request then in flight failed with 500)
+        # what this iteration applied to the core (tensor parallel: shared with every rank)
+        self.ops: list = []
         self.snapshot = self._metrics()
 
     def start(self):
+        import torch
+
+        self.threads = (
+            torch.get_num_threads()
+        )  # OpenMP's count is per thread: the engine thread takes the caller's
         self.thread.start()
 
     def submit(self, choices, sink) -> list[int]:
@@ -76,6 +84,9 @@ class Worker:
         return self.thread.is_alive() and not self.stopping
 
     def _run(self):
+        import torch
+
+        torch.set_num_threads(self.threads)
         while True:
             items = []
             try:
@@ -90,36 +101,54 @@ class Worker:
                 elif kind == "abort":
                     for rid in arg:
                         self.sinks.pop(rid, None)
-                        self.core.abort(rid)
+                        self._abort(rid)
                 else:
                     self._add(arg, sink)
             if self.stopping:  # whatever is still in flight is cancelled
                 for rid in list(self.sinks):
-                    self.core.abort(rid)
-                    self.sinks.pop(rid)(
-                        ApiError("the server is shutting down", status=503, kind="server_shutdown")
-                    )
-                self.core.step() if self.core.busy() else None
+                    self._abort(rid)
+                    err = ApiError("the server is shutting down", status=503, kind="server_shutdown")
+                    self.sinks.pop(rid)(err)
+                self.ops.append(("stop",))
+                self._share()
                 self.snapshot = self._metrics()
                 return
+            self._share()
             if self.core.busy():
-                try:
-                    updates = self.core.step()
-                except Exception as e:  # noqa: BLE001 - one failing step must not take the server down
-                    self.failures += 1
-                    err = ApiError(f"the engine failed: {type(e).__name__}: {e}", status=500)
-                    for rid, sink in list(self.sinks.items()):
-                        sink(err)
-                    self.sinks.clear()
-                    self.core.reset()
-                    updates = []
-                for u in updates:
-                    sink = self.sinks.get(u.key)
-                    if sink is not None:
-                        sink(u)
-                        if u.result is not None:
-                            del self.sinks[u.key]
+                self._step()
             self.snapshot = self._metrics()
+
+    def _step(self):
+        try:
+            updates = self.core.step()
+        except Exception as e:  # noqa: BLE001 - one failing step must not take the server down
+            self.failures += 1
+            err = ApiError(f"the engine failed: {type(e).__name__}: {e}", status=500)
+            for sink in self.sinks.values():
+                sink(err)
+            self.sinks.clear()
+            self.core.reset()
+            self.ops.append(("reset",))
+            return
+        for u in updates:
+            sink = self.sinks.get(u.key)
+            if sink is not None:
+                sink(u)
+                if u.result is not None:
+                    del self.sinks[u.key]
+
+    def _share(self):
+        """Tensor parallel: every rank applies what rank 0 applied, in its order, before the same
+        step (a heartbeat when there is nothing: the other ranks wait on it)."""
+        if self.eng.tp.on:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([self.ops], src=0, group=self.eng.tp.cpu_group)
+        self.ops = []
+
+    def _abort(self, rid):
+        if self.core.abort(rid):
+            self.ops.append(("abort", rid))
 
     def _add(self, pairs, sink):
         for n, (rid, c) in enumerate(pairs):
@@ -127,10 +156,11 @@ class Worker:
                 self.core.add_request(c.prompt, c.policy, c.sampling, rid=rid)
             except UserError as e:  # checked in the handler already: only what changed since
                 for r, _ in pairs[:n]:
-                    self.core.abort(r)
+                    self._abort(r)
                     self.sinks.pop(r, None)
                 sink(ApiError(str(e)))
                 return
+            self.ops.append(("add", rid, c.prompt, c.policy, c.sampling))
             self.sinks[rid] = sink
 
     def _metrics(self) -> dict:
@@ -169,6 +199,30 @@ METRICS = [  # name, type, help, snapshot key
     ("refreekv_engine_steps_total", "counter", "Engine steps", "steps"),
     ("refreekv_engine_failures_total", "counter", "Engine steps that raised", "failures"),
 ]
+
+
+def follow(eng):
+    """A tensor-parallel rank other than 0: apply what rank 0's worker applied, step as it steps."""
+    import torch.distributed as dist
+
+    core = eng.core
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=eng.tp.cpu_group)
+        for op in box[0]:
+            if op[0] == "add":
+                core.add_request(op[2], op[3], op[4], rid=op[1])
+            elif op[0] == "abort":
+                core.abort(op[1])
+            elif op[0] == "reset":
+                core.reset()
+            else:
+                return
+        if core.busy():
+            try:
+                core.step()
+            except Exception:  # noqa: BLE001 - rank 0 failed the same step and resets everyone
+                core.reset()
 
 
 def prometheus(snap: dict) -> str:
@@ -418,14 +472,12 @@ def main(argv=None):
     from engine.cli import check_flags, policy_from_args, set_threads
     from engine.engine import Engine
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))  # tensor parallel: rank 0 serves, the others follow it
     try:
         a = parse_args(argv)
         if not 0 <= a.port <= 65535:
             raise UserError(f"--port must be in [0, 65535], got {a.port}")
-        if a.tp not in (None, 1):
-            raise UserError(
-                "the server runs on one process for now: --tp must be 1 (engine.generate takes --tp N)"
-            )
         if a.max_tokens is not None and a.max_tokens < 1:
             raise UserError(f"--max-tokens must be >= 1, got {a.max_tokens}")
         if not a.max_body_mb > 0:
@@ -433,12 +485,19 @@ def main(argv=None):
         check_flags(a)
         policy = policy_from_args(a)
         set_threads(a.threads)
-        sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((a.host, a.port))  # before the weights load: a taken port fails at once
-        except OSError as e:
-            raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror}") from None
+        sock = None
+        if rank == 0:
+            sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((a.host, a.port))  # before the weights load: a taken port fails at once
+            except OSError as e:
+                raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror}") from None
+        if a.tp and a.tp > 1 and "WORLD_SIZE" not in os.environ:
+            from engine.tp import spawn
+
+            sock.close()  # rank 0 binds it again
+            return spawn(argv, a.tp, module="engine.serve")
         eng = Engine(
             a.model,
             a.device,
@@ -449,15 +508,20 @@ def main(argv=None):
             a.max_seqs,
             a.page_size,
             load=False,
+            tp=a.tp,
         )
         eng.check_policy(policy)
         eng.load()
+        if rank != 0:
+            follow(eng)
+            return 0
         if eng.compiled:
             print(f"compile warm-up {eng.warmup(policy):.1f} s", file=sys.stderr)
         name = a.served_model_name or a.model or eng.path.name
         app = build_app(eng, policy, name, a.api_key, a.max_tokens, a.max_body_mb)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -465,7 +529,8 @@ def main(argv=None):
 
     host, port = sock.getsockname()[:2]
     print(
-        f"serving {name} (kv={policy.name}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens) on "
+        f"serving {name} (kv={policy.name}, pool {eng.kv.n_pages} pages of {eng.kv.ps} tokens"
+        f"{f', tensor parallel over {eng.tp.world} ranks' if eng.tp.on else ''}) on "
         f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1",
         file=sys.stderr,
         flush=True,
@@ -477,6 +542,10 @@ def main(argv=None):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     print("server stopped", file=sys.stderr)
+    if eng.tp.on:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -91,8 +91,9 @@ def init(tp: int | None, device: str | None) -> TP:
     return TP(dist.get_rank(), dist.get_world_size(), cpu, on=True)
 
 
-def spawn(argv: list[str], n: int) -> int:
-    """Run `python -m engine.generate argv` as n ranks on this machine (gloo/NCCL over localhost)."""
+def spawn(argv: list[str], n: int, module: str = "engine.generate") -> int:
+    """Run `python -m module argv` as n ranks on this machine (gloo/NCCL over localhost). SIGINT and
+    SIGTERM go to rank 0, which ends the others in its own way (a server stops its followers)."""
     import socket
     import subprocess
     import sys
@@ -112,11 +113,15 @@ def spawn(argv: list[str], n: int) -> int:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "engine.generate", *argv],
+                [sys.executable, "-m", module, *argv],
                 env=env,
                 stdout=None if r == 0 else subprocess.DEVNULL,
                 stderr=None if r == 0 else subprocess.DEVNULL,
             )
         )
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: procs[0].send_signal(s))
     codes = [p.wait() for p in procs]
     return codes[0] or max(codes)

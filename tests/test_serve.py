@@ -734,7 +734,6 @@ def test_serve_cli_bad_flags_are_one_line_before_loading(tiny):
             (["--port", "70000"], "--port must be in [0, 65535]"),
             (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
             (["--kv", "nope"], "unknown KV policy 'nope'"),
-            (["--tp", "2"], "--tp must be 1"),
         ]:
             r = subprocess.run(
                 [sys.executable, "-m", "engine.serve", "--model", str(tiny), *args],
@@ -853,3 +852,69 @@ def test_bundled_model_through_the_openai_client(smollm_gen, smollm):
         )
         assert "".join(p.choices[0].text for p in parts) == want_raw.text
         s.idle()
+
+
+def test_serve_tensor_parallel_equals_one_process(tiny, offline):
+    """--tp 2 on CPU (gloo): rank 0 serves, rank 1 follows its requests step by step; the text equals
+    one process's, and SIGTERM stops every rank with exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.serve",
+            "--model",
+            str(tiny),
+            "--port",
+            "0",
+            "--tp",
+            "2",
+            "--device",
+            "cpu",
+            "--kv",
+            "refreekv",
+            "--threshold",
+            "0.2",
+            "--kv-memory",
+            "0.05",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = ""
+        t0 = time.time()
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the server exited"
+            assert time.time() - t0 < 180
+        assert "tensor parallel over 2 ranks" in line
+        url = line.split(" on ")[-1].strip()
+        ids = [[5, 6, 7, 8, 9, 10], [40, 41, 42], [200, 100, 50, 25]]
+        out = {}
+
+        def go(i):
+            body = {"prompt": ids[i], "max_tokens": 12, "temperature": 0, "stream": i == 1}
+            if i == 1:
+                with httpx.stream("POST", url + "/completions", json=body, timeout=120) as r:
+                    parts = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+                out[i] = "".join(p["choices"][0]["text"] for p in parts)
+            else:
+                out[i] = httpx.post(url + "/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+        ts = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        for i in range(3):
+            assert out[i] == greedy(offline, ids[i], 12).text, i
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        proc.kill()

@@ -1,0 +1,305 @@
+"""The field's benchmarks through the engine: RULER (generated here), LongBench v1 and GSM8K, any task
+x model x list of policies, scored with the official metrics, reported in the shape of the ReFreeKV
+paper's Table 2.
+
+    python -m bench.standard --suite ruler --lengths 1024,2048 --n 10 --out bench/results/ruler-smollm2.jsonl
+    python -m bench.standard --suite longbench --tasks hotpotqa,trec --data-dir DIR --out lb.jsonl
+    python -m bench.standard --suite gsm8k --data-dir DIR --n 100 --out gsm8k.jsonl
+    python -m bench.standard --report bench/results/ruler-smollm2.jsonl --results-md bench/RESULTS.md
+
+Fan-out: each prompt is prefilled once and pruned by every policy (Engine.generate with a list of
+policies); greedy decoding, each task's own output length and stop strings. Every (sample, policy)
+becomes one JSONL row (prediction, per-sample score, KV budget, prompt tokens); a rerun skips the
+samples already in --out (resumable). --server URL sends the same prompts to a running
+`engine.serve` instead, one request per policy through the `kv` field (no shared prefill).
+
+Prompts: RULER's input through the checkpoint's chat template (the task in the user turn, RULER's
+answer prefix after the assistant header, as RULER's chat templates place it) or raw with --raw;
+LongBench as its pred.py builds them (raw for trec, triviaqa, samsum, lcc, repobench-p); GSM8K with
+the ReFreeKV authors' system message and prompt.
+
+Report: per task the full cache's score, each policy's score, mean budget and score relative to
+full; the threshold-free verdict per policy: within 1% of full (score >= 0.99 x full's) on every
+task, yes or no.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import refreekv
+from bench.common import log, policy_label
+from engine.sampling import Sampling
+from weights.errors import UserError
+
+POLICIES = [
+    ("full", {}),
+    ("refreekv", {}),
+    ("refreekv", {"metric": "mass"}),
+    ("streaming", {"budget": 0.5}),
+    ("streaming", {"budget": 0.2}),
+    ("h2o", {"budget": 0.5}),
+    ("h2o", {"budget": 0.2}),
+    ("snapkv", {"budget": 0.5}),
+    ("snapkv", {"budget": 0.2}),
+]
+WITHIN = 0.99  # the threshold-free claim: each task within 1% of the full cache
+
+
+def label(p) -> str:
+    return policy_label(p) + (" mass" if getattr(p, "metric", "l2") == "mass" else "")
+
+
+# ------------------------------------------------------------------------------- samples
+def ruler_items(eng, a) -> list[dict]:
+    from bench import ruler
+
+    tasks = ruler.TASKS if a.tasks in (None, "all") else a.tasks.split(",")
+    items = []
+    for length in a.lengths:
+        for task in tasks:
+            for i, s in enumerate(ruler.generate(task, eng.tokenizer, length, a.n, a.seed)):
+                ids = chat_ids(eng, s.input, prefix_of(task, s.input), a.raw)
+                items.append(
+                    dict(
+                        suite="ruler",
+                        task=task,
+                        length=length,
+                        idx=i,
+                        ids=ids,
+                        max_new=s.max_new,
+                        stop=[],
+                        gold=s.outputs,
+                    )
+                )
+    return items
+
+
+def prefix_of(task: str, text: str) -> int:
+    """Where RULER's answer prefix starts in a sample's input (it ends the input)."""
+    from bench import ruler
+
+    family = ruler.CONFIGS[task][0]
+    literal = ruler.TEMPLATES[family][1].split("{")[0]
+    at = text.rfind(literal)
+    if at < 0:
+        raise ValueError(f"RULER {task}: answer prefix {literal!r} not found")
+    return at
+
+
+def chat_ids(eng, text: str, split: int | None, raw: bool, system: str | None = None) -> list[int]:
+    """text[:split] as the user turn and text[split:] after the assistant header (chat template), or
+    the text as is (raw, or a checkpoint without a template)."""
+    tok = eng.tokenizer
+    if raw or tok.chat_template is None:
+        return tok.encode(text)
+    head = text if split is None else text[:split]
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": head}]
+    rendered = tok.apply_messages(msgs) + ("" if split is None else text[split:].lstrip(" "))
+    return tok.encode(rendered, special=False)
+
+
+def longbench_items(eng, a) -> list[dict]:
+    from bench import longbench
+
+    tasks = longbench.TASKS if a.tasks in (None, "all") else a.tasks.split(",")
+    room = eng.context
+    items = []
+    for task in tasks:
+        for i, rec in enumerate(longbench.load(task, a.data_dir, a.n)):
+            s = longbench.build(task, rec, eng.tokenizer, room - longbench.dataset2maxlen[task])
+            ids = chat_ids(eng, s.prompt, None, a.raw or not s.chat)
+            items.append(
+                dict(
+                    suite="longbench",
+                    task=task,
+                    length=s.length,
+                    idx=i,
+                    ids=ids,
+                    max_new=s.max_new,
+                    stop=s.stop,
+                    gold=s.answers,
+                    all_classes=s.all_classes,
+                )
+            )
+    return items
+
+
+def gsm8k_items(eng, a) -> list[dict]:
+    from bench import gsm8k
+
+    items = []
+    data = None if a.data_dir is None else Path(a.data_dir) / "test.jsonl"
+    for i, rec in enumerate(gsm8k.load(data, a.n)):
+        s = gsm8k.build(rec)
+        ids = chat_ids(eng, s.prompt, None, a.raw, s.system)
+        items.append(
+            dict(
+                suite="gsm8k", task="gsm8k", length=0, idx=i, ids=ids, max_new=s.max_new, stop=[], gold=s.gold
+            )
+        )
+    return items
+
+
+def sample_score(item: dict, prediction: str) -> float:
+    if item["suite"] == "ruler":
+        from bench import ruler
+
+        return ruler.score(item["task"], [prediction], [item["gold"]])
+    if item["suite"] == "longbench":
+        from bench.metrics import sample_score as lb
+
+        return 100 * lb(item["task"], prediction, item["gold"], item.get("all_classes"))
+    from bench import gsm8k
+
+    return 100.0 * gsm8k.is_correct(prediction, item["gold"])
+
+
+# ---------------------------------------------------------------------------------- runs
+def key(item) -> tuple:
+    return (item["suite"], item["task"], item["length"], item["idx"])
+
+
+def run(eng, items: list[dict], policies, out: Path, server: str | None = None, batch: int = 4):
+    """Every item under every policy, appended to `out` as it finishes (items already there are skipped)."""
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["suite"], r["task"], r["length"], r["idx"], r["policy"]))
+    labels = [label(p) for p in policies]
+    todo = [it for it in items if any((*key(it), lb) not in done for lb in labels)]
+    skipped = len(items) - len(todo)
+    log(f"[standard] {len(items)} samples x {len(policies)} policies; {skipped} already in {out}")
+    with open(out, "a", encoding="utf-8") as f:
+        for k in range(0, len(todo), batch):
+            group = todo[k : k + batch]
+            outs = ask(eng, group, policies, server)
+            for it, per in zip(group, outs):
+                for lb, (text, st) in zip(labels, per):
+                    row = {
+                        **{x: it[x] for x in ("suite", "task", "length", "idx")},
+                        "policy": lb,
+                        "prediction": text,
+                        "score": sample_score(it, text),
+                        "budget": st.get("budget"),
+                        "prompt_tokens": len(it["ids"]),
+                    }
+                    f.write(json.dumps(row) + "\n")
+            f.flush()
+            log(f"[standard] {min(k + batch, len(todo))}/{len(todo)} samples")
+
+
+def ask(eng, group, policies, server):
+    """[(text, stats)] per policy for each item: one fan-out generate per (max_new, stop) batch."""
+    if server is not None:
+        return [[_http(server, it, p) for p in policies] for it in group]
+    res = []
+    for it in group:  # items differ in length and stop rules: a fan-out call each
+        s = Sampling(max_new_tokens=it["max_new"], stop=it["stop"])
+        out = eng.generate([it["ids"]], policies, s)[0]
+        res.append([(r.text, r.stats) for r in out])
+    return res
+
+
+def _http(server, it, policy):
+    import httpx
+
+    kv = {
+        "policy": policy.name,
+        **{k: v for k, v in vars(policy).items() if k in refreekv.knobs(policy.name)},
+    }
+    body = {"prompt": it["ids"], "max_tokens": it["max_new"], "temperature": 0, "stop": it["stop"], "kv": kv}
+    r = httpx.post(server.rstrip("/") + "/v1/completions", json=body, timeout=3600)
+    if r.status_code != 200:
+        raise UserError(f"--server: {r.status_code} {r.text[:200]}")
+    ch = r.json()["choices"][0]
+    return ch["text"], ch.get("kv") or {}
+
+
+# -------------------------------------------------------------------------------- report
+def report(rows: list[dict]) -> str:
+    """Table 2's shape: per (suite, task, length) full's score, each policy's score / budget / relative."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["suite"], r["task"], r["length"]), {}).setdefault(r["policy"], []).append(r)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    others = [p for p in policies if p != "full"]
+    head = "| task | n | full | " + " | ".join(f"{p} (budget)" for p in others) + " |\n"
+    head += "|---" * (3 + len(others)) + "|\n"
+    lines, ok = [], {p: True for p in others}
+    for (suite, task, length), per in sorted(groups.items()):
+        full = per.get("full", [])
+        f = sum(r["score"] for r in full) / len(full) if full else None
+        cells = []
+        for p in others:
+            rs = per.get(p, [])
+            if not rs:
+                cells.append("-")
+                continue
+            sc = sum(r["score"] for r in rs) / len(rs)
+            bud = sum(r["budget"] or 0 for r in rs) / len(rs)
+            cells.append(f"{sc:.1f} ({100 * bud:.0f}%)")
+            if f is not None and sc < WITHIN * f:
+                ok[p] = False
+        name = f"{task} @{length}" if suite == "ruler" else task
+        n = len(full) or max(len(v) for v in per.values())
+        lines.append(f"| {name} | {n} | {'-' if f is None else f'{f:.1f}'} | " + " | ".join(cells) + " |")
+    verdict = (
+        "| within 1% of full on every task | | | "
+        + " | ".join("yes" if ok[p] else "no" for p in others)
+        + " |"
+    )
+    return head + "\n".join(lines) + "\n" + verdict + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m bench.standard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--suite", choices=["ruler", "longbench", "gsm8k"])
+    p.add_argument("--tasks", help="comma-separated tasks of the suite (default all)")
+    p.add_argument("--lengths", default="1024,2048", help="RULER target lengths in the model's tokens")
+    p.add_argument("--n", type=int, default=10, help="samples per task (per length for RULER)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--data-dir", help="local LongBench <task>.jsonl / GSM8K test.jsonl instead of the hub")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device")
+    p.add_argument("--raw", action="store_true", help="no chat template")
+    p.add_argument("--server", help="a running engine.serve (http://host:port) instead of an engine here")
+    p.add_argument("--out", help="JSONL of per-sample results (appended; reruns skip what is there)")
+    p.add_argument("--report", help="print the table of this JSONL (and append it to --results-md)")
+    p.add_argument("--results-md")
+    a = p.parse_args(argv)
+    try:
+        if a.report:
+            rows = [json.loads(x) for x in Path(a.report).read_text().splitlines() if x.strip()]
+            table = report(rows)
+            print(table)
+            if a.results_md:
+                from bench.quality_report import append_results
+
+                append_results(Path(a.results_md), f"### {Path(a.report).name}\n\n{table}")
+            return 0
+        if not a.suite or not a.out:
+            raise UserError("--suite and --out are needed (or --report FILE)")
+        a.lengths = [int(x) for x in a.lengths.split(",")]
+        from engine.engine import Engine
+
+        eng = Engine(a.model, device=a.device, max_seqs=len(POLICIES) * 2)
+        items = {"ruler": ruler_items, "longbench": longbench_items, "gsm8k": gsm8k_items}[a.suite](eng, a)
+        policies = [refreekv.make(n, **kw) for n, kw in POLICIES]
+        run(eng, items, policies, Path(a.out), a.server)
+        rows = [json.loads(x) for x in Path(a.out).read_text().splitlines() if x.strip()]
+        print(report(rows))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
