@@ -275,3 +275,34 @@ def policy_label(p: refreekv.Policy) -> str:
     if getattr(p, "threshold", None) is not None:
         return f"{p.name} T={p.threshold:g}"
     return p.name
+
+
+def read_records(path, fields, what: str, missing: str) -> list[dict]:
+    """JSON objects, one a line, each with `fields`; one UserError line for a missing file (with
+    `missing`: how to pass one), bad JSON or a record without a field."""
+    import json
+    from pathlib import Path
+
+    from weights.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: no file {path}; {missing}")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or any(k not in row for k in fields):
+            raise UserError(
+                f"{path}:{i}: a {what.split(' ')[0]} record needs the fields {fields_text(fields)}"
+            )
+        rows.append(row)
+    return rows
+
+
+def fields_text(fields) -> str:
+    return " and ".join(fields) if len(fields) == 2 else ", ".join(fields)

@@ -20,7 +20,6 @@ Followed exactly (Patrick-Ni/ReFreeKV at cc68486, the authors' code for arXiv 25
     all, reported here in percent.
 """
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,20 +52,9 @@ def _how_to_pass() -> str:
 
 
 def _from_file(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"GSM8K: no file {path}; {_how_to_pass()}")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-            raise UserError(f"{path}:{i}: a GSM8K record needs the fields question and answer")
-        rows.append(row)
-    return rows
+    from bench.common import read_records
+
+    return read_records(path, ("question", "answer"), "GSM8K", _how_to_pass())
 
 
 def _from_hub() -> list[dict]:

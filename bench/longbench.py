@@ -29,7 +29,6 @@ The ReFreeKV authors' own harness (Patrick-Ni/ReFreeKV, load_datasets.py) differ
 ways we do not follow: it puts every task through the chat template, and fixes narrativeqa's typo.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,21 +187,9 @@ def _how_to_pass(name: str) -> str:
 
 
 def _from_dir(data_dir: Path, name: str) -> list[dict]:
-    path = Path(data_dir) / f"{name}.jsonl"
-    if not path.is_file():
-        raise UserError(f"LongBench {name}: no file {path}; {_how_to_pass(name)}")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or any(k not in row for k in REQUIRED):
-            raise UserError(f"{path}:{i}: a LongBench record needs the fields {', '.join(REQUIRED)}")
-        rows.append(row)
-    return rows
+    from bench.common import read_records
+
+    return read_records(Path(data_dir) / f"{name}.jsonl", REQUIRED, f"LongBench {name}", _how_to_pass(name))
 
 
 def _from_hub(name: str) -> list[dict]:

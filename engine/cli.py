@@ -126,6 +126,24 @@ def add_engine_flags(p):
     )
 
 
+def engine_from_args(a):
+    """The Engine the engine flags describe, its weights not yet loaded (cheap checks first)."""
+    from engine.engine import Engine
+
+    return Engine(
+        a.model,
+        a.device,
+        a.dtype,
+        a.max_length,
+        a.compile,
+        a.kv_memory,
+        a.max_seqs,
+        a.page_size,
+        load=False,
+        tp=a.tp,
+    )
+
+
 def policy_from_args(a) -> refreekv.Policy:
     try:
         kw = json.loads(a.kv_args)

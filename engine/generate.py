@@ -20,6 +20,7 @@ from engine.cli import (
     add_policy_flags,
     check_flags,
     check_writable,
+    engine_from_args,
     policy_from_args,
     sampling_from_args,
     say,
@@ -38,8 +39,10 @@ EPILOG = """stats (stderr), one line per prompt and one for the whole run:
   prefill / prune   wall time of the prefill batch it was in, and of planning + compacting it
   new tok at tok/s  tokens generated, and this sequence's own decode rate
   workload          tokens/s over the run, most sequences decoded at once, most pool pages in use,
-                    preemptions (pages ran out: a sequence gave its pages back and replays later), peak memory
---stats-json writes the same per prompt (with its text and finish reason); --output-jsonl one object a line."""  # noqa: E501 (--help text)
+                    preemptions (pages ran out: a sequence gave its pages back and replays later),
+                    peak memory
+--stats-json writes the same per prompt (with its text and finish reason);
+--output-jsonl one object a line."""
 
 PREFILL_NOTE = 2048  # prompt tokens in one prefill past which the CLI says it is prefilling (CPU)
 PROGRESS_S = 5.0  # a batch's progress line at most this often when stderr is not a terminal
@@ -355,18 +358,7 @@ def _main(argv, rank0) -> int:
     if not prompts and not a.interactive:
         raise UserError("no prompt: pass --prompt TEXT or --prompt-file PATH (or --interactive)")
     set_threads(a.threads)
-    eng = Engine(
-        a.model,
-        a.device,
-        a.dtype,
-        a.max_length,
-        a.compile,
-        a.kv_memory,
-        a.max_seqs,
-        a.page_size,
-        load=False,
-        tp=a.tp,
-    )
+    eng = engine_from_args(a)
     if a.interactive:
         from engine.chat import interactive
 

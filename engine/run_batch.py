@@ -1,6 +1,6 @@
 """Offline batch in OpenAI's Batch format (as vLLM's run-batch): one request per JSONL line in,
 one result per line out, in the same order, with the server's request and response schema
-(engine/openai_api.py).
+(engine/openai_api.py, engine/openai_responses.py).
 
     python -m engine.run_batch -i requests.jsonl -o results.jsonl [--model M] [--kv snapkv --budget 0.3]
 
@@ -17,7 +17,8 @@ import sys
 import time
 import uuid
 
-from engine.openai_api import ApiError, Parser, error_body, response
+from engine.openai_api import ApiError, Parser, error_body
+from engine.openai_responses import response
 from weights.errors import UserError
 
 URLS = {"/v1/completions": False, "/v1/chat/completions": True}
@@ -125,8 +126,7 @@ def _line(custom, rid, status, body) -> dict:
 
 
 def main(argv=None):
-    from engine.cli import check_flags, policy_from_args, set_threads
-    from engine.engine import Engine
+    from engine.cli import check_flags, engine_from_args, policy_from_args, set_threads
 
     try:
         a = parse_args(argv)
@@ -141,17 +141,7 @@ def main(argv=None):
                 raise UserError(f"-o {a.output_file}: not a file in an existing directory")
             open(a.output_file, "a").close()  # writable, checked before the weights load
         set_threads(a.threads)
-        eng = Engine(
-            a.model,
-            a.device,
-            a.dtype,
-            a.max_length,
-            a.compile,
-            a.kv_memory,
-            a.max_seqs,
-            a.page_size,
-            load=False,
-        )
+        eng = engine_from_args(a)
         eng.check_policy(policy)
         eng.load()
         parser = Parser(eng, a.served_model_name or a.model or eng.path.name, policy, eng.context)

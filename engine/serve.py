@@ -6,7 +6,7 @@ Endpoints: /v1/completions, /v1/chat/completions (streaming or not), /v1/models,
 /metrics (Prometheus text). Each request may carry its own KV policy (`"kv": {"policy": "snapkv",
 "budget": 0.3}`); the server's `--kv` is the default.
 
-One thread owns the engine (`Worker`): it drains a queue of new requests and aborts between
+One thread owns the engine (engine/worker.py): it drains a queue of new requests and aborts between
 steps, steps the core while anything runs and blocks on the queue when idle. HTTP handlers
 (FastAPI on uvicorn: asyncio) never touch the engine: they parse and check a request
 (engine/openai_api.py), hand it to the worker, and await its updates on an asyncio queue that
@@ -17,219 +17,27 @@ in-flight requests get `--drain-s` seconds to finish, the rest are aborted, exit
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
-import queue
 import signal
 import socket
 import sys
-import threading
 import time
 
-from engine.openai_api import (
-    ApiError,
-    Parser,
+from engine.openai_api import ApiError, Parser, error_body
+from engine.openai_responses import (
     chat_logprobs,
     chunk,
     completion_logprobs,
     completion_tokens,
-    error_body,
     kv_stats,
     response,
     usage_chunk,
 )
+from engine.worker import Worker, follow, prometheus
 from weights.errors import UserError
 
 MAX_BODY_MB = 32
-
-
-class Worker:
-    """The engine thread: the only code that touches the engine once the server runs."""
-
-    def __init__(self, eng):
-        self.eng, self.core = eng, eng.core
-        self.inbox: queue.Queue = queue.Queue()
-        self.sinks: dict = {}  # request id -> callable(update or ApiError), called on the engine thread
-        self._ids = itertools.count(1)
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.stopping = False
-        self.failures = 0  # steps that raised (every request then in flight failed with 500)
-        # what this iteration applied to the core (tensor parallel: shared with every rank)
-        self.ops: list = []
-        self.snapshot = self._metrics()
-
-    def start(self):
-        import torch
-
-        self.threads = (
-            torch.get_num_threads()
-        )  # OpenMP's count is per thread: the engine thread takes the caller's
-        self.thread.start()
-
-    def submit(self, choices, sink) -> list[int]:
-        rids = [next(self._ids) for _ in choices]
-        self.inbox.put(("add", list(zip(rids, choices)), sink))
-        return rids
-
-    def abort(self, rids):
-        self.inbox.put(("abort", list(rids), None))
-
-    def stop(self, timeout: float = 30.0):
-        self.inbox.put(("stop", None, None))
-        self.thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping
-
-    def _run(self):
-        import torch
-
-        torch.set_num_threads(self.threads)
-        while True:
-            items = []
-            try:
-                items.append(self.inbox.get(timeout=0.5) if not self.core.busy() else self.inbox.get_nowait())
-                while True:
-                    items.append(self.inbox.get_nowait())
-            except queue.Empty:
-                pass
-            for kind, arg, sink in items:
-                if kind == "stop":
-                    self.stopping = True
-                elif kind == "abort":
-                    for rid in arg:
-                        self.sinks.pop(rid, None)
-                        self._abort(rid)
-                else:
-                    self._add(arg, sink)
-            if self.stopping:  # whatever is still in flight is cancelled
-                for rid in list(self.sinks):
-                    self._abort(rid)
-                    err = ApiError("the server is shutting down", status=503, kind="server_shutdown")
-                    self.sinks.pop(rid)(err)
-                self.ops.append(("stop",))
-                self._share()
-                self.snapshot = self._metrics()
-                return
-            self._share()
-            if self.core.busy():
-                self._step()
-            self.snapshot = self._metrics()
-
-    def _step(self):
-        try:
-            updates = self.core.step()
-        except Exception as e:  # noqa: BLE001 - one failing step must not take the server down
-            self.failures += 1
-            err = ApiError(f"the engine failed: {type(e).__name__}: {e}", status=500)
-            for sink in self.sinks.values():
-                sink(err)
-            self.sinks.clear()
-            self.core.reset()
-            self.ops.append(("reset",))
-            return
-        for u in updates:
-            sink = self.sinks.get(u.key)
-            if sink is not None:
-                sink(u)
-                if u.result is not None:
-                    del self.sinks[u.key]
-
-    def _share(self):
-        """Tensor parallel: every rank applies what rank 0 applied, in its order, before the same
-        step (a heartbeat when there is nothing: the other ranks wait on it)."""
-        if self.eng.tp.on:
-            import torch.distributed as dist
-
-            dist.broadcast_object_list([self.ops], src=0, group=self.eng.tp.cpu_group)
-        self.ops = []
-
-    def _abort(self, rid):
-        if self.core.abort(rid):
-            self.ops.append(("abort", rid))
-
-    def _add(self, pairs, sink):
-        for n, (rid, c) in enumerate(pairs):
-            try:
-                self.core.add_request(c.prompt, c.policy, c.sampling, rid=rid)
-            except UserError as e:  # checked in the handler already: only what changed since
-                for r, _ in pairs[:n]:
-                    self._abort(r)
-                    self.sinks.pop(r, None)
-                sink(ApiError(str(e)))
-                return
-            self.ops.append(("add", rid, c.prompt, c.policy, c.sampling))
-            self.sinks[rid] = sink
-
-    def _metrics(self) -> dict:
-        core, kv = self.core, self.core.kv
-        t = core.totals
-        return dict(
-            running=core.running,
-            waiting=core.waiting,
-            pages_used=kv.used,
-            pages_free=kv.n_free,
-            pages_total=kv.n_pages,
-            preemptions=core.sched.preemptions,
-            new_tokens=t["new_tokens"],
-            requests=t["requests"],
-            budget_mean=t["budget_sum"] / t["budgets"] if t["budgets"] else 1.0,
-            steps=core.steps,
-            failures=self.failures,
-        )
-
-
-METRICS = [  # name, type, help, snapshot key
-    ("refreekv_requests_running", "gauge", "Sequences in the running batch", "running"),
-    ("refreekv_requests_waiting", "gauge", "Sequences waiting for admission", "waiting"),
-    ("refreekv_kv_pages_used", "gauge", "KV pool pages in use", "pages_used"),
-    ("refreekv_kv_pages_free", "gauge", "KV pool pages free", "pages_free"),
-    ("refreekv_kv_pages_total", "gauge", "KV pool pages", "pages_total"),
-    ("refreekv_preemptions_total", "counter", "Sequences preempted (pages ran out)", "preemptions"),
-    ("refreekv_generation_tokens_total", "counter", "Tokens generated by finished sequences", "new_tokens"),
-    ("refreekv_requests_total", "counter", "Sequences added", "requests"),
-    (
-        "refreekv_kv_budget_mean",
-        "gauge",
-        "Mean KV budget after pruning (kept / prompt) over admitted sequences",
-        "budget_mean",
-    ),
-    ("refreekv_engine_steps_total", "counter", "Engine steps", "steps"),
-    ("refreekv_engine_failures_total", "counter", "Engine steps that raised", "failures"),
-]
-
-
-def follow(eng):
-    """A tensor-parallel rank other than 0: apply what rank 0's worker applied, step as it steps."""
-    import torch.distributed as dist
-
-    core = eng.core
-    while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=eng.tp.cpu_group)
-        for op in box[0]:
-            if op[0] == "add":
-                core.add_request(op[2], op[3], op[4], rid=op[1])
-            elif op[0] == "abort":
-                core.abort(op[1])
-            elif op[0] == "reset":
-                core.reset()
-            else:
-                return
-        if core.busy():
-            try:
-                core.step()
-            except Exception:  # noqa: BLE001 - rank 0 failed the same step and resets everyone
-                core.reset()
-
-
-def prometheus(snap: dict) -> str:
-    lines = []
-    for name, kind, help_, key in METRICS:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {snap[key]}"]
-    return "\n".join(lines) + "\n"
 
 
 def build_app(
@@ -469,8 +277,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from engine.cli import check_flags, policy_from_args, set_threads
-    from engine.engine import Engine
+    from engine.cli import check_flags, engine_from_args, policy_from_args, set_threads
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))  # tensor parallel: rank 0 serves, the others follow it
@@ -498,18 +305,7 @@ def main(argv=None):
 
             sock.close()  # rank 0 binds it again
             return spawn(argv, a.tp, module="engine.serve")
-        eng = Engine(
-            a.model,
-            a.device,
-            a.dtype,
-            a.max_length,
-            a.compile,
-            a.kv_memory,
-            a.max_seqs,
-            a.page_size,
-            load=False,
-            tp=a.tp,
-        )
+        eng = engine_from_args(a)
         eng.check_policy(policy)
         eng.load()
         if rank != 0:

@@ -664,41 +664,10 @@ def _metrics(s) -> dict:
 
 def test_serve_cli_drains_on_sigterm_and_exits_0(tiny):
     """The real command: binds, serves, and on SIGTERM lets the in-flight stream finish, exit 0."""
-    import os
     import signal
-    import subprocess
-    import sys
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.serve",
-            "--model",
-            str(tiny),
-            "--port",
-            "0",
-            "--kv",
-            "full",
-            "--device",
-            "cpu",
-            "--kv-memory",
-            "0.05",
-            "--drain-s",
-            "20",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc, line, url = serve_cli(tiny, "--kv", "full", "--kv-memory", "0.05", "--drain-s", "20")
     try:
-        line = ""
-        t0 = time.time()
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "the server exited"
-            assert time.time() - t0 < 120
-        url = line.split(" on ")[-1].strip()
         chunks = []
 
         def stream():
@@ -857,44 +826,13 @@ def test_bundled_model_through_the_openai_client(smollm_gen, smollm):
 def test_serve_tensor_parallel_equals_one_process(tiny, offline):
     """--tp 2 on CPU (gloo): rank 0 serves, rank 1 follows its requests step by step; the text equals
     one process's, and SIGTERM stops every rank with exit 0."""
-    import os
     import signal
-    import subprocess
-    import sys
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.serve",
-            "--model",
-            str(tiny),
-            "--port",
-            "0",
-            "--tp",
-            "2",
-            "--device",
-            "cpu",
-            "--kv",
-            "refreekv",
-            "--threshold",
-            "0.2",
-            "--kv-memory",
-            "0.05",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc, line, url = serve_cli(
+        tiny, "--tp", "2", "--kv", "refreekv", "--threshold", "0.2", "--kv-memory", "0.05", wait_s=180
     )
     try:
-        line = ""
-        t0 = time.time()
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "the server exited"
-            assert time.time() - t0 < 180
         assert "tensor parallel over 2 ranks" in line
-        url = line.split(" on ")[-1].strip()
         ids = [[5, 6, 7, 8, 9, 10], [40, 41, 42], [200, 100, 50, 25]]
         out = {}
 
@@ -918,3 +856,35 @@ def test_serve_tensor_parallel_equals_one_process(tiny, offline):
         assert proc.wait(120) == 0
     finally:
         proc.kill()
+
+
+def serve_cli(tiny, *args, wait_s=120):
+    """`python -m engine.serve` on a free port in a process of its own: (process, its "serving" line,
+    the /v1 URL), once it serves."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.serve",
+        "--model",
+        str(tiny),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    line = ""
+    t0 = time.time()
+    while "serving" not in line:
+        line = proc.stderr.readline()
+        if not (line or proc.poll() is None) or time.time() - t0 > wait_s:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {line}")
+    return proc, line, line.split(" on ")[-1].strip()
