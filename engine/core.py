@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 import refreekv
+from engine import prune
 from engine.admit import prefill_prune
 from engine.attention import pow2
 from engine.sampling import Detok, Sampling, find_stop, sample_rows, stop_prefix
@@ -234,6 +235,9 @@ class Core:
             for q, t in zip(cur_seqs, self.cur_host.tolist()):
                 if not q.done and q.slot >= 0 and self.accept(q, t):
                     self.finish(q)
+        due = prune.due(sched.running)  # decode-time re-plans (the rows as the step just queued leaves them)
+        if due:
+            prune.replan(self, due)
         # where each running sequence's next input is: `new` (the step just queued), then `firsts`
         index = {id(q): i for i, q in enumerate(cur_seqs)} if new is not None else {}
         batch = sched.admit()
@@ -241,6 +245,8 @@ class Core:
         if batch:
             firsts, admitted = prefill_prune(self, batch)
             sched.start(admitted)
+            for q in admitted:
+                prune.start(q)
             for i, q in enumerate(admitted):
                 index[id(q)] = (0 if new is None else len(cur_seqs)) + i
             for q in admitted:
@@ -258,11 +264,22 @@ class Core:
             if short == 0:
                 kv.grow(live)
                 break
+            pressed = prune.pressure_candidates(sched.running, kv.W)
+            if pressed:  # pruning first, recomputation last
+                freed = prune.replan(self, pressed, pressure=True)
+                if eng.tp.on:
+                    freed = eng.tp.host_max(freed)
+                if freed > 0 or any(q.slot < 0 for q in pressed):
+                    continue
             q = sched.preempt()
             q.lp = []  # chosen but never accepted: they are chosen again on replay
         kv.set_live(live)  # every step: slots change hands as sequences finish, move and arrive
         w["peak_seqs"] = max(w["peak_seqs"], len(sched.running))
         w["peak_pages"] = max(w["peak_pages"], kv.used)
+        n = len(sched.running)
+        if n:
+            for q, pages in zip(sched.running, kv.h_pages[:, :n].sum((0, 2)).tolist()):
+                q.peak_pages = max(q.peak_pages, pages)
         pool = [t for t in (new, firsts) if t is not None]
         order = [index[id(q)] for q in sched.running]
         if not order:
@@ -377,6 +394,11 @@ class Core:
         return u
 
     def finish(self, q: Sequence):
+        kv = self.kv
+        if q.slot >= 0:  # what its rows hold at the end (after every re-plan)
+            q.stats["final_kept"] = round(kv.h_len[:, q.slot].double().mean().item(), 2)
+            q.stats["final_seen"] = len(q.prompt) + len(q.out)
+            q.stats["peak_pages"] = max(q.peak_pages, kv.owned(q.slot))
         self.sched.finish(q)
         self._end(q)
 

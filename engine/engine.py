@@ -50,6 +50,7 @@ class Engine:
         max_prefill_tokens: int | None = None,
         load: bool = True,
         tp: int | None = None,
+        decode_window: int = 8,
     ):
         """Cheap checks and the tokenizer first; `load=False` stops there (call load() later), so
         a caller can check its prompts before the weights are read."""
@@ -82,6 +83,10 @@ class Engine:
             raise UserError(f"--max-seqs must be >= 1, got {max_seqs}")
         if kv_memory is not None and not kv_memory > 0:
             raise UserError(f"--kv-memory must be > 0 GiB, got {kv_memory}")
+        if decode_window < 1:
+            raise UserError(f"decode_window must be >= 1, got {decode_window}")
+        # decode queries each slot keeps for decode-time re-plans (engine/prune.py)
+        self.decode_window = decode_window
         self.page_size, self.kv_memory = page_size, kv_memory
         self.max_seqs = max_seqs or (64 if self.cuda else 16)
         self.max_prefill_tokens = max_prefill_tokens or (16384 if self.cuda else 4096)
@@ -170,6 +175,8 @@ class Engine:
             self.context,
             self.dtype,
             self.dev,
+            c.n_heads,
+            self.decode_window,
         )
         # torch.compile: the decode step with the batch symbolic (dynamic=True) and, on CUDA, CUDA
         # graphs: one recording per batch-size bucket, the page tables and lengths static inputs.
@@ -240,12 +247,18 @@ class Engine:
         )
 
     def check_policy(self, policy):
-        """Knobs that only the model can judge: protected layers must exist."""
+        """Knobs that only the model can judge: protected layers must exist; a policy pruning during
+        decoding reads at most the engine's decode window of queries."""
         bad = [x for x in getattr(policy, "protected", ()) if x >= self.config.n_layers]
         if bad:
             raise UserError(
                 f"KV policy {policy.name!r}: protected layer {bad[0]} does not exist (the model has "
                 f"{self.config.n_layers} layers, 0-{self.config.n_layers - 1})"
+            )
+        if policy.decodes and policy.probe_rows > self.decode_window:
+            raise UserError(
+                f"KV policy {policy.name!r} reads {policy.probe_rows} queries but the engine keeps the last "
+                f"{self.decode_window} during decoding; lower its window or raise decode_window"
             )
 
     def check_fits(self, prompts: list[list[int]], max_new: int, forks: int = 1):

@@ -8,7 +8,9 @@ A sequence occupies a slot; its rows have their own lengths (pruning is per laye
 Device state (read by the compiled steps, updated in place, fixed addresses):
   k, v [pages + 1, page_size, D], pos [pages + 1, page_size]: page 0 is the trash page: every
         unassigned table entry points at it, so padding rows of a batch write there harmlessly;
-  table [L, slots, Hkv, P] page ids, lengths [L, slots, Hkv], next_pos [slots], live [slots].
+  table [L, slots, Hkv, P] page ids, lengths [L, slots, Hkv], next_pos [slots], live [slots],
+  queries [L, slots, W, H, D]: each slot's last W decode queries (post-RoPE, position p at p % W),
+        what a decode-time re-plan (engine/prune.py) reads outside the compiled step.
 Host state (the allocator; the host hands out pages, so it never reads the device back):
   h_table, h_pages (pages owned per row), h_len (each row's length once the queued steps ran),
   and the free stack. Invariant: a row owns exactly ceil(h_len / page_size) pages, entries past
@@ -37,6 +39,8 @@ class PagedKV:
         max_len=4096,
         dtype=torch.float32,
         device="cpu",
+        n_heads=None,
+        window=8,
     ):
         if page_size < 1 or page_size & (page_size - 1) or page_size > 256:
             raise UserError(f"--page-size must be a power of two from 1 to 256, got {page_size}")
@@ -56,8 +60,12 @@ class PagedKV:
         self.lengths = torch.zeros(L, S, H, dtype=torch.int32, device=dev)
         self.next_pos = torch.zeros(S, dtype=torch.int64, device=dev)
         self.live = torch.zeros(S, dtype=torch.int32, device=dev)
+        self.W = window if n_heads else 0  # no query ring without the query heads (a bare store)
+        qshape = (L, S, self.W, n_heads, head_dim) if self.W else (0,)
+        self.queries = torch.zeros(qshape, dtype=dtype, device=dev)
         if dev.type == "cuda":  # fixed addresses: CUDA graphs mutate them in place; no guard, no recompiles
-            for t in (self.k, self.v, self.pos, self.table, self.lengths, self.next_pos, self.live):
+            state = (self.k, self.v, self.pos, self.table, self.lengths, self.next_pos, self.live)
+            for t in (*state, self.queries):
                 torch._dynamo.mark_static_address(t, guard=False)
         self.h_table = torch.zeros(L, S, H, self.P, dtype=torch.int32)
         self.h_pages = torch.zeros(L, S, H, dtype=torch.int64)
@@ -150,6 +158,8 @@ class PagedKV:
             t[:, src] = 0
         self.table[:, dst] = self.table[:, src]
         self.lengths[:, dst] = self.lengths[:, src]
+        if self.W:
+            self.queries[:, dst] = self.queries[:, src]
         self.next_pos[dst], self.live[dst] = self.next_pos[src], self.live[src]
         self.table[:, src], self.lengths[:, src], self.live[src] = 0, 0, 0
 
@@ -232,6 +242,13 @@ class PagedKV:
         self.v.view(-1, D)[flat] = v.reshape(-1, D)
         self.pos.view(-1)[flat] = self.next_pos[:B, None].expand(B, H).reshape(-1).int()
         self.lengths[layer, :B] += self.live[:B, None]
+
+    def save_query(self, layer: int, q: torch.Tensor):
+        """Decode: keep q [B, H, D] (slots [0, B)) as each slot's query at its position."""
+        if self.W:
+            B = q.shape[0]
+            at = self.next_pos[:B] % self.W
+            self.queries[layer, torch.arange(B, device=q.device), at] = q
 
     def attend(self, layer: int, q: torch.Tensor, window=None, span=None) -> torch.Tensor:
         """Decode attention of q [B, H, D] (slots [0, B)) over each row's live tokens."""

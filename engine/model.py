@@ -285,6 +285,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin, fast)
             kv.append(i, k, v)
+            kv.save_query(i, q[:, :, 0])
             o = kv.attend(i, q[:, :, 0], self.c.layer_windows[i], span)
             x = x + self._sum(layer.attn.out(o[:, :, None], fast))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x), fast))

@@ -51,6 +51,10 @@ class Sequence:
     prompt_sent: bool = False  # prompt_logprobs went out with an update
     reason: str = "length"  # finish reason
     error: str | None = None
+    # decode-time pruning (engine/prune.py): the next interval trigger, g at the last re-plan
+    next_replan: int = 0
+    replanned_at: int = 0
+    peak_pages: int = 0  # the most pages its rows held at once (this admission and earlier ones)
 
 
 class Scheduler:

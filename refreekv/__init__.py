@@ -5,6 +5,11 @@ every prompt key, captured during prefill) and returns a keep mask [L, B, Hkv, N
 prompt slots of each (layer, sequence, KV head) row survive into decode. The engine
 compacts the paged KV pool with it (the emptied pages go back to the pool); everything else about
 generation is unchanged.
+
+A policy that also defines `replan(DecodeProbe)` prunes during decoding: every `interval`
+generated tokens (and, with `on_pressure`, when the pool runs short, before anyone is preempted)
+it sees the attention of the last decode queries over each row's live tokens (prompt survivors
+and generated ones) and returns which of them stay. `make(name, interval=128)` turns it on.
 Every module in this package is imported on first use, so a new method is one new file."""
 
 import importlib
@@ -40,13 +45,60 @@ class Probe:
         return keep_lbn[:, :, None].expand(L, B, self.n_kv_heads, N)
 
 
+@dataclass
+class DecodeProbe:
+    """A decode-time re-plan's view of B running sequences: every (layer, sequence, KV head) row as
+    it stands, slot j of a row being its j-th live token in position order (the survivors of the
+    prompt and of earlier re-plans, then the generated tokens)."""
+
+    attn: torch.Tensor | None  # [L, B, H, w, N] fp32 softmax rows of the last w decode queries (the
+    #                            newest last) over each row's slots, causal (a query never sees a key
+    #                            generated after it) and within the layer's sliding window; all-zero
+    #                            rows where a sequence has decoded fewer than w tokens. None: rows = 0
+    lens: torch.Tensor  # [L, B, Hkv] live slots of each row; slots >= lens are padding
+    pos: torch.Tensor  # [L, B, Hkv, N] absolute position of each slot (-1 on padding)
+    seen: torch.Tensor  # [B] tokens each sequence has seen (prompt + generated; its next position)
+    prompt: torch.Tensor  # [B] prompt lengths
+    queries: torch.Tensor  # [B] real query rows of attn (the last queries[b] of the w)
+    n_kv_heads: int
+
+    @property
+    def n_layers(self) -> int:
+        return self.lens.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pos.shape[-1]
+
+    @property
+    def slots(self) -> torch.Tensor:  # [N] slot index within a row
+        return torch.arange(self.width, device=self.lens.device)
+
+    @property
+    def real(self) -> torch.Tensor:  # [L, B, Hkv, N] True where a slot holds a live token
+        return self.slots < self.lens[..., None]
+
+
 class Policy:
     name = "?"
     probe_rows = 1  # how many of the last prompt queries the policy needs (0: no probe at all)
+    # decode-time pruning (policies that define replan): re-plan every `interval` generated tokens
+    # (0: never), and when the pool runs short before preempting anyone (on_pressure)
+    interval = 0
+    on_pressure = False
 
     def plan(self, probe: Probe) -> torch.Tensor:
         """Return keep [L, B, Hkv, N] (bool). Must be False on padding slots (>= lens[b])."""
         raise NotImplementedError
+
+    # def replan(self, probe: DecodeProbe) -> torch.Tensor: keep [L, B, Hkv, N] (bool), False past
+    # each row's length. Defined by the policies that prune during decoding; the engine adds the last
+    # `decode_window` tokens of every row whatever it returns.
+
+    @property
+    def decodes(self) -> bool:
+        """Prunes during decoding: defines replan and has a trigger."""
+        return hasattr(self, "replan") and bool(self.interval or self.on_pressure)
 
 
 POLICIES: dict[str, type[Policy]] = {}
@@ -66,13 +118,18 @@ def _discover():
         importlib.import_module(f"{__name__}.{m.name}")
 
 
+DECODE_KNOBS = ("interval", "on_pressure")  # every policy that defines replan takes these
+
+
 def knobs(name: str) -> list[str]:
     """The keyword arguments a registered policy takes."""
     import inspect
 
     _discover()
-    params = inspect.signature(POLICIES[name].__init__).parameters.values()
-    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    cls = POLICIES[name]
+    params = inspect.signature(cls.__init__).parameters.values()
+    own = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return own + list(DECODE_KNOBS) if hasattr(cls, "replan") else own
 
 
 def make(name: str, **kwargs) -> Policy:
@@ -82,11 +139,19 @@ def make(name: str, **kwargs) -> Policy:
     takes = knobs(name)
     bad = [k for k in kwargs if k not in takes]
     if bad:
+        decodes = hasattr(POLICIES[name], "replan")
+        extra = " (it does not prune during decoding)" if bad[0] in DECODE_KNOBS and not decodes else ""
         raise UserError(
-            f"KV policy {name!r} has no knob {bad[0]!r}; it takes: {', '.join(takes) or 'nothing'}"
+            f"KV policy {name!r} has no knob {bad[0]!r}{extra}; it takes: {', '.join(takes) or 'nothing'}"
         )
+    decode = {k: kwargs.pop(k) for k in DECODE_KNOBS if k in kwargs}
     try:
-        return POLICIES[name](**kwargs)
+        pol = POLICIES[name](**kwargs)
+        if "interval" in decode:
+            pol.interval = check_count("interval", decode["interval"], 0)
+        if "on_pressure" in decode:
+            pol.on_pressure = check_flag("on_pressure", decode["on_pressure"])
+        return pol
     except (TypeError, ValueError) as e:
         raise UserError(f"KV policy {name!r}: {e}") from None
 
@@ -119,6 +184,14 @@ def budget_tokens(budget: float, lens: torch.Tensor) -> torch.Tensor:
     else:
         k = torch.full_like(n, int(budget))
     return torch.minimum(k, n)
+
+
+def decode_budget(budget: float, probe: "DecodeProbe") -> torch.Tensor:
+    """A fixed budget during decoding: tokens each sequence keeps per row, [B] int64. budget <= 1: a
+    share of the tokens the sequence has seen, ceil(budget * seen) (so the row tracks the same
+    fraction as it grows); budget > 1: that many tokens (a cap, R-KV style). Never more than a row
+    holds (the caller clamps per row)."""
+    return budget_tokens(budget, probe.seen)
 
 
 def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -179,11 +252,13 @@ def check_count(name: str, value, least: int) -> int:
     return int(value)
 
 
-def protect(keep: torch.Tensor, probe: Probe, layers: tuple[int, ...]) -> torch.Tensor:
-    """Keep every real prompt token of the given layers (indices past the model are ignored)."""
+def protect(keep: torch.Tensor, probe, layers: tuple[int, ...]) -> torch.Tensor:
+    """Keep every real token of the given layers (indices past the model are ignored); probe is a
+    Probe (real [B, N]) or a DecodeProbe (real [L, B, Hkv, N])."""
+    real = probe.real
     for layer in layers:
         if layer < probe.n_layers:
-            keep[layer] = probe.real[:, None]
+            keep[layer] = real[layer] if real.dim() == 4 else real[:, None]
     return keep
 
 

@@ -14,11 +14,27 @@ mean_h sum a[h, candidates (+ sinks with include_sinks)]. With sinks included an
 the share of the last query's softmax that eviction removes, which bounds the change of that
 query's attention output (<= 2 gap max|v|). On small models the L2 gap lets a diffuse 25% of
 the attention go at T = 1%; the mass gap does not.
+
+During decoding (`interval=N`; not in the paper, whose code prunes at prefill only) the same rule
+runs on each layer's whole row, prompt survivors and generated tokens: a = the last `rows` decode
+queries' attention over the row's slots, the first `sinks` slots stay, the other slots are evicted
+oldest first while the gap stays <= T. No budget: how much goes is the input's own business.
+A layer's rows hold the same tokens in every KV head (its cuts are per layer), so slot j is one
+position across the layer.
 """
 
 import torch
 
-from refreekv import Policy, Probe, check_count, check_flag, check_layers, check_threshold, register
+from refreekv import (
+    DecodeProbe,
+    Policy,
+    Probe,
+    check_count,
+    check_flag,
+    check_layers,
+    check_threshold,
+    register,
+)
 
 
 def row_scores(attn: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -117,6 +133,34 @@ class ReFreeKV(Policy):
         pos = probe.positions
         keep = ((pos < self.sinks) | (pos >= p[..., None])) & probe.real  # [L, B, N]
         return probe.per_kv_head(keep)
+
+    def replan(self, probe: DecodeProbe):
+        a = decode_scores(probe)  # [L, B, H, N]
+        lens = probe.lens[..., 0]  # [L, B]
+        cuts = [
+            _cut(a[l : l + 1], lens[l], self.threshold, self.sinks, self.include_sinks, self.metric)
+            for l in range(probe.n_layers)
+        ]
+        p = torch.cat(cuts)  # [L, B]
+        for layer in self.protected:
+            if layer < probe.n_layers:
+                p[layer] = 0
+        j = probe.slots
+        keep = (j < self.sinks) | (j >= p[..., None])  # [L, B, N]
+        return keep[:, :, None] & probe.real
+
+
+def decode_scores(probe: DecodeProbe) -> torch.Tensor:
+    """[L, B, H, w, N] -> [L, B, H, N]: the mean over the real decode query rows that can see each
+    slot (a row never sees a key generated after it). Counted by position, not by weight > 0 (a
+    weight can underflow to 0)."""
+    w = probe.attn.shape[-2]
+    ar = torch.arange(w, device=probe.seen.device)
+    qpos = probe.seen[:, None] - w + ar  # [B, w] each row's position
+    real_row = ar >= (w - probe.queries)[:, None]  # [B, w]
+    pos = probe.pos[:, :, :1, None, :]  # [L, B, 1, 1, N] (a layer's heads hold the same positions)
+    sees = (pos >= 0) & (pos <= qpos[None, :, None, :, None]) & real_row[None, :, None, :, None]
+    return probe.attn.sum(-2) / sees.sum(-2).clamp(min=1)
 
 
 def gap_reference(a, n, sinks, include_sinks=False, metric="l2"):

@@ -11,6 +11,10 @@ min(window, n) tokens) is always kept, and the remaining k - window slots go to 
 scores among the older tokens, per KV head (ties: the more recent key). A budget smaller than
 the window keeps only the last k tokens. Every layer is pruned unless listed in `protected`
 (default none).
+
+During decoding (`interval=N`: SnapKV-D, the R-KV-style re-plan) the window is the last `window`
+decode queries and each row keeps k = decode_budget(budget, seen) slots: its last `window` and the
+top pooled scores among the older ones (prompt survivors and generated tokens alike).
 """
 
 import math
@@ -19,11 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from refreekv import (
+    DecodeProbe,
     Policy,
     Probe,
     budget_tokens,
     check_budget,
     check_layers,
+    decode_budget,
     kv_head_scores,
     protect,
     register,
@@ -58,3 +64,17 @@ class SnapKV(Policy):
         return protect(
             heavy | (real & (pos >= (probe.lens - kw)[None, :, None, None])), probe, self.protected
         )
+
+    def replan(self, probe: DecodeProbe):
+        k = decode_budget(self.budget, probe)[None, :, None]  # [1, B, 1]
+        win = probe.lens.clamp(max=self.probe_rows)  # [L, B, Hkv]
+        kw = torch.minimum(win, k)
+        j = probe.slots
+        real = probe.real
+        older = real & (j < (probe.lens - win)[..., None])
+        scores = kv_head_scores(probe.attn, probe.n_kv_heads).masked_fill(~older, -math.inf)
+        L, B, Hkv, N = scores.shape
+        pooled = F.max_pool1d(scores.view(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2)
+        heavy = top_k_mask(pooled.view(L, B, Hkv, N), older, k - kw)
+        keep = heavy | (real & (j >= (probe.lens - kw)[..., None]))
+        return protect(keep, probe, self.protected)

@@ -44,11 +44,21 @@ def test_compiled_generation_matches_eager_and_never_recompiles(pair):
     counters.clear()
     # new lengths; more than the pool holds: queueing and preemption
     work = prompts(2, (41, 9, 33, 60, 12, 27))
-    for p in (cut, refreekv.make("snapkv", budget=0.25), full):  # a new budget is no new program
+    # a new budget is no new program, nor are re-plans during decoding (they run outside the step)
+    decoding = (
+        refreekv.make("refreekv", threshold=0.2, protected=(0,), interval=5),
+        refreekv.make("snapkv", budget=0.25, interval=7, on_pressure=True),
+    )
+    preempted = 0
+    for p in (cut, refreekv.make("snapkv", budget=0.25), full, *decoding):
         got, ref = comp.generate(work, p, s), eager.generate(work, p, s)
         assert [r.tokens for r in got] == [r.tokens for r in ref]
         assert [r.stats["kept_per_head"] for r in got] == [r.stats["kept_per_head"] for r in ref]
-    assert comp.stats["preemptions"] > 0 and comp.stats["admission_waits"] > 0
+        assert [r.stats.get("budget_trace") for r in got] == [r.stats.get("budget_trace") for r in ref]
+        preempted += comp.stats["preemptions"]
+        if p.interval:
+            assert all(r.stats["replans"] >= (24 - 1) // p.interval for r in got)
+    assert preempted > 0 and comp.stats["admission_waits"] > 0
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert not counters["recompiles"]
 

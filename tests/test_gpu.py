@@ -134,6 +134,9 @@ def test_no_recompiles_or_rerecordings_after_warmup(pair):
                 refreekv.make("refreekv", threshold=0.05),
                 refreekv.make("snapkv", budget=0.3),
                 refreekv.make("full"),
+                # re-plans during decoding run outside the graphs: no recompiles, no re-recordings
+                refreekv.make("refreekv", threshold=0.05, interval=4),
+                refreekv.make("streaming", budget=0.5, interval=3, on_pressure=True),
             ):
                 comp.generate(_prompts(seed, lens), p, s)
     finally:

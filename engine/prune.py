@@ -1,0 +1,159 @@
+"""Pruning during decoding: running sequences re-planned by their own policies.
+
+A policy that defines `replan` (refreekv/__init__.py) and has a trigger is asked again while its
+sequence decodes:
+- every `interval` generated tokens (g = tokens generated into the cache: the re-plan follows the
+  step that wrote the interval-th one, and the next query sees the pruned rows); and
+- with `on_pressure`, when the pool has no page for the next step, before anyone is preempted
+  (only sequences that decoded `decode_window` tokens since their last re-plan: a re-plan that
+  frees nothing leaves preemption as the last answer).
+
+The probe is built outside the compiled step from what the step leaves behind: the last W decode
+queries of each slot (kv.queries, written inside the step) and each row's live keys, read through
+the page table; a softmax per query row over the row's slots, causal by position. The kept slots
+are compacted in place (PagedKV.compact), the emptied pages go back at once (PagedKV.trim), and the
+last W slots of every row stay whatever the policy returned (the policy keeps its own sinks).
+Triggers depend only on g, so a preempted sequence replays the same re-plans (pressure ones aside).
+"""
+
+import math
+
+import torch
+
+import refreekv
+
+
+def due(running) -> list:
+    """Running sequences whose interval trigger fires now (g reached their next mark)."""
+    out = []
+    for q in running:
+        pol = q.policy
+        live = q.n_chosen < q.sampling.max_new_tokens  # a draining sequence is never fed again
+        if live and pol.interval and q.n_chosen - 1 >= q.next_replan:
+            out.append(q)
+    return out
+
+
+def pressure_candidates(running, window: int) -> list:
+    """Sequences that may give pages back under pressure: on_pressure, live, W new tokens since."""
+    out = []
+    for q in running:
+        live = q.n_chosen < q.sampling.max_new_tokens
+        if live and q.policy.on_pressure and hasattr(q.policy, "replan"):
+            if q.n_chosen - 1 - q.replanned_at >= window:
+                out.append(q)
+    return out
+
+
+def start(q):
+    """A sequence admitted (again): its triggers count from its first generated token."""
+    q.next_replan = q.policy.interval
+    q.replanned_at = 0
+
+
+def probe(eng, seqs, rows: int) -> refreekv.DecodeProbe:
+    """The DecodeProbe of running sequences (rows: query rows the policy reads, <= W)."""
+    kv, c = eng.kv, eng.local
+    L, Hkv, H, D, ps, W = kv.L, kv.H, c.n_heads, kv.D, kv.ps, kv.W
+    G = H // Hkv
+    slots = [q.slot for q in seqs]
+    B = len(slots)
+    sl = eng.dev_long(slots)
+    seen_l = [len(q.prompt) + q.n_chosen - 1 for q in seqs]
+    N = int(kv.h_len[:, slots].max())
+    if eng.tp.on:  # one width on every rank (ranks hold different heads)
+        N = eng.tp.host_max(N)
+    npg = -(-N // ps)
+    dev = eng.dev
+    tab = kv.table[:, sl, :, :npg]  # [L, B, Hkv, npg]
+    lens = kv.lengths[:, sl].long()  # [L, B, Hkv]
+    j = torch.arange(N, device=dev)
+    real = j < lens[..., None]
+    pos = kv.pos.index_select(0, tab.reshape(-1).long()).view(L, B, Hkv, npg * ps)[..., :N]
+    pos = torch.where(real, pos.long(), -1)
+    seen = torch.tensor(seen_l, device=dev)
+    prompt = torch.tensor([len(q.prompt) for q in seqs], device=dev)
+    queries = (seen - prompt).clamp(max=rows)
+    attn = None
+    if rows:
+        ar = torch.arange(rows, device=dev)
+        qpos = seen[:, None] - rows + ar  # [B, rows]
+        real_row = ar >= (rows - queries)[:, None]  # [B, rows]
+        at = qpos.clamp(min=0) % W
+        attn = torch.empty(L, B, H, rows, N, device=dev)
+        for layer in range(L):
+            flat = tab[layer].reshape(-1).long()
+            keys = kv.k.view(-1, ps * D).index_select(0, flat).view(B, Hkv, npg * ps, D)[:, :, :N].float()
+            q = kv.queries[layer, sl[:, None], at].float()  # [B, rows, H, D]
+            q = q.permute(0, 2, 1, 3).reshape(B, Hkv, G * rows, D)
+            s = (q @ keys.transpose(-1, -2) / math.sqrt(D)).view(B, Hkv, G, rows, N)
+            p = pos[layer][:, :, None, None, :]  # [B, Hkv, 1, 1, N]
+            qp = qpos[:, None, None, :, None]
+            mask = real[layer][:, :, None, None, :] & (p <= qp) & real_row[:, None, None, :, None]
+            win = c.layer_windows[layer]
+            if win:
+                mask = mask & (qp - p < win)
+            s = s.masked_fill(~mask, float("-inf"))
+            attn[layer] = torch.softmax(s, -1).nan_to_num(0.0).view(B, H, rows, N)
+    if eng.tp.on:  # every query and KV head: each policy plans exactly as on one process
+        attn = None if attn is None else eng.tp.gather(attn, 2)
+        lens = eng.tp.gather(lens, 2)
+        pos = eng.tp.gather(pos, 2)
+    return refreekv.DecodeProbe(attn, lens, pos, seen, prompt, queries, eng.config.n_kv_heads)
+
+
+def replan(core, seqs, pressure: bool = False) -> int:
+    """Re-plan running sequences with their policies (sequences sharing a policy object in one
+    call), compact their rows and free the emptied pages. Returns the pages freed. A policy that
+    raises keeps its rows whole and ends its own sequences with finish reason "error"."""
+    eng, kv = core.eng, core.kv
+    free0 = kv.n_free
+    by_policy: dict[int, list] = {}
+    for q in seqs:
+        by_policy.setdefault(id(q.policy), []).append(q)
+    failed = []
+    for members in by_policy.values():
+        pol = members[0].policy
+        pr = probe(eng, members, min(pol.probe_rows, kv.W))
+        real = pr.real
+        try:
+            keep = pol.replan(pr)
+            if keep.shape != real.shape or keep.dtype != torch.bool:
+                want = tuple(real.shape)
+                raise ValueError(f"replan returned {tuple(keep.shape)} {keep.dtype}, not {want} bool")
+        except Exception as e:  # noqa: BLE001 - a policy is research code: its failure is its requests' alone
+            keep = real
+            for q in members:
+                q.reason = "error"
+                q.error = f"KV policy {pol.name!r} failed while decoding: {type(e).__name__}: {e}"
+                failed.append(q)
+        recent = pr.slots >= pr.lens[..., None] - kv.W  # the last W always stay
+        keep = (keep | recent) & real
+        local = keep
+        if eng.tp.on:  # this rank's KV heads of the plan
+            from weights.shard import kv_heads
+
+            h0, nh = kv_heads(eng.config, eng.tp.rank, eng.tp.world)
+            local = keep[:, :, h0 : h0 + nh]
+        Hall = keep.shape[2]
+        counts = torch.cat((keep.sum(-1), local.sum(-1)), -1).cpu()  # one read-back, [L, B, Hkv + local]
+        kept_all, kept = counts[..., :Hall], counts[..., Hall:]
+        sl = eng.dev_long([q.slot for q in members])
+        kv.compact(sl, sl, local)
+        for i, q in enumerate(members):
+            kv.trim(q.slot, kept[:, i])
+            g = q.n_chosen - 1
+            st = q.stats
+            st["replans"] = st.get("replans", 0) + 1
+            if pressure:
+                st["replans_pressure"] = st.get("replans_pressure", 0) + 1
+            # [tokens seen, mean tokens kept per row] after each re-plan (every KV head, all ranks)
+            mean = kept_all[:, i].double().mean().item()
+            st.setdefault("budget_trace", []).append([len(q.prompt) + g, round(mean, 2)])
+            q.replanned_at = g
+            while q.policy.interval and q.next_replan <= g:
+                q.next_replan += q.policy.interval
+    for q in failed:
+        if q.slot >= 0:
+            core.finish(q)
+    return kv.n_free - free0
