@@ -65,6 +65,18 @@ def add_policy_flags(p):
         "fraction of each prompt in (0, 1] or a whole token count > 1 (default 0.5)",
     )
     p.add_argument(
+        "--decode-interval",
+        type=int,
+        metavar="N",
+        help="prune during decoding too: re-plan each sequence with its policy every N generated tokens "
+        "(refreekv, snapkv, streaming; default off)",
+    )
+    p.add_argument(
+        "--on-pressure",
+        action="store_true",
+        help="prune during decoding when the pool runs out of pages, before preempting anyone",
+    )
+    p.add_argument(
         "--kv-args",
         default="{}",
         metavar="JSON",
@@ -160,6 +172,19 @@ def policy_from_args(a) -> refreekv.Policy:
                 f"{name} given twice: --{name} {flag:g} and --kv-args {name} {kw[name]}; pass one"
             )
         kw[name] = flag  # a policy without this knob rejects it in refreekv.make
+    flags = {"interval": "--decode-interval", "on_pressure": "--on-pressure"}
+    for name, flag in flags.items():
+        value = getattr(a, flag[2:].replace("-", "_"), None)
+        if value is None or value is False:
+            continue
+        if a.kv in refreekv.available() and name not in refreekv.knobs(a.kv):
+            decoding = [n for n in refreekv.available() if "interval" in refreekv.knobs(n)]
+            raise UserError(
+                f"--kv {a.kv} does not prune during decoding ({flag}); these do: {', '.join(decoding)}"
+            )
+        if name in kw and kw[name] != value:
+            raise UserError(f"{name} given twice: {flag} and --kv-args; pass one")
+        kw[name] = value
     return refreekv.make(a.kv, **kw)
 
 

@@ -397,7 +397,7 @@ class Core:
         kv = self.kv
         if q.slot >= 0:  # what its rows hold at the end (after every re-plan)
             q.stats["final_kept"] = round(kv.h_len[:, q.slot].double().mean().item(), 2)
-            q.stats["final_seen"] = len(q.prompt) + len(q.out)
+            q.stats["final_seen"] = len(q.prompt) + q.n_chosen - 1  # what its rows have seen
             q.stats["peak_pages"] = max(q.peak_pages, kv.owned(q.slot))
         self.sched.finish(q)
         self._end(q)

@@ -38,6 +38,8 @@ EPILOG = """stats (stderr), one line per prompt and one for the whole run:
   pages A -> B      KV pages the prompt held after prefill and after pruning (the rest went back to the pool)
   prefill / prune   wall time of the prefill batch it was in, and of planning + compacting it
   new tok at tok/s  tokens generated, and this sequence's own decode rate
+  decoding          with --decode-interval / --on-pressure: re-plans during decoding, tokens its rows
+                    hold at the end of the tokens seen (mean over rows), the most pages it held
   workload          tokens/s over the run, most sequences decoded at once, most pool pages in use,
                     preemptions (pages ran out: a sequence gave its pages back and replays later),
                     peak memory
@@ -137,13 +139,20 @@ def parse_args(argv=None):
 
 
 def summary(st: dict, per_rank: bool = False) -> str:
-    return (
+    line = (
         f"prompt {st['prompt_tokens']} tok | KV budget {100 * st['budget']:.1f}% | "
         f"pages {st['pages_after_prefill']} -> {st['pages_after_pruning']}"
         f"{' per rank' if per_rank else ''} | "
         f"prefill {st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms | "
         f"{st['new_tokens']} new tok at {st['decode_tok_s']:.1f} tok/s"
     )
+    if st.get("replans"):
+        kept, seen = st["final_kept"], st["final_seen"]
+        line += (
+            f" | decoding: {st['replans']} re-plans, kept {kept:.0f} of {seen} tok "
+            f"({100 * kept / seen:.1f}%), peak {st['peak_pages']} pages"
+        )
+    return line
 
 
 def read_prompts(a) -> list[str]:

@@ -16,7 +16,13 @@ def kv_stats(result) -> dict:
             "pages_after_pruning",
             "preempted",
             "kept_per_head",
+            # pruning during decoding ("interval" / "on_pressure" in the kv object)
+            "replans",
+            "final_kept",
+            "final_seen",
+            "peak_pages",
         )
+        if k in st or k in ("policy", "budget", "prompt_tokens")
     }
 
 

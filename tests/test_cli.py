@@ -377,3 +377,23 @@ def test_18_interactive_chat_through_a_pipe(tiny_chat):
         ),
         "--interactive needs the checkpoint's chat template",
     )
+
+
+def test_19_decode_time_pruning_from_the_command_line(tiny, capsys):
+    """--decode-interval / --on-pressure reach the policy; the summary shows the re-plans; a policy
+    that cannot prune during decoding says so before anything loads."""
+    from engine.generate import main
+
+    argv = ["--model", tiny, "--raw", "--prompt", "a b c d e f g", "--max-new-tokens", "30"]
+    rc = main(argv + ["--kv", "streaming", "--budget", "12", "--decode-interval", "8", "--on-pressure"])
+    cap = capsys.readouterr()
+    assert rc == 0
+    # 13 prompt tokens + 29 fed; the last cut at 24 generated left 12, then 5 more came
+    assert "decoding: 3 re-plans, kept 17 of 42 tok" in cap.err, cap.err
+    for extra, msg in [
+        (["--kv", "h2o"], "--kv h2o does not prune during decoding (--decode-interval); these do:"),
+        (["--kv-args", '{"interval": 4}'], "interval given twice: --decode-interval and --kv-args"),
+    ]:
+        assert main(["--model", tiny, "--prompt", "x", "--decode-interval", "8"] + extra) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err

@@ -59,6 +59,22 @@ def greedy(eng, ids, n, policy=None):
     )[0]
 
 
+def test_a_request_prunes_during_decoding_through_its_kv_object(served, offline):
+    c = client(served)
+    prompt = "The river ran past the mill"
+    spec = {"policy": "streaming", "budget": 10, "interval": 6}
+    want = greedy(
+        offline, offline.encode(prompt, chat=False), 30, refreekv.make("streaming", budget=10, interval=6)
+    )
+    r = c.completions.create(
+        model="tiny", prompt=prompt, max_tokens=30, temperature=0, extra_body={"kv": spec}
+    )
+    kv = r.choices[0].model_extra["kv"]
+    assert r.choices[0].text == want.text
+    assert kv["replans"] == want.stats["replans"] == (30 - 1) // 6
+    assert kv["final_kept"] == want.stats["final_kept"] < kv["final_seen"]
+
+
 def test_completions_streaming_and_chat_equal_engine_generate(served, offline):
     c = client(served)
     prompt = "The river ran past the mill"
