@@ -254,6 +254,49 @@ def report(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n" + verdict + "\n"
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Score vs mean KV budget, one panel per (task, length): each fixed-budget method a line through
+    its budgets and full's 100%, each threshold-free policy a point (it chooses its own budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for r in rows:
+        cell = groups.setdefault((r["task"], r["length"]), {}).setdefault(r["policy"], [])
+        cell.append((r["budget"] or 0.0, r["score"]))
+    keys = sorted(groups)
+    cols = 4
+    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(4 * cols, 3 * -(-len(keys) // cols)))
+    for ax, k in zip(axes.flat, keys):
+        per = {
+            p: (sum(b for b, _ in v) / len(v), sum(s for _, s in v) / len(v)) for p, v in groups[k].items()
+        }
+        full = per.get("full", (1.0, None))
+        methods: dict = {}
+        for p, (b, s) in per.items():
+            if p != "full" and "%" in p:  # a fixed budget: "snapkv 50%"
+                methods.setdefault(p.rsplit(" ", 1)[0], []).append((b, s))
+        for m, pts in sorted(methods.items()):
+            pts = sorted(pts + ([full] if full[1] is not None else []))
+            ax.plot([100 * b for b, _ in pts], [s for _, s in pts], marker="o", label=m)
+        for p, (b, s) in per.items():
+            if p != "full" and "%" not in p:
+                ax.plot([100 * b], [s], marker="*", markersize=12, linestyle="", label=p)
+        ax.set_title(f"{k[0]} @{k[1]}", fontsize=9)
+        ax.set_xlim(0, 105)
+        ax.set_ylim(-5, 105)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("mean KV budget (% of the prompt)")
+    fig.supylabel("score")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m bench.standard",
@@ -273,12 +316,15 @@ def main(argv=None):
     p.add_argument("--out", help="JSONL of per-sample results (appended; reruns skip what is there)")
     p.add_argument("--report", help="print the table of this JSONL (and append it to --results-md)")
     p.add_argument("--results-md")
+    p.add_argument("--plot", metavar="PNG", help="with --report: score vs budget per task, drawn here")
     a = p.parse_args(argv)
     try:
         if a.report:
             rows = [json.loads(x) for x in Path(a.report).read_text().splitlines() if x.strip()]
             table = report(rows)
             print(table)
+            if a.plot:
+                plot(rows, Path(a.plot), Path(a.report).stem)
             if a.results_md:
                 from bench.quality_report import append_results
 

@@ -99,6 +99,10 @@ def probe(eng, seqs, rows: int) -> refreekv.DecodeProbe:
         attn = None if attn is None else eng.tp.gather(attn, 2)
         lens = eng.tp.gather(lens, 2)
         pos = eng.tp.gather(pos, 2)
+        every = eng.tp.world // eng.config.n_kv_heads
+        if every > 1:  # fewer KV heads than ranks: each is replicated on `every` ranks in a row
+            lens = lens[:, :, ::every]
+            pos = pos[:, :, ::every]
     return refreekv.DecodeProbe(attn, lens, pos, seen, prompt, queries, eng.config.n_kv_heads)
 
 

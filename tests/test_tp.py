@@ -24,6 +24,9 @@ POLICIES = [
     ("refreekv", {"threshold": 0.2, "protected": [0]}),
     ("snapkv", {"budget": 0.4}),
     ("h2o", {"budget": 0.4}),
+    # pruning during decoding: the probe gathered over ranks, each rank compacting its own heads
+    ("refreekv", {"threshold": 0.2, "protected": [0], "interval": 6}),
+    ("snapkv", {"budget": 0.4, "interval": 5, "on_pressure": True}),
 ]
 PROMPT_LENS = (37, 12, 60, 25, 44)
 RUNNER = """
@@ -36,9 +39,9 @@ prompts, policies = json.loads(sys.argv[4]), json.loads(sys.argv[5])
 device, tp = (sys.argv[6], int(sys.argv[7])) if len(sys.argv) > 6 else ("cpu", 2)
 eng = Engine(path, device=device, dtype="float32", kv_memory=gib, max_seqs=3, page_size=4, tp=tp)
 eng.eos = set()
-res = {name: [dict(tokens=r.tokens, kept=r.stats["kept_per_head"]) for r in
+res = [[dict(tokens=r.tokens, kept=r.stats["kept_per_head"], trace=r.stats.get("budget_trace")) for r in
               eng.generate(prompts, refreekv.make(name, **kw), Sampling(max_new_tokens=20))]
-       for name, kw in policies}
+       for name, kw in policies]
 m = eng.model
 head = dict(rows=m.lm_head.weight.shape[0],
             view=m.lm_head.weight.untyped_storage().data_ptr() == m.embed.weight.untyped_storage().data_ptr())
@@ -134,11 +137,12 @@ def test_two_ranks_equal_one_process(tiny_ckpts, tmp_path, family):
         kv_memory=30 * c.n_layers * c.n_kv_heads * page_bytes(4, c.head_dim, torch.float32) / 2**30,
     )
     single.eos = set()
-    for name, kw in POLICIES:
+    for j, (name, kw) in enumerate(POLICIES):
         ref = single.generate(prompts(), refreekv.make(name, **kw), Sampling(max_new_tokens=20))
         for i, r in enumerate(ref):
-            assert got[0]["results"][name][i]["tokens"] == r.tokens, (family, name, i)
-            assert got[0]["results"][name][i]["kept"] == r.stats["kept_per_head"], (family, name, i)
+            assert got[0]["results"][j][i]["tokens"] == r.tokens, (family, name, i)
+            assert got[0]["results"][j][i]["kept"] == r.stats["kept_per_head"], (family, name, i)
+            assert got[0]["results"][j][i]["trace"] == r.stats.get("budget_trace"), (family, name, i)
     assert got[0]["stats"]["admission_waits"] > 0  # the pool held fewer than all five at once
 
     # each rank read its shard: the replicated tensors (embeddings, norms; a KV head shared by both
@@ -308,9 +312,9 @@ def test_one_nccl_rank_equals_one_process_on_cuda(tiny_ckpts, tmp_path):
     assert got["backend"] == "nccl"
     single = Engine(str(path), device="cuda", dtype="float32", max_seqs=3, page_size=4, kv_memory=gib)
     single.eos = set()
-    for name, kw in POLICIES:
+    for j, (name, kw) in enumerate(POLICIES):
         for i, r in enumerate(
             single.generate(prompts(), refreekv.make(name, **kw), Sampling(max_new_tokens=20))
         ):
-            assert got["results"][name][i]["tokens"] == r.tokens, (name, i)
-            assert got["results"][name][i]["kept"] == r.stats["kept_per_head"], (name, i)
+            assert got["results"][j][i]["tokens"] == r.tokens, (name, i)
+            assert got["results"][j][i]["kept"] == r.stats["kept_per_head"], (name, i)
