@@ -1,8 +1,8 @@
 """Long outputs: does pruning during decoding keep them within 1% of the full cache, at what
 budget, against fixed budgets at the same memory? And what does it buy a fixed pool?
 
-    python -m bench.decode --model smollm2-135m-instruct --n 2 --cont-tokens 1024 --results-md bench/RESULTS.md
-    python -m bench.decode --model smollm2-135m-instruct --workload --requests 16 --results-md bench/RESULTS.md
+    python -m bench.decode --model smollm2-135m-instruct --n 2 --cont-tokens 1024 --results-md R.md
+    python -m bench.decode --model smollm2-135m-instruct --workload --requests 16 --results-md R.md
 
 Fidelity (default). Three kinds of task, --n of each, every one a prompt and a long continuation
 teacher-forced through every policy at once (Engine.generate with a list of policies, forced
@@ -32,8 +32,6 @@ import random
 import shlex
 import sys
 from pathlib import Path
-
-import torch
 
 import refreekv
 from bench.common import log
@@ -222,9 +220,8 @@ def workload(eng, a) -> dict:
                 },
             )
         )
-        log(
-            f"[decode] workload {rows[-1]['policy']}: {rows[-1]['steps']} steps, {st['preemptions']} preemptions"
-        )
+        r = rows[-1]
+        log(f"[decode] workload {r['policy']}: {r['steps']} steps, {r['preemptions']} preemptions")
     return dict(rows=rows)
 
 

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from bench.quality_tasks import DEPTHS, FIDELITY
+from bench.quality_tasks import FIDELITY
 
 
 def words(s: str) -> list[str]:
@@ -104,13 +104,6 @@ def summarise(family, records, specs) -> dict:
         else:
             s["agree"] = sum(d["agree"] for d in rows) / n
             s["same"] = 100 * sum(d["same"] for d in rows) / n
-        if family == "retrieval":
-            s["by_depth"] = {
-                str(dp): 100
-                * _mean([d["correct"] for r, d in zip(records, rows) if r["meta"]["depth"] == dp])
-                for dp in DEPTHS
-                if any(r["meta"]["depth"] == dp for r in records)
-            }
         out[spec.label] = s
     full = out["full"]["score"]
     for s in out.values():

@@ -70,7 +70,7 @@ def markdown(res: dict) -> str:
         "",
         "Each cell: score [mean KV budget kept]. Scores: text/code = top-1 agreement with the full cache "
         f"over {res['config']['fidelity_tokens']} teacher-forced real tokens; "
-        "retrieval = passkey exact match; arithmetic = accuracy; "
+        "arithmetic = accuracy; "
         "summary = ROUGE-L F1 against the full-cache output.",
         "",
     ]
@@ -96,20 +96,6 @@ def markdown(res: dict) -> str:
         else:
             cells = [f"{R[f][s['label']]['agree']:.1f} / {R[f][s['label']]['same']:.0f}%" for s in main]
         L.append(f"| {f} | " + " | ".join(cells) + " |")
-    if "retrieval" in fams:
-        L += [
-            "",
-            "Retrieval exact match by needle depth (%):",
-            "",
-            "| depth | " + " | ".join(s["label"] for s in main) + " |",
-            "|---|" + "---:|" * len(main),
-        ]
-        for dp in R["retrieval"]["full"]["by_depth"]:
-            L.append(
-                f"| {float(dp):.0%} | "
-                + " | ".join(f"{R['retrieval'][s['label']]['by_depth'][dp]:.0f}" for s in main)
-                + " |"
-            )
     sweep = sorted(
         (s for s in specs if s["name"] == "refreekv" and s["kind"] in ("threshold", "sweep")),
         key=lambda s: s["value"],
@@ -291,7 +277,7 @@ def plots(res: dict, out: Path, slug: str) -> list[str]:
                 label=s["label"],
                 zorder=4,
             )
-        ax.set_title(f"{f} ({METRIC[f]})", fontsize=10)
+        ax.set_title(f"{f} ({METRIC.get(f, 'score')})", fontsize=10)
         ax.set_xlabel("mean KV budget kept (%)")
         ax.set_xlim(0, 105)
         # zoom on the data

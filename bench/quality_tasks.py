@@ -1,5 +1,5 @@
 """Quality-bench tasks: real text and code nobody here wrote, cut into prompts with the model's
-tokenizer (fidelity windows, RULER-style retrieval, GSM8K-style arithmetic, summaries)."""
+tokenizer (fidelity windows, GSM8K-style arithmetic, summaries)."""
 
 import importlib
 import inspect
@@ -11,16 +11,14 @@ from pathlib import Path
 
 from weights.errors import UserError
 
-FAMILIES = ("text", "code", "retrieval", "arithmetic", "summary")
+FAMILIES = ("text", "code", "arithmetic", "summary")
 FIDELITY = ("text", "code")
 METRIC = {
     "text": "top-1 agree %",
     "code": "top-1 agree %",
-    "retrieval": "passkey EM %",
     "arithmetic": "accuracy %",
     "summary": "ROUGE-L vs full",
 }
-DEPTHS = (0.1, 0.5, 0.9)
 
 # Pure-Python standard-library modules whose source is the code material (fixed list, sorted).
 CODE_MODULES = sorted(
@@ -111,7 +109,7 @@ class Task:
     family: str
     ids: list[int]  # prompt token ids
     target: list[int] | None = None  # fidelity: the real continuation
-    answer: str | None = None  # retrieval / arithmetic: the known answer
+    answer: str | None = None  # arithmetic: the known answer
     meta: dict = field(default_factory=dict)
 
 
@@ -187,72 +185,6 @@ def fidelity_tasks(m: Material, family, rng, n, prompt_tokens, cont_tokens) -> l
         )
     if len(tasks) < n:
         raise UserError(f"could not cut {n} windows of {prompt_tokens + cont_tokens} tokens for {family}")
-    return tasks
-
-
-def insert_at(text: str, depth: float, needle: str) -> str:
-    """Insert needle at the sentence / line boundary nearest depth * len(text)."""
-    target = int(depth * len(text))
-    cands = [0, len(text)] + [mm.end() for mm in re.finditer(r"(?<=[.!?:])\s+|\n", text)]
-    at = min(cands, key=lambda c: abs(c - target))
-    return (
-        text[:at].rstrip(" ")
-        + ("\n" if at and not text[:at].endswith("\n") else "")
-        + needle
-        + "\n"
-        + text[at:].lstrip(" ")
-    )
-
-
-WORDS = [
-    "amber",
-    "basil",
-    "cedar",
-    "delta",
-    "ember",
-    "falcon",
-    "garnet",
-    "harbor",
-    "indigo",
-    "juniper",
-    "kestrel",
-    "lantern",
-    "meadow",
-    "nectar",
-    "orchid",
-    "pepper",
-    "quartz",
-    "raven",
-    "saffron",
-    "tundra",
-]
-
-
-def retrieval_tasks(m: Material, rng, n, prompt_tokens) -> list[Task]:
-    tasks = []
-    for i in range(n):
-        depth = DEPTHS[i % len(DEPTHS)]
-        key = str(rng.randint(10000, 99999))
-        if i % 2 == 0:
-            needle = f"The secret passkey is {key}. Remember it. {key} is the passkey."
-            intro = "There is a secret passkey hidden inside the following text. Find it and remember it."
-            q = "What is the secret passkey hidden in the text above? Answer with the number only."
-            kind = "passkey"
-        else:
-            word = rng.choice(WORDS)
-            needle = f"One of the special magic numbers for {word} is: {key}."
-            intro = "A special magic number is hidden inside the following text. Memorize it."
-            q = (
-                f"What is the special magic number for {word} mentioned in the text above? "
-                "Answer with the number only."
-            )
-            kind = f"magic:{word}"
-        overhead = len(m.tok(intro + needle + q)) + 24
-        hay, src = m.doc_text(rng, max(16, prompt_tokens - overhead))
-        content = f"{intro}\n\n{insert_at(hay, depth, needle)}\n\n{q}"
-        tasks.append(
-            Task("retrieval", m.g.encode(content), answer=key, meta={"depth": depth, "kind": kind, **src})
-        )
     return tasks
 
 
@@ -404,6 +336,4 @@ def make_tasks(g, family, n, seed, prompt_tokens, cont_tokens, m: Material) -> l
     rng = random.Random(f"{seed}:{family}")
     if family in FIDELITY:
         return fidelity_tasks(m, family, rng, n, prompt_tokens, cont_tokens)
-    return {"retrieval": retrieval_tasks, "arithmetic": arithmetic_tasks, "summary": summary_tasks}[family](
-        m, rng, n, prompt_tokens
-    )
+    return {"arithmetic": arithmetic_tasks, "summary": summary_tasks}[family](m, rng, n, prompt_tokens)

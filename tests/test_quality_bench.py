@@ -158,10 +158,3 @@ def test_scoring_helpers():
 
         q, steps, ans, _ = quality_tasks.word_problem(random.Random(seed))
         assert quality_metrics.last_int(steps[-1]) == str(ans) and ans >= 0
-
-
-def test_insert_at_depth():
-    hay = " ".join(f"Sentence number {i}." for i in range(100))
-    for d in quality_tasks.DEPTHS:
-        s = quality_tasks.insert_at(hay, d, "NEEDLE 12345.")
-        assert abs(s.index("NEEDLE") / len(s) - d) < 0.05 and s.count("NEEDLE") == 1
