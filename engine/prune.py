@@ -22,6 +22,8 @@ import torch
 
 import refreekv
 
+PROBE_BYTES = 2**30  # sequences re-planned in one policy call: their fp32 probe within this
+
 
 def due(running) -> list:
     """Running sequences whose interval trigger fires now (g reached their next mark)."""
@@ -115,8 +117,15 @@ def replan(core, seqs, pressure: bool = False) -> int:
     by_policy: dict[int, list] = {}
     for q in seqs:
         by_policy.setdefault(id(q.policy), []).append(q)
+    groups = []
+    for members in by_policy.values():  # chunks whose probe stays within PROBE_BYTES
+        rows = min(members[0].policy.probe_rows, kv.W)
+        longest = max(len(q.prompt) + q.n_chosen for q in members)  # >= any row (the same on every rank)
+        per_seq = eng.config.n_layers * eng.config.n_heads * max(rows, 1) * longest * 4
+        k = max(1, PROBE_BYTES // per_seq)
+        groups += [members[i : i + k] for i in range(0, len(members), k)]
     failed = []
-    for members in by_policy.values():
+    for members in groups:
         pol = members[0].policy
         pr = probe(eng, members, min(pol.probe_rows, kv.W))
         real = pr.real

@@ -90,9 +90,13 @@ def test_rolling_window_equals_transformers_with_evicted_positions_masked(tiny_c
         check_against_oracle(hf, p, r, budget, sinks, interval, window)
 
 
-def test_rolling_window_oracle_holds_under_preemption(tiny_ckpts):
+def test_rolling_window_oracle_holds_under_preemption(tiny_ckpts, monkeypatch):
     """Continuous batching through a pool too small for everyone: sequences wait, are preempted,
-    replay their tokens (and their re-plans) and still equal the oracle."""
+    replay their tokens (and their re-plans) and still equal the oracle. Probes bounded to one
+    sequence each (PROBE_BYTES) change nothing."""
+    import engine.prune as prune
+
+    monkeypatch.setattr(prune, "PROBE_BYTES", 1)
     path = tiny_ckpts["qwen2", False]
     hf = hf_model(path)
     eng = small_engine(path, 28, page_size=4, max_seqs=4)
