@@ -77,3 +77,30 @@ def test_report_is_table_2_with_the_threshold_free_verdict():
     assert lines[2] == "| t1 | 2 | 75.0 | 75.0 (50%) | 50.0 (25%) |"
     assert lines[3] == "| t2 | 2 | 80.0 | 79.8 (50%) | 80.0 (25%) |"  # 79.75 >= 0.99 x 80
     assert lines[4] == "| within 1% of full on every task | | | yes | no |"
+
+
+def test_report_groups_longbench_by_task_with_its_length_buckets():
+    """LongBench's `length` is each sample's own: one row per task (in the verdict), and one per
+    LongBench-E bucket (0-4k / 4-8k / 8k+ words; not in the verdict)."""
+    rows = []
+    for idx, (length, full, a) in enumerate(((1200, 100, 100), (6000, 40, 20), (9000, 60, 60))):
+        for policy, score in (("full", full), ("A", a)):
+            rows.append(
+                dict(
+                    suite="longbench",
+                    task="qa",
+                    length=length,
+                    idx=idx,
+                    policy=policy,
+                    score=score,
+                    budget=0.5,
+                )
+            )
+    lines = standard.report(rows).splitlines()
+    assert lines[2] == "| qa | 3 | 66.7 | 60.0 (50%) |"
+    assert lines[3:6] == [
+        "| qa LongBench-E 0-4k | 1 | 100.0 | 100.0 (50%) |",
+        "| qa LongBench-E 4-8k | 1 | 40.0 | 20.0 (50%) |",
+        "| qa LongBench-E 8k+ | 1 | 60.0 | 60.0 (50%) |",
+    ]
+    assert lines[6] == "| within 1% of full on every task | | | no |"
