@@ -144,6 +144,7 @@ class Core:
         running = any(q.slot >= 0 for q in grp)
         for q in grp:
             if q.slot >= 0:
+                self._final_stats(q)
                 self.sched.finish(q)
             q.reason = "abort"
             self._end(q)
@@ -394,13 +395,19 @@ class Core:
         return u
 
     def finish(self, q: Sequence):
-        kv = self.kv
-        if q.slot >= 0:  # what its rows hold at the end (after every re-plan)
-            q.stats["final_kept"] = round(kv.h_len[:, q.slot].double().mean().item(), 2)
-            q.stats["final_seen"] = len(q.prompt) + q.n_chosen - 1  # what its rows have seen
-            q.stats["peak_pages"] = max(q.peak_pages, kv.owned(q.slot))
+        if q.slot >= 0:
+            self._final_stats(q)
         self.sched.finish(q)
         self._end(q)
+
+    def _final_stats(self, q: Sequence):
+        """What its rows hold at the end (after every re-plan; tensor parallel: this rank's rows and
+        pages) and the most pages it held (the whole prompt before pruning included)."""
+        kv = self.kv
+        q.stats["final_kept"] = round(kv.h_len[:, q.slot].double().mean().item(), 2)
+        q.stats["final_seen"] = len(q.prompt) + q.n_chosen - 1  # what its rows have seen
+        peak = max(q.peak_pages, kv.owned(q.slot), q.stats.get("pages_after_prefill", 0))
+        q.stats["peak_pages"] = peak
 
     def _end(self, q: Sequence):
         """A sequence is over (done, aborted or failed): its result goes out with this step."""

@@ -146,7 +146,7 @@ def summary(st: dict, per_rank: bool = False) -> str:
         f"prefill {st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms | "
         f"{st['new_tokens']} new tok at {st['decode_tok_s']:.1f} tok/s"
     )
-    if st.get("replans"):
+    if st.get("replans") and "final_kept" in st:
         kept, seen = st["final_kept"], st["final_seen"]
         line += (
             f" | decoding: {st['replans']} re-plans, kept {kept:.0f} of {seen} tok "

@@ -31,7 +31,7 @@ def due(running) -> list:
     for q in running:
         pol = q.policy
         live = q.n_chosen < q.sampling.max_new_tokens  # a draining sequence is never fed again
-        if live and pol.interval and q.n_chosen - 1 >= q.next_replan:
+        if live and pol.decodes and pol.interval and q.n_chosen - 1 >= q.next_replan:
             out.append(q)
     return out
 
@@ -48,9 +48,12 @@ def pressure_candidates(running, window: int) -> list:
 
 
 def start(q):
-    """A sequence admitted (again): its triggers count from its first generated token."""
+    """A sequence admitted (again): its triggers count from its first generated token, and its
+    re-plan stats are this admission's (a replay repeats the interval re-plans it had before)."""
     q.next_replan = q.policy.interval
     q.replanned_at = 0
+    for k in ("replans", "replans_pressure", "budget_trace"):
+        q.stats.pop(k, None)
 
 
 def probe(eng, seqs, rows: int) -> refreekv.DecodeProbe:
@@ -121,7 +124,12 @@ def replan(core, seqs, pressure: bool = False) -> int:
     for members in by_policy.values():  # chunks whose probe stays within PROBE_BYTES
         rows = min(members[0].policy.probe_rows, kv.W)
         longest = max(len(q.prompt) + q.n_chosen for q in members)  # >= any row (the same on every rank)
-        per_seq = eng.config.n_layers * eng.config.n_heads * max(rows, 1) * longest * 4
+        c = eng.config
+        # per token of a row: the fp32 probe (twice under TP: local and gathered), one layer's keys
+        # (gathered and in fp32), positions and masks of every layer
+        per_token = c.n_layers * c.n_heads * max(rows, 1) * 4 * (2 if eng.tp.on else 1)
+        per_token += c.n_kv_heads * c.head_dim * 6 + c.n_layers * c.n_kv_heads * 17
+        per_seq = per_token * longest
         k = max(1, PROBE_BYTES // per_seq)
         groups += [members[i : i + k] for i in range(0, len(members), k)]
     failed = []
@@ -129,13 +137,17 @@ def replan(core, seqs, pressure: bool = False) -> int:
         pol = members[0].policy
         pr = probe(eng, members, min(pol.probe_rows, kv.W))
         real = pr.real
+        ok = True
         try:
             keep = pol.replan(pr)
-            if keep.shape != real.shape or keep.dtype != torch.bool:
-                want = tuple(real.shape)
-                raise ValueError(f"replan returned {tuple(keep.shape)} {keep.dtype}, not {want} bool")
+            if keep.shape != real.shape or keep.dtype != torch.bool or keep.device != real.device:
+                want = f"{tuple(real.shape)} bool on {real.device}"
+                raise ValueError(
+                    f"replan returned {tuple(keep.shape)} {keep.dtype} on {keep.device}, not {want}"
+                )
         except Exception as e:  # noqa: BLE001 - a policy is research code: its failure is its requests' alone
             keep = real
+            ok = False
             for q in members:
                 q.reason = "error"
                 q.error = f"KV policy {pol.name!r} failed while decoding: {type(e).__name__}: {e}"
@@ -155,6 +167,8 @@ def replan(core, seqs, pressure: bool = False) -> int:
         kv.compact(sl, sl, local)
         for i, q in enumerate(members):
             kv.trim(q.slot, kept[:, i])
+            if not ok:
+                continue
             g = q.n_chosen - 1
             st = q.stats
             st["replans"] = st.get("replans", 0) + 1

@@ -303,3 +303,38 @@ def test_decode_knobs_are_checked(tiny_ckpts):
     eng = Engine(str(tiny_ckpts["llama", False]), device="cpu", decode_window=4)
     with pytest.raises(UserError, match="reads 8 queries but the engine keeps the last 4"):
         eng.core.add_request([5, 6, 7], refreekv.make("snapkv", interval=16), Sampling(max_new_tokens=4))
+
+
+def test_a_failing_replan_ends_its_own_sequences_and_stats_are_per_admission(tiny_ckpts):
+    """A policy whose replan raises ends its sequences with finish reason "error" (the others run
+    on, their re-plans counted once per admission even when preempted and replayed)."""
+
+    from refreekv.streaming import StreamingLLM
+
+    class Broken(StreamingLLM):
+        def replan(self, probe):
+            raise RuntimeError("boom")
+
+    eng = small_engine(tiny_ckpts["qwen2", False], 28, page_size=4, max_seqs=4)
+    eng.eos = set()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (40, 33, 25, 47, 18, 36)]
+    good = refreekv.make("streaming", budget=40, interval=10)
+    bad = Broken(budget=40)
+    bad.interval = 10
+    ok_ids = [eng.core.add_request(p, good, Sampling(max_new_tokens=60)) for p in prompts]
+    bad_id = eng.core.add_request(prompts[0], bad, Sampling(max_new_tokens=60))
+    results = {}
+    while eng.core.busy():
+        for u in eng.core.step():
+            if u.result is not None:
+                results[u.key] = u.result
+    assert results[bad_id].finish_reason == "error" and "boom" in results[bad_id].error
+    assert len(results[bad_id].tokens) == 10  # it ended at its first re-plan
+    assert "replans" not in results[bad_id].stats
+    for i in ok_ids:
+        r = results[i]
+        assert r.finish_reason == "length" and len(r.tokens) == 60
+        assert r.stats["replans"] == 5 and len(r.stats["budget_trace"]) == 5
+    assert eng.core.sched.preemptions > 0
+    assert eng.kv.n_free == eng.kv.n_pages
