@@ -34,6 +34,9 @@ class DenseKV:
         self.pos[layer].index_put_((bi, hi, slot), self.next_pos[:, None].expand(B, H))
         self.lengths[layer] += 1
 
+    def save_query(self, layer, q):
+        """The paged pool keeps decode queries for re-plans during decoding; the oracle never re-plans."""
+
     def attend(self, layer, q, window=None, span=None):
         """q [B, H, D] over each row's live slots, reading [0, span) (span in tokens; None: all)."""
         B, H, D = q.shape
