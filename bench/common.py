@@ -306,3 +306,29 @@ def read_records(path, fields, what: str, missing: str) -> list[dict]:
 
 def fields_text(fields) -> str:
     return " and ".join(fields) if len(fields) == 2 else ", ".join(fields)
+
+
+def run_meta(eng, model: str, commit: str, module: str, argv: list[str], pool_gib: float) -> dict:
+    """What every workload result names first: when, which model on which device and dtype, the
+    code (its commit at the start of the run), the command, and the KV pool."""
+    import datetime
+    import platform
+    import shlex
+
+    dev = eng.device
+    device = (
+        torch.cuda.get_device_name(dev)
+        if is_cuda(dev)
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        model=model,
+        device=device,
+        dtype=str(eng.dtype).removeprefix("torch."),
+        commit=commit,
+        command=f"python -m {module} " + shlex.join(argv),
+        pool_pages=eng.kv.n_pages,
+        page_size=eng.page_size,
+        pool_gib=pool_gib,
+    )

@@ -25,12 +25,9 @@ the server (all sent at t = 0). Server tok/s should be >= 0.9 x offline's.
 
 import argparse
 import asyncio
-import datetime
 import itertools
 import json
-import platform
 import random
-import shlex
 import socket
 import sys
 import threading
@@ -41,7 +38,7 @@ import httpx
 import torch
 
 import refreekv
-from bench.common import build_engine, git_commit, is_cuda, log
+from bench.common import build_engine, git_commit, log, run_meta
 from bench.quality_report import append_results
 from bench.throughput import label, workload
 from engine.kv import page_bytes
@@ -417,19 +414,8 @@ def main(argv=None):
                 f"[serve]   TTFT p50 {fmt(r['ttft_p50_ms'], '.0f')} ms, {r['tok_s']:.1f} tok/s, "
                 f"peak running {r['peak_running']}; {len(r['errors'])} errors{first_error}"
             )
-    dev = eng.device
     res = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        model=name,
-        device=torch.cuda.get_device_name(dev)
-        if is_cuda(dev)
-        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        dtype=str(eng.dtype).removeprefix("torch."),
-        commit=commit,
-        command="python -m bench.serve " + shlex.join(argv),
-        pool_pages=eng.kv.n_pages,
-        page_size=eng.page_size,
-        pool_gib=kv_gib,
+        **run_meta(eng, name, commit, "bench.serve", argv, kv_gib),
         rate=a.rate,
         arrivals=arrivals,
         prompt_tokens=pt,

@@ -26,18 +26,15 @@ over all steps includes the ramp-down at the end of the workload, where nothing 
 """
 
 import argparse
-import datetime
 import json
-import platform
 import random
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 import refreekv
-from bench.common import build_engine, floats, git_commit, is_cuda, log, policy_label
+from bench.common import build_engine, floats, git_commit, log, policy_label, run_meta
 from bench.quality_report import append_results
 from engine.kv import page_bytes
 from engine.sampling import Sampling
@@ -328,19 +325,8 @@ def main(argv=None):
         r["conc_target_met"] = r["conc_ratio"] >= r["conc_target"] or r is full
         r["tok_s_ratio"] = r["tok_s"] / full["tok_s"]
     hf = [run_hf(eng, prompts, a.hf, a.hf_batch, a.new_tokens)] if a.hf else []
-    dev = eng.device
     res = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        model=name,
-        device=torch.cuda.get_device_name(dev)
-        if is_cuda(dev)
-        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        dtype=str(eng.dtype).removeprefix("torch."),
-        commit=commit,
-        command="python -m bench.throughput " + shlex.join(argv),
-        pool_pages=eng.kv.n_pages,
-        page_size=eng.page_size,
-        pool_gib=kv_gib,
+        **run_meta(eng, name, commit, "bench.throughput", argv, kv_gib),
         prompt_tokens=[len(p) for p in prompts],
         kinds=kinds,
         rows=rows,
