@@ -39,11 +39,8 @@ run), and with --results-md PATH a dated section appended. Exit 1 when any run f
 """  # noqa: E501 (--help text)
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import traceback
@@ -53,13 +50,13 @@ import torch
 
 import refreekv
 from bench import hf as hfb
+from bench import speed_hf
 from bench.common import (
     build_engine,
     copy_bandwidth,
     dynamo_counts,
     floats,
     free_cache,
-    git_commit,
     gptfast_model_bytes,
     ints,
     is_cuda,
@@ -71,6 +68,7 @@ from bench.common import (
     random_prompts,
     weight_bytes_per_token,
 )
+from bench.speed_report import append_results_md, meta, render, strip_private
 from engine.sampling import Sampling
 from weights.errors import UserError
 
@@ -95,11 +93,6 @@ DEFAULTS = {
         bw_mib=64,
     ),
 }
-ANCHOR = (
-    "Anchors (H100 80GB, 7B shape, batch 1, prompt 512): copy 3.01 TB/s, weight floor ~213 tok/s; "
-    "transformers eager 30 tok/s, static+compile 118 tok/s; HF prefill 8192 tok 279 ms (464 TFLOP/s); "
-    "HF compiled batch 16 x 4096: 534 tok/s summed; bare compiled decode step 127-131 tok/s."
-)
 
 
 class Bench:
@@ -177,15 +170,6 @@ class Bench:
             os.replace(tmp, self.a.json)
 
 
-def strip_private(x):
-    """Drop keys starting with '_' (generated token ids kept for comparisons) at any depth."""
-    if isinstance(x, dict):
-        return {k: strip_private(v) for k, v in x.items() if not str(k).startswith("_")}
-    if isinstance(x, list):
-        return [strip_private(v) for v in x]
-    return x
-
-
 # -------------------------------------------------------------------------------------- sections
 
 
@@ -247,67 +231,6 @@ def section_floor(b: Bench):
         f"[bench.speed] floor {floor_ms:.3f} ms/tok at {bw / 1e9:.0f} GB/s; "
         f"ours {med:.3f} ms = {f['ours_pct_of_floor']:.0f}% of it"
     )
-
-
-def section_hf(b: Bench):
-    a = b.a
-    modes = a.hf_modes or (list(hfb.MODES) if is_cuda(b.dev) else ["eager"])
-    hf = b.attempt("transformers model", lambda: hfb.views(b.eng, a.hf_weights == "copy"))
-    if hf is None:
-        return
-    parity = b.attempt(
-        "transformers parity", lambda: hfb.parity(b.eng, hf, random_prompts(b.eng, 1, 16, 1234)[0])
-    )
-    b.results["meta"].update(hf_weights=a.hf_weights, parity_max_abs_logit_diff=parity)
-    runs = [(1, n) for n in a.prompt_lens] + [(B, a.batch_prompt) for B in a.batches]
-    for mode in modes:  # eager first: static-compile leaves compiled state behind
-        for B, n in runs:
-            what = f"transformers {mode} {B} x {n}"
-            log(f"[bench.speed] {what} ...")
-
-            def run():
-                row = hfb.measure(
-                    b.eng, hf, mode, random_prompts(b.eng, B, n, a.seed + (n if B == 1 else B)), a.new_tokens
-                )
-                row["parity_max_abs_logit_diff"] = parity
-                ref = next(
-                    (
-                        r
-                        for r in b.results["speed"] + b.results["batch"]
-                        if r["policy"] == "full" and r["prompt"] == n and r["batch"] == B
-                    ),
-                    None,
-                )
-                row["tokens_agree_prefix"] = None
-                if ref is not None:
-                    x, y = ref["_tokens"][0], row["_tokens"][0].tolist()
-                    row["tokens_agree_prefix"] = next(
-                        (i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))
-                    )
-                b.results["hf"].append(row)
-                log(
-                    f"[bench.speed]   prefill {row['prefill_ms']:.1f} ms, "
-                    f"decode {row['decode_ms_median']:.3f} ms/step = {row['decode_tok_s']:.1f} tok/s "
-                    f"({row['decode_tok_s_anchor']:.1f} anchor method), warm-up {row['warmup_s']:.1f} s"
-                )
-
-            b.attempt(what, run)
-        free_cache(b.dev)
-    hf = None  # let its memory go before the ratios
-    free_cache(b.dev)
-    b.results["ratios"] = [
-        dict(
-            batch=h["batch"],
-            prompt=h["prompt"],
-            hf_mode=h["mode"],
-            ours=r["policy"],
-            decode_speedup=r["decode_tok_s"] / h["decode_tok_s"] if h["decode_tok_s"] else None,
-            prefill_speedup=h["prefill_ms"] / r["prefill_ms"] if r["prefill_ms"] else None,
-        )
-        for h in b.results["hf"]
-        for r in b.results["speed"] + b.results["batch"]
-        if r["prompt"] == h["prompt"] and r["batch"] == h["batch"]
-    ]
 
 
 def section_scaling(b: Bench):
@@ -379,239 +302,6 @@ def section_profile(b: Bench):
         f"[bench.speed] profile: {total / 1e3:.1f} ms of {'device' if is_cuda(b.dev) else 'CPU'} time "
         f"over {new} tokens"
     )
-
-
-# -------------------------------------------------------------------------------------- output
-
-
-def _f(x, fmt="{:.1f}"):
-    return "-" if x is None or (isinstance(x, float) and x != x) else fmt.format(x)
-
-
-def table(head, rows):
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(out + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows])
-
-
-def render(res) -> str:
-    parts = []
-    ours = [
-        "policy",
-        "batch",
-        "prompt",
-        "new",
-        "prefill ms",
-        "TFLOP/s",
-        "prune ms",
-        "decode ms/step",
-        "tok/s",
-        "KV budget",
-        "peak GiB",
-        "warm-up s",
-    ]
-    row = lambda r: [
-        r["policy"],
-        r["batch"],
-        r["prompt"],
-        r["new_tokens"],
-        _f(r["prefill_ms"]),
-        _f(r["prefill_tflops"], "{:.4g}"),
-        _f(r["prune_ms"], "{:.2f}"),
-        _f(r["decode_ms_median"], "{:.3f}"),
-        _f(r["decode_tok_s"]),
-        _f(100 * r["kv_budget"], "{:.1f}%"),
-        _f(r["peak_mem_gib"], "{:.2f}"),
-        _f(r["warmup_s"]),
-    ]
-    if res["speed"]:
-        parts.append(
-            "**Ours, batch 1** (Engine.generate; decode = median step)\n\n"
-            + table(ours, [row(r) for r in res["speed"]])
-        )
-    if res["hf"]:
-
-        def ratio(h):
-            x = next(
-                (
-                    q
-                    for q in res["ratios"]
-                    if q["prompt"] == h["prompt"]
-                    and q["batch"] == h["batch"]
-                    and q["hf_mode"] == h["mode"]
-                    and q["ours"] == "full"
-                ),
-                None,
-            )
-            return (
-                (_f(x["decode_speedup"], "{:.2f}x"), _f(x["prefill_speedup"], "{:.2f}x")) if x else ("-", "-")
-            )
-
-        parts.append(
-            "**transformers, same weights** "
-            "(ours ÷ theirs: our full-KV speed over theirs, >1 = ours faster)\n\n"
-            + table(
-                [
-                    "mode",
-                    "batch",
-                    "prompt",
-                    "prefill ms",
-                    "TFLOP/s",
-                    "decode ms/step",
-                    "tok/s",
-                    "tok/s (anchor method)",
-                    "peak GiB",
-                    "warm-up s",
-                    "decode ours/theirs",
-                    "prefill ours/theirs",
-                    "same tokens",
-                ],
-                [
-                    [
-                        h["mode"],
-                        h["batch"],
-                        h["prompt"],
-                        _f(h["prefill_ms"]),
-                        _f(h["prefill_tflops"], "{:.4g}"),
-                        _f(h["decode_ms_median"], "{:.3f}"),
-                        _f(h["decode_tok_s"]),
-                        _f(h["decode_tok_s_anchor"]),
-                        _f(h["peak_mem_gib"], "{:.2f}"),
-                        _f(h["warmup_s"]),
-                        *ratio(h),
-                        _f(h.get("tokens_agree_prefix"), "{}"),
-                    ]
-                    for h in res["hf"]
-                ],
-            )
-        )
-    f = res["floor"]
-    if f:
-        parts.append(
-            "**Weight-streaming floor** (bytes read per token ÷ measured copy bandwidth)\n\n"
-            + table(
-                [
-                    "copy GB/s",
-                    "weight GB/token",
-                    "floor ms/tok",
-                    "floor tok/s",
-                    "ours ms/tok",
-                    "ours % of floor",
-                    "efficiency",
-                    "achieved GB/s (gpt-fast)",
-                    "e2e GB/s (gpt-fast)",
-                ],
-                [
-                    [
-                        _f(f["copy_GBps"], "{:.0f}"),
-                        _f(f["weight_bytes_per_token"] / 1e9, "{:.3f}"),
-                        _f(f["floor_ms"], "{:.3f}"),
-                        _f(f["floor_tok_s"]),
-                        _f(f.get("ours_decode_ms"), "{:.3f}"),
-                        _f(f.get("ours_pct_of_floor"), "{:.0f}%"),
-                        _f(f.get("bandwidth_efficiency_pct"), "{:.0f}%"),
-                        _f(f.get("achieved_GBps"), "{:.0f}"),
-                        _f(f.get("achieved_GBps_e2e"), "{:.0f}"),
-                    ]
-                ],
-            )
-        )
-    s = res["scaling"]
-    if s and s.get("rows"):
-        parts.append(
-            f"**Decode step vs live KV, `--kv full`** (grows with live KV: {s.get('grows_with_live_kv')})\n\n"
-            + table(
-                ["prompt", "decode ms/tok", "tok/s", "peak GiB"],
-                [
-                    [
-                        r["prompt"],
-                        _f(r["decode_ms_median"], "{:.3f}"),
-                        _f(r["decode_tok_s"]),
-                        _f(r["peak_mem_gib"], "{:.2f}"),
-                    ]
-                    for r in s["rows"]
-                ],
-            )
-        )
-    if res["batch"]:
-        parts.append(
-            "**Batched decode** (tok/s summed over the batch = batch ÷ median step)\n\n"
-            + table(ours, [row(r) for r in res["batch"]])
-        )
-    pr = res.get("profile")
-    if pr:
-        parts.append(
-            f"**Profile** (batch 1, prompt {pr['prompt']}, {pr['new_tokens']} tokens: "
-            f"{pr['per_step_ms']:.3f} ms of self time per token; top kernels)\n\n"
-            + table(
-                ["kernel", "calls", "ms", "share"],
-                [
-                    [f"`{t['name']}`", t["calls"], _f(t["ms"], "{:.2f}"), _f(100 * t["share"], "{:.1f}%")]
-                    for t in pr["top"]
-                ],
-            )
-        )
-    if res["errors"]:
-        parts.append("**Errors**\n\n" + "\n".join(f"- {e['run']}: `{e['error']}`" for e in res["errors"]))
-    return "\n\n".join(parts)
-
-
-def meta(a, eng, label, argv):
-    dev = eng.device
-    try:
-        import transformers
-
-        tf = transformers.__version__
-    except ImportError:
-        tf = None
-    name = (
-        torch.cuda.get_device_name(dev)
-        if is_cuda(dev)
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
-    c = eng.config
-    return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        device=dev,
-        device_name=name,
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        transformers=tf,
-        commit=git_commit(a.commit),
-        command="python -m bench.speed " + shlex.join(argv),
-        model=label,
-        dtype=str(eng.dtype).removeprefix("torch."),
-        compiled=bool(eng.compiled),
-        page_size=eng.page_size,
-        decode_projections="triton gemv" if eng.model.gemv is not None else "F.linear",
-        attention="triton" if eng.kv.triton else "torch",
-        pool_pages=eng.kv.n_pages,
-        params=sum(p.numel() for p in eng.model.parameters()),
-        sections=a.sections,
-        config=dict(
-            layers=c.n_layers,
-            dim=c.dim,
-            heads=c.n_heads,
-            kv_heads=c.n_kv_heads,
-            head_dim=c.head_dim,
-            ffn=c.ffn_dim,
-            vocab=c.vocab_size,
-        ),
-    )
-
-
-def append_results_md(path, res, text):
-    m = res["meta"]
-    head = (
-        f"\n## Speed — {m['date']} — {m['device_name']}\n\n"
-        f"- model: {m['model']}, {m['params'] / 1e9:.3f} B parameters, compiled: {m['compiled']}, "
-        f"pool {m['pool_pages']} pages of {m['page_size']} tokens, "
-        f"decode projections: {m['decode_projections']}, decode attention: {m['attention']}\n"
-        f"- torch {m['torch']} (CUDA {m['cuda']}), transformers {m['transformers']}, commit `{m['commit']}`\n"
-        f"- command: `{m['command']}`\n\n"
-    )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:  # append only: others append to the same file
-        fh.write(head + text + f"\n\n{ANCHOR}\n")
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -720,7 +410,7 @@ def main(argv=None):
     )
     steps = {
         "speed": section_speed,
-        "hf": section_hf,
+        "hf": speed_hf.section,
         "floor": section_floor,
         "scaling": section_scaling,
         "batch": section_batch,
