@@ -56,14 +56,18 @@ class SnapKV(Policy):
         pos = probe.positions
         real = probe.real[None, :, None]  # [1, B, 1, N]
         older = real & (pos < (probe.lens - win)[None, :, None, None])
-        scores = kv_head_scores(probe.attn, probe.n_kv_heads).masked_fill(~older, -math.inf)
-        L, B, Hkv, N = scores.shape
-        pooled = F.max_pool1d(scores.view(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2)
-        pooled = pooled.view(L, B, Hkv, N)
-        heavy = top_k_mask(pooled, older, (k - kw)[None, :, None])
+        heavy = self.heavy(probe, older, (k - kw)[None, :, None])
         return protect(
             heavy | (real & (pos >= (probe.lens - kw)[None, :, None, None])), probe, self.protected
         )
+
+    def heavy(self, probe, older: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The n top slots among `older` (broadcast to [L, B, Hkv, N]) by the window's attention
+        (summed over its rows and each KV head's query heads), max-pooled along the slots."""
+        scores = kv_head_scores(probe.attn, probe.n_kv_heads).masked_fill(~older, -math.inf)
+        L, B, Hkv, N = scores.shape
+        pooled = F.max_pool1d(scores.reshape(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2)
+        return top_k_mask(pooled.view(L, B, Hkv, N), older, n)
 
     def replan(self, probe: DecodeProbe):
         k = decode_budget(self.budget, probe)[None, :, None]  # [1, B, 1]
@@ -72,9 +76,6 @@ class SnapKV(Policy):
         j = probe.slots
         real = probe.real
         older = real & (j < (probe.lens - win)[..., None])
-        scores = kv_head_scores(probe.attn, probe.n_kv_heads).masked_fill(~older, -math.inf)
-        L, B, Hkv, N = scores.shape
-        pooled = F.max_pool1d(scores.view(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2)
-        heavy = top_k_mask(pooled.view(L, B, Hkv, N), older, k - kw)
+        heavy = self.heavy(probe, older, k - kw)
         keep = heavy | (real & (j >= (probe.lens - kw)[..., None]))
         return protect(keep, probe, self.protected)
