@@ -212,7 +212,7 @@ class Core:
         eng, sched, kv, w = self.eng, self.sched, self.kv, self.w
         cur_seqs = self.cur_seqs
         new = None
-        live = [q.n_chosen < q.sampling.max_new_tokens for q in cur_seqs]  # all chosen: it only drains
+        live = [q.live for q in cur_seqs]  # all chosen: it only drains
         if any(live):  # queue the next step before reading the last one back
             n = len(cur_seqs)
             nb = pow2(n) if eng.cuda and eng.compiled else n
@@ -258,7 +258,7 @@ class Core:
             # add_request's check_fits rules this out
             raise RuntimeError("scheduler stalled with an empty pool")
         while True:  # pages for the next step; the newest sequence makes room when there are none
-            live = [q.n_chosen < q.sampling.max_new_tokens for q in sched.running]
+            live = [q.live for q in sched.running]
             short = kv.shortage(live)
             if eng.tp.on:  # every rank preempts when any rank is short (ranks hold different heads)
                 short = eng.tp.host_max(short)
@@ -405,7 +405,7 @@ class Core:
         pages) and the most pages it held (the whole prompt before pruning included)."""
         kv = self.kv
         q.stats["final_kept"] = round(kv.h_len[:, q.slot].double().mean().item(), 2)
-        q.stats["final_seen"] = len(q.prompt) + q.n_chosen - 1  # what its rows have seen
+        q.stats["final_seen"] = q.seen
         peak = max(q.peak_pages, kv.owned(q.slot), q.stats.get("pages_after_prefill", 0))
         q.stats["peak_pages"] = peak
 

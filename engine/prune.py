@@ -27,24 +27,18 @@ PROBE_BYTES = 2**30  # sequences re-planned in one policy call: their fp32 probe
 
 def due(running) -> list:
     """Running sequences whose interval trigger fires now (g reached their next mark)."""
-    out = []
-    for q in running:
-        pol = q.policy
-        live = q.n_chosen < q.sampling.max_new_tokens  # a draining sequence is never fed again
-        if live and pol.decodes and pol.interval and q.n_chosen - 1 >= q.next_replan:
-            out.append(q)
-    return out
+    return [
+        q for q in running if q.live and q.policy.decodes and q.policy.interval and q.fed >= q.next_replan
+    ]
 
 
 def pressure_candidates(running, window: int) -> list:
     """Sequences that may give pages back under pressure: on_pressure, live, W new tokens since."""
-    out = []
-    for q in running:
-        live = q.n_chosen < q.sampling.max_new_tokens
-        if live and q.policy.on_pressure and hasattr(q.policy, "replan"):
-            if q.n_chosen - 1 - q.replanned_at >= window:
-                out.append(q)
-    return out
+    return [
+        q
+        for q in running
+        if q.live and q.policy.on_pressure and q.policy.decodes and q.fed - q.replanned_at >= window
+    ]
 
 
 def start(q):
@@ -64,7 +58,7 @@ def probe(eng, seqs, rows: int) -> refreekv.DecodeProbe:
     slots = [q.slot for q in seqs]
     B = len(slots)
     sl = eng.dev_long(slots)
-    seen_l = [len(q.prompt) + q.n_chosen - 1 for q in seqs]
+    seen_l = [q.seen for q in seqs]
     N = int(kv.h_len[:, slots].max())
     if eng.tp.on:  # one width on every rank (ranks hold different heads)
         N = eng.tp.host_max(N)
@@ -169,14 +163,14 @@ def replan(core, seqs, pressure: bool = False) -> int:
             kv.trim(q.slot, kept[:, i])
             if not ok:
                 continue
-            g = q.n_chosen - 1
+            g = q.fed
             st = q.stats
             st["replans"] = st.get("replans", 0) + 1
             if pressure:
                 st["replans_pressure"] = st.get("replans_pressure", 0) + 1
             # [tokens seen, mean tokens kept per row] after each re-plan (every KV head, all ranks)
             mean = kept_all[:, i].double().mean().item()
-            st.setdefault("budget_trace", []).append([len(q.prompt) + g, round(mean, 2)])
+            st.setdefault("budget_trace", []).append([q.seen, round(mean, 2)])
             q.replanned_at = g
             while q.policy.interval and q.next_replan <= g:
                 q.next_replan += q.policy.interval

@@ -56,6 +56,21 @@ class Sequence:
     replanned_at: int = 0
     peak_pages: int = 0  # the most pages its rows held at once (this admission and earlier ones)
 
+    @property
+    def live(self) -> bool:
+        """Still fed: its last chosen token goes through another decode step (else it only drains)."""
+        return self.n_chosen < self.sampling.max_new_tokens
+
+    @property
+    def fed(self) -> int:
+        """Tokens generated into its rows in this admission (the last chosen one is not in yet)."""
+        return self.n_chosen - 1
+
+    @property
+    def seen(self) -> int:
+        """Tokens its rows have seen: the prompt and what was fed since (its next position)."""
+        return len(self.prompt) + self.fed
+
 
 class Scheduler:
     def __init__(self, kv: PagedKV, max_seqs: int, max_prefill_tokens: int, free=None):
