@@ -3,6 +3,7 @@ random-weight model of a real shape, FLOP and byte counts, copy bandwidth, and t
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,9 @@ def dynamo_counts():
 
 
 def git_commit(override=None) -> str:
+    """The commit a result names: `override`, else $REFREEKV_COMMIT (a copy of the tree without its
+    .git, as on a lent GPU machine), else git describe."""
+    override = override or os.environ.get("REFREEKV_COMMIT")
     if override:
         return override
     try:

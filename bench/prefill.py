@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 import refreekv
-from bench.common import git_commit, log
+from bench.common import SHAPES, build_engine, git_commit, log
 from bench.quality_report import append_results
-from engine.engine import Engine
 from engine.sampling import Sampling
 
 
@@ -41,7 +40,9 @@ def timed(eng, prompts, packed: bool, reps: int) -> tuple[float, list[int]]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="real checkpoint (default: the bundled smollm2-135m-instruct)")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead")
     p.add_argument("--long", type=int, default=2048, help="tokens of the long prompt")
     p.add_argument("--short", type=int, default=32, help="tokens of each short prompt")
     p.add_argument("--n-short", type=int, default=50)
@@ -53,12 +54,16 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     n = a.n_short + 1
-    eng = Engine(a.model, device=a.device, max_seqs=n, kv_memory=2.0, max_prefill_tokens=10**9)
+    if not (a.model or a.shape):
+        a.model = "smollm2-135m-instruct"
+    # eager: both layouts run through the same (uncompiled) model; compiled prefill is padded only
+    src = argparse.Namespace(model=a.model, shape=a.shape, device=a.device, dtype=None, compile=False, seed=0)
+    eng, name = build_engine(src, max_seqs=n, kv_memory=2.0, max_prefill_tokens=10**9)
     g = torch.Generator().manual_seed(0)
     V = min(eng.config.vocab_size, 32000)
     prompts = [torch.randint(100, V, (a.long,), generator=g).tolist()]
     prompts += [torch.randint(100, V, (a.short,), generator=g).tolist() for _ in range(a.n_short)]
-    log(f"{a.model}: 1 x {a.long} + {a.n_short} x {a.short} tokens on {a.device}")
+    log(f"{name}: 1 x {a.long} + {a.n_short} x {a.short} tokens on {a.device}")
     padded, tok_pad = timed(eng, prompts, False, a.reps)
     packed, tok_pack = timed(eng, prompts, True, a.reps)
     agree = sum(x == y for x, y in zip(tok_pad, tok_pack))
@@ -78,7 +83,7 @@ def main(argv=None):
             else f"CPU ({platform.processor() or 'x86'}, {torch.get_num_threads()} threads)"
         )
         head = (
-            f"### Packed vs padded prefill: {a.model}, 1 x {a.long} + {a.n_short} x {a.short} tokens\n\n"
+            f"### Packed vs padded prefill: {name}, 1 x {a.long} + {a.n_short} x {a.short} tokens\n\n"
             f"{dev}, {datetime.date.today()}, commit {git_commit()}, "
             f"`python -m bench.prefill {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n"
         )

@@ -38,7 +38,7 @@ import httpx
 import torch
 
 import refreekv
-from bench.common import build_engine, git_commit, log, run_meta
+from bench.common import SHAPES, build_engine, git_commit, log, run_meta, write_shape_dir
 from bench.quality_report import append_results
 from bench.throughput import label, workload
 from engine.kv import page_bytes
@@ -72,8 +72,8 @@ def pct(xs: list[float], q: float) -> float | None:
 class Server:
     """engine/serve.py's app on a free loopback port, served by uvicorn in a thread of this process."""
 
-    def __init__(self, eng, name: str):
-        self.eng, self.name = eng, name
+    def __init__(self, eng, name: str, warm=None):
+        self.eng, self.name, self.warm = eng, name, warm
 
     def __enter__(self):
         import uvicorn
@@ -83,7 +83,12 @@ class Server:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.root = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        app = build_app(self.eng, refreekv.make("full"), self.name)
+        from engine.worker import Worker
+
+        worker = Worker(self.eng)
+        if self.warm is not None:  # on the engine thread, whose CUDA graphs the server replays
+            worker.call(self.warm)
+        app = build_app(self.eng, refreekv.make("full"), self.name, worker=worker)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[sock]), daemon=True)
@@ -301,7 +306,9 @@ def parse_args(argv):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="real checkpoint (dir / hub id / bundled name; default: bundled SmolLM2)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="real checkpoint (dir / hub id / bundled name; default: SmolLM2)")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s (default 2)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--min-tokens", type=int, default=500)
@@ -334,13 +341,18 @@ def setup(a):
     from weights.config import load_config
     from weights.resolve import resolve
 
-    c = load_config(resolve(a.model))
+    if a.shape:
+        import tempfile
+
+        c = load_config(write_shape_dir(SHAPES[a.shape], Path(tempfile.mkdtemp()) / "cfg"))
+    else:
+        c = load_config(resolve(a.model))
     cuda = (a.device or "").startswith("cuda") or (a.device is None and torch.cuda.is_available())
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
     pages = -(-a.pool_tokens // a.page_size) * c.n_layers * c.n_kv_heads
     kv_gib = pages * page_bytes(a.page_size, c.head_dim, dtype) / 2**30
     src = argparse.Namespace(
-        model=a.model, shape=None, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
+        model=a.model, shape=a.shape, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
     )
     eng, name = build_engine(
         src,
@@ -349,7 +361,9 @@ def setup(a):
         page_size=a.page_size,
         max_seqs=a.max_seqs,
     )
-    prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=True)
+    if a.shape:
+        eng.eos = set()  # random weights: every request makes its max_tokens
+    prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=not a.shape)
     try:
         eng.check_fits(prompts, a.new_tokens)
     except UserError as e:
@@ -386,17 +400,20 @@ def main(argv=None):
             for p in prompts
         ]
 
-    for spec in KV:  # compile (if on) and first-call costs, outside every timing
-        pol = policy_of(spec)
-        eng.warmup(pol)
-        eng.generate(prompts[:2], pol, Sampling(max_new_tokens=2))
+    def warm():  # compile (if on) and first-call costs, outside every timing
+        for spec in KV:
+            pol = policy_of(spec)
+            eng.warmup(pol)
+            eng.generate(prompts[:2], pol, Sampling(max_new_tokens=2))
+
+    warm()  # here for the offline check, and on the server's engine thread below
     check = None
     if a.offline_check:  # offline first: the engine takes one driver at a time
         log("[serve] offline check: engine.run_batch ...")
         parser = Parser(eng, served, refreekv.make("full"), eng.context)
         check = dict(offline=offline(eng, parser, bodies(KV[0], stream=False)))
     rows = []
-    with Server(eng, served) as srv:
+    with Server(eng, served, warm) as srv:
         if a.offline_check:
             log("[serve] offline check: the server, every request at t=0 ...")
             run = drive_apart(srv.root, bodies(KV[0]), [0.0] * len(prompts))

@@ -309,12 +309,15 @@ def main(argv=None):
         eng.check_policy(policy)
         eng.load()
         if rank != 0:
+            if eng.compiled:  # the same warm-up as rank 0's engine thread: the collectives pair up
+                eng.warmup(policy)
             follow(eng)
             return 0
-        if eng.compiled:
-            print(f"compile warm-up {eng.warmup(policy):.1f} s", file=sys.stderr)
+        worker = Worker(eng)
+        if eng.compiled:  # on the engine thread: the CUDA graphs it records are the ones served
+            print(f"compile warm-up {worker.call(lambda: eng.warmup(policy)):.1f} s", file=sys.stderr)
         name = a.served_model_name or a.model or eng.path.name
-        app = build_app(eng, policy, name, a.api_key, a.max_tokens, a.max_body_mb)
+        app = build_app(eng, policy, name, a.api_key, a.max_tokens, a.max_body_mb, worker=worker)
     except UserError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -45,6 +45,19 @@ class Worker:
     def abort(self, rids):
         self.inbox.put(("abort", list(rids), None))
 
+    def call(self, fn):
+        """fn() on the engine thread, before anything queued after it; its result (or its error).
+        The compile warm-up goes through here: torch.compile's CUDA graph trees are per thread, so
+        graphs recorded on any other thread would be recorded again (in a second memory pool) here."""
+        box: queue.Queue = queue.Queue(1)
+        self.inbox.put(("call", fn, box.put))
+        if not self.thread.is_alive():
+            self.start()
+        ok, value = box.get()
+        if not ok:
+            raise value
+        return value
+
     def stop(self, timeout: float = 30.0):
         self.inbox.put(("stop", None, None))
         self.thread.join(timeout)
@@ -72,6 +85,11 @@ class Worker:
                     for rid in arg:
                         self.sinks.pop(rid, None)
                         self._abort(rid)
+                elif kind == "call":
+                    try:
+                        sink((True, arg()))
+                    except BaseException as e:  # noqa: BLE001 - the caller re-raises it
+                        sink((False, e))
                 else:
                     self._add(arg, sink)
             if self.stopping:  # whatever is still in flight is cancelled
