@@ -73,6 +73,19 @@ for s in "${STAGES[@]}"; do
       python -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 150)
       stage tests "$(q 200 150)" "${P[@]}" pytest -q -p no:cacheprovider "${TIMEOUT[@]}" \
         tests/test_gpu.py tests/test_gemv.py tests/test_tp.py -k "not speed_bench_tiny and (not test_tp or nccl)" ;;
+    diag)
+      stage diag 100 env TORCH_LOGS=recompiles,graph_breaks "${P[@]}" bench.gpu_diag ;;
+    tests-x)
+      # the first compiled test's whole traceback
+      stage tests-x 70 "${P[@]}" pytest -x -q -p no:cacheprovider --tb=long tests/test_gpu.py \
+        -k "compiled_cuda_graphs_match" ;;
+    speed-eager)
+      stage speed-eager 110 "${P[@]}" bench.speed --no-compile --sections speed,floor --policies full,refreekv \
+        --prompt-lens 512,8192 --new-tokens 64 --json "$LOGS/speed-eager.json" --results-md "$MD" ;;
+    throughput-eager)
+      stage throughput-eager 90 "${P[@]}" bench.throughput "${SEVEN[@]}" --no-compile --budgets 1,0.25 \
+        --requests 32 --new-tokens 64 --pool-tokens 30000 --max-seqs 64 \
+        --json "$LOGS/throughput-eager.json" --results-md "$MD" ;;
     kernel)
       stage kernel 40 "${P[@]}" bench.attention --json "$LOGS/attention.json" ;;
     speed)
@@ -106,7 +119,7 @@ for s in "${STAGES[@]}"; do
     anchor)
       [ -f out/anchors/hf_baseline.py ] && stage anchor 200 python out/anchors/hf_baseline.py eager static-compile ;;
     *)
-      echo "unknown stage $s (one of: ${ALL[*]} anchor)" | tee -a "$SUMMARY" ;;
+      echo "unknown stage $s (one of: ${ALL[*]} anchor diag tests-x speed-eager throughput-eager)" | tee -a "$SUMMARY" ;;
   esac
 done
 echo "total $(($(date +%s) - START)) s" | tee -a "$SUMMARY"
