@@ -36,18 +36,18 @@ case "${1:-}" in
   gemv-tuned)
     python -m bench.gemv --rows 1 --json "$OUT/gemv-tuned.json" 2>&1 | tee "$OUT/gemv-tuned.log" ;;
   speed-gemv)
-    REFREEKV_GEMV=triton python -m bench.speed --sections speed,floor,profile --policies full --prompt-lens 512 \
+    REFREEKV_GEMV=triton python -m bench.speed --compile --sections speed,floor,profile --policies full --prompt-lens 512 \
       --json "$OUT/speed-gemv.json" --results-md "$MD" 2>&1 | tee "$OUT/speed-gemv.log" ;;
   speed)
-    python -m bench.speed --sections speed,floor,scaling,batch,profile --trace "$OUT/trace.json" --json "$OUT/speed.json" --results-md "$MD" 2>&1 | tee "$OUT/speed.log" ;;
+    python -m bench.speed --compile --sections speed,floor,scaling,batch,profile --trace "$OUT/trace.json" --json "$OUT/speed.json" --results-md "$MD" 2>&1 | tee "$OUT/speed.log" ;;
   hf)
-    python -m bench.speed --sections speed,hf --policies full --prompt-lens 512,8192 --json "$OUT/speed-hf.json" \
+    python -m bench.speed --compile --sections speed,hf --policies full --prompt-lens 512,8192 --json "$OUT/speed-hf.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/speed-hf.log" ;;
   anchor)
     [ -f out/anchors/hf_baseline.py ] || { echo "copy the anchor script to out/anchors/hf_baseline.py and carry out/anchors" >&2; exit 2; }
     python out/anchors/hf_baseline.py eager static-compile 2>&1 | tee "$OUT/anchor.log" ;;
   throughput)
-    python -m bench.throughput --shape qwen2.5-7b --device cuda --budgets 1,0.5,0.25 --requests 64 --new-tokens 128 \
+    python -m bench.throughput --shape qwen2.5-7b --device cuda --compile --budgets 1,0.5,0.25 --requests 64 --new-tokens 128 \
       --pool-tokens 60000 --max-seqs 64 --hf static-compile --hf-batch 16 --json "$OUT/throughput-7b.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/throughput.log" ;;
   all)

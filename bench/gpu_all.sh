@@ -27,14 +27,15 @@ for arg in "$@"; do
     *) STAGES+=("$arg") ;;
   esac
 done
-ALL=(env tests kernel speed serve throughput hf prefill gemv speed-gemv)
+ALL=(env tests diag kernel speed-eager speed serve throughput hf prefill gemv speed-gemv)
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL[@]}")
 START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-480}))
-export TORCHINDUCTOR_CACHE_DIR=/tmp/tc/inductor TRITON_CACHE_DIR=/tmp/tc/triton
-mkdir -p /tmp/tc
+CACHE=${TMPDIR:-/tmp}/refreekv-compile
+export TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor TRITON_CACHE_DIR=$CACHE/triton
+mkdir -p "$CACHE"
 if [ -f out/cache/compile-cache.tar.gz ]; then
-  tar -xzf out/cache/compile-cache.tar.gz -C /tmp/tc && echo "compile cache: restored" >>"$SUMMARY"
+  tar -xzf out/cache/compile-cache.tar.gz -C "$CACHE" && echo "compile cache: restored" >>"$SUMMARY"
 fi
 q() { [ "$QUICK" = 1 ] && echo "$2" || echo "$1"; }  # q FULL QUICK
 
@@ -58,7 +59,7 @@ stage() {
 }
 
 P=(python -m)
-SEVEN=(--shape qwen2.5-7b --device cuda)
+SEVEN=(--shape qwen2.5-7b --device cuda --compile)
 for s in "${STAGES[@]}"; do
   case "$s" in
     env)
@@ -70,8 +71,8 @@ for s in "${STAGES[@]}"; do
       # dense store, no recompiles / re-recordings (decode re-plans included), the server on CUDA,
       # one NCCL rank, the Triton GEMV and the paged pool's Triton path
       TIMEOUT=()
-      python -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 150)
-      stage tests "$(q 200 150)" "${P[@]}" pytest -q -p no:cacheprovider "${TIMEOUT[@]}" \
+      python -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60)
+      REFREEKV_INSTAFAIL=1 stage tests "$(q 240 180)" "${P[@]}" pytest -q -p no:cacheprovider "${TIMEOUT[@]}" \
         tests/test_gpu.py tests/test_gemv.py tests/test_tp.py -k "not speed_bench_tiny and (not test_tp or nccl)" ;;
     diag)
       stage diag 100 env TORCH_LOGS=recompiles,graph_breaks "${P[@]}" bench.gpu_diag ;;
@@ -83,7 +84,7 @@ for s in "${STAGES[@]}"; do
       stage speed-eager 110 "${P[@]}" bench.speed --no-compile --sections speed,floor --policies full,refreekv \
         --prompt-lens 512,8192 --new-tokens 64 --json "$LOGS/speed-eager.json" --results-md "$MD" ;;
     throughput-eager)
-      stage throughput-eager 90 "${P[@]}" bench.throughput "${SEVEN[@]}" --no-compile --budgets 1,0.25 \
+      stage throughput-eager 90 "${P[@]}" bench.throughput --shape qwen2.5-7b --device cuda --budgets 1,0.25 \
         --requests 32 --new-tokens 64 --pool-tokens 30000 --max-seqs 64 \
         --json "$LOGS/throughput-eager.json" --results-md "$MD" ;;
     kernel)
@@ -91,12 +92,12 @@ for s in "${STAGES[@]}"; do
     speed)
       # ours: batch 1 at 512 and 8k (decode, prefill, pruning), the floor, batch 16 x 4k (full,
       # 25%), a profile of a batch-1 step; the JSON is rewritten after every run
-      stage speed "$(q 240 150)" "${P[@]}" bench.speed --sections speed,floor,batch,profile \
+      stage speed "$(q 240 150)" "${P[@]}" bench.speed --compile --sections speed,floor,batch,profile \
         --prompt-lens "$(q 512,8192 512)" --new-tokens "$(q 128 64)" --batches 16 --batch-prompt 4096 \
         --budgets 0.25 --trace "$LOGS/trace.json" --json "$LOGS/speed.json" --results-md "$MD" ;;
     hf)
       # transformers on the same weights: static cache + torch.compile at batch 1 (512) and 16 x 4k
-      stage hf "$(q 200 150)" "${P[@]}" bench.speed --sections speed,hf --policies full \
+      stage hf "$(q 200 150)" "${P[@]}" bench.speed --compile --sections speed,hf --policies full \
         --prompt-lens 512 --new-tokens "$(q 128 64)" --batches 16 --batch-prompt 4096 \
         --hf-modes static-compile --json "$LOGS/speed-hf.json" --results-md "$MD" ;;
     throughput)
@@ -114,7 +115,7 @@ for s in "${STAGES[@]}"; do
       stage gemv 60 "${P[@]}" bench.gemv --no-autotune --json "$LOGS/gemv.json" ;;
     speed-gemv)
       # the Triton GEMV path end to end at batch 1 (REFREEKV_GEMV=triton): same rows as `speed`
-      REFREEKV_GEMV=triton stage speed-gemv 120 "${P[@]}" bench.speed --sections speed,floor \
+      REFREEKV_GEMV=triton stage speed-gemv 120 "${P[@]}" bench.speed --compile --sections speed,floor \
         --policies full --prompt-lens 512 --new-tokens 64 --json "$LOGS/speed-gemv.json" --results-md "$MD" ;;
     anchor)
       [ -f out/anchors/hf_baseline.py ] && stage anchor 200 python out/anchors/hf_baseline.py eager static-compile ;;
@@ -124,7 +125,7 @@ for s in "${STAGES[@]}"; do
 done
 echo "total $(($(date +%s) - START)) s" | tee -a "$SUMMARY"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
-tar -czf "$OUT/compile-cache.tar.gz" -C /tmp/tc . 2>/dev/null
+tar -czf "$OUT/compile-cache.tar.gz" -C "$CACHE" . 2>/dev/null
 [ "$(stat -c %s "$OUT/compile-cache.tar.gz")" -gt 16000000 ] && rm -f "$OUT/compile-cache.tar.gz" \
   && echo "compile cache over 16 MB: not brought back" | tee -a "$SUMMARY"
 cat "$SUMMARY"

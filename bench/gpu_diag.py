@@ -29,7 +29,9 @@ def tiny():
     for compiled in (False, True):
         t0 = time.perf_counter()
         try:
-            eng = Engine(str(path), device="cuda", dtype="bfloat16", compile=compiled, max_seqs=8, page_size=4)
+            eng = Engine(
+                str(path), device="cuda", dtype="bfloat16", compile=compiled, max_seqs=8, page_size=4
+            )
             eng.eos = set()
             out = eng.generate([[5] * 37, [7] * 12], refreekv.make("refreekv", threshold=0.2), Sampling(8))
             print(f"tiny compiled={compiled}: ok in {time.perf_counter() - t0:.1f} s, tokens {out[0].tokens}")

@@ -110,9 +110,10 @@ def add_engine_flags(p):
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile prefill and the decode step with CUDA graphs (default: on with CUDA; costs a "
-        "warm-up of about a minute, then no recompiles). Refused on CPU, where inductor's compiled decode "
-        "measured ~0.5 tok/s against ~9 eager after a ~700 s warm-up",
+        help="torch.compile prefill and the decode step with CUDA graphs (default: off; on its first H200 "
+        "run the compiled path failed its tests and the 7B warm-up outran 140 s: bench/RESULTS.md). "
+        "Refused on CPU, where inductor's compiled decode measured ~0.5 tok/s against ~9 eager after a "
+        "~700 s warm-up",
     )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(

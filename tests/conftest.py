@@ -67,3 +67,11 @@ def real_text(n_chars: int, start: str = "assignment") -> str:
         if len(text) >= n_chars:
             return text[:n_chars]
     return text
+
+
+def pytest_runtest_logreport(report):
+    """REFREEKV_INSTAFAIL=1 (bench/gpu_all.sh): each failure's traceback as it happens, so a run cut
+    off at its time limit still shows why the tests before the cut failed."""
+    if report.failed and os.environ.get("REFREEKV_INSTAFAIL"):
+        print(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n", file=sys.stderr)
+        sys.stderr.flush()

@@ -156,7 +156,7 @@ def test_speed_bench_tiny_on_cuda(tmp_path):
     out = tmp_path / "speed.json"
     root = Path(__file__).resolve().parent.parent
     p = subprocess.run(
-        [sys.executable, "-m", "bench.speed", "--tiny", "--device", "cuda", "--json", str(out)],
+        [sys.executable, "-m", "bench.speed", "--tiny", "--device", "cuda", "--compile", "--json", str(out)],
         cwd=root,
         capture_output=True,
         text=True,
