@@ -53,11 +53,22 @@ class Update:
     """What one step did to one sequence: tokens accepted and/or its end."""
 
     key: object  # the request id, or (id, fork) for a request with several policies
-    text: str  # all text shown so far (a possible stop string's prefix is held back until it resolves)
+    full: str = ""  # the sequence's text as this step left it (a reference to it, never a copy)
+    shown: int = 0  # how much of it may be shown (a possible stop string's prefix waits until it resolves)
     tokens: list[int] = field(default_factory=list)  # tokens accepted this step
     logprobs: list = field(default_factory=list)  # theirs, when the request asked for them
     prompt_logprobs: list | None = None  # with the sequence's first update, when asked for
     result: Result | None = None  # set once the sequence is done
+
+    @property
+    def text(self) -> str:
+        """All text shown so far."""
+        return self.full[: self.shown]
+
+    def delta(self, since: int) -> str:
+        """The text shown after the first `since` characters: a stream's next piece, in time
+        proportional to the piece (not to the output)."""
+        return self.full[since : self.shown]
 
 
 class Core:
@@ -67,8 +78,8 @@ class Core:
         free = (lambda: eng.tp.host_min(eng.kv.n_free)) if eng.tp.on else None
         self.sched = Scheduler(eng.kv, eng.max_seqs, eng.max_prefill_tokens, free)
         self.sched.padded = not eng.packed_prefill
+        self.sched.probe_fits = lambda rows, n, batch: eng.probe_bytes(rows, n, batch) <= eng.max_probe_bytes
         self.on_logits = None  # research hook: on_logits(keys, steps, logits [n, V])
-        self.probe_rows = 0  # at least this many probe rows (>= 1 adds evicted attention mass to the stats)
         self.prefill_progress = None  # progress(layers_done, layers, prompt_tokens) during an eager prefill
         self._next_id = 0
         self._groups: dict[int, list[Sequence]] = {}  # live requests by id
@@ -104,15 +115,13 @@ class Core:
                     if isinstance(p, str)
                     else f"policy must be a refreekv.Policy, got {type(p).__name__}"
                 )
-            eng.check_policy(p)
-        sampling.check()
         V = eng.config.vocab_size
         if not prompt:
             raise UserError("the prompt is empty")
         for what, ids in (("the prompt", prompt), ("the forced tokens", forced or [])):
             if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V for t in ids):
                 raise UserError(f"{what} holds a token id outside the vocabulary [0, {V})")
-        eng.check_fits([prompt], sampling.max_new_tokens, len(policies))
+        eng.check_request(len(prompt), policies, sampling)
         if rid is None:
             rid = self._next_id
         if rid in self._groups:
@@ -143,6 +152,8 @@ class Core:
         self.sched.drop(grp)
         running = any(q.slot >= 0 for q in grp)
         for q in grp:
+            if q.done:  # a fork that already finished keeps its result
+                continue
             if q.slot >= 0:
                 self._final_stats(q)
                 self.sched.finish(q)
@@ -157,6 +168,16 @@ class Core:
             self.cur_host = self.cur_host[order]
             self.cur = self.cur[self.eng.dev_long(order)] if order else None
         return True
+
+    @property
+    def probe_rows(self) -> int:
+        """At least this many probe rows for every admission (>= 1 adds evicted attention mass to
+        the stats); the scheduler sizes each prefill batch's probe with it."""
+        return self.sched.probe_rows
+
+    @probe_rows.setter
+    def probe_rows(self, rows: int):
+        self.sched.probe_rows = rows
 
     def group(self, rid: int) -> list:
         """A live request's sequences (engine/scheduler.py's Sequence: tokens, stats so far)."""
@@ -179,6 +200,7 @@ class Core:
         self.sched.waiting.clear()
         self.sched.running.clear()
         self._groups.clear()
+        self.updates = {}  # what the failed step had gathered goes with it
         self.cur_seqs, self.cur, self.ready = [], None, None
 
     def reset_workload(self):
@@ -244,7 +266,13 @@ class Core:
         batch = sched.admit()
         firsts = None
         if batch:
-            firsts, admitted = prefill_prune(self, batch)
+            try:
+                firsts, admitted = prefill_prune(self, batch)
+            except Exception as e:  # noqa: BLE001 - out of memory in the probe, a kernel, ...
+                if eng.tp.on:  # the ranks must stay in step: the driver resets them all
+                    raise
+                self._fail_admission(batch, e)
+                admitted = []
             sched.start(admitted)
             for q in admitted:
                 prune.start(q)
@@ -255,7 +283,7 @@ class Core:
                 if q.sampling.max_new_tokens == 0 or q.reason == "error":
                     self.finish(q)
         elif not sched.running and sched.waiting:
-            # add_request's check_fits rules this out
+            # add_request's check_request rules this out
             raise RuntimeError("scheduler stalled with an empty pool")
         while True:  # pages for the next step; the newest sequence makes room when there are none
             live = [q.live for q in sched.running]
@@ -294,6 +322,20 @@ class Core:
         if eng.cuda:
             self.ready = torch.cuda.Event()
             self.ready.record()
+
+    def _fail_admission(self, batch, error: Exception):
+        """An admitted batch whose prefill or pruning raised: its requests end with reason "error"
+        and give their pages back; the running sequences were not touched (prefill writes only
+        the admitted slots' pages) and go on."""
+        kind = type(error).__name__
+        for grp in reversed(batch):  # the admitted slots are the last ones: release from the end
+            for q in reversed(grp):
+                if q.slot >= 0:
+                    self.kv.release(q.slot)
+                    q.slot = -1
+                q.reason = "error"
+                q.error = f"admission failed: {kind}: {error}"
+                self._end(q)
 
     # --------------------------------------------------------------------------- tokens
     def choose(self, logits, seqs, live) -> torch.Tensor:
@@ -387,11 +429,11 @@ class Core:
     def _update(self, q) -> Update:
         u = self.updates.get(id(q))
         if u is None:
-            u = self.updates[id(q)] = Update(q.key, "")
+            u = self.updates[id(q)] = Update(q.key)
             if q.prompt_logprobs is not None and not q.prompt_sent:
                 u.prompt_logprobs = q.prompt_logprobs
                 q.prompt_sent = True
-        u.text = q.text[: q.shown]
+        u.full, u.shown = q.text, q.shown
         return u
 
     def finish(self, q: Sequence):

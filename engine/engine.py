@@ -36,6 +36,7 @@ from weights.errors import UserError
 
 CPU_KV_GIB = 2.0  # default pool on CPU
 CUDA_KV_SHARE = 0.8  # default pool on CUDA: this share of the memory left after loading the weights
+PROBE_GIB = 2.0  # the prefill probe of one admitted batch (a request alone must fit it too)
 
 
 class Engine:
@@ -92,6 +93,9 @@ class Engine:
         self.page_size, self.kv_memory = page_size, kv_memory
         self.max_seqs = max_seqs or (64 if self.cuda else 16)
         self.max_prefill_tokens = max_prefill_tokens or (16384 if self.cuda else 4096)
+        # the prefill's attention probe ([L, B, H, rows, N] fp32): an admitted batch stays within
+        # it, and a request whose probe alone would not is refused (check_policy)
+        self.max_probe_bytes = PROBE_GIB * 2**30
         self.path = resolve(model)
         self.config = load_config(self.path)  # a bad config.json or tokenizer fails before any weights load
         from weights.shard import shard_config
@@ -249,9 +253,31 @@ class Engine:
             "shorten it, lower --max-new-tokens or pass --truncate middle"
         )
 
-    def check_policy(self, policy):
+    def check_request(self, prompt_len: int, policies, sampling):
+        """Everything a request could fail on once queued, checked once before it is (the core's
+        add_request and the server's parser both ask here): its sampling, its policies against the
+        model and its prompt, and its fit in the context and, alone, in the pool. A UserError names
+        what is wrong."""
+        for part, check in (
+            ("sampling", sampling.check),
+            ("policy", lambda: [self.check_policy(p, prompt_len) for p in policies]),
+            ("fit", lambda: self.check_fits([range(prompt_len)], sampling.max_new_tokens, len(policies))),
+        ):
+            try:
+                check()
+            except UserError as e:
+                e.part = part  # which part failed: the server names the field from it
+                raise
+
+    def probe_bytes(self, rows: int, prompt_len: int, batch: int = 1) -> int:
+        """The prefill probe of `batch` prompts padded to prompt_len: [L, B, H, rows, N] fp32."""
+        c = self.config
+        return c.n_layers * batch * c.n_heads * rows * prompt_len * 4
+
+    def check_policy(self, policy, prompt_len: int | None = None):
         """Knobs that only the model can judge: protected layers must exist; a policy pruning during
-        decoding reads at most the engine's decode window of queries."""
+        decoding reads at most the engine's decode window of queries; and its attention probe over a
+        prompt of prompt_len tokens must stay within max_probe_bytes."""
         bad = [x for x in getattr(policy, "protected", ()) if x >= self.config.n_layers]
         if bad:
             raise UserError(
@@ -263,6 +289,14 @@ class Engine:
                 f"KV policy {policy.name!r} reads {policy.probe_rows} queries but the engine keeps the last "
                 f"{self.decode_window} during decoding; lower its window or raise decode_window"
             )
+        if prompt_len is not None and policy.probe_rows:
+            need = self.probe_bytes(policy.probe_rows, prompt_len)
+            if need > self.max_probe_bytes:
+                raise UserError(
+                    f"KV policy {policy.name!r} reads {policy.probe_rows} queries of a {prompt_len}-token "
+                    f"prompt: an attention probe of {need / 2**30:.2f} GiB, over this engine's "
+                    f"{self.max_probe_bytes / 2**30:.2f} GiB; lower its window (rows)"
+                )
 
     def check_fits(self, prompts: list[list[int]], max_new: int, forks: int = 1):
         """Every request must fit the context, and alone in the pool at its largest (no pruning)."""
@@ -280,7 +314,7 @@ class Engine:
                     f"prompt of {n} tokens + {max_new} new tokens "
                     f"exceeds the context of {self.context} tokens"
                 )
-            rows = -(-(n + max_new - 1) // ps)
+            rows = -(-max(n, n + max_new - 1) // ps)  # prefill writes n; decoding feeds max_new - 1 more
             need = forks * c.n_layers * c.n_kv_heads * rows
             if pages is not None and need > pages:
                 per = f"{c.n_layers} layers x {c.n_kv_heads} KV heads x {rows} pages of {ps} tokens" + (
@@ -359,7 +393,8 @@ class Engine:
         for i, ids in enumerate(prompts):  # every request is checked before any is queued
             self._check_ids(ids, f"prompt {i}")
             self._check_ids(forced[i] if forced else [], f"forced tokens of prompt {i}", empty_ok=True)
-        self.check_fits(prompts, s.max_new_tokens, len(policies))
+        for ids in prompts:
+            self.check_request(len(ids), policies, s)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
         core.reset_workload()

@@ -19,11 +19,12 @@ import uuid
 from dataclasses import dataclass, field
 
 import refreekv
-from engine.sampling import MAX_LOGPROBS, Sampling
+from engine.sampling import MAX_LOGPROBS, MAX_TEMPERATURE, Sampling
 from weights.errors import UserError
 
-MAX_N = 16  # choices per request
-MAX_STOPS = 16
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 128  # sequences per request (prompts x n); the server's --max-choices
+MIN_INTERVAL = 16  # a request's kv.interval: a re-plan every few tokens would stall every stream
 IGNORED_ZERO = ("frequency_penalty", "presence_penalty")  # accepted only at their neutral value
 
 
@@ -79,12 +80,21 @@ class Job:
 
 
 # --------------------------------------------------------------------------------- parsing
+def _shown(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(body, name, default, lo=None, hi=None, lo_open=False):
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ApiError(f"'{name}' must be a number, got {json.dumps(v)}", name)
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    except OverflowError:  # an integer of hundreds of digits
+        ok = False
+    if not ok:
+        raise ApiError(f"'{name}' must be a finite number, got {_shown(v)}", name)
     if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
         raise ApiError(f"'{name}' must be in {rng}, got {v}", name)
@@ -96,10 +106,24 @@ def _int(body, name, default, lo=None, hi=None):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(f"'{name}' must be an integer, got {json.dumps(v)}", name)
+        raise ApiError(f"'{name}' must be an integer, got {_shown(v)}", name)
     if lo is not None and v < lo or hi is not None and v > hi:
-        raise ApiError(f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}", name)
+        top = hi if hi is not None else "inf"
+        raise ApiError(f"'{name}' must be in [{lo}, {top}], got {_shown(v)}", name)
     return v
+
+
+def _text(v: str, param: str) -> str:
+    """A string the tokenizer can take: JSON may carry lone surrogates ("\\ud800"), UTF-8 cannot."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(f"'{param}' holds text that is not valid Unicode (a lone surrogate)", param) from None
+    return v
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _bool(body, name, default=False):
@@ -114,20 +138,18 @@ def _bool(body, name, default=False):
 class Parser:
     """Turns request bodies into Jobs for one loaded engine (its tokenizer, context and pool)."""
 
-    def __init__(self, eng, model_name: str, default_policy, max_tokens: int):
-        self.eng, self.model_name, self.default_policy, self.max_tokens = (
-            eng,
-            model_name,
-            default_policy,
-            max_tokens,
-        )
+    def __init__(self, eng, model_name: str, default_policy, max_tokens: int, max_choices: int = MAX_CHOICES):
+        self.eng, self.model_name, self.default_policy = eng, model_name, default_policy
+        self.max_tokens, self.max_choices = max_tokens, max_choices
         self._policies: dict[str, object] = {}  # one object per distinct knob set: planned together
 
     def body(self, raw: bytes) -> dict:
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(raw, parse_constant=_no_constant)  # NaN / Infinity are not JSON
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise ApiError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError("the request body is not valid JSON: it nests too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(f"the request body must be a JSON object, not {type(body).__name__}")
         return body
@@ -162,6 +184,11 @@ class Parser:
                 self.eng.check_policy(pol)
             except UserError as e:
                 raise ApiError(str(e), "kv") from None
+            if pol.interval and pol.interval < MIN_INTERVAL:  # the engine thread is everyone's
+                raise ApiError(
+                    f"'kv.interval' must be 0 or at least {MIN_INTERVAL} on this server, got {pol.interval}",
+                    "kv.interval",
+                )
             if len(self._policies) >= 256:
                 self._policies.pop(next(iter(self._policies)))
             self._policies[key] = pol
@@ -189,9 +216,7 @@ class Parser:
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or any(not isinstance(s, str) for s in stop):
-            raise ApiError(f"'stop' must be a string or a list of strings, got {json.dumps(stop)}", "stop")
-        if len(stop) > MAX_STOPS:
-            raise ApiError(f"'stop' holds {len(stop)} strings; at most {MAX_STOPS}", "stop")
+            raise ApiError(f"'stop' must be a string or a list of strings, got {_shown(stop)}", "stop")
         return [s for s in stop if s]  # an empty stop string matches nothing (as OpenAI treats it)
 
     def _sampling(self, body, prompt_len: int, max_name: str, default_max, logprobs, prompt_logprobs):
@@ -224,10 +249,10 @@ class Parser:
                     max_name,
                     code="context_length_exceeded",
                 )
-        top_k = _int(body, "top_k", 0, -1, None)
+        top_k = _int(body, "top_k", 0, -1, self.eng.config.vocab_size)
         s = Sampling(
             max_new_tokens=mt,
-            temperature=_number(body, "temperature", 1.0, 0.0, None),
+            temperature=_number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
             top_k=max(0, top_k),
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             seed=_int(body, "seed", None, -(2**63), 2**64 - 1),
@@ -235,16 +260,19 @@ class Parser:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
-        try:
-            s.check()
-        except UserError as e:
-            raise ApiError(str(e), str(e).split(" ", 1)[0]) from None
         return s
 
-    def _fits(self, ids, s, policy, param):
+    def _check(self, ids, s, policy, param):
+        """The engine's own check of the whole request (Engine.check_request), as a 400 naming the
+        field: a sampling setting by its name, the policy as kv, the pool fit as `param`."""
         try:
-            self.eng.check_fits([ids], s.max_new_tokens)
+            self.eng.check_request(len(ids), [policy], s)
         except UserError as e:
+            part = getattr(e, "part", None)
+            if part == "sampling":
+                raise ApiError(str(e), str(e).split(" ", 1)[0]) from None
+            if part == "policy":
+                raise ApiError(str(e), "kv") from None
             raise ApiError(f"this request could never fit the KV pool: {e}", param) from None
 
     def completion(self, body: dict) -> Job:
@@ -256,6 +284,12 @@ class Parser:
         if "prompt" not in body:
             raise ApiError("'prompt' is required", "prompt")
         prompts = self._prompts(body["prompt"])
+        if len(prompts) * n > self.max_choices:
+            raise ApiError(
+                f"'prompt' holds {len(prompts)} prompts and n is {n}: {len(prompts) * n} sequences; this "
+                f"server takes at most {self.max_choices} per request",
+                "prompt",
+            )
         policy = self.policy(body.get("kv"))
         job = Job(False, model, [], stream, echo, lp, self._usage_opt(body, stream))
         V = self.eng.config.vocab_size
@@ -277,7 +311,7 @@ class Parser:
                 lp,
                 lp if echo and lp is not None else (0 if echo and body.get("max_tokens") == 0 else None),
             )
-            self._fits(ids, s, policy, "max_tokens")
+            self._check(ids, s, policy, "max_tokens")
             for j in range(n):
                 sj = (
                     s
@@ -306,6 +340,7 @@ class Parser:
             if isinstance(p, str):
                 if not p:
                     raise ApiError("'prompt' holds an empty string", "prompt")
+                _text(p, "prompt")
             elif not (
                 isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
             ):
@@ -363,6 +398,7 @@ class Parser:
                     f"messages[{i}].content must be a string or a list of text parts",
                     f"messages[{i}].content",
                 )
+            _text(c, f"messages[{i}].content")
             clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": c})
         if self.eng.tokenizer.chat_template is None:
             raise ApiError("this model has no chat template: use /v1/completions", "messages")
@@ -375,7 +411,7 @@ class Parser:
         job = Job(True, model, [], stream, False, (top or 0) if want else None, self._usage_opt(body, stream))
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         s = self._sampling(body, len(ids), name, None, job.logprobs, None)
-        self._fits(ids, s, policy, name)
+        self._check(ids, s, policy, name)
         for j in range(n):
             sj = s if j == 0 or s.seed is None else Sampling(**{**s.__dict__, "seed": (s.seed + j) % 2**64})
             job.choices.append(Choice(j, ids, sj, policy))

@@ -26,11 +26,12 @@ def kv_stats(result) -> dict:
     }
 
 
-def completion_logprobs(tok, entries) -> dict:
+def completion_logprobs(tok, entries, start: int = 0) -> dict:
     """OpenAI's legacy completions logprobs from (token, logprob, {token: logprob}) entries:
-    tokens, token_logprobs, top_logprobs, text_offset (an echoed first token: null, null)."""
+    tokens, token_logprobs, top_logprobs, text_offset (an echoed first token: null, null); offsets
+    count from `start` (a stream's later chunks go on from where the earlier ones ended)."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    pos = 0
+    pos = start
     for t, lp, top in entries:
         s = tok.decode([t])
         tokens.append(s)
@@ -42,9 +43,8 @@ def completion_logprobs(tok, entries) -> dict:
 
 
 def chat_logprobs(tok, entries) -> dict:
-    def one(t, lp):
-        s = tok.decode([t])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    def one(t, lp):  # bytes: the token's own (part of a character, where it splits one)
+        return {"token": tok.decode([t]), "logprob": lp, "bytes": list(tok.token_bytes(t))}
 
     return {
         "content": [
@@ -58,10 +58,15 @@ def completion_tokens(r) -> int:
     return len(r.tokens) + bool(r.stats.get("eos"))
 
 
+def prompt_tokens(job: Job) -> int:
+    """Each prompt's tokens once, however many choices (n) it has."""
+    return sum(len(c.prompt) for c in job.choices if c.index % max(1, _n(job)) == 0)
+
+
 def response(job: Job, results: dict, tok) -> dict:
     """The whole (non-streamed) body: results[index] is each choice's Result."""
     choices, completion = [], 0
-    prompt_tokens = sum(len(c.prompt) for c in job.choices if c.index % max(1, _n(job)) == 0)
+    prompt = prompt_tokens(job)
     for c in job.choices:
         r = results[c.index]
         completion += completion_tokens(r)
@@ -87,9 +92,9 @@ def response(job: Job, results: dict, tok) -> dict:
         "model": job.model,
         "choices": choices,
         "usage": {
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
+            "total_tokens": prompt + completion,
         },
     }
 

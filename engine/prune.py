@@ -42,12 +42,13 @@ def pressure_candidates(running, window: int) -> list:
 
 
 def start(q):
-    """A sequence admitted (again): its triggers count from its first generated token, and its
-    re-plan stats are this admission's (a replay repeats the interval re-plans it had before)."""
+    """A sequence admitted (again): its triggers count from its first generated token. `replans`
+    counts this admission's re-plans (a replay repeats the interval ones it had before); the
+    pressure re-plans and the budget trace are its whole history (a replayed point is not
+    traced twice)."""
     q.next_replan = q.policy.interval
     q.replanned_at = 0
-    for k in ("replans", "replans_pressure", "budget_trace"):
-        q.stats.pop(k, None)
+    q.stats.pop("replans", None)
 
 
 def probe(eng, seqs, rows: int) -> refreekv.DecodeProbe:
@@ -170,7 +171,9 @@ def replan(core, seqs, pressure: bool = False) -> int:
                 st["replans_pressure"] = st.get("replans_pressure", 0) + 1
             # [tokens seen, mean tokens kept per row] after each re-plan (every KV head, all ranks)
             mean = kept_all[:, i].double().mean().item()
-            st.setdefault("budget_trace", []).append([q.seen, round(mean, 2)])
+            trace = st.setdefault("budget_trace", [])
+            if not trace or q.seen > trace[-1][0]:  # a replay after preemption re-plans known points
+                trace.append([q.seen, round(mean, 2)])
             q.replanned_at = g
             while q.policy.interval and q.next_replan <= g:
                 q.next_replan += q.policy.interval

@@ -1,5 +1,5 @@
 """Offline batch in OpenAI's Batch format (as vLLM's run-batch): one request per JSONL line in,
-one result per line out, in the same order, with the server's request and response schema
+one result per line out, with the server's request and response schema
 (engine/openai_api.py, engine/openai_responses.py).
 
     python -m engine.run_batch -i requests.jsonl -o results.jsonl [--model M] [--kv snapkv --budget 0.3]
@@ -7,7 +7,8 @@ one result per line out, in the same order, with the server's request and respon
 A line: {"custom_id": "q1", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
 "body": {...}}. Its result: {"id", "custom_id", "response": {"status_code", "request_id", "body"},
 "error"}: a bad request gets its 4xx status and OpenAI's error body, and the rest still run. Every
-request is queued at once; continuous batching does the rest.
+request is queued at once; continuous batching does the rest. Results are written as each line
+finishes (match them by custom_id, as with OpenAI's Batch API), so an interrupted run keeps them.
 """
 
 import argparse
@@ -52,68 +53,81 @@ def read_lines(path: str) -> list[str]:
     return lines
 
 
-def run(eng, parser: Parser, lines: list[str], progress=None) -> list[dict]:
-    """Every line's result object, in order."""
+def run(eng, parser: Parser, lines: list[str], progress=None, emit=None) -> list[dict]:
+    """Every line's result object, in line order; emit(obj) is called with each as soon as it is
+    known (a bad line at once, the others as their last choice finishes), so a run cut short keeps
+    what was done. A line whose choice fails gets its own 500; the other lines run on."""
     core = eng.core
     outs: list[dict | None] = [None] * len(lines)
-    jobs = {}  # line -> (job, {rid: choice}, results)
-    owner = {}  # rid -> line
+    ids = [(None, f"req-{uuid.uuid4().hex[:16]}") for _ in lines]  # each line's (custom_id, request id)
+    jobs = {}  # open line -> (job, {rid: choice}, {choice index: Result})
+    owner = {}  # rid -> its line, while the line is open
+
+    def close(n, status, body):
+        _, index, _ = jobs.pop(n, (None, {}, None))
+        for other in index:  # its other choices stop here
+            if owner.pop(other, None) is not None:
+                core.abort(other)
+        outs[n] = _line(*ids[n], status, body)
+        if emit:
+            emit(outs[n])
+
     for n, line in enumerate(lines):
-        custom, rid = None, f"req-{uuid.uuid4().hex[:16]}"
         try:
-            try:
-                req = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ApiError(f"line {n + 1} is not valid JSON: {e}") from None
-            if not isinstance(req, dict):
-                raise ApiError(f"line {n + 1} must be a JSON object")
-            custom = req.get("custom_id")
-            if req.get("method", "POST") != "POST":
-                raise ApiError("'method' must be POST", "method")
-            if req.get("url") not in URLS:
-                raise ApiError(
-                    f"'url' must be one of {', '.join(URLS)}, got {json.dumps(req.get('url'))}", "url"
-                )
-            body = req.get("body")
-            if not isinstance(body, dict):
-                raise ApiError("'body' must be a JSON object", "body")
-            if body.get("stream"):
-                raise ApiError("'stream' is not available in a batch", "stream")
+            req = _request(n, line)
+            ids[n] = (req.get("custom_id"), ids[n][1])  # before the checks: an error names it too
+            body = _body(req)
             job = parser.chat(body) if URLS[req["url"]] else parser.completion(body)
-            index = {}
+            jobs[n] = (job, {}, {})
             for c in job.choices:
                 r = core.add_request(c.prompt, c.policy, c.sampling)
-                index[r] = c
+                jobs[n][1][r] = c
                 owner[r] = n
-            jobs[n] = (job, index, {}, custom, rid)
         except (ApiError, UserError) as e:
             e = e if isinstance(e, ApiError) else ApiError(str(e))
-            outs[n] = _line(custom, rid, e.status, e.body())
+            close(n, e.status, e.body())
     done = 0
     while core.busy():
         for u in core.step():
-            if u.result is None:
+            n = owner.pop(u.key, None) if u.result is not None else None
+            if n is None:  # not finished, or its line is closed already (an aborted sibling)
                 continue
-            n = owner.pop(u.key)
-            job, index, results, custom, rid = jobs[n]
+            job, index, results = jobs[n]
             if u.result.finish_reason == "error":
-                outs[n] = _line(
-                    custom,
-                    rid,
-                    500,
-                    error_body(u.result.error or "the request failed", "internal_server_error"),
-                )
-                for other in index:
-                    if owner.pop(other, None) is not None:
-                        core.abort(other)
+                close(n, 500, error_body(u.result.error or "the request failed", "internal_server_error"))
                 continue
             results[index[u.key].index] = u.result
-            if len(results) == len(index) and outs[n] is None:
-                outs[n] = _line(custom, rid, 200, response(job, results, eng.tokenizer))
+            if len(results) == len(index):
+                close(n, 200, response(job, results, eng.tokenizer))
                 done += 1
                 if progress:
-                    progress(done, len(jobs))
+                    progress(done, len(lines))
     return outs
+
+
+def _request(n: int, line: str) -> dict:
+    """A line's request object (ApiError when it is none)."""
+    try:
+        req = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ApiError(f"line {n + 1} is not valid JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise ApiError(f"line {n + 1} must be a JSON object")
+    return req
+
+
+def _body(req: dict) -> dict:
+    """A request's body, its method and url checked (ApiError naming what is wrong)."""
+    if req.get("method", "POST") != "POST":
+        raise ApiError("'method' must be POST", "method")
+    if req.get("url") not in URLS:
+        raise ApiError(f"'url' must be one of {', '.join(URLS)}, got {json.dumps(req.get('url'))}", "url")
+    body = req.get("body")
+    if not isinstance(body, dict):
+        raise ApiError("'body' must be a JSON object", "body")
+    if body.get("stream"):
+        raise ApiError("'stream' is not available in a batch", "stream")
+    return body
 
 
 def _line(custom, rid, status, body) -> dict:
@@ -150,14 +164,18 @@ def main(argv=None):
         def progress(k, n):
             print(f"\r{k}/{n} requests done", end="", file=sys.stderr, flush=True)
 
-        outs = run(eng, parser, lines, progress)
+        out = sys.stdout if a.output_file == "-" else open(a.output_file, "w", encoding="utf-8")
+        try:
+
+            def emit(obj):  # as each line finishes: an interrupted run keeps what was done
+                out.write(json.dumps(obj) + "\n")
+                out.flush()
+
+            outs = run(eng, parser, lines, progress, emit)
+        finally:
+            if out is not sys.stdout:
+                out.close()
         print(file=sys.stderr)
-        text = "".join(json.dumps(o) + "\n" for o in outs)
-        if a.output_file == "-":
-            sys.stdout.write(text)
-        else:
-            with open(a.output_file, "w", encoding="utf-8") as f:
-                f.write(text)
         ok = sum(o["response"]["status_code"] == 200 for o in outs)
         toks = eng.core.totals["new_tokens"]
         wall = time.perf_counter() - t0

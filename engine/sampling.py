@@ -25,19 +25,22 @@ class Sampling:
     def check(self):
         least = 0 if self.prompt_logprobs is not None else 1
         _whole("max_new_tokens", self.max_new_tokens, least)
-        if not (
-            isinstance(self.temperature, (int, float))
-            and self.temperature >= 0
-            and math.isfinite(self.temperature)
-        ):
-            raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (_real(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise UserError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {_short(self.temperature)}")
         _whole("top_k", self.top_k, 0)
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k > MAX_TOP_K:
+            raise UserError(f"top_k must be at most {MAX_TOP_K}, got {_short(self.top_k)}")
+        if not (_real(self.top_p) and 0 < self.top_p <= 1):
+            raise UserError(f"top_p must be in (0, 1], got {_short(self.top_p)}")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) for s in self.stop):
             raise UserError("stop must be a list of strings")
         if any(not s for s in self.stop):
             raise UserError("stop must not be empty")
+        if len(self.stop) > MAX_STOPS:
+            raise UserError(f"stop holds {len(self.stop)} strings; at most {MAX_STOPS}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            longest = max(map(len, self.stop))
+            raise UserError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of {longest}")
         if self.seed is not None:
             _whole("seed", self.seed, -(2**63))
             if self.seed >= 2**64:  # what torch's manual_seed takes
@@ -50,11 +53,30 @@ class Sampling:
 
 
 MAX_LOGPROBS = 20  # top log-probabilities per token (OpenAI's limit)
+MAX_TEMPERATURE = 100.0  # far past where sampling is uniform; OpenAI's range is [0, 2]
+MAX_TOP_K = 2**31 - 1
+MAX_STOPS = 16  # stop strings per request (OpenAI's limit is 4)
+MAX_STOP_CHARS = 256  # per stop string: the held-back tail and the scan are bounded by it
+
+
+def _real(v) -> bool:
+    """A finite int or float (not a bool) that converts to a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int of hundreds of digits
+        return False
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _whole(name, v, least):
     if isinstance(v, bool) or not isinstance(v, int) or v < least:
-        raise UserError(f"{name} must be a whole number >= {least}, got {v!r}")
+        raise UserError(f"{name} must be a whole number >= {least}, got {_short(v)}")
 
 
 def sample_rows(logits, params, keys, filtered: bool = True):
@@ -125,19 +147,26 @@ class Detok:
 
 def find_stop(text: str, stops: list[str], since: int = 0) -> int:
     """Index of the first stop string in text (searching from where text was at `since` chars,
-    minus what a stop could straddle), or -1."""
+    minus what a stop could straddle), or -1. Costs the new text plus the stops' lengths, never
+    the whole output."""
     hits = [i for st in stops if (i := text.find(st, max(0, since - len(st) + 1))) >= 0]
     return min(hits, default=-1)
 
 
 def stop_prefix(text: str, stops: list[str]) -> int:
     """Length of the longest tail of text that could still grow into a stop string (held back from
-    streaming)."""
-    return next(
-        (
-            k
-            for k in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1)
-            if any(st.startswith(text[-k:]) for st in stops)
-        ),
-        0,
-    )
+    streaming). Only the last len(stop) - 1 characters are read: each candidate start is found with
+    str.find of the stop's first character, so the cost is bounded by the stops' lengths."""
+    best = 0
+    for st in stops:
+        span = min(len(text), len(st) - 1)
+        if span <= best:
+            continue
+        tail = text[len(text) - span :]
+        i = tail.find(st[0])
+        while 0 <= i < span - best:  # the first (leftmost) match is the longest tail
+            if st.startswith(tail[i:]):
+                best = span - i
+                break
+            i = tail.find(st[0], i + 1)
+    return best

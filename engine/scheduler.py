@@ -6,7 +6,7 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
 
 - admit: take waiting groups in order while the running set stays within max_seqs, the prefill's
   work (batch x its longest prompt when padded, the prompts' tokens when packed) stays within
-  max_prefill_tokens, and
+  max_prefill_tokens, its attention probe within max_probe_bytes, and
   the free pages hold every admitted prompt whole (prefill writes it all before pruning shrinks it), with
   one page per row of every sequence, running or admitted, left over so that the next step can
   grow without preempting (a sequence just admitted is otherwise the first to go).
@@ -77,6 +77,10 @@ class Scheduler:
         self.kv, self.max_seqs, self.max_prefill_tokens = kv, min(max_seqs, kv.S), max_prefill_tokens
         self.free = free or (lambda: kv.n_free)  # tensor parallel: the least free pages of any rank
         self.padded = True  # prefill pads a batch to its longest prompt (False: packed, real tokens only)
+        # probe_fits(rows, longest prompt, batch): the batch's attention probe stays within its
+        # bound (Engine.probe_bytes and max_probe_bytes; every prompt is padded to the longest)
+        self.probe_fits = lambda rows, n, batch: True
+        self.probe_rows = 0  # at least this many probe rows for everyone (the core's evicted-mass stats)
         self.waiting: deque[list[Sequence]] = deque()
         self.running: list[Sequence] = []
         self._admitted = 0
@@ -93,6 +97,7 @@ class Scheduler:
         """Groups to prefill now (one batch, within the padded prefill budget); their
         sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
         kv, batch, longest, tokens, pages, seqs = self.kv, [], 0, 0, 0, len(self.running)
+        wide = self.probe_rows
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
         while self.waiting:
@@ -101,6 +106,9 @@ class Scheduler:
             # padded to the longest, or packed
             work = (len(batch) + 1) * max(longest, n) if self.padded else tokens + n
             if batch and work > self.max_prefill_tokens:
+                break
+            rows = max([wide] + [q.policy.probe_rows for q in grp])
+            if batch and not self.probe_fits(rows, max(longest, n), len(batch) + 1):
                 break
             if seqs + k > self.max_seqs:
                 break
@@ -113,6 +121,7 @@ class Scheduler:
             self.waiting.popleft()
             batch.append(grp)
             longest, tokens, pages, seqs = max(longest, n), tokens + n, pages + need, seqs + k
+            wide = rows
         slot = len(self.running)
         for grp in batch:
             for s in grp:

@@ -17,27 +17,45 @@ in-flight requests get `--drain-s` seconds to finish, the rest are aborted, exit
 
 import argparse
 import asyncio
+import hmac
 import json
 import os
 import signal
 import socket
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 
-from engine.openai_api import ApiError, Parser, error_body
+from engine.openai_api import MAX_CHOICES, ApiError, Parser, error_body
 from engine.openai_responses import (
     chat_logprobs,
     chunk,
     completion_logprobs,
     completion_tokens,
     kv_stats,
+    prompt_tokens,
     response,
     usage_chunk,
 )
-from engine.worker import Worker, follow, prometheus
+from engine.worker import MAX_QUEUED, Worker, follow, internal_error, prometheus
 from weights.errors import UserError
 
 MAX_BODY_MB = 32
+STALL_S = 30.0  # a stream whose client reads nothing for this long, while updates wait, is aborted
+MAX_PENDING = 4096  # updates waiting for one stream's client; past this it is aborted whatever the time
+
+
+@dataclass
+class Piece:
+    """What one engine step did to one choice, as the HTTP side needs it: the new text only (an
+    Update references the whole text, and a client that reads slowly would pile those up)."""
+
+    key: int
+    text: str
+    logprobs: list
+    prompt_logprobs: list | None
+    result: object
 
 
 def build_app(
@@ -48,16 +66,22 @@ def build_app(
     max_tokens: int | None = None,
     max_body_mb: float = MAX_BODY_MB,
     worker: Worker | None = None,
+    max_choices: int = MAX_CHOICES,
+    max_queued: int = MAX_QUEUED,
+    stall_s: float = STALL_S,
 ):
-    """The FastAPI app over a loaded engine (the worker starts and stops with the app)."""
+    """The FastAPI app over a loaded engine (the worker starts and stops with the app).
+    max_choices: sequences one request may ask for (prompts x n); max_queued: sequences the server
+    holds at once, past which a request gets 429; stall_s: how long a stream's client may read
+    nothing while updates wait before its request is aborted."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    worker = worker or Worker(eng)
-    parser = Parser(eng, model_name, policy, max_tokens or eng.context)
+    worker = worker or Worker(eng, max_queued)
+    parser = Parser(eng, model_name, policy, max_tokens or eng.context, max_choices)
     tok = eng.tokenizer
     cap = int(max_body_mb * 2**20)
 
@@ -83,12 +107,16 @@ def build_app(
 
     @app.exception_handler(Exception)
     async def internal(request, exc):
-        return JSONResponse(
-            error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_server_error"), 500
+        e = internal_error(
+            f"{request.method} {request.url.path} failed", "".join(traceback.format_exception(exc))
         )
+        return fail(e)
 
-    def authorized(request: Request) -> bool:
-        return api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}"
+    want_auth = None if api_key is None else f"Bearer {api_key}".encode()
+
+    def authorized(request: Request) -> bool:  # constant time: the key is not guessable by timing
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        return want_auth is None or hmac.compare_digest(given, want_auth)
 
     async def read_body(request: Request) -> bytes:
         size = request.headers.get("content-length")
@@ -111,21 +139,56 @@ def build_app(
         if not worker.alive:
             return fail(ApiError("the server is shutting down", status=503, kind="server_shutdown"))
         try:
-            body = parser.body(await read_body(request))
-            job = parser.chat(body) if chat else parser.completion(body)
+            raw = await read_body(request)
+
+            def parse():  # off the event loop: tokenizing a large body must not hold up other streams
+                body = parser.body(raw)
+                return parser.chat(body) if chat else parser.completion(body)
+
+            job = await asyncio.to_thread(parse)
         except ApiError as e:
             return fail(e)
+        if not worker.reserve(len(job.choices)):
+            return JSONResponse(
+                error_body(
+                    f"the server holds {worker.max_queued} sequences already; retry shortly",
+                    "rate_limit_error",
+                    code="server_busy",
+                ),
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
-        index = {}
+        sent: dict = {}  # engine thread: characters of each choice's text already passed on
+        reading = {"at": time.monotonic(), "stalled": False}  # event loop: when the stream last pulled
 
-        def sink(item):  # on the engine thread
-            loop.call_soon_threadsafe(updates.put_nowait, item)
+        def push(piece):  # on the event loop
+            updates.put_nowait(piece)
+            late = time.monotonic() - reading["at"] > stall_s
+            if (
+                job.stream
+                and not reading["stalled"]
+                and (updates.qsize() > MAX_PENDING or (late and updates.qsize() > 1))
+            ):
+                reading["stalled"] = True  # the client stopped reading: nothing keeps running for it
+                worker.abort(rids)
+
+        def sink(item):  # on the engine thread: an Update becomes the small Piece the handler needs
+            if not isinstance(item, ApiError):
+                since = sent.get(item.key, 0)
+                sent[item.key] = item.shown
+                item = Piece(
+                    item.key, item.delta(since), list(item.logprobs), item.prompt_logprobs, item.result
+                )
+            loop.call_soon_threadsafe(push, item)
 
         rids = worker.submit(job.choices, sink)
         index = {rid: c for rid, c in zip(rids, job.choices)}
         if job.stream:
-            return StreamingResponse(stream(job, rids, index, updates), media_type="text/event-stream")
+            return StreamingResponse(
+                stream(job, rids, index, updates, reading), media_type="text/event-stream"
+            )
         return await gather(request, job, rids, index, updates)
 
     async def gather(request, job, rids, index, updates):
@@ -143,16 +206,16 @@ def build_app(
                 if item.result is not None:
                     left.discard(item.key)
                     if item.result.finish_reason == "error":
-                        return fail(ApiError(item.result.error or "the request failed", status=500))
+                        return fail(internal_error("the request failed", item.result.error or "?"))
                     results[index[item.key].index] = item.result
         finally:
             if left:
                 worker.abort(left)
         return JSONResponse(response(job, results, tok))
 
-    async def stream(job, rids, index, updates):
+    async def stream(job, rids, index, updates, reading):
         left = set(rids)
-        sent = {rid: 0 for rid in rids}
+        offset = {rid: 0 for rid in rids}  # text_offset of each choice's next token (as unstreamed)
 
         def sse(obj):
             return f"data: {json.dumps(obj)}\n\n"
@@ -167,6 +230,9 @@ def build_app(
             completion = 0
             while left:
                 item = await updates.get()
+                reading["at"] = time.monotonic()
+                if reading["stalled"]:
+                    break  # aborted: the client read nothing for too long
                 if isinstance(item, ApiError):
                     yield sse(item.body())
                     break
@@ -174,23 +240,25 @@ def build_app(
                 r = item.result
                 if r is not None and r.finish_reason == "error":
                     left.discard(rid)
-                    yield sse(ApiError(r.error or "the request failed", status=500).body())
+                    yield sse(internal_error("the request failed", r.error or "?").body())
                     break
-                delta = item.text[sent[rid] :]
-                sent[rid] = len(item.text)
-                entries = (item.prompt_logprobs or [] if job.echo else []) + list(item.logprobs)
+                entries = (item.prompt_logprobs or [] if job.echo else []) + item.logprobs
                 lps = None
                 if job.logprobs is not None and entries:
-                    lps = chat_logprobs(tok, entries) if job.chat else completion_logprobs(tok, entries)
+                    if job.chat:
+                        lps = chat_logprobs(tok, entries)
+                    else:  # offsets run on across chunks, from the start of the choice's text
+                        lps = completion_logprobs(tok, entries, offset[rid])
+                        offset[rid] += sum(map(len, lps["tokens"]))
                 finish = r.finish_reason if r is not None else None
                 if r is not None:
                     left.discard(rid)
                     completion += completion_tokens(r)
-                if delta or lps or finish:
-                    yield sse(chunk(job, c.index, delta, finish, lps, kv_stats(r) if r is not None else None))
+                if item.text or lps or finish:
+                    kv = kv_stats(r) if r is not None else None
+                    yield sse(chunk(job, c.index, item.text, finish, lps, kv))
             if job.include_usage and not left:
-                prompt = sum(len(c.prompt) for c in job.choices)
-                yield sse(usage_chunk(job, prompt, completion))
+                yield sse(usage_chunk(job, prompt_tokens(job), completion))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or the stream ended early): nothing keeps running for it
             if left:
@@ -265,6 +333,26 @@ def parse_args(argv=None):
         "--max-body-mb", type=float, default=MAX_BODY_MB, help=f"request body cap (default {MAX_BODY_MB})"
     )
     p.add_argument(
+        "--max-choices",
+        type=int,
+        default=MAX_CHOICES,
+        help=f"sequences one request may ask for, prompts x n (default {MAX_CHOICES})",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=MAX_QUEUED,
+        help="sequences the server holds at once (queued, waiting, running); past it a request gets "
+        f"429 with Retry-After (default {MAX_QUEUED})",
+    )
+    p.add_argument(
+        "--stall-s",
+        type=float,
+        default=STALL_S,
+        help="a stream whose client reads nothing for this long while its updates wait is aborted "
+        f"(default {STALL_S:g})",
+    )
+    p.add_argument(
         "--drain-s",
         type=float,
         default=30.0,
@@ -289,6 +377,14 @@ def main(argv=None):
             raise UserError(f"--max-tokens must be >= 1, got {a.max_tokens}")
         if not a.max_body_mb > 0:
             raise UserError(f"--max-body-mb must be > 0, got {a.max_body_mb}")
+        if a.max_choices < 1 or a.max_queued < 1:
+            raise UserError(
+                f"--max-choices and --max-queued must be >= 1, got {a.max_choices}, {a.max_queued}"
+            )
+        if a.max_queued < a.max_choices:
+            raise UserError(f"--max-queued ({a.max_queued}) must be >= --max-choices ({a.max_choices})")
+        if not a.stall_s > 0:
+            raise UserError(f"--stall-s must be > 0, got {a.stall_s}")
         check_flags(a)
         policy = policy_from_args(a)
         set_threads(a.threads)
@@ -313,11 +409,21 @@ def main(argv=None):
                 eng.warmup(policy)
             follow(eng)
             return 0
-        worker = Worker(eng)
+        worker = Worker(eng, a.max_queued)
         if eng.compiled:  # on the engine thread: the CUDA graphs it records are the ones served
             print(f"compile warm-up {worker.call(lambda: eng.warmup(policy)):.1f} s", file=sys.stderr)
         name = a.served_model_name or a.model or eng.path.name
-        app = build_app(eng, policy, name, a.api_key, a.max_tokens, a.max_body_mb, worker=worker)
+        app = build_app(
+            eng,
+            policy,
+            name,
+            a.api_key,
+            a.max_tokens,
+            a.max_body_mb,
+            worker=worker,
+            max_choices=a.max_choices,
+            stall_s=a.stall_s,
+        )
     except UserError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

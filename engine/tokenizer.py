@@ -25,6 +25,26 @@ def _json_object(path: Path) -> dict:
     return cfg
 
 
+def _unicode_to_byte() -> dict:
+    """GPT-2's byte-level alphabet, inverted: each of the 256 characters to the byte it stands for."""
+    global _U2B
+    if _U2B is None:
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+        keep += range(ord("\u00ae"), ord("\u00ff") + 1)
+        chars, extra = {}, 0
+        for b in range(256):
+            if b in keep:
+                chars[chr(b)] = b
+            else:
+                chars[chr(256 + extra)] = b
+                extra += 1
+        _U2B = chars
+    return _U2B
+
+
+_U2B = None
+
+
 class Tokenizer:
     def __init__(self, model_dir):
         from tokenizers import Tokenizer as HFTokenizer
@@ -58,6 +78,35 @@ class Tokenizer:
         if tmpl is not None and not isinstance(tmpl, str):
             raise UserError(f"{where}: chat_template must be a string, not {type(tmpl).__name__}")
         self.chat_template = tmpl
+        self._byte_level = None  # token_bytes: read from the decoder on first use
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (part of a character, for a byte-level token that splits
+        one): byte-level BPE maps each character of the token back to its byte; SentencePiece-style
+        vocabularies spell bytes as <0xNN> and spaces as U+2581; added tokens are their text."""
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level is None:
+            import json
+
+            decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+            kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+            self._byte_level = "ByteLevel" in kinds
+            self._added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        if piece in self._added:
+            return piece.encode()
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+            return piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode()
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """special: add the tokenizer's own BOS/EOS framing (off for chat-templated text, which has it)."""

@@ -8,16 +8,28 @@ the other ranks before every step, and `follow` is their loop. `prometheus` rend
 
 import itertools
 import queue
+import sys
 import threading
+import traceback
+import uuid
 
 from engine.openai_api import ApiError
 from weights.errors import UserError
+
+MAX_QUEUED = 1024  # sequences in the server at once (queued, waiting or running); the server's --max-queued
+
+
+def internal_error(what: str, detail: str) -> ApiError:
+    """A 500 whose body names an id, not the cause: the cause goes to the server's log under it."""
+    eid = f"err-{uuid.uuid4().hex[:12]}"
+    print(f"[{eid}] {what}: {detail}", file=sys.stderr, flush=True)
+    return ApiError(f"{what} (error id {eid}: the server's log has the details)", status=500)
 
 
 class Worker:
     """The engine thread: the only code that touches the engine once the server runs."""
 
-    def __init__(self, eng):
+    def __init__(self, eng, max_queued: int = MAX_QUEUED):
         self.eng, self.core = eng, eng.core
         self.inbox: queue.Queue = queue.Queue()
         self.sinks: dict = {}  # request id -> callable(update or ApiError), called on the engine thread
@@ -25,6 +37,9 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.stopping = False
         self.failures = 0  # steps that raised (every request then in flight failed with 500)
+        # sequences reserved by HTTP handlers and not yet over: the bound behind 429
+        self.max_queued, self.outstanding = max_queued, 0
+        self._lock = threading.Lock()
         # what this iteration applied to the core (tensor parallel: shared with every rank)
         self.ops: list = []
         self.snapshot = self._metrics()
@@ -37,7 +52,21 @@ class Worker:
         )  # OpenMP's count is per thread: the engine thread takes the caller's
         self.thread.start()
 
+    def reserve(self, k: int) -> bool:
+        """Room for k more sequences (any thread)? If so they are counted until each ends."""
+        with self._lock:
+            if self.outstanding + k > self.max_queued:
+                return False
+            self.outstanding += k
+            return True
+
+    def _release(self, k: int = 1):
+        with self._lock:
+            self.outstanding -= k
+
     def submit(self, choices, sink) -> list[int]:
+        """Queue a job's choices (reserve() them first); sink(update or ApiError) runs on the
+        engine thread."""
         rids = [next(self._ids) for _ in choices]
         self.inbox.put(("add", list(zip(rids, choices)), sink))
         return rids
@@ -83,7 +112,7 @@ class Worker:
                     self.stopping = True
                 elif kind == "abort":
                     for rid in arg:
-                        self.sinks.pop(rid, None)
+                        self._drop(rid)
                         self._abort(rid)
                 elif kind == "call":
                     try:
@@ -96,7 +125,7 @@ class Worker:
                 for rid in list(self.sinks):
                     self._abort(rid)
                     err = ApiError("the server is shutting down", status=503, kind="server_shutdown")
-                    self.sinks.pop(rid)(err)
+                    self._drop(rid)(err)
                 self.ops.append(("stop",))
                 self._share()
                 self.snapshot = self._metrics()
@@ -106,24 +135,32 @@ class Worker:
                 self._step()
             self.snapshot = self._metrics()
 
+    def _drop(self, rid):
+        """A request is over for the server: its sink goes and its reservation with it."""
+        sink = self.sinks.pop(rid, None)
+        if sink is not None:
+            self._release()
+        return sink
+
     def _step(self):
         try:
             updates = self.core.step()
         except Exception as e:  # noqa: BLE001 - one failing step must not take the server down
+            # no request's own failure gets here (policies, admission: engine/core.py): a device or
+            # engine error fails the batch in flight, is logged, and the server goes on
             self.failures += 1
-            err = ApiError(f"the engine failed: {type(e).__name__}: {e}", status=500)
-            for sink in self.sinks.values():
-                sink(err)
-            self.sinks.clear()
+            err = internal_error("the engine failed", "".join(traceback.format_exception(e)))
+            for rid in list(self.sinks):
+                self._drop(rid)(err)
             self.core.reset()
             self.ops.append(("reset",))
             return
         for u in updates:
             sink = self.sinks.get(u.key)
             if sink is not None:
-                sink(u)
                 if u.result is not None:
-                    del self.sinks[u.key]
+                    self._drop(u.key)
+                sink(u)
 
     def _share(self):
         """Tensor parallel: every rank applies what rank 0 applied, in its order, before the same
@@ -145,7 +182,8 @@ class Worker:
             except UserError as e:  # checked in the handler already: only what changed since
                 for r, _ in pairs[:n]:
                     self._abort(r)
-                    self.sinks.pop(r, None)
+                    self._drop(r)
+                self._release(len(pairs) - n)  # the ones never added
                 sink(ApiError(str(e)))
                 return
             self.ops.append(("add", rid, c.prompt, c.policy, c.sampling))
@@ -166,6 +204,7 @@ class Worker:
             budget_mean=t["budget_sum"] / t["budgets"] if t["budgets"] else 1.0,
             steps=core.steps,
             failures=self.failures,
+            outstanding=self.outstanding,
         )
 
 

@@ -152,7 +152,7 @@ def make(name: str, **kwargs) -> Policy:
         if "on_pressure" in decode:
             pol.on_pressure = check_flag("on_pressure", decode["on_pressure"])
         return pol
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise UserError(f"KV policy {name!r}: {e}") from None
 
 
@@ -168,8 +168,10 @@ def check_budget(budget) -> float:
         raise ValueError(f"budget must be a number, got {budget!r}") from None
     if not (math.isfinite(b) and b > 0):
         raise ValueError(f"budget must be > 0 (a fraction <= 1 or a token count > 1), got {budget!r}")
-    if b > 1 and b != int(b):
-        raise ValueError(f"a budget > 1 is a token count and must be a whole number, got {budget!r}")
+    if b > 1 and (b != int(b) or b > MAX_TOKENS):
+        raise ValueError(
+            f"a budget > 1 is a token count and must be a whole number <= {MAX_TOKENS}, got {budget!r}"
+        )
     return b
 
 
@@ -224,8 +226,8 @@ def check_layers(protected) -> tuple[int, ...]:
         or any(isinstance(x, bool) or not isinstance(x, int) for x in layers)
     ):
         raise ValueError(f"protected must be a list of layer indices, got {protected!r}")
-    if any(x < 0 for x in layers):
-        raise ValueError(f"protected layers must be >= 0, got {list(protected)}")
+    if any(not 0 <= x < 2**16 for x in layers) or len(layers) > 2**16:
+        raise ValueError(f"protected layers must be layer indices >= 0, got {list(protected)[:8]}")
     return layers
 
 
@@ -246,10 +248,26 @@ def check_threshold(threshold) -> float:
     return t
 
 
-def check_count(name: str, value, least: int) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < least:
-        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
-    return int(value)
+MAX_TOKENS = 2**24  # a token count no context reaches (sinks, recent, budgets, intervals)
+MAX_PROBE_ROWS = 64  # prompt / decode queries a policy may read (SnapKV's paper uses 32, kvpress 64)
+MAX_KERNEL = 63  # SnapKV's pooling kernel
+
+
+def check_count(name: str, value, least: int, most: int = MAX_TOKENS) -> int:
+    """A whole number in [least, most]: an int, or a float with an integral value (JSON has no
+    ints of its own); anything else (bools, strings, inf, nan, 1e300) is a ValueError naming it."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        whole, value = True, int(value)
+    if not whole or not least <= value <= most:
+        raise ValueError(f"{name} must be a whole number in [{least}, {most}], got {value!r}")
+    return value
+
+
+def check_rows(name: str, value) -> int:
+    """How many queries a policy's probe reads: in [1, MAX_PROBE_ROWS] (the probe is
+    [layers, batch, heads, rows, prompt] in fp32, so this bounds its memory)."""
+    return check_count(name, value, 1, MAX_PROBE_ROWS)
 
 
 def protect(keep: torch.Tensor, probe, layers: tuple[int, ...]) -> torch.Tensor:

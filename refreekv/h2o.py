@@ -19,7 +19,9 @@ from refreekv import (
     Probe,
     budget_tokens,
     check_budget,
+    check_count,
     check_layers,
+    check_rows,
     kv_head_scores,
     protect,
     register,
@@ -32,12 +34,8 @@ class H2O(Policy):
     def __init__(
         self, budget: float = 0.5, window: int = 8, recent: int | None = None, protected: tuple[int, ...] = ()
     ):
-        if int(window) < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        if recent is not None and int(recent) < 0:
-            raise ValueError(f"recent must be >= 0, got {recent}")
-        self.budget, self.probe_rows = check_budget(budget), int(window)
-        self.recent = None if recent is None else int(recent)
+        self.budget, self.probe_rows = check_budget(budget), check_rows("window", window)
+        self.recent = None if recent is None else check_count("recent", recent, 0)
         self.protected = check_layers(protected)
 
     def plan(self, probe: Probe):

@@ -32,6 +32,7 @@ from refreekv import (
     check_count,
     check_flag,
     check_layers,
+    check_rows,
     check_threshold,
     register,
 )
@@ -105,7 +106,7 @@ class ReFreeKV(Policy):
         if metric not in ("l2", "mass"):
             raise ValueError(f"metric must be 'l2' or 'mass', got {metric!r}")
         self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
-        self.probe_rows = check_count("rows", rows, 1)
+        self.probe_rows = check_rows("rows", rows)
         self.protected, self.include_sinks, self.metric = (
             check_layers(protected),
             check_flag("include_sinks", include_sinks),

@@ -18,7 +18,16 @@ import math
 
 import torch
 
-from refreekv import Policy, Probe, check_count, check_flag, check_layers, check_threshold, register
+from refreekv import (
+    Policy,
+    Probe,
+    check_count,
+    check_flag,
+    check_layers,
+    check_rows,
+    check_threshold,
+    register,
+)
 from refreekv.refreekv import cut_positions, row_scores
 
 
@@ -44,7 +53,7 @@ class ReFreeKVH2O(Policy):
         include_sinks: bool = False,
     ):
         self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
-        self.rows, self.window = check_count("rows", rows, 1), check_count("window", window, 1)
+        self.rows, self.window = check_rows("rows", rows), check_rows("window", window)
         self.probe_rows = max(self.rows, self.window)
         self.protected, self.include_sinks = (
             check_layers(protected),

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from refreekv import Policy, Probe, check_count, check_layers, check_threshold, protect, register
+from refreekv import Policy, Probe, check_count, check_layers, check_rows, check_threshold, protect, register
 
 
 def head_mass(attn: torch.Tensor, lens: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -44,7 +44,7 @@ class ReFreeKVTopP(Policy):
         self, threshold: float = 0.01, sinks: int = 4, rows: int = 1, protected: tuple[int, ...] = (0, 1)
     ):
         self.threshold, self.sinks = check_threshold(threshold), check_count("sinks", sinks, 0)
-        self.probe_rows = check_count("rows", rows, 1)
+        self.probe_rows = check_rows("rows", rows)
         self.protected = check_layers(protected)
 
     def plan(self, probe: Probe):

@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from refreekv import (
+    MAX_KERNEL,
     DecodeProbe,
     Policy,
     Probe,
     budget_tokens,
     check_budget,
+    check_count,
     check_layers,
+    check_rows,
     decode_budget,
     kv_head_scores,
     protect,
@@ -42,11 +45,10 @@ class SnapKV(Policy):
     def __init__(
         self, budget: float = 0.5, window: int = 8, kernel: int = 7, protected: tuple[int, ...] = ()
     ):
-        if int(window) < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        if int(kernel) < 1 or int(kernel) % 2 == 0:
-            raise ValueError(f"kernel must be an odd number >= 1 (same padding), got {kernel}")
-        self.budget, self.probe_rows, self.kernel = check_budget(budget), int(window), int(kernel)
+        self.kernel = check_count("kernel", kernel, 1, MAX_KERNEL)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd number (same padding), got {kernel}")
+        self.budget, self.probe_rows = check_budget(budget), check_rows("window", window)
         self.protected = check_layers(protected)
 
     def plan(self, probe: Probe):

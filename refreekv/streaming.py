@@ -18,6 +18,7 @@ from refreekv import (
     Probe,
     budget_tokens,
     check_budget,
+    check_count,
     check_layers,
     decode_budget,
     protect,
@@ -30,9 +31,8 @@ class StreamingLLM(Policy):
     probe_rows = 0
 
     def __init__(self, budget: float = 0.5, sinks: int = 4, protected: tuple[int, ...] = ()):
-        if int(sinks) < 0:
-            raise ValueError(f"sinks must be >= 0, got {sinks}")
-        self.budget, self.sinks, self.protected = check_budget(budget), int(sinks), check_layers(protected)
+        self.budget, self.sinks = check_budget(budget), check_count("sinks", sinks, 0)
+        self.protected = check_layers(protected)
 
     def plan(self, probe: Probe):
         k = budget_tokens(self.budget, probe.lens)  # [B]

@@ -62,16 +62,16 @@ def greedy(eng, ids, n, policy=None):
 def test_a_request_prunes_during_decoding_through_its_kv_object(served, offline):
     c = client(served)
     prompt = "The river ran past the mill"
-    spec = {"policy": "streaming", "budget": 10, "interval": 6}
+    spec = {"policy": "streaming", "budget": 10, "interval": 16}
     want = greedy(
-        offline, offline.encode(prompt, chat=False), 30, refreekv.make("streaming", budget=10, interval=6)
+        offline, offline.encode(prompt, chat=False), 40, refreekv.make("streaming", budget=10, interval=16)
     )
     r = c.completions.create(
-        model="tiny", prompt=prompt, max_tokens=30, temperature=0, extra_body={"kv": spec}
+        model="tiny", prompt=prompt, max_tokens=40, temperature=0, extra_body={"kv": spec}
     )
     kv = r.choices[0].model_extra["kv"]
     assert r.choices[0].text == want.text
-    assert kv["replans"] == want.stats["replans"] == (30 - 1) // 6
+    assert kv["replans"] == want.stats["replans"] == (40 - 1) // 16
     assert kv["final_kept"] == want.stats["final_kept"] < kv["final_seen"]
 
 
@@ -621,7 +621,8 @@ class Boom(refreekv.Policy):
         raise RuntimeError("bug in a research policy")
 
 
-def test_a_failing_request_fails_alone_and_the_server_keeps_serving(served, offline):
+def test_a_failing_request_fails_alone_and_the_server_keeps_serving(served, offline, capfd):
+    """Its 500 names an error id, not the exception: the cause is in the server's log under it."""
     ids = [7, 8, 9, 10, 11, 12]
     out = {}
 
@@ -638,9 +639,11 @@ def test_a_failing_request_fails_alone_and_the_server_keeps_serving(served, offl
         t.start()
     for t in ts:
         t.join()
-    assert (
-        out["bad"].status_code == 500 and "bug in a research policy" in out["bad"].json()["error"]["message"]
-    )
+    message = out["bad"].json()["error"]["message"]
+    assert out["bad"].status_code == 500 and "bug in a research policy" not in message
+    eid = message.split("error id ")[1].split(":")[0]
+    log = capfd.readouterr().err
+    assert f"[{eid}]" in log and "bug in a research policy" in log.split(f"[{eid}]")[1].splitlines()[0]
     assert out["good"].status_code == 200
     assert out["good"].json()["choices"][0]["text"] == greedy(offline, ids, 8, refreekv.make("full")).text
     served.idle()
@@ -797,8 +800,10 @@ def test_run_batch_follows_the_openai_batch_format(tiny, offline, tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    res = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["custom_id"] for x in res] == ["a", "b", "c", "d", "e", None]
+    # one line each, in the order they finished (bad lines at once): matched by custom_id
+    got = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert len(out.read_text().splitlines()) == 6 and set(got) == {"a", "b", "c", "d", "e", None}
+    res = [got[k] for k in ("a", "b", "c", "d", "e", None)]
     assert [x["response"]["status_code"] for x in res] == [200, 200, 200, 400, 400, 400]
     a = res[0]["response"]["body"]["choices"][0]
     assert a["text"] == greedy(offline, offline.encode("The mill", chat=False), 12).text
