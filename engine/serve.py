@@ -58,6 +58,32 @@ class Piece:
     result: object
 
 
+class Outbox:
+    """One request's updates on their way to its HTTP handler (used on the event loop). A stream
+    whose client stops reading would pile them up: once more than max_pending wait, or updates
+    wait and none was taken for stall_s, on_stall() runs, once (the server aborts the request)."""
+
+    def __init__(self, stall_s: float, on_stall=None, max_pending: int = MAX_PENDING, clock=time.monotonic):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stall_s, self.on_stall, self.max_pending, self.clock = stall_s, on_stall, max_pending, clock
+        self.taken_at = clock()
+        self.stalled = False
+
+    def put(self, item):
+        self.queue.put_nowait(item)
+        waiting = self.queue.qsize()
+        late = waiting > 1 and self.clock() - self.taken_at > self.stall_s
+        if self.on_stall is not None and not self.stalled and (waiting > self.max_pending or late):
+            self.stalled = True
+            self.on_stall()
+
+    async def get(self, timeout: float | None = None):
+        """The next update (asyncio.TimeoutError after `timeout` seconds, when given)."""
+        item = await (self.queue.get() if timeout is None else asyncio.wait_for(self.queue.get(), timeout))
+        self.taken_at = self.clock()
+        return item
+
+
 def build_app(
     eng,
     policy,
@@ -159,20 +185,10 @@ def build_app(
                 headers={"Retry-After": "1"},
             )
         loop = asyncio.get_running_loop()
-        updates: asyncio.Queue = asyncio.Queue()
         sent: dict = {}  # engine thread: characters of each choice's text already passed on
-        reading = {"at": time.monotonic(), "stalled": False}  # event loop: when the stream last pulled
-
-        def push(piece):  # on the event loop
-            updates.put_nowait(piece)
-            late = time.monotonic() - reading["at"] > stall_s
-            if (
-                job.stream
-                and not reading["stalled"]
-                and (updates.qsize() > MAX_PENDING or (late and updates.qsize() > 1))
-            ):
-                reading["stalled"] = True  # the client stopped reading: nothing keeps running for it
-                worker.abort(rids)
+        rids: list = []
+        # a stream's client that stops reading has its request aborted (a whole body is read at once)
+        box = Outbox(stall_s, (lambda: worker.abort(rids)) if job.stream else None)
 
         def sink(item):  # on the engine thread: an Update becomes the small Piece the handler needs
             if not isinstance(item, ApiError):
@@ -181,22 +197,20 @@ def build_app(
                 item = Piece(
                     item.key, item.delta(since), list(item.logprobs), item.prompt_logprobs, item.result
                 )
-            loop.call_soon_threadsafe(push, item)
+            loop.call_soon_threadsafe(box.put, item)
 
-        rids = worker.submit(job.choices, sink)
+        rids += worker.submit(job.choices, sink)
         index = {rid: c for rid, c in zip(rids, job.choices)}
         if job.stream:
-            return StreamingResponse(
-                stream(job, rids, index, updates, reading), media_type="text/event-stream"
-            )
-        return await gather(request, job, rids, index, updates)
+            return StreamingResponse(stream(job, rids, index, box), media_type="text/event-stream")
+        return await gather(request, job, rids, index, box)
 
-    async def gather(request, job, rids, index, updates):
+    async def gather(request, job, rids, index, box):
         results, left = {}, set(rids)
         try:
             while left:
                 try:
-                    item = await asyncio.wait_for(updates.get(), 1.0)
+                    item = await box.get(1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
@@ -213,7 +227,7 @@ def build_app(
                 worker.abort(left)
         return JSONResponse(response(job, results, tok))
 
-    async def stream(job, rids, index, updates, reading):
+    async def stream(job, rids, index, box):
         left = set(rids)
         offset = {rid: 0 for rid in rids}  # text_offset of each choice's next token (as unstreamed)
 
@@ -229,9 +243,8 @@ def build_app(
                     yield sse(chunk(job, c.index, c.prompt_text))
             completion = 0
             while left:
-                item = await updates.get()
-                reading["at"] = time.monotonic()
-                if reading["stalled"]:
+                item = await box.get()
+                if box.stalled:
                     break  # aborted: the client read nothing for too long
                 if isinstance(item, ApiError):
                     yield sse(item.body())

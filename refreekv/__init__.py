@@ -248,7 +248,7 @@ def check_threshold(threshold) -> float:
     return t
 
 
-MAX_TOKENS = 2**24  # a token count no context reaches (sinks, recent, budgets, intervals)
+MAX_TOKENS = 2**31 - 1  # a token count no context reaches (sinks, recent, budgets, intervals)
 MAX_PROBE_ROWS = 64  # prompt / decode queries a policy may read (SnapKV's paper uses 32, kvpress 64)
 MAX_KERNEL = 63  # SnapKV's pooling kernel
 

@@ -175,3 +175,18 @@ class Served:
                 return snap
             time.sleep(0.05)
         raise AssertionError(f"the engine did not go idle: {self.worker.snapshot}")
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+
+
+def chat_ready(src, dst):
+    """A copy of a tiny checkpoint with a chat template and the tokenizer_config.json that
+    transformers' AutoTokenizer needs (the server's tests)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (dst / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    return dst

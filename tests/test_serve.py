@@ -4,7 +4,6 @@ Engine.generate on a second engine (its own pool), and transformers for log-prob
 
 import json
 import random
-import shutil
 import threading
 import time
 
@@ -12,24 +11,19 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import Served, hf_model
+from helpers import Served, chat_ready, hf_model
 
 import refreekv
 from engine.engine import Engine
 from engine.sampling import Sampling
 
 KEY = "sk-test"
-TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpts, tmp_path_factory):
     """The tiny Llama with a chat template and the tokenizer_config.json transformers' AutoTokenizer needs."""
-    path = tmp_path_factory.mktemp("serve") / "llama"
-    shutil.copytree(tiny_ckpts["llama", False], path)
-    (path / "chat_template.jinja").write_text(TEMPLATE)
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    return path
+    return chat_ready(tiny_ckpts["llama", False], tmp_path_factory.mktemp("serve") / "llama")
 
 
 def engine(path, **kw):
