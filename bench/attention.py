@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from engine.attention import paged_decode_torch, paged_decode_triton
+from engine.kernels.attention import paged_decode_torch, paged_decode_triton
 
 H, HKV, D = 28, 4, 128
 

@@ -185,7 +185,7 @@ def build_engine(a, **kw):
     root = write_shape_dir(cfg, Path(tempfile.mkdtemp(prefix="bench-")) / a.shape)
     std = float(cfg.get("initializer_range", 0.02))
 
-    def load(path, device, dtype, rank=0, world=1):
+    def load(path, device, dtype, rank=0, world=1, build=None):
         if world > 1:
             raise NotImplementedError("random-weight shapes run on one rank")
         return random_model(path, device, dtype, std, a.seed)

@@ -1,6 +1,6 @@
 """The decode projections at small batch on a GPU: cuBLAS (F.linear, what the compiled decode step
 calls by default), F.linear compiled with max-autotune (Inductor's Triton templates), and
-engine/gemv.py's Triton split-K GEMV over a sweep of its tile sizes, on the Qwen2.5-7B shapes,
+engine/kernels/gemv.py's Triton split-K GEMV over a sweep of its tile sizes, on the Qwen2.5-7B shapes,
 bf16 (--dtype), CUDA-graph replays.
 
     python -m bench.gemv --json out.json
@@ -9,7 +9,7 @@ Each case is first checked against a float64 F.linear (relative error). GB/s cou
 byte read once; the copy bandwidth (bytes read + written by a 1 GiB device copy) is the ceiling.
 The last table is the sum over one decoder layer's four projections times 28 layers plus the LM
 head, i.e. the weight-streaming part of one decode step, per implementation: which to make the
-default (engine/gemv.py's BLOCK_N, BLOCK_K, TARGET_PROGRAMS) is read off it.
+default (engine/kernels/gemv.py's BLOCK_N, BLOCK_K, TARGET_PROGRAMS) is read off it.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attention import bench, copy_bandwidth
-from engine import gemv as gm
+from engine.kernels import gemv as gm
 
 DIM, LAYERS = 3584, 28
 SHAPES = {

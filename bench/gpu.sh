@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu.sh tests        # tests/test_gpu.py + the kernel/pool/engine tests on CUDA + one NCCL rank
 #   bash bench/gpu.sh kernel       # bench/attention.py: kernel vs reference vs dense SDPA, page sizes
-#   bash bench/gpu.sh gemv         # bench/gemv.py: decode projections, cuBLAS vs engine/gemv.py's tile sweep, rows 1/4/16
+#   bash bench/gpu.sh gemv         # bench/gemv.py: decode projections, cuBLAS vs engine/kernels/gemv.py's tile sweep, rows 1/4/16
 #   bash bench/gpu.sh gemv-tuned   # the same at rows 1 with max-autotune's Triton templates (compiles: minutes)
 #   bash bench/gpu.sh speed-gemv   # bench/speed.py batch 1 at 512 through the Triton GEMV (REFREEKV_GEMV=triton)
 #   bash bench/gpu.sh speed        # bench/speed.py, Qwen2.5-7B shape: batch 1 (512, 8k), floor, scaling, batch 16 x 4k

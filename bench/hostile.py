@@ -14,7 +14,7 @@ microseconds per token at two output lengths.
 Stalled reader: the model generates --tokens tokens (teacher-forced on real text, so the text is
 real) through the step-driven core; a stream whose client reads nothing keeps every update in its
 queue. "before": each update carried the whole text so far (as engine/core.py's Update did);
-"after": the server's Piece carries only the new text (engine/serve.py). Bytes held by those
+"after": the server's Piece carries only the new text (engine/serve/streams.py). Bytes held by those
 strings (sys.getsizeof), summed over the queue.
 """
 
@@ -30,7 +30,8 @@ from pathlib import Path
 import refreekv
 from bench.common import git_commit, log
 from bench.quality_report import append_results
-from engine.sampling import Sampling, find_stop, stop_prefix
+from engine.sampling import Sampling
+from engine.tokenizer import find_stop, stop_prefix
 
 
 def stop_prefix_before(text: str, stops: list[str]) -> int:

@@ -26,7 +26,7 @@ from engine.sampling import Sampling
 
 
 def timed(eng, prompts, packed: bool, reps: int) -> tuple[float, list[int]]:
-    eng.packed_prefill = packed
+    eng.runner.packed = packed
     eng.core.sched.padded = not packed
     s = Sampling(max_new_tokens=1)
     best, first = float("inf"), None

@@ -1,4 +1,4 @@
-"""Serving benchmark: the OpenAI-compatible server (engine/serve.py) under an open-loop load of
+"""Serving benchmark: the OpenAI-compatible server (engine/serve/) under an open-loop load of
 streaming clients, once per KV policy, on one pool.
 
     python -m bench.serve --model smollm2-135m-instruct --rate 2 --requests 64 --results-md bench/RESULTS.md
@@ -70,7 +70,7 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 class Server:
-    """engine/serve.py's app on a free loopback port, served by uvicorn in a thread of this process."""
+    """engine/serve/app.py's app on a free loopback port, served by uvicorn in a thread of this process."""
 
     def __init__(self, eng, name: str, warm=None):
         self.eng, self.name, self.warm = eng, name, warm
@@ -78,12 +78,12 @@ class Server:
     def __enter__(self):
         import uvicorn
 
-        from engine.serve import build_app
+        from engine.serve.app import build_app
 
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.root = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        from engine.worker import Worker
+        from engine.serve.worker import Worker
 
         worker = Worker(self.eng)
         if self.warm is not None:  # on the engine thread, whose CUDA graphs the server replays
@@ -231,7 +231,7 @@ def summarize(policy: str, rate: float | None, run: dict) -> dict:
 
 def offline(eng, parser, bodies: list[dict]) -> dict:
     """The same bodies (non-streaming) through engine.run_batch.run, every request at once."""
-    from engine.run_batch import run
+    from engine.serve.run_batch import run
 
     lines = [
         json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": b})
@@ -382,7 +382,7 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from engine.openai_api import Parser
+    from engine.serve.schema import RequestParser
 
     served = eng.path.name
     rng = random.Random(f"serve:{a.seed}")
@@ -410,7 +410,7 @@ def main(argv=None):
     check = None
     if a.offline_check:  # offline first: the engine takes one driver at a time
         log("[serve] offline check: engine.run_batch ...")
-        parser = Parser(eng, served, refreekv.make("full"), eng.context)
+        parser = RequestParser(eng, served, refreekv.make("full"), eng.context)
         check = dict(offline=offline(eng, parser, bodies(KV[0], stream=False)))
     rows = []
     with Server(eng, served, warm) as srv:

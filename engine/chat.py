@@ -19,10 +19,7 @@ def interactive(eng, policy, s, a) -> int:
         )
     eng.check_policy(policy)
     if eng.kv_memory is None and not eng.cuda:
-        from engine.engine import CPU_KV_GIB
-
-        one = eng.local.n_layers * eng.local.n_kv_heads * (-(-eng.context // eng.page_size) + 1)
-        eng.kv_memory = min(CPU_KV_GIB, eng.pool_gib(one))  # one conversation, up to the whole context
+        eng.kv_memory = eng.needed_gib([eng.context])  # one conversation, up to the whole context
     eng.load()
     tty = sys.stdin.isatty()
     say(f"[{eng.path.name}] interactive chat, kv={policy.name}; {COMMANDS}")

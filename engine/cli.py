@@ -4,14 +4,15 @@ engine and KV-policy flags, and the checks a flag gets before any weights load."
 import argparse
 import json
 import os
+import re
 import sys
 from importlib import metadata
 
 import refreekv
+from engine.engine import MAX_SEQS
 from engine.sampling import Sampling
 from weights.errors import UserError
 
-MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone outgrow any pool
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
 
 
@@ -239,25 +240,8 @@ def check_flags(a):
         n = os.cpu_count() or 1
         if not 1 <= a.threads <= n:
             raise UserError(f"--threads must be in [1, {n}] (this machine's CPUs), got {a.threads}")
-    if a.max_seqs is not None and not 1 <= a.max_seqs <= MAX_SEQS:
-        raise UserError(f"--max-seqs must be in [1, {MAX_SEQS}], got {a.max_seqs}")
     if a.tp is not None and a.tp < 1:
         raise UserError(f"--tp must be >= 1, got {a.tp}")
-    if a.kv_memory is not None:
-        if not a.kv_memory > 0:
-            raise UserError(f"--kv-memory must be > 0 GiB, got {a.kv_memory}")
-        ram = _ram_gib()
-        if ram and a.kv_memory > ram and (a.device or "cpu").startswith("cpu"):
-            raise UserError(
-                f"--kv-memory {a.kv_memory:g} GiB is more than this machine's {ram:.1f} GiB of memory"
-            )
-
-
-def _ram_gib() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_writable(path: str | None, flag: str):
@@ -284,6 +268,22 @@ def set_threads(n: int | None):
         import torch
 
         torch.set_num_threads(n)
+
+
+ARGS = ("max_new_tokens", "kv_memory", "max_seqs", "page_size", "max_length")  # named by the engine
+
+
+def in_flags(e: UserError) -> str:
+    """An engine error in command-line words: the argument it starts with (e.arg) and any other
+    argument it names become their flags (kv_memory -> --kv-memory)."""
+    msg = str(e)
+    arg = getattr(e, "arg", None)
+    if arg and msg.startswith(arg):
+        msg = "--" + arg.replace("_", "-") + msg[len(arg) :]
+    named = r"(?<![-\w])(" + "|".join(ARGS) + r")\b"
+    msg = re.sub(named, lambda m: "--" + m.group(1).replace("_", "-"), msg)
+    msg = msg.replace("pass truncate middle", "pass --truncate middle")
+    return msg.replace("or chat=False", "or --raw was given")
 
 
 def say(msg: str, out=None):

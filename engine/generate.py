@@ -21,16 +21,13 @@ from engine.cli import (
     check_flags,
     check_writable,
     engine_from_args,
+    in_flags,
     policy_from_args,
     sampling_from_args,
     say,
     set_threads,
 )
-from engine.engine import Engine, Result
-from engine.sampling import Sampling
 from weights.errors import UserError
-
-__all__ = ["Engine", "Result", "Sampling", "main"]
 
 EPILOG = """stats (stderr), one line per prompt and one for the whole run:
   prompt N tok      prompt tokens after the chat template
@@ -167,18 +164,6 @@ def read_prompts(a) -> list[str]:
     if any(not p.strip() for p in prompts):
         raise UserError("empty prompt")
     return prompts
-
-
-def cpu_pool_gib(eng, ids: list[list[int]], max_new: int) -> float:
-    """The CPU pool a run needs at most (every prompt whole at once, no pruning, one page of slack
-    per row), up to the 2 GiB default: "Hi" does not allocate 2 GiB."""
-    from engine.engine import CPU_KV_GIB
-    from engine.kv import page_bytes
-
-    c, ps = eng.local, eng.page_size
-    rows = c.n_layers * c.n_kv_heads
-    pages = sum(rows * (-(-(len(p) + max_new) // ps) + 1) for p in ids[: eng.max_seqs])
-    return min(CPU_KV_GIB, pages * page_bytes(ps, c.head_dim, eng.dtype) / 2**30)
 
 
 class Progress:
@@ -331,7 +316,7 @@ def main(argv=None):
         return _main(argv, rank0)
     except UserError as e:
         if rank0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {in_flags(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout closed (| head): end quietly, as cat does
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -384,7 +369,7 @@ def _main(argv, rank0) -> int:
     if warn and budget is not None and budget > 1 and budget >= max(map(len, ids)):
         warn(f"--budget {budget:g} tokens is at least every prompt's length: every token is kept (100%)")
     if eng.kv_memory is None and not eng.cuda:
-        eng.kv_memory = cpu_pool_gib(eng, ids, s.max_new_tokens)
+        eng.kv_memory = eng.needed_gib([len(p) + s.max_new_tokens for p in ids[: eng.max_seqs]])
     elif eng.kv_memory is not None and warn:
         asked = eng.pool_pages()
         usable = eng.usable_pages()

@@ -10,7 +10,7 @@ Device state (read by the compiled steps, updated in place, fixed addresses):
         unassigned table entry points at it, so padding rows of a batch write there harmlessly;
   table [L, slots, Hkv, P] page ids, lengths [L, slots, Hkv], next_pos [slots], live [slots],
   queries [L, slots, W, H, D]: each slot's last W decode queries (post-RoPE, position p at p % W),
-        what a decode-time re-plan (engine/prune.py) reads outside the compiled step.
+        what a decode-time re-plan (engine/pruning.py) reads outside the compiled step.
 Host state (the allocator; the host hands out pages, so it never reads the device back):
   h_table, h_pages (pages owned per row), h_len (each row's length once the queued steps ran),
   and the free stack. Invariant: a row owns exactly ceil(h_len / page_size) pages, entries past
@@ -19,12 +19,23 @@ Host state (the allocator; the host hands out pages, so it never reads the devic
 
 import torch
 
-from engine.attention import paged_decode_torch, paged_decode_triton, use_triton
+from engine.kernels.attention import paged_decode_torch, paged_decode_triton, use_triton
 from weights.errors import UserError
 
 
+# ------------------------------------------------------------- page arithmetic (only here)
 def page_bytes(page_size: int, head_dim: int, dtype: torch.dtype) -> int:
     return page_size * (2 * head_dim * dtype.itemsize + 4)  # K, V, int32 position
+
+
+def row_pages(n_tokens, page_size: int):
+    """Pages a row of n tokens owns (an int or a tensor)."""
+    return -(-n_tokens // page_size)
+
+
+def seq_pages(n_tokens: int, n_layers: int, n_kv_heads: int, page_size: int) -> int:
+    """Pages a sequence whose every (layer, KV head) row holds n tokens owns."""
+    return n_layers * n_kv_heads * row_pages(n_tokens, page_size)
 
 
 class PagedKV:
@@ -43,14 +54,14 @@ class PagedKV:
         window=8,
     ):
         if page_size < 1 or page_size & (page_size - 1) or page_size > 256:
-            raise UserError(f"--page-size must be a power of two from 1 to 256, got {page_size}")
+            raise UserError(f"page_size must be a power of two from 1 to 256, got {page_size}", "page_size")
         if max_seqs < 1:
-            raise UserError(f"--max-seqs must be >= 1, got {max_seqs}")
+            raise UserError(f"max_seqs must be >= 1, got {max_seqs}", "max_seqs")
         if n_pages < 1:
             raise UserError(f"the KV pool must hold at least one page, got {n_pages}")
         L, H, S = n_layers, n_kv_heads, max_seqs
         self.L, self.H, self.D, self.S, self.ps, self.n_pages = L, H, head_dim, S, page_size, n_pages
-        self.P = -(-max_len // page_size)  # table width: pages of the longest row
+        self.P = row_pages(max_len, page_size)  # table width: pages of the longest row
         self.device = torch.device(device)
         dev = self.device
         self.k = torch.zeros(n_pages + 1, page_size, head_dim, dtype=dtype, device=dev)
@@ -78,11 +89,11 @@ class PagedKV:
     # ----------------------------------------------------------------------------- host allocator
     def pages_for(self, n_tokens):
         """Pages a row of n tokens owns (int or tensor)."""
-        return -(-n_tokens // self.ps)
+        return row_pages(n_tokens, self.ps)
 
     def seq_pages(self, n_tokens: int) -> int:
         """Pages a sequence whose every row holds n tokens owns."""
-        return self.L * self.H * self.pages_for(n_tokens)
+        return seq_pages(n_tokens, self.L, self.H, self.ps)
 
     @property
     def used(self) -> int:
@@ -205,6 +216,10 @@ class PagedKV:
         return int(self.h_pages[:, slot].sum())
 
     # ------------------------------------------------------------------------- device (compiled)
+    def _flat(self, page: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Where token t of a row sits in the flat k / v / pos buffers, given its page."""
+        return page.long() * self.ps + t % self.ps
+
     def write_prompt(
         self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     ):
@@ -213,7 +228,7 @@ class PagedKV:
         B, H, N, D = k.shape
         t = torch.arange(N, device=k.device)
         page = self.table[layer, slots].gather(-1, (t // self.ps).expand(B, H, N))
-        flat = (page.long() * self.ps + t % self.ps).reshape(-1)
+        flat = self._flat(page, t).reshape(-1)
         self.k.view(-1, D)[flat] = k.reshape(-1, D)
         self.v.view(-1, D)[flat] = v.reshape(-1, D)
         self.pos.view(-1)[flat] = t.int().expand(B * H, N).reshape(-1)
@@ -227,7 +242,7 @@ class PagedKV:
         H, T, D = k.shape
         heads = torch.arange(H, device=k.device)
         page = self.table[layer, owner[:, None], heads[None], (pos // self.ps)[:, None]]  # [T, Hkv]
-        flat = (page.long() * self.ps + (pos % self.ps)[:, None]).reshape(-1)
+        flat = self._flat(page, pos[:, None]).reshape(-1)
         self.k.view(-1, D)[flat] = k.transpose(0, 1).reshape(-1, D)
         self.v.view(-1, D)[flat] = v.transpose(0, 1).reshape(-1, D)
         self.pos.view(-1)[flat] = pos[:, None].expand(T, H).reshape(-1).int()
@@ -237,7 +252,7 @@ class PagedKV:
         B, H, _, D = k.shape
         ln = self.lengths[layer, :B]
         page = self.table[layer, :B].gather(-1, (ln // self.ps).long()[..., None])[..., 0]
-        flat = (page.long() * self.ps + ln % self.ps).reshape(-1)
+        flat = self._flat(page, ln).reshape(-1)
         self.k.view(-1, D)[flat] = k.reshape(-1, D)
         self.v.view(-1, D)[flat] = v.reshape(-1, D)
         self.pos.view(-1)[flat] = self.next_pos[:B, None].expand(B, H).reshape(-1).int()
@@ -275,9 +290,9 @@ class PagedKV:
         for layer in range(self.L):
             # [B, Hkv, N] source of slot j
             order = torch.argsort((~keep[layer]).to(torch.int8), dim=-1, stable=True)
-            s_flat = (self.table[layer, src].gather(-1, order // ps).long() * ps + order % ps).reshape(-1)
+            s_flat = self._flat(self.table[layer, src].gather(-1, order // ps), order).reshape(-1)
             d_tab = self.table[layer, dst]
-            d_flat = (d_tab.gather(-1, (j // ps).expand_as(order)).long() * ps + j % ps).reshape(-1)
+            d_flat = self._flat(d_tab.gather(-1, (j // ps).expand_as(order)), j).reshape(-1)
             for buf in (self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)):
                 buf[d_flat] = buf[s_flat]
             self.lengths[layer, dst] = keep[layer].sum(-1).int()

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.gemv import ROWS as GEMV_ROWS
-from weights.config import ModelConfig, rope_attention_factor, rope_inv_freq
+from engine.kernels.gemv import ROWS as GEMV_ROWS
+from weights.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -70,7 +70,7 @@ class MLP(nn.Module):
 
 
 def linear(layer: nn.Linear, x, fast=None):
-    """layer(x), or fast(x, weight, bias) (engine/gemv.py's kernel for the decode projections)."""
+    """layer(x), or fast(x, weight, bias) (engine/kernels/gemv.py's kernel for the decode projections)."""
     return layer(x) if fast is None else fast(x, layer.weight, layer.bias)
 
 
@@ -132,7 +132,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.c = c
         self.tp = None  # engine/tp.py's TP when this is one rank's shard: sums the row-parallel outputs
-        self.gemv = None  # engine/gemv.py's gemv when the engine chose it for the decode projections
+        self.gemv = None  # engine/kernels/gemv.py's gemv when the engine chose it for the decode projections
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
@@ -291,3 +291,60 @@ class Transformer(nn.Module):
             x = x + self._sum(layer.mlp(layer.mlp_norm(x), fast))
         kv.next_pos[:B] += kv.live[:B]
         return self._logits(self.norm(x[:, 0]), fast)
+
+
+# ------------------------------------------------------------------------------------ RoPE
+def rope_inv_freq(c: ModelConfig):
+    """Rotary inverse frequencies (fp32), with Llama 3.1 frequency scaling when configured."""
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+    s = c.rope_scaling
+    if s and s["rope_type"] == "linear":
+        return (inv / s["factor"]).float()
+    if s and s["rope_type"] == "yarn":  # NTK-by-parts: interpolate the low frequencies, keep the high ones
+        d, base, orig = c.head_dim, c.rope_theta, s["original_max_position_embeddings"]
+
+        # the dimension whose wavelength fits `rotations` turns in the original context
+        def dim_of(rotations):
+            return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
+        if s["truncate"]:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        return (inv / s["factor"] * ramp + inv * (1 - ramp)).float()
+    if s:
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, mid, scaled)
+    return inv.float()
+
+
+def rope_attention_factor(c: ModelConfig) -> float:
+    """What cos/sin are multiplied by: YaRN's attention temperature, else 1."""
+    s = c.rope_scaling
+    if not s or s["rope_type"] != "yarn":
+        return 1.0
+    if "attention_factor" in s:
+        return s["attention_factor"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])
+
+
+def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, world: int = 1):
+    """This Transformer with a checkpoint's weights (weights/loader.py reads them into it)."""
+    from weights import loader
+
+    return loader.load_model(model_dir, device, dtype, rank, world, Transformer)

@@ -1,5 +1,5 @@
-"""Choosing tokens and turning them into text: sampling settings, the sync-free sampler,
-incremental detokenisation and stop strings."""
+"""Choosing tokens: the per-request sampling settings and the sync-free, vectorised sampler
+(turning tokens into text, stop strings included, is engine/tokenizer.py's)."""
 
 import math
 from dataclasses import dataclass, field
@@ -124,49 +124,3 @@ def exp_noise(keys, V: int):
     h2 = _mix(h1 ^ 0x9E3779B9)
     u = ((h1 >> 6).double() * 2.0**27 + (h2 >> 5).double() + 0.5) / 2.0**53  # (0, 1)
     return (-torch.log(u)).float()
-
-
-class Detok:
-    """Incremental detokenisation: each new token re-decodes only a short window of recent ids
-    (the text of ids[prefix:] minus that of ids[prefix:read]), never the whole output, and text
-    only grows once its bytes form whole characters (no trailing U+FFFD)."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.ids, self.text = tokenizer, [], ""
-        self.prefix = self.read = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        done = self.tok.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
-        now = self.tok.decode(self.ids[self.prefix :])
-        if len(now) > len(done) and not now.endswith("\ufffd"):
-            self.text += now[len(done) :]
-            self.prefix, self.read = self.read, len(self.ids)
-        return self.text
-
-
-def find_stop(text: str, stops: list[str], since: int = 0) -> int:
-    """Index of the first stop string in text (searching from where text was at `since` chars,
-    minus what a stop could straddle), or -1. Costs the new text plus the stops' lengths, never
-    the whole output."""
-    hits = [i for st in stops if (i := text.find(st, max(0, since - len(st) + 1))) >= 0]
-    return min(hits, default=-1)
-
-
-def stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that could still grow into a stop string (held back from
-    streaming). Only the last len(stop) - 1 characters are read: each candidate start is found with
-    str.find of the stop's first character, so the cost is bounded by the stops' lengths."""
-    best = 0
-    for st in stops:
-        span = min(len(text), len(st) - 1)
-        if span <= best:
-            continue
-        tail = text[len(text) - span :]
-        i = tail.find(st[0])
-        while 0 <= i < span - best:  # the first (leftmost) match is the longest tail
-            if st.startswith(tail[i:]):
-                best = span - i
-                break
-            i = tail.find(st[0], i + 1)
-    return best

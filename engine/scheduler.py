@@ -19,57 +19,9 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
 """
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from engine.kv import PagedKV
-
-
-@dataclass(eq=False)
-class Sequence:
-    idx: int  # prompt index in the request
-    fork: int  # policy index (fan-out)
-    prompt: list[int]
-    policy: object
-    forced: list[int] = field(default_factory=list)  # tokens taken instead of sampling, in order
-    out: list[int] = field(default_factory=list)  # tokens produced so far (forced and sampled)
-    slot: int = -1
-    order: int = -1  # admission counter: the highest is preempted first
-    n_chosen: int = 0  # tokens chosen on the device in this admission (some not yet read back)
-    n_seen: int = 0  # of those, read back and accepted
-    done: bool = False
-    stats: dict = field(default_factory=dict)
-    # set by the core (engine/core.py) when the request is added
-    key: object = None  # the request id, or (id, fork) for a request with several policies
-    sampling: object = None  # engine.sampling.Sampling
-    seed: int = 0  # its sampling seed (drawn at random when the request named none)
-    detok: object = None
-    text: str = ""
-    shown: int = 0  # characters of text streamed so far
-    lp: list = field(default_factory=list)  # log-probabilities of chosen tokens not yet read back
-    logprobs: list | None = None  # of accepted tokens, when asked for
-    prompt_logprobs: list | None = None
-    prompt_sent: bool = False  # prompt_logprobs went out with an update
-    reason: str = "length"  # finish reason
-    error: str | None = None
-    # decode-time pruning (engine/prune.py): the next interval trigger, g at the last re-plan
-    next_replan: int = 0
-    replanned_at: int = 0
-    peak_pages: int = 0  # the most pages its rows held at once (this admission and earlier ones)
-
-    @property
-    def live(self) -> bool:
-        """Still fed: its last chosen token goes through another decode step (else it only drains)."""
-        return self.n_chosen < self.sampling.max_new_tokens
-
-    @property
-    def fed(self) -> int:
-        """Tokens generated into its rows in this admission (the last chosen one is not in yet)."""
-        return self.n_chosen - 1
-
-    @property
-    def seen(self) -> int:
-        """Tokens its rows have seen: the prompt and what was fed since (its next position)."""
-        return len(self.prompt) + self.fed
+from engine.sequence import Sequence
 
 
 class Scheduler:
@@ -101,13 +53,13 @@ class Scheduler:
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
         while self.waiting:
-            grp = self.waiting[0]
-            n, k = len(grp[0].prompt), len(grp)
+            group = self.waiting[0]
+            n, k = len(group[0].prompt), len(group)
             # padded to the longest, or packed
             work = (len(batch) + 1) * max(longest, n) if self.padded else tokens + n
             if batch and work > self.max_prefill_tokens:
                 break
-            rows = max([wide] + [q.policy.probe_rows for q in grp])
+            rows = max([wide] + [getattr(seq.policy, "probe_rows", 0) for seq in group])
             if batch and not self.probe_fits(rows, max(longest, n), len(batch) + 1):
                 break
             if seqs + k > self.max_seqs:
@@ -119,49 +71,49 @@ class Scheduler:
                 self.waits += 1
                 break
             self.waiting.popleft()
-            batch.append(grp)
+            batch.append(group)
             longest, tokens, pages, seqs = max(longest, n), tokens + n, pages + need, seqs + k
             wide = rows
         slot = len(self.running)
-        for grp in batch:
-            for s in grp:
-                s.slot, s.order = slot, self._admitted
-                s.n_chosen = s.n_seen = 0
+        for group in batch:
+            for seq in group:
+                seq.slot, seq.order = slot, self._admitted
+                seq.n_chosen = seq.n_accepted = 0
                 slot += 1
             self._admitted += 1
-            kv.assign(grp[0].slot, len(grp[0].prompt))
+            kv.assign(group[0].slot, len(group[0].prompt))
         return batch
 
     def start(self, seqs: list[Sequence]):
         """Admitted sequences, prefilled and pruned, join the running batch (in slot order)."""
-        for s in seqs:
-            assert s.slot == len(self.running)
-            self.running.append(s)
+        for seq in seqs:
+            assert seq.slot == len(self.running)
+            self.running.append(seq)
 
-    def _remove(self, s: Sequence):
+    def _remove(self, seq: Sequence):
         kv, last = self.kv, self.running[-1]
-        kv.release(s.slot)
-        if last is not s:
-            kv.move(last.slot, s.slot)
-            self.running[s.slot], last.slot = last, s.slot
+        kv.release(seq.slot)
+        if last is not seq:
+            kv.move(last.slot, seq.slot)
+            self.running[seq.slot], last.slot = last, seq.slot
         self.running.pop()
-        s.slot = -1
+        seq.slot = -1
 
     def drop(self, group: list[Sequence]):
         """Take a request's sequences out of the queue (an abort; running ones are finished apart)."""
-        ids = {id(s) for s in group}
-        self.waiting = deque(g for g in self.waiting if not any(id(s) in ids for s in g))
+        ids = {id(seq) for seq in group}
+        self.waiting = deque(g for g in self.waiting if not any(id(seq) in ids for seq in g))
 
-    def finish(self, s: Sequence):
-        s.done = True
-        self._remove(s)
+    def finish(self, seq: Sequence):
+        seq.done = True
+        self._remove(seq)
 
     def preempt(self) -> Sequence:
         """Free the most recently admitted running sequence; it waits at the head of the queue and
         will replay what it produced."""
-        s = max(self.running, key=lambda x: x.order)
-        self._remove(s)
-        s.forced = s.out + s.forced[len(s.out) :]
-        self.waiting.appendleft([s])
+        seq = max(self.running, key=lambda x: x.order)
+        self._remove(seq)
+        seq.forced = seq.out + seq.forced[len(seq.out) :]
+        self.waiting.appendleft([seq])
         self.preemptions += 1
-        return s
+        return seq

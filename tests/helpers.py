@@ -128,11 +128,11 @@ def examples(n: int) -> int:
 
 
 class Served:
-    """engine/serve.py's app on a free loopback port, in a thread of this process (a real uvicorn
+    """engine/serve/app.py's app on a free loopback port, in a thread of this process (a real uvicorn
     server: clients reach it over TCP). Use as a context manager; .url is the /v1 base."""
 
     def __init__(self, eng, policy, name="m", **kw):
-        from engine.serve import build_app
+        from engine.serve.app import build_app
 
         self.eng, self.app = eng, build_app(eng, policy, name, **kw)
         self.worker = self.app.state.worker

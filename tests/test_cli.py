@@ -156,7 +156,7 @@ def test_5_and_8_conversion_and_loading_show_progress(tmp_path, monkeypatch, cap
     from test_gguf import write_tiny_gguf
 
     import weights.gguf as wg
-    from weights.loader import load_model
+    from engine.model import load_model
 
     monkeypatch.setattr(wg, "PROGRESS_S", -1.0)  # every tensor
     write_tiny_gguf(tmp_path / "m.gguf")

@@ -120,7 +120,7 @@ def test_padded_prefill_work_is_bounded(tiny_ckpts):
     for packed in (False, True):
         eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=16, max_prefill_tokens=400)
         eng.eos = set()
-        eng.packed_prefill = packed
+        eng.runner.packed = packed
         eng.core.sched.padded = not packed
         shapes = []
         if packed:
@@ -132,13 +132,13 @@ def test_padded_prefill_work_is_bounded(tiny_ckpts):
 
             eng.model.prefill_packed = spy
         else:
-            inner = eng._prefill
+            inner = eng.runner.prefill_step
 
             def spy(model, tokens, *a, **kw):
                 shapes.append(tuple(tokens.shape))
                 return inner(model, tokens, *a, **kw)
 
-            eng._prefill = spy
+            eng.runner.prefill_step = spy
         out[packed] = [r.tokens for r in eng.generate(ps, refreekv.make("full"), Sampling(max_new_tokens=3))]
         if packed:
             assert all(t <= 400 for b, t in shapes if b > 1) and sum(b for b, _ in shapes) == len(ps), shapes
@@ -213,7 +213,7 @@ def test_prompt_logprobs_equal_the_full_sequence_forward(tiny_ckpts):
     model's own all-position logits, for prompts longer than a chunk."""
     from helpers import paged
 
-    from engine import admit as core_mod
+    from engine import admission as core_mod
 
     path = tiny_ckpts["mistral", False]
     eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=4)

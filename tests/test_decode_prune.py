@@ -1,4 +1,4 @@
-"""Pruning during decoding (engine/prune.py): re-plans every `interval` generated tokens and under
+"""Pruning during decoding (engine/pruning.py): re-plans every `interval` generated tokens and under
 pool pressure, compacted in place in the paged pool.
 
 The oracle is transformers itself: one teacher-forced forward over prompt + generated tokens with an
@@ -94,7 +94,7 @@ def test_rolling_window_oracle_holds_under_preemption(tiny_ckpts, monkeypatch):
     """Continuous batching through a pool too small for everyone: sequences wait, are preempted,
     replay their tokens (and their re-plans) and still equal the oracle. Probes bounded to one
     sequence each (PROBE_BYTES) change nothing."""
-    import engine.prune as prune
+    import engine.pruning as prune
 
     monkeypatch.setattr(prune, "PROBE_BYTES", 1)
     path = tiny_ckpts["qwen2", False]
@@ -244,7 +244,7 @@ def test_a_replan_conserves_pages_and_keeps_the_last_window(tiny_ckpts, seed, na
     pol = refreekv.make(name, interval=int(torch.randint(1, 9, (1,), generator=g)), **kw)
     kv = eng.kv
     checks = []
-    import engine.prune as prune
+    import engine.pruning as prune
 
     real_replan = prune.replan
 
@@ -257,9 +257,9 @@ def test_a_replan_conserves_pages_and_keeps_the_last_window(tiny_ckpts, seed, na
                 out.append([int(kv.pos[page[j // kv.ps], j % kv.ps]) for j in range(n)])
         return out
 
-    def spy(core, seqs, pressure=False):
+    def spy(runner, seqs, pressure=False):
         before = {id(q): rows(q) for q in seqs}
-        freed = real_replan(core, seqs, pressure)
+        out = real_replan(runner, seqs, pressure)
         owned = int(kv.h_pages.sum())
         checks.append(kv.n_free + owned == kv.n_pages)
         checks.append(bool((kv.h_pages == kv.pages_for(kv.h_len)).all()))
@@ -269,7 +269,7 @@ def test_a_replan_conserves_pages_and_keeps_the_last_window(tiny_ckpts, seed, na
             for old, new in zip(before[id(q)], rows(q)):
                 checks.append(set(new) <= set(old) and new == sorted(new))  # survivors, in order
                 checks.append(new[-W:] == old[-W:])  # the last W stay
-        return freed
+        return out
 
     prune.replan = spy
     try:

@@ -13,7 +13,8 @@ from test_weights import run_cli
 import refreekv
 from engine.engine import Engine
 from engine.kv import page_bytes
-from engine.sampling import Detok, Sampling
+from engine.sampling import Sampling
+from engine.tokenizer import Detok
 from weights.errors import UserError
 
 POLICIES = {
@@ -193,9 +194,10 @@ def test_pool_and_scheduler_arguments_are_checked(tiny_ckpts, capsys):
     path = str(tiny_ckpts["llama", False])
     with pytest.raises(UserError, match="power of two"):
         Engine(path, device="cpu", page_size=12, load=False)
-    with pytest.raises(UserError, match="--max-seqs must be >= 1"):
+    # the Python API names its arguments; the command line says its flags (engine/cli.py: in_flags)
+    with pytest.raises(UserError, match=r"^max_seqs must be in \[1, 4096\]"):
         Engine(path, device="cpu", max_seqs=0, load=False)
-    with pytest.raises(UserError, match="--kv-memory must be > 0"):
+    with pytest.raises(UserError, match="^kv_memory must be > 0"):
         Engine(path, device="cpu", kv_memory=-1, load=False)
     rc = main(["--model", path, "--prompt", "x" * 100, "--kv-memory", "0.00001", "--max-new-tokens", "10"])
     err = capsys.readouterr().err
@@ -204,7 +206,7 @@ def test_pool_and_scheduler_arguments_are_checked(tiny_ckpts, capsys):
     # 0.00001 GiB = 10737 B / (16 tokens x (2 x 16 x 4 + 4) B) = 5 pages
     assert "needs 42 KV pages" in err and "pool holds 5 pages" in err, err
     eng = Engine(path, device="cpu", max_seqs=2)
-    with pytest.raises(UserError, match="3 policies per prompt need 3 sequences at once but --max-seqs is 2"):
+    with pytest.raises(UserError, match="3 policies per prompt need 3 sequences at once but max_seqs is 2"):
         eng.generate([[5, 6, 7]], [refreekv.make("full")] * 3, Sampling(max_new_tokens=2))
 
 

@@ -1,4 +1,4 @@
-"""engine/gemv.py: the Triton GEMV of the decode projections (run on the CPU under
+"""engine/kernels/gemv.py: the Triton GEMV of the decode projections (run on the CPU under
 TRITON_INTERPRET=1, which conftest sets without CUDA) against float64 F.linear, for drawn shapes
 that are not multiples of the tiles, K split several ways, with and without bias; and the engine's
 decode through it gives the tokens of the F.linear path."""
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import refreekv
-from engine import gemv as gm
+from engine.kernels import gemv as gm
 
 pytestmark = pytest.mark.skipif(gm.triton is None, reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

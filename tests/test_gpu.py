@@ -29,7 +29,7 @@ def _pool(B, hkv, G, D, ps, lengths, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B,lens", [(1, [[5000, 3, 0, 4096]]), (4, None), (16, None)])
 def test_kernel_equals_reference_at_gpu_sizes(dtype, B, lens):
-    from engine.attention import paged_decode_torch, paged_decode_triton
+    from engine.kernels.attention import paged_decode_torch, paged_decode_triton
 
     lengths = (
         torch.tensor(lens)
@@ -182,7 +182,7 @@ def test_server_on_cuda_serves_from_the_graphs_its_warm_up_recorded(tiny_ckpts):
     import openai
     from helpers import Served
 
-    from engine.worker import Worker
+    from engine.serve.worker import Worker
 
     path = str(tiny_ckpts["llama", False])
     kw = dict(device="cuda", dtype="float32", max_seqs=4, page_size=4)

@@ -13,7 +13,8 @@ from helpers import Served, chat_ready
 
 import refreekv
 from engine.engine import Engine
-from engine.sampling import Sampling, stop_prefix
+from engine.sampling import Sampling
+from engine.tokenizer import stop_prefix
 from weights.errors import UserError
 
 KEY = "sk-hostile"
@@ -212,7 +213,7 @@ def test_6_a_stream_whose_client_stops_reading_is_aborted():
     them, abort the request once; a client that reads keeps it alive however slow the engine."""
     import asyncio
 
-    from engine.serve import Outbox
+    from engine.serve.streams import Outbox
 
     now = [0.0]
     calls = []
@@ -269,10 +270,10 @@ def test_7_a_request_cannot_replan_every_step(served, offline):
 
 
 def test_8_run_batch_keeps_every_line_when_an_n2_line_fails(offline):
-    from engine.openai_api import Parser
-    from engine.run_batch import run
+    from engine.serve.run_batch import run
+    from engine.serve.schema import RequestParser
 
-    parser = Parser(offline, "tiny", refreekv.make("full"), offline.context)
+    parser = RequestParser(offline, "tiny", refreekv.make("full"), offline.context)
     line = lambda cid, body: json.dumps({"custom_id": cid, "url": "/v1/completions", "body": body})  # noqa: E731
     lines = [
         line("ok1", {"prompt": [5, 6], "max_tokens": 6, "temperature": 0}),
@@ -342,16 +343,16 @@ def test_10_streamed_text_offsets_run_on_and_chat_bytes_are_the_tokens_own(serve
 def test_11_a_failed_step_leaves_no_stale_updates(offline, monkeypatch):
     from engine import core as core_mod
 
-    real = core_mod.prune.due
+    real = core_mod.pruning.due
     fail = {"left": 1}
 
     def due(running):
-        if fail["left"] and any(q.n_seen >= 3 for q in running):
+        if fail["left"] and any(q.n_accepted >= 3 for q in running):
             fail["left"] = 0
             raise RuntimeError("a failing step")
         return real(running)
 
-    monkeypatch.setattr(core_mod.prune, "due", due)
+    monkeypatch.setattr(core_mod.pruning, "due", due)
     with pytest.raises(RuntimeError, match="a failing step"):
         offline.generate([[5, 6, 7]], refreekv.make("full"), Sampling(max_new_tokens=10))
     assert offline.core.updates == {}
@@ -394,14 +395,14 @@ def test_13_a_preempted_sequence_keeps_its_pressure_replans_and_trace(tiny_ckpts
 
     from engine import core as core_mod
 
-    real, spy = core_mod.prune.replan, []
+    real, spy = core_mod.pruning.replan, []
 
-    def replan(core, seqs, pressure=False):
+    def replan(runner, seqs, pressure=False):
         if pressure:
-            spy.extend((q.key, q.stats.get("preempted", 0)) for q in seqs)
-        return real(core, seqs, pressure)
+            spy.extend((seq.key, seq.stats.get("preempted", 0)) for seq in seqs)
+        return real(runner, seqs, pressure)
 
-    monkeypatch.setattr(core_mod.prune, "replan", replan)
+    monkeypatch.setattr(core_mod.pruning, "replan", replan)
     eng = small_engine(tiny_ckpts["llama", False], 26, page_size=4, max_seqs=4)
     eng.eos = set()
     g = torch.Generator().manual_seed(7)
@@ -438,7 +439,7 @@ def test_14_malformed_values_are_400s_naming_their_field(served):
 def test_15_the_key_is_compared_in_constant_time(served, monkeypatch):
     import hmac
 
-    import engine.serve as serve
+    import engine.serve.app as serve
 
     calls = []
     real = hmac.compare_digest

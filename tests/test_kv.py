@@ -17,10 +17,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-from engine import attention
-from engine.attention import paged_decode_torch
+from engine.kernels import attention
+from engine.kernels.attention import paged_decode_torch
 from engine.kv import PagedKV
-from engine.scheduler import Scheduler, Sequence
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
 
 L, H, D = 2, 2, 4
 

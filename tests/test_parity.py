@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import hf_model, paged
 
+from engine.model import load_model
 from weights.errors import UserError
-from weights.loader import load_model
 
 FAMILIES = (
     "llama",

@@ -7,8 +7,8 @@ import torch
 from conftest import real_text
 from helpers import hf_model, paged
 
+from engine.model import load_model
 from engine.tokenizer import Tokenizer
-from weights.loader import load_model
 
 
 def nll(logits, ids):
@@ -51,7 +51,7 @@ def test_loading_keeps_no_second_copy_in_host_memory():
 
     path = ensure_bundled("qwen2.5-coder-0.5b-instruct")
     code = (
-        "import sys, torch; from weights.loader import load_model; print('ready', flush=True); "
+        "import sys, torch; from engine.model import load_model; print('ready', flush=True); "
         "sys.stdin.readline(); "
         f"m, c = load_model({str(path)!r}); "
         "print(sum(p.numel() * p.element_size() for p in m.parameters()), flush=True)"

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (engine/serve.py) driven over loopback by real clients: the
+"""The OpenAI-compatible server (engine/serve/) driven over loopback by real clients: the
 `openai` package, httpx, and lm-evaluation-harness's own `local-completions` model. Oracles:
 Engine.generate on a second engine (its own pool), and transformers for log-probabilities."""
 
@@ -361,7 +361,7 @@ BAD = [  # (what, method, path, body or raw bytes, headers, status, words in the
         {"prompt": [5, 256]},
         None,
         400,
-        "token id 256",
+        "outside the vocabulary [0, 256): 256",
         "prompt",
     ),
     (

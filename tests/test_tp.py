@@ -223,7 +223,7 @@ def test_a_rank_holds_about_its_share_of_host_memory():
 
     def peak(world):
         code = (
-            "from pathlib import Path; from weights.loader import load_model; "
+            "from pathlib import Path; from engine.model import load_model; "
             "anon = lambda: int(next(l.split()[1] "
             "for l in Path('/proc/self/status').read_text().splitlines() "
             "if l.startswith('RssAnon:'))) * 1024; b = anon(); "

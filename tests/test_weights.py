@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from weights.config import load_config, parse_config, rope_inv_freq
+from engine.model import load_model, rope_inv_freq
+from weights.config import load_config, parse_config
 from weights.errors import UserError
-from weights.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -186,7 +186,7 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path):
         (["--model", str(tmp_path / "nope"), "--prompt", "hi"], "no such model directory"),
         (
             ["--model", str(tiny_ckpts["llama", False]), "--prompt", "hi", "--temperature", "-1"],
-            "--temperature must be >= 0",
+            "--temperature must be in [0, 100.0]",
         ),
         (["--model", str(tiny_ckpts["llama", False]), "--prompt", "   "], "empty prompt"),
         (
@@ -253,7 +253,7 @@ def test_more_bad_inputs_are_one_line_errors(tiny_ckpts, tmp_path, capsys):
         (["--system", "be brief"], "--system needs the chat template"),
         (["--kv-args", "[1]"], "--kv-args must be a JSON object"),
         (["--kv-args", "{"], "--kv-args is not valid JSON"),
-        (["--kv-args", '{"protected": [-1]}'], "protected layers must be >= 0"),
+        (["--kv-args", '{"protected": [-1]}'], "protected layers must be layer indices >= 0"),
         (["--kv", "snapkv", "--threshold", "0.1"], "KV policy 'snapkv' has no knob 'threshold'"),
         (
             ["--kv", "streaming", "--budget", "2.5"],
@@ -424,7 +424,7 @@ def test_rope_scaling_equals_transformers(scaling, max_pos):
     import transformers as tf
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from weights.config import rope_attention_factor
+    from engine.model import rope_attention_factor
 
     shape = dict(
         hidden_size=3584,
@@ -469,7 +469,7 @@ def test_rope_kind_named_by_type_and_the_context_it_reaches(tiny_ckpts):
     assert Engine(str(path), device="cpu", max_length=1024, load=False).context == 1024
     # the stated length unless asked for more
     assert Engine(str(path), device="cpu", load=False).context == 512
-    with pytest.raises(UserError, match="--max-length 1025 exceeds the model's 1024 positions"):
+    with pytest.raises(UserError, match="^max_length 1025 exceeds the model's 1024 positions"):
         Engine(str(path), device="cpu", max_length=1025, load=False)
 
 

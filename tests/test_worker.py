@@ -1,11 +1,11 @@
-"""The server's engine thread (engine/worker.py): work handed to it runs on it, in queue order."""
+"""The server's engine thread (engine/serve/worker.py): work handed to it runs on it, in queue order."""
 
 import threading
 
 import pytest
 
 from engine.engine import Engine
-from engine.worker import Worker
+from engine.serve.worker import Worker
 
 
 def test_call_runs_on_the_engine_thread_and_returns_or_raises(tiny_ckpts):

@@ -1,7 +1,6 @@
 """ModelConfig: every knob of the supported families, read from an HF config.json."""
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,22 +181,6 @@ def _rope_scaling(cfg: dict, scaling, where: str) -> dict | None:
     return out
 
 
-def rope_attention_factor(c: ModelConfig) -> float:
-    """What cos/sin are multiplied by: YaRN's attention temperature, else 1."""
-    s = c.rope_scaling
-    if not s or s["rope_type"] != "yarn":
-        return 1.0
-    if "attention_factor" in s:
-        return s["attention_factor"]
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if s.get("mscale") and s.get("mscale_all_dim"):
-        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
-    return mscale(s["factor"])
-
-
 def _windows(family: str, cfg: dict, n_layers: int, where: str) -> tuple[int | None, list]:
     """Which layers attend through a sliding window, as transformers reads the config: Llama never
     (it ignores sliding_window), Mistral every layer, Qwen2 only with use_sliding_window, on the
@@ -247,38 +230,3 @@ def load_config(model_dir: Path) -> ModelConfig:
             raise UserError(f"{gen}: eos_token_id must be a token id or a list of them") from None
         c.eos_ids += [i for i in extra if i not in c.eos_ids]
     return c
-
-
-def rope_inv_freq(c: ModelConfig):
-    """Rotary inverse frequencies (fp32), with Llama 3.1 frequency scaling when configured."""
-    import torch
-
-    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
-    s = c.rope_scaling
-    if s and s["rope_type"] == "linear":
-        return (inv / s["factor"]).float()
-    if s and s["rope_type"] == "yarn":  # NTK-by-parts: interpolate the low frequencies, keep the high ones
-        d, base, orig = c.head_dim, c.rope_theta, s["original_max_position_embeddings"]
-
-        # the dimension whose wavelength fits `rotations` turns in the original context
-        def dim_of(rotations):
-            return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        lo, hi = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
-        if s["truncate"]:
-            lo, hi = math.floor(lo), math.ceil(hi)
-        lo, hi = max(lo, 0), min(hi, d - 1)
-        if lo == hi:
-            hi += 0.001
-        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
-        return (inv / s["factor"] * ramp + inv * (1 - ramp)).float()
-    if s:
-        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
-        inv = torch.where(medium, mid, scaled)
-    return inv.float()

@@ -99,17 +99,22 @@ def shard_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, world: int = 1):
-    """Build our Transformer for an HF checkpoint directory and load its weights; with world > 1,
-    rank `rank`'s shard only, read slice by slice (model.bytes_read counts what was read)."""
-    from engine.model import Transformer
+def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, world: int = 1, build=None):
+    """build(config) -> the model (engine/model.py's Transformer: engine.model.load_model passes it)
+    for an HF checkpoint directory, with its weights loaded; with world > 1, rank `rank`'s shard
+    only, read slice by slice (model.bytes_read counts what was read)."""
     from weights.shard import shard_config
+
+    if build is None:
+        raise TypeError(
+            "load_model needs build(config) -> model; engine.model.load_model passes the engine's"
+        )
 
     model_dir = Path(model_dir)
     c = load_config(model_dir)
     lc = shard_config(c, rank, world)
     with torch.device("meta"):
-        model = Transformer(lc).to(dtype)
+        model = build(lc).to(dtype)
         # becomes a view of the embedding below: allocate nothing for it
         if c.tie_embeddings and lc.head_rows:
             model.lm_head.weight = torch.nn.Parameter(torch.empty(0, c.dim, dtype=dtype), requires_grad=False)

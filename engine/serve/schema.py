@@ -1,10 +1,10 @@
-"""The OpenAI API's request and response shapes, shared by the server (engine/serve.py) and the
-offline batch runner (engine/run_batch.py).
+"""The OpenAI API's request shapes, shared by the server (engine/serve/app.py) and the offline batch
+runner (engine/serve/run_batch.py).
 
 A request body becomes a list of `Choice`s (one per prompt x n: token ids, Sampling, policy),
 each checked here, before anything reaches the engine: a bad field is an `ApiError` naming it,
 which becomes HTTP 400 in OpenAI's error shape. Results come back as `Result`s
-(engine/core.py) and engine/openai_responses.py shapes them into completion or chat-completion
+(engine/sequence.py) and engine/serve/responses.py shapes them into completion or chat-completion
 bodies, or stream chunks.
 
 Extensions beyond OpenAI's fields: `top_k`, and `kv`, the request's KV policy: a name
@@ -14,6 +14,7 @@ response carries the KV stats of its sequence (`kv`: policy, budget, pages).
 
 import json
 import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -53,6 +54,22 @@ class ApiError(Exception):
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def internal_error(what: str, detail: str) -> ApiError:
+    """A 500 whose body names an error id, not the cause: the cause goes to the server's log under it."""
+    eid = f"err-{uuid.uuid4().hex[:12]}"
+    print(f"[{eid}] {what}: {detail}", file=sys.stderr, flush=True)
+    return ApiError(f"{what} (error id {eid}: the server's log has the details)", status=500)
+
+
+def from_failure(f) -> ApiError:
+    """The engine thread's neutral Failure (engine/serve/worker.py) as an HTTP error."""
+    if f.kind == "shutdown":
+        return ApiError(f.message, status=503, kind="server_shutdown")
+    if f.kind == "invalid":
+        return ApiError(f.message)
+    return internal_error(f.message, f.detail)
 
 
 @dataclass
@@ -135,7 +152,7 @@ def _bool(body, name, default=False):
     return v
 
 
-class Parser:
+class RequestParser:
     """Turns request bodies into Jobs for one loaded engine (its tokenizer, context and pool)."""
 
     def __init__(self, eng, model_name: str, default_policy, max_tokens: int, max_choices: int = MAX_CHOICES):
@@ -179,9 +196,8 @@ class Parser:
             raise ApiError(f"'kv' must be a policy name or an object, got {json.dumps(spec)}", "kv")
         key = json.dumps([name, kw], sort_keys=True)
         if key not in self._policies:
-            try:
+            try:  # the model's own checks of it come with the prompt (_check)
                 pol = refreekv.make(name, **kw)
-                self.eng.check_policy(pol)
             except UserError as e:
                 raise ApiError(str(e), "kv") from None
             if pol.interval and pol.interval < MIN_INTERVAL:  # the engine thread is everyone's
@@ -266,14 +282,17 @@ class Parser:
         """The engine's own check of the whole request (Engine.check_request), as a 400 naming the
         field: a sampling setting by its name, the policy as kv, the pool fit as `param`."""
         try:
-            self.eng.check_request(len(ids), [policy], s)
+            self.eng.check_request(ids, [policy], s)
         except UserError as e:
             part = getattr(e, "part", None)
             if part == "sampling":
                 raise ApiError(str(e), str(e).split(" ", 1)[0]) from None
             if part == "policy":
                 raise ApiError(str(e), "kv") from None
-            raise ApiError(f"this request could never fit the KV pool: {e}", param) from None
+            if part == "ids":
+                raise ApiError(str(e), "prompt") from None
+            msg = str(e).replace("max_new_tokens", param)
+            raise ApiError(f"this request could never fit the KV pool: {msg}", param) from None
 
     def completion(self, body: dict) -> Job:
         model = self._model(body)
@@ -292,17 +311,8 @@ class Parser:
             )
         policy = self.policy(body.get("kv"))
         job = Job(False, model, [], stream, echo, lp, self._usage_opt(body, stream))
-        V = self.eng.config.vocab_size
         for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                ids, text = self.eng.tokenizer.encode(p), p
-            else:
-                bad = [t for t in p if not 0 <= t < V]
-                if bad:
-                    raise ApiError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})", "prompt")
-                ids, text = p, self.eng.tokenizer.decode(p) if echo else ""
-            if not ids:
-                raise ApiError("the prompt is empty", "prompt")
+            ids = self.eng.tokenizer.encode(p) if isinstance(p, str) else p
             s = self._sampling(
                 body,
                 len(ids),
@@ -311,7 +321,8 @@ class Parser:
                 lp,
                 lp if echo and lp is not None else (0 if echo and body.get("max_tokens") == 0 else None),
             )
-            self._check(ids, s, policy, "max_tokens")
+            self._check(ids, s, policy, "max_tokens")  # token ids included: then they decode
+            text = p if isinstance(p, str) else (self.eng.tokenizer.decode(p) if echo else "")
             for j in range(n):
                 sj = (
                     s

@@ -2,28 +2,54 @@
 
 It drains a queue of new requests and aborts between steps, steps the core while anything runs
 and blocks on the queue when idle; each request's updates go to the sink its HTTP handler gave
-(called on this thread). Under tensor parallelism rank 0's worker shares what it applied with
-the other ranks before every step, and `follow` is their loop. `prometheus` renders its figures.
+(called on this thread). What it cannot serve it reports as a neutral Failure, which the HTTP
+side turns into an error response. Under tensor parallelism rank 0's worker shares the operations
+it applied with the other ranks before every step, and `follow` is their loop.
 """
 
 import itertools
 import queue
-import sys
 import threading
 import traceback
-import uuid
+from dataclasses import dataclass
 
-from engine.openai_api import ApiError
 from weights.errors import UserError
 
 MAX_QUEUED = 1024  # sequences in the server at once (queued, waiting or running); the server's --max-queued
 
 
-def internal_error(what: str, detail: str) -> ApiError:
-    """A 500 whose body names an id, not the cause: the cause goes to the server's log under it."""
-    eid = f"err-{uuid.uuid4().hex[:12]}"
-    print(f"[{eid}] {what}: {detail}", file=sys.stderr, flush=True)
-    return ApiError(f"{what} (error id {eid}: the server's log has the details)", status=500)
+@dataclass
+class Failure:
+    """A request the engine thread could not serve: kind "invalid" (it no longer passes the engine's
+    checks), "shutdown", or "engine" (a step failed; `detail` holds the traceback)."""
+
+    kind: str
+    message: str
+    detail: str = ""
+
+
+# the operations rank 0 applied before a step, in order (tensor parallel: every rank applies them)
+@dataclass
+class Add:
+    rid: int
+    prompt: list
+    policy: object
+    sampling: object
+
+
+@dataclass
+class Abort:
+    rid: int
+
+
+@dataclass
+class Reset:
+    pass
+
+
+@dataclass
+class Stop:
+    pass
 
 
 class Worker:
@@ -32,7 +58,7 @@ class Worker:
     def __init__(self, eng, max_queued: int = MAX_QUEUED):
         self.eng, self.core = eng, eng.core
         self.inbox: queue.Queue = queue.Queue()
-        self.sinks: dict = {}  # request id -> callable(update or ApiError), called on the engine thread
+        self.sinks: dict = {}  # request id -> callable(Update or Failure), called on the engine thread
         self._ids = itertools.count(1)
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.stopping = False
@@ -41,7 +67,7 @@ class Worker:
         self.max_queued, self.outstanding = max_queued, 0
         self._lock = threading.Lock()
         # what this iteration applied to the core (tensor parallel: shared with every rank)
-        self.ops: list = []
+        self.ops: list = []  # Add / Abort / Reset / Stop
         self.snapshot = self._metrics()
 
     def start(self):
@@ -65,7 +91,7 @@ class Worker:
             self.outstanding -= k
 
     def submit(self, choices, sink) -> list[int]:
-        """Queue a job's choices (reserve() them first); sink(update or ApiError) runs on the
+        """Queue a job's choices (reserve() them first); sink(Update or Failure) runs on the
         engine thread."""
         rids = [next(self._ids) for _ in choices]
         self.inbox.put(("add", list(zip(rids, choices)), sink))
@@ -124,9 +150,8 @@ class Worker:
             if self.stopping:  # whatever is still in flight is cancelled
                 for rid in list(self.sinks):
                     self._abort(rid)
-                    err = ApiError("the server is shutting down", status=503, kind="server_shutdown")
-                    self._drop(rid)(err)
-                self.ops.append(("stop",))
+                    self._drop(rid)(Failure("shutdown", "the server is shutting down"))
+                self.ops.append(Stop())
                 self._share()
                 self.snapshot = self._metrics()
                 return
@@ -149,11 +174,11 @@ class Worker:
             # no request's own failure gets here (policies, admission: engine/core.py): a device or
             # engine error fails the batch in flight, is logged, and the server goes on
             self.failures += 1
-            err = internal_error("the engine failed", "".join(traceback.format_exception(e)))
+            err = Failure("engine", "the engine failed", "".join(traceback.format_exception(e)))
             for rid in list(self.sinks):
                 self._drop(rid)(err)
             self.core.reset()
-            self.ops.append(("reset",))
+            self.ops.append(Reset())
             return
         for u in updates:
             sink = self.sinks.get(u.key)
@@ -173,7 +198,7 @@ class Worker:
 
     def _abort(self, rid):
         if self.core.abort(rid):
-            self.ops.append(("abort", rid))
+            self.ops.append(Abort(rid))
 
     def _add(self, pairs, sink):
         for n, (rid, c) in enumerate(pairs):
@@ -184,9 +209,9 @@ class Worker:
                     self._abort(r)
                     self._drop(r)
                 self._release(len(pairs) - n)  # the ones never added
-                sink(ApiError(str(e)))
+                sink(Failure("invalid", str(e)))
                 return
-            self.ops.append(("add", rid, c.prompt, c.policy, c.sampling))
+            self.ops.append(Add(rid, c.prompt, c.policy, c.sampling))
             self.sinks[rid] = sink
 
     def _metrics(self) -> dict:
@@ -208,26 +233,6 @@ class Worker:
         )
 
 
-METRICS = [  # name, type, help, snapshot key
-    ("refreekv_requests_running", "gauge", "Sequences in the running batch", "running"),
-    ("refreekv_requests_waiting", "gauge", "Sequences waiting for admission", "waiting"),
-    ("refreekv_kv_pages_used", "gauge", "KV pool pages in use", "pages_used"),
-    ("refreekv_kv_pages_free", "gauge", "KV pool pages free", "pages_free"),
-    ("refreekv_kv_pages_total", "gauge", "KV pool pages", "pages_total"),
-    ("refreekv_preemptions_total", "counter", "Sequences preempted (pages ran out)", "preemptions"),
-    ("refreekv_generation_tokens_total", "counter", "Tokens generated by finished sequences", "new_tokens"),
-    ("refreekv_requests_total", "counter", "Sequences added", "requests"),
-    (
-        "refreekv_kv_budget_mean",
-        "gauge",
-        "Mean KV budget after pruning (kept / prompt) over admitted sequences",
-        "budget_mean",
-    ),
-    ("refreekv_engine_steps_total", "counter", "Engine steps", "steps"),
-    ("refreekv_engine_failures_total", "counter", "Engine steps that raised", "failures"),
-]
-
-
 def follow(eng):
     """A tensor-parallel rank other than 0: apply what rank 0's worker applied, step as it steps."""
     import torch.distributed as dist
@@ -237,11 +242,11 @@ def follow(eng):
         box = [None]
         dist.broadcast_object_list(box, src=0, group=eng.tp.cpu_group)
         for op in box[0]:
-            if op[0] == "add":
-                core.add_request(op[2], op[3], op[4], rid=op[1])
-            elif op[0] == "abort":
-                core.abort(op[1])
-            elif op[0] == "reset":
+            if isinstance(op, Add):
+                core.add_request(op.prompt, op.policy, op.sampling, rid=op.rid)
+            elif isinstance(op, Abort):
+                core.abort(op.rid)
+            elif isinstance(op, Reset):
                 core.reset()
             else:
                 return
@@ -250,10 +255,3 @@ def follow(eng):
                 core.step()
             except Exception:  # noqa: BLE001 - rank 0 failed the same step and resets everyone
                 core.reset()
-
-
-def prometheus(snap: dict) -> str:
-    lines = []
-    for name, kind, help_, key in METRICS:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {snap[key]}"]
-    return "\n".join(lines) + "\n"

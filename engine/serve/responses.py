@@ -1,7 +1,7 @@
 """OpenAI API responses: completion and chat-completion bodies, stream chunks and their logprobs,
-shaped from the core's Results for the Jobs engine/openai_api.py parsed (the server and run_batch)."""
+shaped from the core's Results for the Jobs engine/serve/schema.py parsed (the server and run_batch)."""
 
-from engine.openai_api import Job
+from engine.serve.schema import Job
 
 
 def kv_stats(result) -> dict:

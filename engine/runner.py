@@ -1,0 +1,124 @@
+"""The model on its device: the paged pool, the prefill and decode steps (compiled or eager) and the
+device helpers the core shares. Below the core: it knows nothing of requests or policies.
+
+Compiled (CUDA only, opt-in): the decode step with the batch symbolic (dynamic=True) and CUDA graphs,
+one recording per batch-size bucket (a power of two), the page tables and lengths static inputs;
+prefill with dynamic prompt length and batch but no CUDA graphs (one program per probe width, i.e.
+per policy). Policies' plans run eagerly: once per admitted batch, a few dozen small ops, and a
+researcher's Python control flow would otherwise recompile per prompt length.
+"""
+
+import os
+
+import torch
+
+from engine.kernels.attention import pow2
+
+
+class Runner:
+    def __init__(self, model, kv, config, local, tp, dev: torch.device, compiled: bool):
+        self.model, self.kv, self.config, self.local, self.tp, self.dev = model, kv, config, local, tp, dev
+        self.cuda = dev.type == "cuda"
+        self.compiled = compiled
+        # eager prefill packs the prompts end to end (no padding, attention per prompt); compiled
+        # prefill keeps right-padded static shapes (REFREEKV_PREFILL=padded forces those eagerly too)
+        self.packed = not compiled and os.environ.get("REFREEKV_PREFILL", "packed") != "padded"
+        self.decode_step, self.prefill_step = _decode_step, _prefill_step
+        if compiled:
+            self._compile()
+
+    def _compile(self):
+        import torch._dynamo.config as dynamo_config
+        import torch.fx.experimental._config as fx_config
+
+        # no duck shaping: a prompt of 16 tokens must not be unified with the page size 16 (or a
+        # batch of 2 with 2 KV heads) and so compile a program for that length alone
+        fx_config.use_duck_shape = False
+        # the model's floats (norm eps) as constants: traced as CPU scalars they would split the
+        # CUDA graph; and room for every prefill program (probe width x batch 1 / more x dtype)
+        # before dynamo's limit, past which it would run eagerly without a word
+        if hasattr(dynamo_config, "specialize_float"):
+            dynamo_config.specialize_float = True
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        # module-level wrappers, not the no_grad-decorated methods themselves: the decorator's inner
+        # function would be one code object (one cache, one recompile budget) for both
+        mode = "reduce-overhead" if self.cuda else None
+        self.decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=True, mode=mode)
+        if not self.config.sliding_window:  # the windowed prefill loops over query chunks: compiled,
+            # it would specialise on the prompt length (one program per length); eager it is matmul-bound
+            self.prefill_step = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
+
+    # ------------------------------------------------------------------------------- the steps
+    def bucket(self, n: int) -> int:
+        """The batch a decode step of n sequences runs at (a CUDA-graph bucket when compiled)."""
+        return pow2(n) if self.cuda and self.compiled else n
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step of the running slots [0, n): tokens [n] -> logits [n, V]."""
+        kv, n = self.kv, tokens.shape[0]
+        nb = self.bucket(n)
+        toks = tokens if nb == n else torch.cat([tokens, tokens.new_zeros(nb - n)])
+        # the PyTorch attention reads `span` pages; under CUDA graphs a changing host value would
+        # re-record per span, so there it reads the whole table (a debugging path on GPUs)
+        span = None if kv.triton or (self.cuda and self.compiled) else max(1, int(kv.h_pages[:, :n].max()))
+        return self.decode_step(self.model, toks, kv, span)[:n]
+
+    def prefill(self, prompts: list[list[int]], slots: list[int], rows: int, hidden: bool, note=None):
+        """Prefill prompts into the pages of their slots: (last-token logits [B, V], the probe
+        [L, B, H, rows, N] over every query head or None, and with `hidden` the final hidden
+        states [T, dim] with each prompt's (token ids, first row) in them). note(layers_done,
+        layers) follows a long eager prefill."""
+        lens_l = [len(p) for p in prompts]
+        B, N, dev = len(prompts), max(lens_l), self.dev
+        src = torch.tensor(slots, device=dev)
+        if self.packed:  # eager: the prompts end to end, no padding
+            flat = torch.tensor([t for p in prompts for t in p], device=dev)
+            logits, probe, *states = self.model.prefill_packed(flat, lens_l, self.kv, src, rows, hidden, note)
+            starts = [sum(lens_l[:b]) for b in range(B)]
+            where = [(flat, starts[b]) for b in range(B)]
+        else:  # right-padded to the longest prompt (static shapes)
+            tokens = torch.zeros(B, N, dtype=torch.long)  # right padding: never read, never a sink
+            for b, p in enumerate(prompts):
+                tokens[b, : lens_l[b]] = torch.tensor(p)
+            tokens = tokens.to(dev)
+            lens = torch.tensor(lens_l, device=dev)
+            logits, probe, states = self.prefill_step(self.model, tokens, lens, self.kv, src, rows, hidden)
+            states = [] if states is None else [states.flatten(0, 1)]
+            where = [(tokens.flatten(), b * N) for b in range(B)]
+        if self.tp.on and probe is not None:
+            probe = self.tp.gather(probe, 2)  # every query head: each policy plans as on one process
+        return logits, probe, (states[0] if states else None), where
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over hidden states [n, dim] (prompt log-probabilities)."""
+        return self.model._logits(h)
+
+    # --------------------------------------------------------------------------- device helpers
+    def dev_long(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long, pin_memory=self.cuda)
+        return t.to(self.dev, non_blocking=True) if self.cuda else t
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A device tensor's values on the host, without waiting (read them after the step's event)."""
+        if not self.cuda:
+            return t
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        return h
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+
+def _decode_step(model, tokens, kv, span):
+    return model.decode(tokens, kv, span)
+
+
+def _prefill_step(model, tokens, lens, kv, slots, probe_rows, hidden=False):
+    """(logits, probe, hidden states or None)."""
+    if hidden:
+        return model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows, hidden=True)
+    return (*model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows), None)
