@@ -28,7 +28,7 @@ import torch
 import refreekv
 from engine import pruning
 from engine.admission import admit
-from engine.sampling import Sampling, sample_rows
+from engine.sampling import Sampling, choose
 from engine.scheduler import Scheduler
 from engine.sequence import Result, Sequence, Update
 from engine.tokenizer import Detok, find_stop, stop_prefix
@@ -324,55 +324,15 @@ class Core:
 
     # --------------------------------------------------------------------------- tokens
     def choose(self, logits, seqs, live) -> torch.Tensor:
-        """Tokens from logits [n, V] for seqs: forced where a sequence has one left, else sampled
-        with each sequence's own settings."""
-        runner = self.runner
+        """Tokens from logits [n, V] for seqs (engine/sampling.py: choose), after the research hook."""
         rows = [i for i, lv in enumerate(live) if lv]  # draining rows' logits are padding
         if self.on_logits is not None and rows:
             self.on_logits(
                 [seqs[i].key for i in rows],
                 [seqs[i].n_chosen for i in rows],
-                logits if len(rows) == len(seqs) else logits[runner.dev_long(rows)],
+                logits if len(rows) == len(seqs) else logits[self.runner.dev_long(rows)],
             )
-        ss = [seq.sampling for seq in seqs]
-        if any(sp.temperature > 0 for sp in ss):
-            dev = logits.device
-            params = torch.tensor([[sp.temperature, sp.top_k, sp.top_p] for sp in ss], dtype=torch.float64)
-            keys = torch.tensor(
-                [[seq.seed & 0xFFFFFFFF, seq.seed >> 32, seq.n_chosen] for seq in seqs], dtype=torch.long
-            )
-            params, keys = (
-                t.pin_memory().to(dev, non_blocking=True) if runner.cuda else t for t in (params, keys)
-            )
-            filtered = any(sp.temperature > 0 and (sp.top_k or sp.top_p < 1) for sp in ss)
-            tok = sample_rows(logits, params, keys, filtered)
-        else:
-            tok = logits.argmax(-1)
-        forced = [
-            (i, seq.forced[seq.n_chosen])
-            for i, seq in enumerate(seqs)
-            if live[i] and seq.n_chosen < len(seq.forced)
-        ]
-        if forced:
-            at, val = zip(*forced)
-            tok = tok.index_put((runner.dev_long(list(at)),), runner.dev_long(list(val)))
-        tp = runner.tp
-        if tp.on:
-            tok = tp.broadcast(tok)  # rank 0's tokens everywhere
-        want = [i for i, seq in enumerate(seqs) if live[i] and seq.logprobs is not None]
-        if want:  # the chosen token's log-probability and the top ones, under the raw model distribution
-            k = max(seqs[i].sampling.logprobs for i in want)
-            lp = logits[runner.dev_long(want)].float().log_softmax(-1)
-            top = lp.topk(k, -1) if k else None
-            chosen = lp.gather(-1, tok[runner.dev_long(want)][:, None])
-            vals = chosen if top is None else torch.cat([chosen, top.values], -1)
-            ids = None if top is None else top.indices
-            vals, ids = (None if t is None else runner.to_host(t) for t in (vals, ids))
-            for r, i in enumerate(want):
-                seqs[i].lp.append((vals, ids, r))
-        for seq, lv in zip(seqs, live):
-            seq.n_chosen += lv
-        return tok
+        return choose(self.runner, logits, seqs, live)
 
     def accept(self, seq: Sequence, tok: int) -> bool:
         """A token read back for seq; returns True when seq is done."""
@@ -459,46 +419,3 @@ class Core:
         grp = self._groups.get(seq.idx)
         if grp is not None and all(x.done for x in grp):
             del self._groups[seq.idx]
-
-    # -------------------------------------------------------------------------- figures
-    def workload(self, groups) -> dict:
-        """The figures of a workload (one generate call) since reset_workload()."""
-        runner, kv, w, sched = self.runner, self.kv, self.w, self.sched
-        wall = time.perf_counter() - w["t0"]
-        peak = torch.cuda.max_memory_allocated(runner.dev) if runner.cuda else _rss()
-        seqs = [seq for grp in groups for seq in grp]
-        new_tokens = sum(len(seq.out) for seq in seqs)
-        steps = w["steps"]
-        pb = w["pool_bound_steps"]
-        return dict(
-            requests=len(groups),
-            sequences=len(seqs),
-            policies=sorted({seq.policy.name for seq in seqs}),
-            new_tokens=new_tokens,
-            steps=steps,
-            wall_s=wall,
-            tok_s=new_tokens / wall if wall else 0.0,
-            req_s=len(groups) / wall if wall else 0.0,
-            pool_pages=kv.n_pages,
-            page_size=kv.ps,
-            peak_pages=w["peak_pages"],
-            peak_concurrent=w["peak_seqs"],
-            mean_concurrent=w["live_sum"] / steps if steps else 0.0,
-            pool_bound_steps=pb,  # steps while requests waited for pages
-            mean_concurrent_pool_bound=w["pool_bound_sum"] / pb if pb else None,
-            preemptions=sched.preemptions - w["preemptions0"],
-            admission_waits=sched.waits - w["waits0"],
-            # each sequence's pages at its last admission (a preempted one is counted once)
-            pages_after_prefill=sum(seq.stats.get("pages_after_prefill", 0) for seq in seqs),
-            pages_after_pruning=sum(seq.stats.get("pages_after_pruning", 0) for seq in seqs),
-            peak_memory_bytes=peak,
-            # launch-to-launch intervals: the host waits on step t-1 before launching t+1, so in
-            # steady state each interval is one device step (prefills show up as outliers)
-            step_ms=[1e3 * (b - a) for a, b in zip(w["launches"], w["launches"][1:])],
-        )
-
-
-def _rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

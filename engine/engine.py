@@ -26,6 +26,7 @@ import torch
 
 import refreekv
 from engine.core import Core
+from engine.figures import workload
 from engine.kernels.attention import pow2
 from engine.kernels.gemv import gemv, use_gemv
 from engine.kv import PagedKV
@@ -301,27 +302,33 @@ class Engine(Limits):
             key = (lambda k: (slot_of[k[0]], k[1])) if fan else (lambda k: slot_of[k])
             if on_logits is not None:
                 core.on_logits = lambda keys, steps, lg: on_logits([key(k) for k in keys], steps, lg)
-            results = {}
-            while core.busy():
-                for u in core.step():
-                    if on_token is not None and (u.tokens or u.result is not None):
-                        on_token(key(u.key), u.text)
-                    if u.result is not None:
-                        results[key(u.key)] = u.result
-                        if on_finish is not None:
-                            on_finish(key(u.key), u.result)
+            results = _drive(core, key, on_token, on_finish)
         except BaseException:
             core.reset()  # an error or an interrupt mid-generation: the pool is whole again for the next call
             raise
         finally:
             core.on_logits, core.probe_rows = None, 0
-        self.stats = core.workload(groups)
+        self.stats = workload(core, groups)
         peak = self.stats["peak_memory_bytes"]
         for r in results.values():
             r.stats["peak_memory_bytes"] = peak
         if fan:
             return [[results[i, j] for j in range(len(policies))] for i in range(len(prompts))]
         return [results[i] for i in range(len(prompts))]
+
+
+def _drive(core, key, on_token, on_finish) -> dict:
+    """Step the core until it is idle: every Result by key(request key), the hooks called as it goes."""
+    results = {}
+    while core.busy():
+        for u in core.step():
+            if on_token is not None and (u.tokens or u.result is not None):
+                on_token(key(u.key), u.text)
+            if u.result is not None:
+                results[key(u.key)] = u.result
+                if on_finish is not None:
+                    on_finish(key(u.key), u.result)
+    return results
 
 
 def _ram_gib() -> float | None:

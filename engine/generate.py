@@ -52,6 +52,15 @@ def parse_args(argv=None):
         prog="python -m engine.generate", description=__doc__, epilog=EPILOG, formatter_class=Formatter
     )
     add_common(p, " (converted once from its pip package)")
+    _input_flags(p)
+    _sampling_flags(p)
+    add_policy_flags(p)
+    add_engine_flags(p)
+    _output_flags(p)
+    return p.parse_args(argv)
+
+
+def _input_flags(p):
     # both append to one list, so a batch keeps the command line's order
     p.add_argument(
         "--prompt",
@@ -85,6 +94,9 @@ def parse_args(argv=None):
     )
     mode.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
     p.add_argument("--system", metavar="TEXT", help="system message for --chat")
+
+
+def _sampling_flags(p):
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -121,8 +133,9 @@ def parse_args(argv=None):
         help=r"stop string (repeatable); "
         r"the escapes \n \t \r \\ are read, so --stop '\n' stops at a newline",
     )
-    add_policy_flags(p)
-    add_engine_flags(p)
+
+
+def _output_flags(p):
     p.add_argument(
         "--truncate", choices=["middle"], help="middle-truncate prompts that do not fit (default: an error)"
     )
@@ -132,7 +145,6 @@ def parse_args(argv=None):
         metavar="PATH",
         help="write one JSON object per prompt: prompt index, text, tokens, finish reason, stats",
     )
-    return p.parse_args(argv)
 
 
 def summary(st: dict, per_rank: bool = False) -> str:
@@ -357,27 +369,12 @@ def _main(argv, rank0) -> int:
         from engine.chat import interactive
 
         return interactive(eng, policy, s, a)
-    ids = []
-    for i, p in enumerate(prompts):
-        whole = eng.encode(p, a.chat, a.system)
-        cut = eng.fit(whole, s.max_new_tokens, a.truncate)
-        if len(cut) < len(whole) and warn:
-            warn(f"prompt {i}: --truncate middle dropped {len(whole) - len(cut)} of its {len(whole)} tokens")
-        ids.append(cut)
+    ids = _encode(eng, prompts, a, s, warn)
     eng.check_policy(policy)
     budget = getattr(policy, "budget", None)
     if warn and budget is not None and budget > 1 and budget >= max(map(len, ids)):
         warn(f"--budget {budget:g} tokens is at least every prompt's length: every token is kept (100%)")
-    if eng.kv_memory is None and not eng.cuda:
-        eng.kv_memory = eng.needed_gib([len(p) + s.max_new_tokens for p in ids[: eng.max_seqs]])
-    elif eng.kv_memory is not None and warn:
-        asked = eng.pool_pages()
-        usable = eng.usable_pages()
-        if asked is not None and usable < eng.requested_pages():
-            warn(
-                f"--kv-memory {eng.kv_memory:g} GiB capped to {eng.pool_gib(usable):.2f} GiB: all that "
-                f"{eng.max_seqs} sequences of {eng.context} tokens can use"
-            )
+    _size_pool(eng, ids, s, warn)
     eng.check_fits(ids, s.max_new_tokens)  # before the weights load, where the pool size is known
     eng.load()
     out = sys.stderr if rank0 else open(os.devnull, "w")
@@ -395,6 +392,32 @@ def _main(argv, rank0) -> int:
         eng.generate(ids, policy, s)
         return 0
     return run(a, eng, policy, s, ids)
+
+
+def _encode(eng, prompts, a, s, warn) -> list[list[int]]:
+    """Each prompt's token ids, through the chat template unless --raw, middle-truncated when asked."""
+    ids = []
+    for i, p in enumerate(prompts):
+        whole = eng.encode(p, a.chat, a.system)
+        cut = eng.fit(whole, s.max_new_tokens, a.truncate)
+        if len(cut) < len(whole) and warn:
+            warn(f"prompt {i}: --truncate middle dropped {len(whole) - len(cut)} of its {len(whole)} tokens")
+        ids.append(cut)
+    return ids
+
+
+def _size_pool(eng, ids, s, warn):
+    """On CPU without --kv-memory, the pool the prompts need at most; a --kv-memory past what can
+    be used is capped, with a word."""
+    if eng.kv_memory is None and not eng.cuda:
+        eng.kv_memory = eng.needed_gib([len(p) + s.max_new_tokens for p in ids[: eng.max_seqs]])
+    elif eng.kv_memory is not None and warn:
+        usable = eng.usable_pages()
+        if eng.pool_pages() is not None and usable < eng.requested_pages():
+            warn(
+                f"--kv-memory {eng.kv_memory:g} GiB capped to {eng.pool_gib(usable):.2f} GiB: all that "
+                f"{eng.max_seqs} sequences of {eng.context} tokens can use"
+            )
 
 
 if __name__ == "__main__":

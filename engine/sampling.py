@@ -1,5 +1,6 @@
-"""Choosing tokens: the per-request sampling settings and the sync-free, vectorised sampler
-(turning tokens into text, stop strings included, is engine/tokenizer.py's)."""
+"""Choosing tokens: the per-request sampling settings, the sync-free vectorised sampler, and
+`choose` (forced tokens, sampling, log-probabilities for a batch of sequences). Turning tokens
+into text, stop strings included, is engine/tokenizer.py's."""
 
 import math
 from dataclasses import dataclass, field
@@ -124,3 +125,46 @@ def exp_noise(keys, V: int):
     h2 = _mix(h1 ^ 0x9E3779B9)
     u = ((h1 >> 6).double() * 2.0**27 + (h2 >> 5).double() + 0.5) / 2.0**53  # (0, 1)
     return (-torch.log(u)).float()
+
+
+def choose(runner, logits, seqs, live) -> torch.Tensor:
+    """The next token of each sequence from logits [n, V]: forced where it has one left, else
+    sampled with its own settings (greedy when no row samples); its log-probability and the top
+    ones when it asked for them (the raw model distribution), on their way to the host. live[i]:
+    sequence i is fed this step (a draining row's logits are padding). runner: engine/runner.py."""
+    ss = [seq.sampling for seq in seqs]
+    if any(sp.temperature > 0 for sp in ss):
+        params = torch.tensor([[sp.temperature, sp.top_k, sp.top_p] for sp in ss], dtype=torch.float64)
+        keys = torch.tensor(
+            [[seq.seed & M32, seq.seed >> 32, seq.n_chosen] for seq in seqs], dtype=torch.long
+        )
+        if runner.cuda:
+            params, keys = (t.pin_memory().to(logits.device, non_blocking=True) for t in (params, keys))
+        filtered = any(sp.temperature > 0 and (sp.top_k or sp.top_p < 1) for sp in ss)
+        tok = sample_rows(logits, params, keys, filtered)
+    else:
+        tok = logits.argmax(-1)
+    forced = [
+        (i, seq.forced[seq.n_chosen])
+        for i, seq in enumerate(seqs)
+        if live[i] and seq.n_chosen < len(seq.forced)
+    ]
+    if forced:
+        at, val = zip(*forced)
+        tok = tok.index_put((runner.dev_long(list(at)),), runner.dev_long(list(val)))
+    if runner.tp.on:
+        tok = runner.tp.broadcast(tok)  # rank 0's tokens everywhere
+    want = [i for i, seq in enumerate(seqs) if live[i] and seq.logprobs is not None]
+    if want:
+        k = max(seqs[i].sampling.logprobs for i in want)
+        lp = logits[runner.dev_long(want)].float().log_softmax(-1)
+        top = lp.topk(k, -1) if k else None
+        chosen = lp.gather(-1, tok[runner.dev_long(want)][:, None])
+        vals = chosen if top is None else torch.cat([chosen, top.values], -1)
+        ids = None if top is None else top.indices
+        vals, ids = (None if t is None else runner.to_host(t) for t in (vals, ids))
+        for r, i in enumerate(want):
+            seqs[i].lp.append((vals, ids, r))
+    for seq, lv in zip(seqs, live):
+        seq.n_chosen += lv
+    return tok

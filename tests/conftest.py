@@ -42,6 +42,35 @@ def tiny_ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def chat_tiny(tiny_ckpts, tmp_path_factory):
+    """The tiny Llama with a chat template and the tokenizer_config.json transformers' AutoTokenizer
+    needs (the server's tests)."""
+    from helpers import chat_ready
+
+    return chat_ready(tiny_ckpts["llama", False], tmp_path_factory.mktemp("chat") / "llama")
+
+
+@pytest.fixture(scope="module")
+def offline(chat_tiny):
+    """An engine on chat_tiny, the server tests' oracle (one per module)."""
+    from helpers import serve_engine
+
+    return serve_engine(chat_tiny)
+
+
+@pytest.fixture(scope="module")
+def served(chat_tiny):
+    """engine/serve's app over chat_tiny on loopback (refreekv T = 0.2, key SERVE_KEY, 0.25 MB bodies)."""
+    from helpers import SERVE_KEY, Served, serve_engine
+
+    import refreekv
+
+    policy = refreekv.make("refreekv", threshold=0.2)
+    with Served(serve_engine(chat_tiny), policy, "tiny", api_key=SERVE_KEY, max_body_mb=0.25) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
 def smollm():
     """The bundled default real model (SmolLM2-135M-Instruct), converted once into the cache."""
     from weights.bundled import ensure_bundled

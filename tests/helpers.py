@@ -1,9 +1,22 @@
-"""Shared test helpers: tiny random checkpoints written by transformers (the oracle), a paged pool
-for driving the model directly, and the Hypothesis example counts."""
+"""Shared test helpers (the one module tests import from): tiny random checkpoints written by
+transformers (the oracle) and as GGUF, engines with a pool of a given size, the CLI in a
+subprocess, the server on loopback, a paged pool for driving the model directly, Hypothesis
+strategies for probes and budgets, and the example counts."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
+from hypothesis import strategies as st
+
+from engine.engine import Engine
+from engine.kv import page_bytes
+from refreekv import Probe
+from weights.gguf_tokenizer import _bytes_to_unicode
 
 TINY = dict(
     vocab_size=256,
@@ -190,3 +203,199 @@ def chat_ready(src, dst):
     (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (dst / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     return dst
+
+
+# ------------------------------------------------ moved here from the test modules that shared them
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None):
+    e = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.generate", *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def gib(pages, c, page_size, dtype=torch.float32):
+    return pages * page_bytes(page_size, c.head_dim, dtype) / 2**30
+
+
+def small_engine(path, pages_per_row, page_size=4, max_seqs=4):
+    """An engine whose pool holds `pages_per_row` pages for each (layer, KV head) row."""
+    from weights.config import load_config
+
+    c = load_config(path)
+    pages = pages_per_row * c.n_layers * c.n_kv_heads
+    return Engine(
+        str(path), device="cpu", kv_memory=gib(pages, c, page_size), max_seqs=max_seqs, page_size=page_size
+    )
+
+
+def _byte_alphabet() -> list[str]:
+    return list(_bytes_to_unicode().values())
+
+
+def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (what our converter must undo)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_TINY = dict(hidden=32, heads=4, kv=2, ffn=64, layers=2)
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+MERGES = ["Ġ t", "h e", "Ġt he", "1 2"]
+
+
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    *,
+    tied: bool = True,
+    pre: str = "smollm",
+    bad_quant_tensor: str | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Write a small random model as GGUF; return the HF-layout tensors it should convert back to."""
+    rng = np.random.default_rng(seed)
+    h, nh, kv, ffn, nl = (GGUF_TINY[k] for k in ("hidden", "heads", "kv", "ffn", "layers"))
+    hd = h // nh
+    tokens = SPECIALS + _byte_alphabet() + ["Ġt", "he", "Ġthe", "12", "<tool_call>"]
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS) - 1) + [4]
+    vocab = len(tokens)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(nl)
+    w.add_context_length(128)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(nh)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    if arch == "llama":
+        w.add_rope_dimension_count(hd)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    hf: dict[str, np.ndarray] = {}
+    gg: list[tuple[str, np.ndarray]] = []
+
+    def put(gname, hname, arr, stored=None):
+        hf[hname] = arr
+        gg.append((gname, arr if stored is None else stored))
+
+    put("token_embd.weight", "model.embed_tokens.weight", r(vocab, h))
+    for i in range(nl):
+        p, q = f"blk.{i}.", f"model.layers.{i}."
+        wq, wk = r(nh * hd, h), r(kv * hd, h)
+        if arch == "llama":
+            put(p + "attn_q.weight", q + "self_attn.q_proj.weight", wq, _llamacpp_permute(wq, nh))
+            put(p + "attn_k.weight", q + "self_attn.k_proj.weight", wk, _llamacpp_permute(wk, kv))
+        else:
+            put(p + "attn_q.weight", q + "self_attn.q_proj.weight", wq)
+            put(p + "attn_k.weight", q + "self_attn.k_proj.weight", wk)
+            put(p + "attn_q.bias", q + "self_attn.q_proj.bias", r(nh * hd))
+            put(p + "attn_k.bias", q + "self_attn.k_proj.bias", r(kv * hd))
+            put(p + "attn_v.bias", q + "self_attn.v_proj.bias", r(kv * hd))
+        put(p + "attn_v.weight", q + "self_attn.v_proj.weight", r(kv * hd, h))
+        put(p + "attn_output.weight", q + "self_attn.o_proj.weight", r(h, nh * hd))
+        put(p + "ffn_gate.weight", q + "mlp.gate_proj.weight", r(ffn, h))
+        put(p + "ffn_up.weight", q + "mlp.up_proj.weight", r(ffn, h))
+        put(p + "ffn_down.weight", q + "mlp.down_proj.weight", r(h, ffn))
+        put(p + "attn_norm.weight", q + "input_layernorm.weight", r(h))
+        put(p + "ffn_norm.weight", q + "post_attention_layernorm.weight", r(h))
+    put("output_norm.weight", "model.norm.weight", r(h))
+    if not tied:
+        put("output.weight", "lm_head.weight", r(vocab, h))
+
+    for name, arr in gg:
+        if name == bad_quant_tensor:
+            # raw bytes of a type gguf 0.19 cannot dequantize (Q8_1: 32 values in 40 bytes)
+            qt = gguf.GGMLQuantizationType.Q8_1
+            block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+            raw = np.zeros((arr.shape[0], arr.shape[1] // block * nbytes), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=qt)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def probe(attn, lens, n_kv_heads=1):
+    attn = torch.as_tensor(attn, dtype=torch.float32)
+    L, B, H, w, N = attn.shape
+    return Probe(attn, torch.as_tensor(lens), L, n_kv_heads, N)
+
+
+@st.composite
+def probes(draw, w=None, max_n=30):
+    """Dyadic attention (multiples of 1/8, so every sum is exact in any order) [L, B, H, w, N]:
+    as in the engine, rows before a short prompt's start are 0 and a row is 0 on keys after its own
+    position; padding columns hold garbage."""
+    L, B = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    n_kv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    w = w if w is not None else draw(st.integers(1, 5))
+    lens = draw(st.lists(st.integers(1, max_n), min_size=B, max_size=B))
+    N = max(lens)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    zeros = draw(st.sampled_from([0.0, 0.5]))  # sparse rows make ties (and the tie rule) common
+    attn = torch.randint(0, 9, (L, B, n_kv * group, w, N), generator=g).float() / 8
+    attn *= torch.rand(attn.shape, generator=g) >= zeros
+    if draw(st.booleans()):  # attention piled on the most recent keys, as in real models
+        attn += (torch.arange(N) >= torch.tensor(lens)[:, None, None, None] - w - 3) * 2.0
+    lt = torch.tensor(lens)
+    row_pos = lt[:, None] - w + torch.arange(w)  # [B, w]
+    attn *= (row_pos >= 0)[None, :, None, :, None]
+    attn *= (torch.arange(N) <= row_pos[..., None])[None, :, None]  # a row sees keys up to its own position
+    attn = torch.where(torch.arange(N) < lt[:, None, None, None], attn, 7.0)  # garbage in the padding
+    return attn, lens, n_kv
+
+
+budgets = st.one_of(
+    st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7, 0.9, 1.0]), st.integers(2, 40)
+)
+
+
+budgets = st.one_of(
+    st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7, 0.9, 1.0]), st.integers(2, 40)
+)
+
+
+SERVE_KEY = "sk-test"
+
+
+def serve_engine(path, **kw):
+    """An engine for the server's tests: CPU, a 0.05 GiB pool, 8 sequences at once."""
+    return Engine(str(path), device="cpu", **{"kv_memory": 0.05, "max_seqs": 8, **kw})
+
+
+def greedy(eng, ids, n, policy=None):
+    """One prompt's greedy Result (refreekv T = 0.2 unless a policy is given)."""
+    import refreekv
+    from engine.sampling import Sampling
+
+    policy = policy or refreekv.make("refreekv", threshold=0.2)
+    return eng.generate([ids], policy, Sampling(max_new_tokens=n))[0]

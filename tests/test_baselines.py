@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from helpers import examples
+from helpers import budgets, examples, probe, probes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,12 +16,6 @@ from refreekv import Probe, budget_tokens
 from weights.errors import UserError
 
 SET = settings(max_examples=examples(40), deadline=None)
-
-
-def probe(attn, lens, n_kv_heads=1):
-    attn = torch.as_tensor(attn, dtype=torch.float32)
-    L, B, H, w, N = attn.shape
-    return Probe(attn, torch.as_tensor(lens), L, n_kv_heads, N)
 
 
 def rows(keep):
@@ -279,35 +273,6 @@ def as_sets(keep, lens):
         ]
         for l in range(keep.shape[0])
     ]
-
-
-@st.composite
-def probes(draw, w=None, max_n=30):
-    """Dyadic attention (multiples of 1/8, so every sum is exact in any order) [L, B, H, w, N]:
-    as in the engine, rows before a short prompt's start are 0 and a row is 0 on keys after its own
-    position; padding columns hold garbage."""
-    L, B = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    n_kv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    w = w if w is not None else draw(st.integers(1, 5))
-    lens = draw(st.lists(st.integers(1, max_n), min_size=B, max_size=B))
-    N = max(lens)
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    zeros = draw(st.sampled_from([0.0, 0.5]))  # sparse rows make ties (and the tie rule) common
-    attn = torch.randint(0, 9, (L, B, n_kv * group, w, N), generator=g).float() / 8
-    attn *= torch.rand(attn.shape, generator=g) >= zeros
-    if draw(st.booleans()):  # attention piled on the most recent keys, as in real models
-        attn += (torch.arange(N) >= torch.tensor(lens)[:, None, None, None] - w - 3) * 2.0
-    lt = torch.tensor(lens)
-    row_pos = lt[:, None] - w + torch.arange(w)  # [B, w]
-    attn *= (row_pos >= 0)[None, :, None, :, None]
-    attn *= (torch.arange(N) <= row_pos[..., None])[None, :, None]  # a row sees keys up to its own position
-    attn = torch.where(torch.arange(N) < lt[:, None, None, None], attn, 7.0)  # garbage in the padding
-    return attn, lens, n_kv
-
-
-budgets = st.one_of(
-    st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7, 0.9, 1.0]), st.integers(2, 40)
-)
 
 
 METHODS = ["streaming", "h2o", "snapkv", "refreekv-h2o"]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_weights import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 import refreekv
 from engine.engine import Engine
@@ -153,7 +153,7 @@ def test_7_a_batch_labels_answers_and_summaries_and_reports_progress(tiny, capsy
 
 
 def test_5_and_8_conversion_and_loading_show_progress(tmp_path, monkeypatch, capsys):
-    from test_gguf import write_tiny_gguf
+    from helpers import write_tiny_gguf
 
     import weights.gguf as wg
     from engine.model import load_model

@@ -3,7 +3,7 @@ and policies, abort, and the padded-prefill bound. Oracles: each request run alo
 engine, and the dense store (tests/dense_reference.py)."""
 
 import torch
-from test_engine import small_engine
+from helpers import small_engine
 
 import refreekv
 from engine.engine import Engine

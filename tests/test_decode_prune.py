@@ -9,10 +9,9 @@ policy's description (StreamingLLM's rolling window), not taken from the engine.
 
 import pytest
 import torch
-from helpers import hf_model
+from helpers import hf_model, small_engine
 from hypothesis import given
 from hypothesis import strategies as st
-from test_engine import small_engine
 
 import refreekv
 from engine.engine import Engine

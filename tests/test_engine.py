@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import real_text
 from dense_reference import dense_generate
-from test_weights import run_cli
+from helpers import gib, run_cli, small_engine
 
 import refreekv
 from engine.engine import Engine
-from engine.kv import page_bytes
 from engine.sampling import Sampling
 from engine.tokenizer import Detok
 from weights.errors import UserError
@@ -26,21 +25,6 @@ POLICIES = {
     "refreekv-h2o": dict(threshold=0.2),
     "refreekv-topp": dict(threshold=0.2, protected=(1,)),
 }
-
-
-def gib(pages, c, page_size, dtype=torch.float32):
-    return pages * page_bytes(page_size, c.head_dim, dtype) / 2**30
-
-
-def small_engine(path, pages_per_row, page_size=4, max_seqs=4):
-    """An engine whose pool holds `pages_per_row` pages for each (layer, KV head) row."""
-    from weights.config import load_config
-
-    c = load_config(path)
-    pages = pages_per_row * c.n_layers * c.n_kv_heads
-    return Engine(
-        str(path), device="cpu", kv_memory=gib(pages, c, page_size), max_seqs=max_seqs, page_size=page_size
-    )
 
 
 class Trace:

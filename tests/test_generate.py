@@ -7,8 +7,7 @@ import pytest
 import torch
 from conftest import real_text
 from dense_reference import dense_generate
-from helpers import hf_model
-from test_weights import run_cli
+from helpers import hf_model, run_cli
 
 import refreekv
 from engine.engine import Engine
@@ -173,7 +172,7 @@ def test_cli_reads_prompt_from_stdin_and_writes_batch_stats(tiny_ckpts, tmp_path
     import subprocess
     import sys
 
-    from test_weights import ROOT
+    from helpers import ROOT
 
     r = subprocess.run(
         [

@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import SPECIALS, write_tiny_gguf
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
@@ -24,7 +25,6 @@ from weights import bundled as wb
 from weights.bundled import BUNDLED, bundled_files, ensure_bundled
 from weights.errors import UserError
 from weights.gguf import convert_gguf
-from weights.gguf_tokenizer import _bytes_to_unicode
 
 SMOL = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -32,110 +32,6 @@ QWEN = "qwen2.5-coder-0.5b-instruct"
 # ----------------------------------------------------------------------------------------------
 # tiny synthetic GGUFs
 # ----------------------------------------------------------------------------------------------
-
-
-def _byte_alphabet() -> list[str]:
-    return list(_bytes_to_unicode().values())
-
-
-def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (what our converter must undo)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-TINY = dict(hidden=32, heads=4, kv=2, ffn=64, layers=2)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ t", "h e", "Ġt he", "1 2"]
-
-
-def write_tiny_gguf(
-    path: Path,
-    arch: str = "llama",
-    *,
-    tied: bool = True,
-    pre: str = "smollm",
-    bad_quant_tensor: str | None = None,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Write a small random model as GGUF; return the HF-layout tensors it should convert back to."""
-    rng = np.random.default_rng(seed)
-    h, nh, kv, ffn, nl = TINY["hidden"], TINY["heads"], TINY["kv"], TINY["ffn"], TINY["layers"]
-    hd = h // nh
-    tokens = SPECIALS + _byte_alphabet() + ["Ġt", "he", "Ġthe", "12", "<tool_call>"]
-    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS) - 1) + [4]
-    vocab = len(tokens)
-
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(nl)
-    w.add_context_length(128)
-    w.add_embedding_length(h)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(nh)
-    w.add_head_count_kv(kv)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    if arch == "llama":
-        w.add_rope_dimension_count(hd)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(0)
-    w.add_chat_template(
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    )
-
-    def r(*shape):
-        return rng.standard_normal(shape).astype(np.float32)
-
-    hf: dict[str, np.ndarray] = {}
-    gg: list[tuple[str, np.ndarray]] = []
-
-    def put(gname, hname, arr, stored=None):
-        hf[hname] = arr
-        gg.append((gname, arr if stored is None else stored))
-
-    put("token_embd.weight", "model.embed_tokens.weight", r(vocab, h))
-    for i in range(nl):
-        p, q = f"blk.{i}.", f"model.layers.{i}."
-        wq, wk = r(nh * hd, h), r(kv * hd, h)
-        if arch == "llama":
-            put(p + "attn_q.weight", q + "self_attn.q_proj.weight", wq, _llamacpp_permute(wq, nh))
-            put(p + "attn_k.weight", q + "self_attn.k_proj.weight", wk, _llamacpp_permute(wk, kv))
-        else:
-            put(p + "attn_q.weight", q + "self_attn.q_proj.weight", wq)
-            put(p + "attn_k.weight", q + "self_attn.k_proj.weight", wk)
-            put(p + "attn_q.bias", q + "self_attn.q_proj.bias", r(nh * hd))
-            put(p + "attn_k.bias", q + "self_attn.k_proj.bias", r(kv * hd))
-            put(p + "attn_v.bias", q + "self_attn.v_proj.bias", r(kv * hd))
-        put(p + "attn_v.weight", q + "self_attn.v_proj.weight", r(kv * hd, h))
-        put(p + "attn_output.weight", q + "self_attn.o_proj.weight", r(h, nh * hd))
-        put(p + "ffn_gate.weight", q + "mlp.gate_proj.weight", r(ffn, h))
-        put(p + "ffn_up.weight", q + "mlp.up_proj.weight", r(ffn, h))
-        put(p + "ffn_down.weight", q + "mlp.down_proj.weight", r(h, ffn))
-        put(p + "attn_norm.weight", q + "input_layernorm.weight", r(h))
-        put(p + "ffn_norm.weight", q + "post_attention_layernorm.weight", r(h))
-    put("output_norm.weight", "model.norm.weight", r(h))
-    if not tied:
-        put("output.weight", "lm_head.weight", r(vocab, h))
-
-    for name, arr in gg:
-        if name == bad_quant_tensor:
-            # raw bytes of a type gguf 0.19 cannot dequantize (Q8_1: 32 values in 40 bytes)
-            qt = gguf.GGMLQuantizationType.Q8_1
-            block, nbytes = gguf.GGML_QUANT_SIZES[qt]
-            raw = np.zeros((arr.shape[0], arr.shape[1] // block * nbytes), dtype=np.uint8)
-            w.add_tensor(name, raw, raw_dtype=qt)
-        else:
-            w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return hf
 
 
 def _load(dirpath: Path) -> dict[str, torch.Tensor]:

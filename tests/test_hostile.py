@@ -9,10 +9,9 @@ import time
 import httpx
 import pytest
 import torch
-from helpers import Served, chat_ready
+from helpers import Served, serve_engine
 
 import refreekv
-from engine.engine import Engine
 from engine.sampling import Sampling
 from engine.tokenizer import stop_prefix
 from weights.errors import UserError
@@ -29,22 +28,8 @@ class Boom(refreekv.Policy):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_ckpts, tmp_path_factory):
-    return chat_ready(tiny_ckpts["llama", False], tmp_path_factory.mktemp("hostile") / "llama")
-
-
-def engine(path, **kw):
-    return Engine(str(path), device="cpu", **{"kv_memory": 0.05, "max_seqs": 8, **kw})
-
-
-@pytest.fixture(scope="module")
-def offline(tiny):
-    return engine(tiny)
-
-
-@pytest.fixture(scope="module")
-def served(tiny):
-    eng = engine(tiny)
+def served(chat_tiny):
+    eng = serve_engine(chat_tiny)
     eng.max_probe_bytes = eng.probe_bytes(32, 400)  # a 64-row probe over 400 tokens is too much
     with Served(eng, refreekv.make("full"), "tiny", api_key=KEY, max_body_mb=0.25) as s:
         yield s
@@ -89,9 +74,9 @@ def test_1_probe_widths_and_snapkv_kernel_are_bounded(served):
     assert ok.status_code == 200
 
 
-def test_1_an_admitted_batch_keeps_its_probe_within_the_bound(tiny):
+def test_1_an_admitted_batch_keeps_its_probe_within_the_bound(chat_tiny):
     """Two prompts whose probes fit one at a time are prefilled one at a time."""
-    eng = engine(tiny)
+    eng = serve_engine(chat_tiny)
     prompts = [[7] * 200, [9] * 180]
     pol = refreekv.make("snapkv", budget=0.5, window=16)
     together = eng.generate(prompts, pol, Sampling(max_new_tokens=3))
@@ -126,16 +111,16 @@ def test_2_top_k_is_bounded_and_a_sampled_neighbour_hurts_no_one(served, offline
     assert out["greedy"].json()["choices"][0]["text"] == solo(offline, ids, 12).text
 
 
-def test_3_echo_scoring_counts_every_prompt_token_against_the_pool(tiny):
+def test_3_echo_scoring_counts_every_prompt_token_against_the_pool(chat_tiny):
     """A prompt of pages_per_row x page_size + 1 tokens scored with max_tokens 0 needs one page
     more than a row holds: refused (it used to be admitted and trip the pool's assertion)."""
     from engine.kv import page_bytes
     from weights.config import load_config
 
-    c = load_config(tiny)
+    c = load_config(chat_tiny)
     rows = 20  # pages per (layer, KV head) row
     gib = rows * c.n_layers * c.n_kv_heads * page_bytes(4, c.head_dim, torch.float32) / 2**30
-    eng = engine(tiny, kv_memory=gib, page_size=4)
+    eng = serve_engine(chat_tiny, kv_memory=gib, page_size=4)
     assert eng.pool_pages() == rows * c.n_layers * c.n_kv_heads
     with pytest.raises(UserError, match="needs"):
         eng.check_fits([[5] * (rows * 4 + 1)], 0)
@@ -150,8 +135,8 @@ def test_3_echo_scoring_counts_every_prompt_token_against_the_pool(tiny):
         s.idle()
 
 
-def test_4_prompts_times_n_is_capped_and_a_full_server_answers_429(tiny):
-    eng = engine(tiny)
+def test_4_prompts_times_n_is_capped_and_a_full_server_answers_429(chat_tiny):
+    eng = serve_engine(chat_tiny)
     with Served(eng, refreekv.make("full"), "tiny", max_choices=8, max_queued=8) as s:
         r = httpx.post(s.url + "/completions", json={"prompt": [[5, 6]] * 3, "n": 3}, timeout=30)
         refused(r, 400, "prompt", "9 sequences; this server takes at most 8")
@@ -305,7 +290,7 @@ def test_9_streamed_usage_counts_each_prompt_once(served):
     assert parts[-1]["usage"] == whole and whole["prompt_tokens"] == 2
 
 
-def test_10_streamed_text_offsets_run_on_and_chat_bytes_are_the_tokens_own(served, tiny):
+def test_10_streamed_text_offsets_run_on_and_chat_bytes_are_the_tokens_own(served, chat_tiny):
     from engine.tokenizer import Tokenizer
 
     body = {"prompt": "The mill", "max_tokens": 30, "temperature": 0, "logprobs": 1, "echo": True}
@@ -335,7 +320,7 @@ def test_10_streamed_text_offsets_run_on_and_chat_bytes_are_the_tokens_own(serve
     entries = r.json()["choices"][0]["logprobs"]["content"]
     assert entries and all(len(e["bytes"]) == 1 for e in entries)
     assert all(len(t["bytes"]) == 1 for e in entries for t in e["top_logprobs"])
-    tok = Tokenizer(tiny)
+    tok = Tokenizer(chat_tiny)
     text = "naïve — 世界"
     assert b"".join(tok.token_bytes(i) for i in tok.encode(text, special=False)) == text.encode()
 
@@ -391,7 +376,7 @@ def test_12_aborting_a_group_leaves_its_finished_forks_alone(offline):
 def test_13_a_preempted_sequence_keeps_its_pressure_replans_and_trace(tiny_ckpts, monkeypatch):
     """Pressure re-plans are not replayed after a preemption: each sequence's replans_pressure is
     every one it had (counted by a spy), and its budget trace runs on in tokens seen."""
-    from test_engine import small_engine
+    from helpers import small_engine
 
     from engine import core as core_mod
 
@@ -556,12 +541,12 @@ def test_hostile_load_hurts_no_benign_stream(served, offline):
     assert _rss_mib() - rss0 < 300
 
 
-def test_a_flood_of_small_requests_gets_answers_or_429s(tiny, offline):
+def test_a_flood_of_small_requests_gets_answers_or_429s(chat_tiny, offline):
     """300 concurrent small requests against a server that holds 32 sequences: every answer is a
     200 equal to its solo output or a 429 with Retry-After, never a 5xx; /health keeps answering."""
     import asyncio
 
-    eng = engine(tiny)
+    eng = serve_engine(chat_tiny)
     want = {i: solo(offline, [3 + i % 200, 7], 4).text for i in range(0, 300, 37)}
 
     async def flood(url):

@@ -5,10 +5,9 @@ read equal to plain masked attention over the kept keys (with and without a slid
 import math
 
 import torch
-from helpers import examples
+from helpers import budgets, examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_baselines import budgets
 
 import refreekv
 from engine.kv import PagedKV

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from conftest import real_text
-from test_weights import run_cli
+from helpers import run_cli
 
 import refreekv
 

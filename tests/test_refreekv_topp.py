@@ -2,10 +2,9 @@
 invariants and a plain loop reference (on the dyadic probes of test_baselines)."""
 
 import torch
-from helpers import examples
+from helpers import examples, probe, probes
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_baselines import probe, probes
 
 import refreekv
 

@@ -1,6 +1,8 @@
 """The OpenAI-compatible server (engine/serve/) driven over loopback by real clients: the
 `openai` package, httpx, and lm-evaluation-harness's own `local-completions` model. Oracles:
-Engine.generate on a second engine (its own pool), and transformers for log-probabilities."""
+Engine.generate on a second engine (its own pool), and transformers for log-probabilities.
+Shared fixtures (conftest.py): `chat_tiny`, `offline`, `served`; the bad requests are
+tests/test_serve_errors.py's, the load tests tests/test_serve_load.py's."""
 
 import json
 import random
@@ -11,46 +13,16 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import Served, chat_ready, hf_model
+from helpers import SERVE_KEY as KEY
+from helpers import Served, greedy, hf_model, serve_engine
 
 import refreekv
 from engine.engine import Engine
 from engine.sampling import Sampling
 
-KEY = "sk-test"
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_ckpts, tmp_path_factory):
-    """The tiny Llama with a chat template and the tokenizer_config.json transformers' AutoTokenizer needs."""
-    return chat_ready(tiny_ckpts["llama", False], tmp_path_factory.mktemp("serve") / "llama")
-
-
-def engine(path, **kw):
-    return Engine(str(path), device="cpu", **{"kv_memory": 0.05, "max_seqs": 8, **kw})
-
-
-@pytest.fixture(scope="module")
-def offline(tiny):
-    return engine(tiny)
-
-
-@pytest.fixture(scope="module")
-def served(tiny):
-    with Served(
-        engine(tiny), refreekv.make("refreekv", threshold=0.2), "tiny", api_key=KEY, max_body_mb=0.25
-    ) as s:
-        yield s
-
 
 def client(s, **kw):
     return openai.OpenAI(base_url=s.url, api_key=KEY, max_retries=0, **kw)
-
-
-def greedy(eng, ids, n, policy=None):
-    return eng.generate(
-        [ids], policy or refreekv.make("refreekv", threshold=0.2), Sampling(max_new_tokens=n)
-    )[0]
 
 
 def test_a_request_prunes_during_decoding_through_its_kv_object(served, offline):
@@ -127,11 +99,11 @@ def test_stop_strings_and_seeded_sampling(served, offline):
     assert texts[0] == want and len(set(texts)) > 1  # n > 1: seed, seed + 1, ... (not n copies)
 
 
-def test_echo_logprobs_equal_transformers_teacher_forced(served, tiny):
+def test_echo_logprobs_equal_transformers_teacher_forced(served, chat_tiny):
     """What lm-eval's loglikelihood sends: token ids, echo, logprobs 1, max_tokens 1 (and 0)."""
     ids = [12, 200, 45, 45, 3 + 90, 17, 250, 8, 64, 31]
     with torch.no_grad():
-        lp = hf_model(tiny)(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        lp = hf_model(chat_tiny)(torch.tensor([ids])).logits[0].double().log_softmax(-1)
     body = {
         "model": "tiny",
         "prompt": [ids],
@@ -201,7 +173,7 @@ def test_requests_with_their_own_policies_get_what_they_get_alone(served, offlin
         assert ch["kv"]["policy"] == name
 
 
-def test_lm_eval_local_completions_client(served, tiny):
+def test_lm_eval_local_completions_client(served, chat_tiny):
     """lm-evaluation-harness's own client, in process, with hand-built requests (no dataset)."""
     import os
 
@@ -212,15 +184,15 @@ def test_lm_eval_local_completions_client(served, tiny):
     lm = LocalCompletionsAPI(
         base_url=served.url + "/completions",
         model="tiny",
-        tokenizer=str(tiny),
+        tokenizer=str(chat_tiny),
         tokenizer_backend="huggingface",
         num_concurrent=1,
         max_retries=1,
     )
     pairs = [("The capital of France is", " Paris"), ("One two three", " four five")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
-    model = hf_model(tiny)
-    eng = engine(tiny)
+    model = hf_model(chat_tiny)
+    eng = serve_engine(chat_tiny)
     for (ctx, cont), (ll, is_greedy) in zip(pairs, got):
         a, b = eng.tokenizer.encode(ctx), eng.tokenizer.encode(ctx + cont)[len(eng.tokenizer.encode(ctx)) :]
         with torch.no_grad():
@@ -236,411 +208,6 @@ def test_lm_eval_local_completions_client(served, tiny):
         [ids], refreekv.make("refreekv", threshold=0.2), Sampling(max_new_tokens=8, stop=["\n"])
     )[0]
     assert gen == [want.text]
-
-
-def test_load_with_disconnects(served, offline):
-    """200 requests from 32 concurrent clients, a quarter of which hang up mid-stream: every
-    completed one equals its offline greedy output, none is lost, /health answers throughout, and
-    every page is back in the pool afterwards."""
-    rng = random.Random(7)
-    reqs = [
-        dict(
-            prompt=[rng.randrange(3, 256) for _ in range(rng.randrange(4, 70))],
-            max_tokens=rng.randrange(4, 40),
-            stream=rng.random() < 0.7,
-            drop=rng.random() < 0.25,
-        )
-        for _ in range(200)
-    ]
-    for r in reqs:
-        r["stream"] |= r["drop"]
-        r["drop_after"] = rng.randrange(1, 4)
-    pol = refreekv.make("refreekv", threshold=0.2)
-    rids = [
-        offline.core.add_request(r["prompt"], pol, Sampling(max_new_tokens=r["max_tokens"])) for r in reqs
-    ]
-    done = {}
-    while offline.core.busy():
-        done.update({u.key: u.result for u in offline.core.step() if u.result is not None})
-    want = [done[rid] for rid in rids]
-    got, health, lock = {}, [], threading.Lock()
-    todo = list(range(len(reqs)))
-    stop = threading.Event()
-
-    def worker():
-        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i = todo.pop()
-                r = reqs[i]
-                body = {
-                    "model": "tiny",
-                    "prompt": r["prompt"],
-                    "max_tokens": r["max_tokens"],
-                    "temperature": 0,
-                    "stream": r["stream"],
-                }
-                if not r["stream"]:
-                    got[i] = ("done", h.post("/completions", json=body).json()["choices"][0]["text"])
-                    continue
-                text, n, finished = "", 0, False
-                with h.stream("POST", "/completions", json=body) as resp:
-                    for line in resp.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        ch = json.loads(line[6:])["choices"][0]
-                        text += ch["text"]
-                        n += 1
-                        finished |= ch["finish_reason"] is not None
-                        if r["drop"] and n >= r["drop_after"] and not finished:
-                            break  # hang up mid-stream
-                got[i] = ("done" if finished else "dropped", text)
-
-    def probe():
-        with httpx.Client(timeout=10) as h:
-            while not stop.is_set():
-                health.append(h.get(served.root + "/health").status_code)
-                time.sleep(0.05)
-
-    pr = threading.Thread(target=probe)
-    pr.start()
-    threads = [threading.Thread(target=worker) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    stop.set()
-    pr.join()
-    assert sorted(got) == list(range(len(reqs)))  # none lost
-    dropped = 0
-    for i, (how, text) in got.items():
-        offline_text = want[i].text
-        if how == "done":
-            assert text == offline_text, i
-        else:
-            dropped += 1
-            assert offline_text.startswith(text), i
-    assert dropped > 20 and health and set(health) == {200}
-    snap = served.idle()
-    assert snap["pages_free"] == snap["pages_total"]
-
-
-BAD = [  # (what, method, path, body or raw bytes, headers, status, words in the message, param)
-    ("no API key", "POST", "/v1/completions", {"prompt": "hi"}, {}, 401, "API key", None),
-    (
-        "wrong API key",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi"},
-        {"Authorization": "Bearer nope"},
-        401,
-        "API key",
-        None,
-    ),
-    ("body not JSON", "POST", "/v1/completions", b"{prompt: hi", None, 400, "not valid JSON", None),
-    ("body a list", "POST", "/v1/completions", [1, 2], None, 400, "JSON object", None),
-    ("no prompt", "POST", "/v1/completions", {"max_tokens": 3}, None, 400, "'prompt' is required", "prompt"),
-    ("prompt a number", "POST", "/v1/completions", {"prompt": 5}, None, 400, "'prompt' must be", "prompt"),
-    ("empty prompt", "POST", "/v1/completions", {"prompt": ""}, None, 400, "empty string", "prompt"),
-    (
-        "empty prompt list",
-        "POST",
-        "/v1/completions",
-        {"prompt": []},
-        None,
-        400,
-        "must not be empty",
-        "prompt",
-    ),
-    (
-        "token id past the vocabulary",
-        "POST",
-        "/v1/completions",
-        {"prompt": [5, 256]},
-        None,
-        400,
-        "outside the vocabulary [0, 256): 256",
-        "prompt",
-    ),
-    (
-        "token list holding a string",
-        "POST",
-        "/v1/completions",
-        {"prompt": [[5, "a"]]},
-        None,
-        400,
-        "'prompt' must be",
-        "prompt",
-    ),
-    (
-        "negative max_tokens",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "max_tokens": -1},
-        None,
-        400,
-        "'max_tokens'",
-        "max_tokens",
-    ),
-    (
-        "max_tokens a string",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "max_tokens": "ten"},
-        None,
-        400,
-        "integer",
-        "max_tokens",
-    ),
-    (
-        "max_tokens over the cap",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "max_tokens": 10**6},
-        None,
-        400,
-        "at most",
-        "max_tokens",
-    ),
-    (
-        "prompt + max_tokens past the context",
-        "POST",
-        "/v1/completions",
-        {"prompt": [5] * 500, "max_tokens": 20},
-        None,
-        400,
-        "500 + 20 > 512",
-        "max_tokens",
-    ),
-    (
-        "prompt longer than the context",
-        "POST",
-        "/v1/completions",
-        {"prompt": [5] * 600},
-        None,
-        400,
-        "600 tokens",
-        "prompt",
-    ),
-    (
-        "max_tokens 0 without echo",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "max_tokens": 0},
-        None,
-        400,
-        "'max_tokens'",
-        "max_tokens",
-    ),
-    (
-        "negative temperature",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "temperature": -1},
-        None,
-        400,
-        "'temperature'",
-        "temperature",
-    ),
-    ("top_p 0", "POST", "/v1/completions", {"prompt": "hi", "top_p": 0}, None, 400, "'top_p'", "top_p"),
-    ("top_k -2", "POST", "/v1/completions", {"prompt": "hi", "top_k": -2}, None, 400, "'top_k'", "top_k"),
-    ("n 0", "POST", "/v1/completions", {"prompt": "hi", "n": 0}, None, 400, "'n'", "n"),
-    ("n 17", "POST", "/v1/completions", {"prompt": "hi", "n": 17}, None, 400, "'n'", "n"),
-    ("stop a number", "POST", "/v1/completions", {"prompt": "hi", "stop": 3}, None, 400, "'stop'", "stop"),
-    (
-        "logprobs 21",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "logprobs": 21},
-        None,
-        400,
-        "'logprobs'",
-        "logprobs",
-    ),
-    ("seed a float", "POST", "/v1/completions", {"prompt": "hi", "seed": 1.5}, None, 400, "'seed'", "seed"),
-    (
-        "stream a string",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "stream": "yes"},
-        None,
-        400,
-        "'stream'",
-        "stream",
-    ),
-    (
-        "unknown model",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "model": "gpt-4"},
-        None,
-        404,
-        "gpt-4",
-        "model",
-    ),
-    (
-        "unknown KV policy",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "kv": "magic"},
-        None,
-        400,
-        "unknown KV policy",
-        "kv",
-    ),
-    (
-        "bad KV budget",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "kv": {"policy": "snapkv", "budget": -1}},
-        None,
-        400,
-        "budget",
-        "kv",
-    ),
-    (
-        "KV knob a policy lacks",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "kv": {"policy": "full", "budget": 0.5}},
-        None,
-        400,
-        "no knob",
-        "kv",
-    ),
-    (
-        "kv without a policy name",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "kv": {"budget": 0.5}},
-        None,
-        400,
-        "name its policy",
-        "kv.policy",
-    ),
-    (
-        "presence_penalty",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "presence_penalty": 0.5},
-        None,
-        400,
-        "not supported",
-        "presence_penalty",
-    ),
-    (
-        "stream_options without stream",
-        "POST",
-        "/v1/completions",
-        {"prompt": "hi", "stream_options": {"include_usage": True}},
-        None,
-        400,
-        "only allowed with stream",
-        "stream_options",
-    ),
-    ("body over the cap", "POST", "/v1/completions", {"prompt": "x" * 300_000}, None, 413, "at most", None),
-    (
-        "chat without messages",
-        "POST",
-        "/v1/chat/completions",
-        {"max_tokens": 3},
-        None,
-        400,
-        "'messages'",
-        "messages",
-    ),
-    (
-        "chat with a bad role",
-        "POST",
-        "/v1/chat/completions",
-        {"messages": [{"role": "robot", "content": "hi"}]},
-        None,
-        400,
-        "role",
-        "messages[0].role",
-    ),
-    (
-        "chat with image content",
-        "POST",
-        "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-        None,
-        400,
-        "only text",
-        "messages[0].content",
-    ),
-    (
-        "top_logprobs without logprobs",
-        "POST",
-        "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-        None,
-        400,
-        "needs 'logprobs'",
-        "top_logprobs",
-    ),
-    ("unknown route", "GET", "/v1/engines", None, None, 404, "Not Found", None),
-    ("wrong method", "GET", "/v1/completions", None, None, 405, "Method Not Allowed", None),
-]
-
-
-@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_requests_get_a_clear_error_in_openai_shape(served, case):
-    what, method, path, body, headers, status, words, param = case
-    h = {"Authorization": f"Bearer {KEY}"} if headers is None else headers
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
-    r = httpx.request(method, served.root + path, headers=h, timeout=30, **kw)
-    err = r.json()["error"]
-    assert r.status_code == status and words in err["message"] and err["param"] == param, (r.status_code, err)
-    assert set(err) == {"message", "type", "param", "code"}
-
-
-def test_a_request_that_could_never_fit_the_pool_is_a_400(tiny):
-    with Served(engine(tiny, kv_memory=0.0002), refreekv.make("full"), "tiny") as s:
-        r = httpx.post(s.url + "/completions", json={"prompt": [5] * 300, "max_tokens": 100}, timeout=30)
-        assert r.status_code == 400 and "could never fit the KV pool" in r.json()["error"]["message"]
-        r = httpx.post(
-            s.url + "/completions", json={"prompt": [5] * 20, "max_tokens": 4, "temperature": 0}, timeout=30
-        )
-        assert r.status_code == 200
-
-
-@refreekv.register("boom-test")
-class Boom(refreekv.Policy):
-    """A research policy with a bug: its plan raises."""
-
-    def plan(self, probe):
-        raise RuntimeError("bug in a research policy")
-
-
-def test_a_failing_request_fails_alone_and_the_server_keeps_serving(served, offline, capfd):
-    """Its 500 names an error id, not the exception: the cause is in the server's log under it."""
-    ids = [7, 8, 9, 10, 11, 12]
-    out = {}
-
-    def go(k, kv):
-        out[k] = httpx.post(
-            served.url + "/completions",
-            json={"prompt": ids, "max_tokens": 8, "temperature": 0, "kv": kv},
-            headers={"Authorization": f"Bearer {KEY}"},
-            timeout=60,
-        )
-
-    ts = [threading.Thread(target=go, args=(k, kv)) for k, kv in (("bad", "boom-test"), ("good", "full"))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    message = out["bad"].json()["error"]["message"]
-    assert out["bad"].status_code == 500 and "bug in a research policy" not in message
-    eid = message.split("error id ")[1].split(":")[0]
-    log = capfd.readouterr().err
-    assert f"[{eid}]" in log and "bug in a research policy" in log.split(f"[{eid}]")[1].splitlines()[0]
-    assert out["good"].status_code == 200
-    assert out["good"].json()["choices"][0]["text"] == greedy(offline, ids, 8, refreekv.make("full")).text
-    served.idle()
 
 
 def test_models_health_and_metrics(served):
@@ -675,11 +242,11 @@ def _metrics(s) -> dict:
     return out
 
 
-def test_serve_cli_drains_on_sigterm_and_exits_0(tiny):
+def test_serve_cli_drains_on_sigterm_and_exits_0(chat_tiny):
     """The real command: binds, serves, and on SIGTERM lets the in-flight stream finish, exit 0."""
     import signal
 
-    proc, line, url = serve_cli(tiny, "--kv", "full", "--kv-memory", "0.05", "--drain-s", "20")
+    proc, line, url = serve_cli(chat_tiny, "--kv", "full", "--kv-memory", "0.05", "--drain-s", "20")
     try:
         chunks = []
 
@@ -703,7 +270,7 @@ def test_serve_cli_drains_on_sigterm_and_exits_0(tiny):
         proc.kill()
 
 
-def test_serve_cli_bad_flags_are_one_line_before_loading(tiny):
+def test_serve_cli_bad_flags_are_one_line_before_loading(chat_tiny):
     import socket
     import subprocess
     import sys
@@ -718,7 +285,7 @@ def test_serve_cli_bad_flags_are_one_line_before_loading(tiny):
             (["--kv", "nope"], "unknown KV policy 'nope'"),
         ]:
             r = subprocess.run(
-                [sys.executable, "-m", "engine.serve", "--model", str(tiny), *args],
+                [sys.executable, "-m", "engine.serve", "--model", str(chat_tiny), *args],
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -729,7 +296,7 @@ def test_serve_cli_bad_flags_are_one_line_before_loading(tiny):
             assert r.stderr.count("\n") == 1
 
 
-def test_run_batch_follows_the_openai_batch_format(tiny, offline, tmp_path):
+def test_run_batch_follows_the_openai_batch_format(chat_tiny, offline, tmp_path):
     import subprocess
     import sys
 
@@ -779,7 +346,7 @@ def test_run_batch_follows_the_openai_batch_format(tiny, offline, tmp_path):
             "-o",
             str(out),
             "--model",
-            str(tiny),
+            str(chat_tiny),
             "--kv",
             "refreekv",
             "--threshold",
@@ -838,13 +405,13 @@ def test_bundled_model_through_the_openai_client(smollm_gen, smollm):
         s.idle()
 
 
-def test_serve_tensor_parallel_equals_one_process(tiny, offline):
+def test_serve_tensor_parallel_equals_one_process(chat_tiny, offline):
     """--tp 2 on CPU (gloo): rank 0 serves, rank 1 follows its requests step by step; the text equals
     one process's, and SIGTERM stops every rank with exit 0."""
     import signal
 
     proc, line, url = serve_cli(
-        tiny, "--tp", "2", "--kv", "refreekv", "--threshold", "0.2", "--kv-memory", "0.05", wait_s=180
+        chat_tiny, "--tp", "2", "--kv", "refreekv", "--threshold", "0.2", "--kv-memory", "0.05", wait_s=180
     )
     try:
         assert "tensor parallel over 2 ranks" in line
@@ -873,7 +440,7 @@ def test_serve_tensor_parallel_equals_one_process(tiny, offline):
         proc.kill()
 
 
-def serve_cli(tiny, *args, wait_s=120):
+def serve_cli(chat_tiny, *args, wait_s=120):
     """`python -m engine.serve` on a free port in a process of its own: (process, its "serving" line,
     the /v1 URL), once it serves."""
     import os
@@ -885,7 +452,7 @@ def serve_cli(tiny, *args, wait_s=120):
         "-m",
         "engine.serve",
         "--model",
-        str(tiny),
+        str(chat_tiny),
         "--port",
         "0",
         "--device",

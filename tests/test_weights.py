@@ -1,20 +1,17 @@
 """config.json parsing, checkpoint resolution (local / hub cache) and clear errors on bad input."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from engine.model import load_model, rope_inv_freq
 from weights.config import load_config, parse_config
 from weights.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "architectures": ["LlamaForCausalLM"],
     "hidden_size": 64,
@@ -24,18 +21,6 @@ BASE = {
     "intermediate_size": 96,
     "vocab_size": 100,
 }
-
-
-def run_cli(*args, env=None):
-    e = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "engine.generate", *args],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_hub_style_llama31_config():

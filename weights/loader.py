@@ -106,10 +106,7 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
     from weights.shard import shard_config
 
     if build is None:
-        raise TypeError(
-            "load_model needs build(config) -> model; engine.model.load_model passes the engine's"
-        )
-
+        raise TypeError("load_model needs build(config) -> model (engine.model.load_model passes it)")
     model_dir = Path(model_dir)
     c = load_config(model_dir)
     lc = shard_config(c, rank, world)
@@ -121,13 +118,28 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
     model = model.to_empty(device=device)
     if c.tie_embeddings and not lc.head_rows:
         model.lm_head.weight = model.embed.weight
-    params = dict(model.named_parameters())
+    table = name_map(c, rank, world)
+    seen, read = _read(model_dir, dict(model.named_parameters()), table, c, rank)
+    missing = [k for k in table if k not in seen]
+    if missing:
+        raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    if c.tie_embeddings and lc.head_rows:  # this rank's rows of the head: a view of the embedding, no copy
+        v = lc.head_rows
+        model.lm_head.weight = torch.nn.Parameter(
+            model.embed.weight.data[rank * v : (rank + 1) * v], requires_grad=False
+        )
+    model.bytes_read = read
+    return model.eval(), c
+
+
+def _read(model_dir: Path, params: dict, table: dict, c: ModelConfig, rank: int) -> tuple[set, int]:
+    """Every checkpoint tensor into its parameter (or this rank's slice of it), tensor by tensor:
+    (the keys read, the bytes read). A bar for large checkpoints, on a terminal."""
     from tqdm import tqdm  # a dependency of huggingface-hub
 
-    table, seen, read = name_map(c, rank, world), set(), 0
+    seen, read = set(), 0
     files = shard_files(model_dir)
     size = sum(p.stat().st_size for p in files)
-    # a bar for large checkpoints, on a terminal
     bar = tqdm(
         total=size,
         unit="B",
@@ -141,47 +153,39 @@ def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, worl
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if key not in table:
-                        if known_extra(key, c):
-                            continue
-                        raise UserError(
-                            f"{path.name}: tensor {key} is not part of a {c.family} model as its config.json "
-                            "describes it (the engine would ignore it and compute something else)"
-                        )
-                    name, rows, src = table[key]
-                    dst = params[name].data if rows is None else params[name].data[rows]
-                    if src == "zero":  # a row-parallel bias: added once, by rank 0
-                        dst.zero_()
+                    n = _copy(f, key, path, params, table, c)
+                    if n is not None:
                         seen.add(key)
-                        continue
-                    t = f.get_tensor(key) if src is None else f.get_slice(key)[src]
-                    if t.shape != dst.shape:
-                        want = (
-                            ""
-                            if src is None
-                            else f" (this rank's part of {tuple(f.get_slice(key).get_shape())})"
-                        )
-                        raise UserError(
-                            f"{path.name}: tensor {key} has shape {tuple(t.shape)}{want}, expected "
-                            f"{tuple(dst.shape)} from config.json"
-                        )
-                    dst.copy_(t)
-                    read += t.numel() * t.element_size()
-                    # as read, tensor by tensor (not a file at a time)
-                    bar.update(t.numel() * t.element_size())
-                    seen.add(key)
+                        read += n
+                        bar.update(n)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise UserError(
                 f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})"
             ) from None
     bar.close()
-    missing = [k for k in table if k not in seen]
-    if missing:
-        raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
-    if c.tie_embeddings and lc.head_rows:  # this rank's rows of the head: a view of the embedding, no copy
-        v = lc.head_rows
-        model.lm_head.weight = torch.nn.Parameter(
-            model.embed.weight.data[rank * v : (rank + 1) * v], requires_grad=False
+    return seen, read
+
+
+def _copy(f, key: str, path: Path, params: dict, table: dict, c: ModelConfig) -> int | None:
+    """One tensor into its place; the bytes read (None: a known tensor the engine does not use)."""
+    if key not in table:
+        if known_extra(key, c):
+            return None
+        raise UserError(
+            f"{path.name}: tensor {key} is not part of a {c.family} model as its config.json "
+            "describes it (the engine would ignore it and compute something else)"
         )
-    model.bytes_read = read
-    return model.eval(), c
+    name, rows, src = table[key]
+    dst = params[name].data if rows is None else params[name].data[rows]
+    if src == "zero":  # a row-parallel bias: added once, by rank 0
+        dst.zero_()
+        return 0
+    t = f.get_tensor(key) if src is None else f.get_slice(key)[src]
+    if t.shape != dst.shape:
+        want = "" if src is None else f" (this rank's part of {tuple(f.get_slice(key).get_shape())})"
+        raise UserError(
+            f"{path.name}: tensor {key} has shape {tuple(t.shape)}{want}, expected "
+            f"{tuple(dst.shape)} from config.json"
+        )
+    dst.copy_(t)
+    return t.numel() * t.element_size()

@@ -118,7 +118,6 @@ def build_app(
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
-    from starlette.exceptions import HTTPException
 
     worker = worker or Worker(eng, max_queued)
     parser = RequestParser(eng, model_name, policy, max_tokens or eng.context, max_choices)
@@ -134,17 +133,7 @@ def build_app(
     app = FastAPI(title="refreekv-engine", lifespan=lifespan)
     app.state.worker = worker
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
-            exc.status_code, "invalid_request_error"
-        )
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def internal(request, exc):
-        detail = "".join(traceback.format_exception(exc))
-        return fail(internal_error(f"{request.method} {request.url.path} failed", detail))
+    _error_handlers(app)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -169,3 +158,20 @@ def build_app(
         return PlainTextResponse(prometheus(worker.snapshot), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _error_handlers(app):
+    """Errors in OpenAI's shape: the framework's own (404, 405) and any a handler did not expect
+    (a 500 naming an error id; the traceback goes to the log)."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc):
+        detail = "".join(traceback.format_exception(exc))
+        return fail(internal_error(f"{request.method} {request.url.path} failed", detail))

@@ -1,4 +1,4 @@
-"""python -m engine.serve: an OpenAI-compatible server over the step-driven core.
+"""An OpenAI-compatible server over the step-driven core.
 
     python -m engine.serve --model Qwen/Qwen2.5-7B-Instruct [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
@@ -81,6 +81,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_server_flags(a):
+    if not 0 <= a.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {a.port}")
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {a.max_tokens}")
+    if not a.max_body_mb > 0:
+        raise UserError(f"--max-body-mb must be > 0, got {a.max_body_mb}")
+    if a.max_choices < 1 or a.max_queued < 1:
+        raise UserError(f"--max-choices and --max-queued must be >= 1, got {a.max_choices}, {a.max_queued}")
+    if a.max_queued < a.max_choices:
+        raise UserError(f"--max-queued ({a.max_queued}) must be >= --max-choices ({a.max_choices})")
+    if not a.stall_s > 0:
+        raise UserError(f"--stall-s must be > 0, got {a.stall_s}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, before the weights load: a taken port fails at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def main(argv=None):
     from engine.cli import check_flags, engine_from_args, in_flags, policy_from_args, set_threads
 
@@ -88,31 +114,11 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))  # tensor parallel: rank 0 serves, the others follow it
     try:
         a = parse_args(argv)
-        if not 0 <= a.port <= 65535:
-            raise UserError(f"--port must be in [0, 65535], got {a.port}")
-        if a.max_tokens is not None and a.max_tokens < 1:
-            raise UserError(f"--max-tokens must be >= 1, got {a.max_tokens}")
-        if not a.max_body_mb > 0:
-            raise UserError(f"--max-body-mb must be > 0, got {a.max_body_mb}")
-        if a.max_choices < 1 or a.max_queued < 1:
-            raise UserError(
-                f"--max-choices and --max-queued must be >= 1, got {a.max_choices}, {a.max_queued}"
-            )
-        if a.max_queued < a.max_choices:
-            raise UserError(f"--max-queued ({a.max_queued}) must be >= --max-choices ({a.max_choices})")
-        if not a.stall_s > 0:
-            raise UserError(f"--stall-s must be > 0, got {a.stall_s}")
+        check_server_flags(a)
         check_flags(a)
         policy = policy_from_args(a)
         set_threads(a.threads)
-        sock = None
-        if rank == 0:
-            sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((a.host, a.port))  # before the weights load: a taken port fails at once
-            except OSError as e:
-                raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror}") from None
+        sock = bind(a.host, a.port) if rank == 0 else None
         if a.tp and a.tp > 1 and "WORLD_SIZE" not in os.environ:
             from engine.tp import spawn
 
@@ -147,6 +153,11 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         return 130
+    return serve(app, sock, eng, name, policy, a.drain_s)
+
+
+def serve(app, sock, eng, name, policy, drain_s: float) -> int:
+    """uvicorn on the bound socket until SIGINT / SIGTERM (then `drain_s` seconds for what runs)."""
     import uvicorn
 
     host, port = sock.getsockname()[:2]
@@ -157,7 +168,7 @@ def main(argv=None):
         file=sys.stderr,
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=a.drain_s))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_s))
     # uvicorn handles them while it serves, then re-raises them to the handlers it found:
     # a clean stop is this process's exit 0
     for sig in (signal.SIGINT, signal.SIGTERM):
