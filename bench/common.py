@@ -4,6 +4,7 @@ random-weight model of a real shape, FLOP and byte counts, copy bandwidth, and t
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,20 @@ def dynamo_counts():
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
+
+
+def model_source(arg: str | None) -> str:
+    """What a result names as its model: a hub id or bundled name as given, a local directory by
+    its name only (no machine paths in results)."""
+    if not arg:
+        return "bundled smollm2-135m-instruct"
+    return f"local dir {Path(arg).name}" if Path(arg).is_dir() else arg
+
+
+def device_name(g) -> str:
+    if str(g.device).startswith("cuda"):
+        return f"{g.device} ({torch.cuda.get_device_name(torch.device(g.device))})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def git_commit(override=None) -> str:
@@ -336,3 +351,21 @@ def run_meta(eng, model: str, commit: str, module: str, argv: list[str], pool_gi
         page_size=eng.page_size,
         pool_gib=pool_gib,
     )
+
+
+# -------------------------------------------------------------------------------- RESULTS.md
+HEADER = """# Benchmark results
+
+Sections are appended by the bench scripts (`python -m bench.quality`, ...), newest last; a
+section is never rewritten. Each names its device, date, git commit, model and exact command.
+
+"""
+
+
+def append_results(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8") as f:
+        if new:
+            f.write(HEADER)
+        f.write("\n" + text)

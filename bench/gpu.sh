@@ -6,15 +6,15 @@
 # are over the 64 MiB a call may carry).
 #
 #   bash bench/gpu.sh tests        # tests/test_gpu.py + the kernel/pool/engine tests on CUDA + one NCCL rank
-#   bash bench/gpu.sh kernel       # bench/attention.py: kernel vs reference vs dense SDPA, page sizes
-#   bash bench/gpu.sh gemv         # bench/gemv.py: decode projections, cuBLAS vs engine/kernels/gemv.py's tile sweep, rows 1/4/16
+#   bash bench/gpu.sh kernel       # bench/speed/attention.py: kernel vs reference vs dense SDPA, page sizes
+#   bash bench/gpu.sh gemv         # bench/speed/gemv.py: decode projections, cuBLAS vs engine/kernels/gemv.py's tile sweep, rows 1/4/16
 #   bash bench/gpu.sh gemv-tuned   # the same at rows 1 with max-autotune's Triton templates (compiles: minutes)
-#   bash bench/gpu.sh speed-gemv   # bench/speed.py batch 1 at 512 through the Triton GEMV (REFREEKV_GEMV=triton)
-#   bash bench/gpu.sh speed        # bench/speed.py, Qwen2.5-7B shape: batch 1 (512, 8k), floor, scaling, batch 16 x 4k
-#   bash bench/gpu.sh hf           # bench/speed.py's transformers rows (eager + static compile) on the same weights
+#   bash bench/gpu.sh speed-gemv   # bench/speed/cli.py batch 1 at 512 through the Triton GEMV (REFREEKV_GEMV=triton)
+#   bash bench/gpu.sh speed        # bench/speed/cli.py, Qwen2.5-7B shape: batch 1 (512, 8k), floor, scaling, batch 16 x 4k
+#   bash bench/gpu.sh hf           # bench/speed/cli.py's transformers rows (eager + static compile) on the same weights
 #   bash bench/gpu.sh anchor       # the team's transformers anchor script, copied into out/anchors/ (ignored) and
 #                                  # carried with the call (device tool: carry ["out/anchors"]): the same-run anchor
-#   bash bench/gpu.sh throughput   # bench/throughput.py, 7B shape, forced budgets 100/50/25%, transformers static batching
+#   bash bench/gpu.sh throughput   # bench/load/throughput.py, 7B shape, forced budgets 100/50/25%, transformers static batching
 #   bash bench/gpu.sh all [--quick] [STAGE...]   # bench/gpu_all.sh: the whole GPU run in one call (see there)
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -147,7 +147,7 @@ def test_no_recompiles_or_rerecordings_after_warmup(pair):
 
 
 def test_speed_bench_tiny_on_cuda(tmp_path):
-    """bench/speed.py on the GPU: the compiled engine, transformers eager and static + compile."""
+    """bench/speed/cli.py on the GPU: the compiled engine, transformers eager and static + compile."""
     import json
     import subprocess
     import sys

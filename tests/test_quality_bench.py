@@ -1,4 +1,4 @@
-"""bench/quality.py end to end on a tiny random checkpoint (byte tokenizer, no chat template), its
+"""bench/quality/cli.py end to end on a tiny random checkpoint (byte tokenizer, no chat template), its
 fidelity scoring against a direct computation, and its scoring and task helpers."""
 
 import json
@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import quality, quality_metrics, quality_tasks
+from bench.quality import cli as quality
+from bench.quality import metrics as quality_metrics
+from bench.quality import tasks as quality_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +99,7 @@ def test_fidelity_scores_equal_a_direct_computation(tiny):
     import math
 
     import refreekv
-    from bench.quality_metrics import Fidelity
+    from bench.quality.metrics import Fidelity
     from engine.engine import Engine
     from engine.sampling import Sampling
 

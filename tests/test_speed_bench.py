@@ -1,4 +1,4 @@
-"""bench/speed.py end to end on CPU with the tiny shape (every section through Engine.generate,
+"""bench/speed/cli.py end to end on CPU with the tiny shape (every section through Engine.generate,
 transformers eager on the same weights), plus its formulas checked against the published 7B anchor."""
 
 import json
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import common, speed
+from bench import common
+from bench.speed import cli as speed
 
 ROOT = Path(__file__).resolve().parent.parent
 

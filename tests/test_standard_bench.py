@@ -1,4 +1,4 @@
-"""The standard benchmarks' pieces (bench/metrics.py, ruler.py, longbench.py, gsm8k.py), without a model.
+"""The standard benchmarks' pieces (bench/standard/metrics.py, ruler.py, longbench.py, gsm8k.py), without a model.
 
 Every metric is checked on worked examples whose values are computed by hand here, the official quirks
 included; RULER's generators on the bundled SmolLM2 tokenizer (sizes, placement, determinism, templates);
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gsm8k, longbench, metrics, ruler
+from bench.standard import gsm8k, longbench, metrics, ruler
 from weights.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -1,11 +1,11 @@
-"""bench/standard.py end to end on a tiny checkpoint: RULER samples and LongBench fixture files through
+"""bench/standard/cli.py end to end on a tiny checkpoint: RULER samples and LongBench fixture files through
 the engine's fan-out, one row per (sample, policy), resumable, and the Table-2 report."""
 
 import json
 from pathlib import Path
 
 import refreekv
-from bench import standard
+from bench.standard import cli as standard
 from engine.engine import Engine
 
 FIXTURES = Path(__file__).parent / "fixtures"

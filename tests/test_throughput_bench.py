@@ -1,4 +1,4 @@
-"""bench/throughput.py end to end on CPU with the tiny random shape: a workload larger than the
+"""bench/load/throughput.py end to end on CPU with the tiny random shape: a workload larger than the
 pool, a forced 25% budget against full, and transformers static batching of the same workload."""
 
 import json

@@ -38,7 +38,7 @@ def kv_heads(c: ModelConfig, rank: int, world: int) -> tuple[int, int]:
 
 def head_rows(c: ModelConfig, world: int) -> int | None:
     """LM head rows per rank: split over the vocabulary when the ranks divide it (each rank reads 1/N
-    of the head per token, then one all-gather of the logits: bench/tp_head.py measured it faster
+    of the head per token, then one all-gather of the logits: bench/speed/tp_head.py measured it faster
     at batch 1), else None: whole on every rank."""
     return c.vocab_size // world if world > 1 and c.vocab_size % world == 0 else None
 

@@ -10,7 +10,7 @@ as it arrives, and splits K over programs where N alone gives too few (split-K):
 depend on the order programs finish (same tokens run to run).
 
 Opt-in while it is unmeasured on a GPU: REFREEKV_GEMV=triton uses it in the decode step on CUDA
-(and on the CPU under TRITON_INTERPRET=1, for tests). `bench/gemv.py` times it against cuBLAS on
+(and on the CPU under TRITON_INTERPRET=1, for tests). `bench/speed/gemv.py` times it against cuBLAS on
 the Qwen2.5-7B projections and sweeps the tile sizes below.
 """
 

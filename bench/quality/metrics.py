@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from bench.quality_tasks import FIDELITY
+from bench.quality.tasks import FIDELITY
 
 
 def words(s: str) -> list[str]:

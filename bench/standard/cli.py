@@ -53,7 +53,7 @@ def label(p) -> str:
 
 # ------------------------------------------------------------------------------- samples
 def ruler_items(eng, a) -> list[dict]:
-    from bench import ruler
+    from bench.standard import ruler
 
     tasks = ruler.TASKS if a.tasks in (None, "all") else a.tasks.split(",")
     items = []
@@ -78,7 +78,7 @@ def ruler_items(eng, a) -> list[dict]:
 
 def prefix_of(task: str, text: str) -> int:
     """Where RULER's answer prefix starts in a sample's input (it ends the input)."""
-    from bench import ruler
+    from bench.standard import ruler
 
     family = ruler.CONFIGS[task][0]
     literal = ruler.TEMPLATES[family][1].split("{")[0]
@@ -101,7 +101,7 @@ def chat_ids(eng, text: str, split: int | None, raw: bool, system: str | None = 
 
 
 def longbench_items(eng, a) -> list[dict]:
-    from bench import longbench
+    from bench.standard import longbench
 
     tasks = longbench.TASKS if a.tasks in (None, "all") else a.tasks.split(",")
     room = eng.context
@@ -127,7 +127,7 @@ def longbench_items(eng, a) -> list[dict]:
 
 
 def gsm8k_items(eng, a) -> list[dict]:
-    from bench import gsm8k
+    from bench.standard import gsm8k
 
     items = []
     data = None if a.data_dir is None else Path(a.data_dir) / "test.jsonl"
@@ -144,14 +144,14 @@ def gsm8k_items(eng, a) -> list[dict]:
 
 def sample_score(item: dict, prediction: str) -> float:
     if item["suite"] == "ruler":
-        from bench import ruler
+        from bench.standard import ruler
 
         return ruler.score(item["task"], [prediction], [item["gold"]])
     if item["suite"] == "longbench":
-        from bench.metrics import sample_score as lb
+        from bench.standard.metrics import sample_score as lb
 
         return 100 * lb(item["task"], prediction, item["gold"], item.get("all_classes"))
-    from bench import gsm8k
+    from bench.standard import gsm8k
 
     return 100.0 * gsm8k.is_correct(prediction, item["gold"])
 
@@ -222,7 +222,7 @@ def _http(server, it, policy):
 def report(rows: list[dict]) -> str:
     """Table 2's shape: per task (and length, for RULER) full's score, each policy's score / budget /
     relative; LongBench tasks also per LongBench-E length bucket (those rows are not in the verdict)."""
-    from bench.metrics import length_bucket
+    from bench.standard.metrics import length_bucket
 
     groups: dict = {}
     for r in rows:
@@ -333,7 +333,7 @@ def main(argv=None):
             if a.plot:
                 plot(rows, Path(a.plot), Path(a.report).stem)
             if a.results_md:
-                from bench.quality_report import append_results
+                from bench.common import append_results
 
                 append_results(Path(a.results_md), f"### {Path(a.report).name}\n\n{table}")
             return 0

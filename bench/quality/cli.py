@@ -15,7 +15,7 @@ Task families (all generated from --seed; material is real text and code nobody 
               (word tokens) of the greedy output against the full-cache output (full = 100).
 
 There is no passkey "retrieval" family any more: RULER's needle-in-a-haystack tasks (generated offline
-by bench/ruler.py, run by bench/standard.py with RULER's own templates and metrics) measure the same
+by bench/standard/ruler.py, run by bench/standard/cli.py with RULER's own templates and metrics) measure the same
 thing, a passkey / magic number at a depth of a long real text, better and comparably with the field.
 
 Every generative family also reports agreement with the full-cache output (ROUGE-L F1 and the share
@@ -30,8 +30,8 @@ captured with the widest window any policy asks for, each policy's kept tokens a
 pages of its own), fidelity families teacher-force the real continuation (forced tokens, scored
 from the engine's logits hook), and generative families decode greedily with continuous batching.
 
-Files: bench/quality_tasks.py (material and tasks), bench/quality_metrics.py (scoring),
-bench/quality_report.py (markdown and plots), this file (policies, the runner, the CLI).
+Files: bench/quality/tasks.py (material and tasks), bench/quality/metrics.py (scoring),
+bench/quality/report.py (markdown and plots), this file (policies, the runner, the CLI).
 
 Outputs: a section appended to --results-md (default bench/RESULTS.md), a JSON file and two PNG
 plots in --out (default bench/results/).
@@ -53,18 +53,10 @@ from pathlib import Path
 import torch
 
 import refreekv
-from bench.quality_metrics import Fidelity, _mean, last_int, rouge_l, summarise
-from bench.quality_report import (
-    ROOT,
-    append_results,
-    device_name,
-    git_commit,
-    hms,
-    markdown,
-    model_source,
-    plots,
-)
-from bench.quality_tasks import FAMILIES, FIDELITY, Material, make_tasks
+from bench.common import ROOT, append_results, device_name, git_commit, model_source
+from bench.quality.metrics import Fidelity, _mean, last_int, rouge_l, summarise
+from bench.quality.report import hms, markdown, plots
+from bench.quality.tasks import FAMILIES, FIDELITY, Material, make_tasks
 from engine.sampling import Sampling
 from weights.errors import UserError
 

@@ -1,50 +1,14 @@
 """Quality-bench report: the markdown section appended to bench/RESULTS.md and the two plots."""
 
 import math
-import platform
-import subprocess
 from pathlib import Path
 
-import torch
-
-from bench.quality_tasks import FIDELITY, METRIC
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.quality.tasks import FIDELITY, METRIC
 
 
 def hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def model_source(arg: str | None) -> str:
-    """What a result names as its model: a hub id or bundled name as given, a local directory by
-    its name only (no machine paths in results)."""
-    if not arg:
-        return "bundled smollm2-135m-instruct"
-    return f"local dir {Path(arg).name}" if Path(arg).is_dir() else arg
-
-
-def git_commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "describe", "--always", "--dirty", "--abbrev=10"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name(g) -> str:
-    if str(g.device).startswith("cuda"):
-        return f"{g.device} ({torch.cuda.get_device_name(torch.device(g.device))})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _cell(s) -> str:
@@ -170,23 +134,6 @@ def markdown(res: dict) -> str:
             )
     L += ["", "Plots: " + ", ".join(f"`{p}`" for p in res["plots"]), ""]
     return "\n".join(L) + "\n"
-
-
-HEADER = """# Benchmark results
-
-Sections are appended by the bench scripts (`python -m bench.quality`, ...), newest last; a
-section is never rewritten. Each names its device, date, git commit, model and exact command.
-
-"""
-
-
-def append_results(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", encoding="utf-8") as f:
-        if new:
-            f.write(HEADER)
-        f.write("\n" + text)
 
 
 def plots(res: dict, out: Path, slug: str) -> list[str]:

@@ -1,6 +1,6 @@
 """RULER's synthetic tasks (NVIDIA/RULER), generated here for any tokenizer, length and seed.
 
-    from bench.ruler import generate, score
+    from bench.standard.ruler import generate, score
     samples = generate("niah_multikey_2", tokenizer, length=4096, n=20, seed=42)
     # feed s.input (RULER's "base" template: no chat template) and decode up to s.max_new tokens, then
     score("niah_multikey_2", predictions, [s.outputs for s in samples])   # 0-100
@@ -52,7 +52,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from bench.metrics import postprocess_pred, string_match_all
+from bench.standard.metrics import postprocess_pred, string_match_all
 from weights.errors import UserError
 
 # scripts/data/synthetic/constants.py: (template, answer prefix, tokens_to_generate)

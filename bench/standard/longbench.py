@@ -1,6 +1,6 @@
 """LongBench v1's 16 English tasks (THUDM/LongBench), prompted and scored as its pred.py and eval.py do.
 
-    from bench import longbench
+    from bench.standard import longbench
     records = longbench.load("hotpotqa", n=50)                       # or data_dir="DIR" (DIR/hotpotqa.jsonl)
     samples = [longbench.build("hotpotqa", r, tokenizer, max_length=3500) for r in records]
     # feed s.prompt through the model's chat template when s.chat (raw otherwise), greedy, s.max_new tokens,
@@ -16,7 +16,7 @@ Followed exactly (THUDM/LongBench at 2e00731):
     int(max_length / 2) tokens, decoded without special tokens and joined; trec, triviaqa, samsum, lsht,
     lcc and repobench-p stay raw (no chat template), every other task goes through the chat template;
     samsum also stops at a newline and generates at least one token; decoding is greedy.
-  - LongBench/eval.py and metrics.py, in bench/metrics.py: the metric of each task, the first-line rule,
+  - LongBench/eval.py and metrics.py, in bench/standard/metrics.py: the metric of each task, the first-line rule,
     the best over the answers, x 100 (and LongBench-E's length buckets, `score_e`).
 
 Data: the hub copy `Xnhyacinth/LongBench` (one config per task, split "test"; THUDM/LongBench itself is a
@@ -32,7 +32,7 @@ ways we do not follow: it puts every task through the chat template, and fixes n
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.metrics import dataset2metric, scorer, scorer_e
+from bench.standard.metrics import dataset2metric, scorer, scorer_e
 from weights.errors import UserError
 
 HUB_ID = "Xnhyacinth/LongBench"

@@ -49,8 +49,6 @@ from pathlib import Path
 import torch
 
 import refreekv
-from bench import hf as hfb
-from bench import speed_hf
 from bench.common import (
     build_engine,
     copy_bandwidth,
@@ -68,7 +66,9 @@ from bench.common import (
     random_prompts,
     weight_bytes_per_token,
 )
-from bench.speed_report import append_results_md, meta, render, strip_private
+from bench.speed import hf as hfb
+from bench.speed import hf_rows as speed_hf
+from bench.speed.report import append_results_md, meta, render, strip_private
 from engine.sampling import Sampling
 from weights.errors import UserError
 

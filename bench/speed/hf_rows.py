@@ -1,8 +1,8 @@
-"""The speed bench's transformers section: their rows at our configurations (bench/hf.py times them
+"""The speed bench's transformers section: their rows at our configurations (bench/speed/hf.py times them
 on our very weights), how many greedy tokens agree with our full-KV run, and the ours / theirs ratios."""
 
-from bench import hf as hfb
 from bench.common import free_cache, is_cuda, log, random_prompts
+from bench.speed import hf as hfb
 
 
 def section(b):

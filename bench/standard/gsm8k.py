@@ -1,6 +1,6 @@
 """GSM8K (openai/gsm8k, config "main", split "test"), prompted and scored as the ReFreeKV authors do.
 
-    from bench import gsm8k
+    from bench.standard import gsm8k
     records = gsm8k.load(n=100)                 # or data="DIR" (DIR/test.jsonl) / data="file.jsonl"
     samples = [gsm8k.build(r) for r in records]
     # feed s.prompt through the chat template with s.system as the system message, greedy, s.max_new tokens

@@ -1,0 +1,5 @@
+import sys
+
+from bench.speed.cli import main
+
+sys.exit(main())
