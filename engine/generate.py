@@ -62,22 +62,16 @@ def parse_args(argv=None):
 
 def _input_flags(p):
     # both append to one list, so a batch keeps the command line's order
-    p.add_argument(
-        "--prompt",
-        action="append",
-        dest="inputs",
-        metavar="TEXT",
-        type=lambda v: ("text", v),
-        help="prompt text; repeat for a batch",
-    )
-    p.add_argument(
-        "--prompt-file",
-        action="append",
-        dest="inputs",
-        metavar="PATH",
-        type=lambda v: ("file", v),
-        help="read a prompt from a file ('-' for stdin); repeatable, mixes with --prompt in order",
-    )
+    for flag, metavar, kind, help_ in (
+        ("--prompt", "TEXT", "text", "prompt text; repeat for a batch"),
+        (
+            "--prompt-file",
+            "PATH",
+            "file",
+            "read a prompt from a file ('-' for stdin); repeatable, mixes with --prompt in order",
+        ),
+    ):
+        p.add_argument(flag, action="append", dest="inputs", metavar=metavar, type=_tagged(kind), help=help_)
     p.add_argument(
         "--interactive",
         action="store_true",
@@ -94,6 +88,10 @@ def _input_flags(p):
     )
     mode.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
     p.add_argument("--system", metavar="TEXT", help="system message for --chat")
+
+
+def _tagged(kind: str):
+    return lambda v: (kind, v)
 
 
 def _sampling_flags(p):

@@ -91,30 +91,40 @@ def init(tp: int | None, device: str | None) -> TP:
     return TP(dist.get_rank(), dist.get_world_size(), cpu, on=True)
 
 
-def spawn(argv: list[str], n: int, module: str = "engine.generate") -> int:
-    """Run `python -m module argv` as n ranks on this machine (gloo/NCCL over localhost). SIGINT and
-    SIGTERM go to rank 0, which ends the others in its own way (a server stops its followers)."""
+def free_port() -> int:
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, **extra) -> dict:
+    """The environment of rank `rank` of `world` on this machine (what torchrun would set)."""
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **extra,
+    )
+
+
+def spawn(argv: list[str], n: int, module: str = "engine.generate") -> int:
+    """Run `python -m module argv` as n ranks on this machine (gloo/NCCL over localhost). SIGINT and
+    SIGTERM go to rank 0, which ends the others in its own way (a server stops its followers)."""
+    import subprocess
+    import sys
+
+    port = free_port()
     procs = []
     for r in range(n):
-        env = dict(
-            os.environ,
-            RANK=str(r),
-            LOCAL_RANK=str(r),
-            WORLD_SIZE=str(n),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", module, *argv],
-                env=env,
+                env=rank_env(r, n, port),
                 stdout=None if r == 0 else subprocess.DEVNULL,
                 stderr=None if r == 0 else subprocess.DEVNULL,
             )

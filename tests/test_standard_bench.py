@@ -1,4 +1,5 @@
-"""The standard benchmarks' pieces (bench/standard/metrics.py, ruler.py, longbench.py, gsm8k.py), without a model.
+"""The standard benchmarks' pieces (bench/standard/: metrics.py, ruler.py, longbench.py, gsm8k.py),
+without a model.
 
 Every metric is checked on worked examples whose values are computed by hand here, the official quirks
 included; RULER's generators on the bundled SmolLM2 tokenizer (sizes, placement, determinism, templates);

@@ -4,8 +4,6 @@ batch of different lengths through a small pool; each rank reads only its shard;
 clear error on rank 0 while the other rank exits."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ import refreekv
 from engine.engine import Engine
 from engine.kv import page_bytes
 from engine.sampling import Sampling
+from engine.tp import free_port, rank_env
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = [
@@ -51,28 +50,13 @@ json.dump(dict(rank=eng.tp.rank, backend=torch.distributed.get_backend(), result
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ranks(
     args: list[str], n: int = 2, timeout: int = 600, code: str | None = None
 ) -> list[subprocess.CompletedProcess]:
     port = free_port()
     procs = []
     for r in range(n):
-        env = dict(
-            os.environ,
-            RANK=str(r),
-            LOCAL_RANK=str(r),
-            WORLD_SIZE=str(n),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            REFREEKV_TP_TIMEOUT="120",
-        )
+        env = rank_env(r, n, port, OMP_NUM_THREADS="1", REFREEKV_TP_TIMEOUT="120")
         cmd = (
             [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "engine.generate", *args]
         )

@@ -14,9 +14,10 @@ Task families (all generated from --seed; material is real text and code nobody 
   summary     summarise / explain / answer over a real document (docs or code). Score: ROUGE-L F1
               (word tokens) of the greedy output against the full-cache output (full = 100).
 
-There is no passkey "retrieval" family any more: RULER's needle-in-a-haystack tasks (generated offline
-by bench/standard/ruler.py, run by bench/standard/cli.py with RULER's own templates and metrics) measure the same
-thing, a passkey / magic number at a depth of a long real text, better and comparably with the field.
+There is no passkey "retrieval" family any more: RULER's needle-in-a-haystack tasks (generated
+offline by bench/standard/ruler.py, run by bench/standard/cli.py with RULER's own templates and
+metrics) measure the same thing, a passkey / magic number at a depth of a long real text, better
+and comparably with the field.
 
 Every generative family also reports agreement with the full-cache output (ROUGE-L F1 and the share
 of outputs identical to it), and every cell carries the mean KV budget the policy kept (prompt

@@ -16,8 +16,8 @@ Followed exactly (THUDM/LongBench at 2e00731):
     int(max_length / 2) tokens, decoded without special tokens and joined; trec, triviaqa, samsum, lsht,
     lcc and repobench-p stay raw (no chat template), every other task goes through the chat template;
     samsum also stops at a newline and generates at least one token; decoding is greedy.
-  - LongBench/eval.py and metrics.py, in bench/standard/metrics.py: the metric of each task, the first-line rule,
-    the best over the answers, x 100 (and LongBench-E's length buckets, `score_e`).
+  - LongBench/eval.py and metrics.py, in bench/standard/metrics.py: the metric of each task, the
+    first-line rule, the best over the answers, x 100 (and LongBench-E's length buckets, `score_e`).
 
 Data: the hub copy `Xnhyacinth/LongBench` (one config per task, split "test"; THUDM/LongBench itself is a
 loading script the current `datasets` refuses), or local JSONL files in LongBench's own format:
