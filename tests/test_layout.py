@@ -102,3 +102,24 @@ def test_a_broken_rule_is_caught(tmp_path):
     path.write_text("def f():\n    from engine.serve import app\n")
     assert [t for _, t in imports(path, "engine.kv")] == ["engine.serve.app"]
     assert layer_of("engine.serve.app") < layer_of("engine.kv")
+
+
+def test_the_commands_and_the_public_api_survive_the_layout():
+    """`python -m` of each command, the console scripts' targets, and `from engine import ...`."""
+    import importlib
+    import re
+    import subprocess
+    import sys
+
+    for module in ("engine.generate", "engine.serve", "engine.run_batch", "bench.speed", "bench.throughput"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and "usage:" in r.stdout, (module, r.stderr[-2000:])
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"', section, re.M))
+    assert set(scripts) == {"refreekv-generate", "refreekv-serve", "refreekv-run-batch"}
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    from engine import Engine, Result, Sampling
+
+    assert Engine.generate and Result.__dataclass_fields__ and Sampling().check() is None
