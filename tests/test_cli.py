@@ -114,9 +114,9 @@ def test_4_ctrl_c_prints_what_finished_and_writes_its_stats(tiny, tmp_path):
 
 
 def test_6_truncation_is_reported_and_long_prefills_say_so(tiny, capsys, monkeypatch):
-    from engine import generate
+    from engine import display, generate
 
-    monkeypatch.setattr(generate, "PREFILL_NOTE", 100)
+    monkeypatch.setattr(display, "PREFILL_NOTE", 100)
     rc = generate.main(
         ["--model", tiny, "--raw", "--prompt", "word " * 600, "--truncate", "middle", "--max-new-tokens", "4"]
     )

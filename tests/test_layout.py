@@ -11,7 +11,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # top to bottom: the way a request travels, from what a user runs down to the weights on disk
 LAYERS = [
-    ("drivers", ["engine.generate", "engine.chat", "engine.cli", "engine.run_batch", "engine.serve"]),
+    (
+        "drivers",
+        [
+            "engine.generate",
+            "engine.display",
+            "engine.chat",
+            "engine.cli",
+            "engine.run_batch",
+            "engine.serve",
+        ],
+    ),
     ("engine", ["engine", "engine.engine", "engine.limits"]),
     ("core", ["engine.core", "engine.scheduler", "engine.admission", "engine.pruning"]),
     ("runner", ["engine.runner"]),
