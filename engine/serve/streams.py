@@ -18,6 +18,7 @@ from engine.serve.responses import (
     usage_chunk,
 )
 from engine.serve.schema import from_failure, internal_error
+from engine.serve.worker import Failure
 
 STALL_S = 30.0  # a stream whose client reads nothing for this long, while updates wait, is aborted
 MAX_PENDING = 4096  # updates waiting for one stream's client; past this it is aborted whatever the time
@@ -67,7 +68,7 @@ def sink_for(loop, box: Outbox):
     sent: dict = {}  # characters of each choice's text already passed on
 
     def sink(item):
-        if hasattr(item, "delta"):
+        if not isinstance(item, Failure):
             since = sent.get(item.key, 0)
             sent[item.key] = item.shown
             item = Piece(item.key, item.delta(since), list(item.logprobs), item.prompt_logprobs, item.result)
