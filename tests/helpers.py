@@ -399,3 +399,28 @@ def greedy(eng, ids, n, policy=None):
 
     policy = policy or refreekv.make("refreekv", threshold=0.2)
     return eng.generate([ids], policy, Sampling(max_new_tokens=n))[0]
+
+
+HOSTILE_KEY = "sk-hostile"
+
+
+def hostile_server(path):
+    """The hostile-request tests' server over a tiny checkpoint: full KV by default, key HOSTILE_KEY,
+    0.25 MB bodies, and a probe bound a 64-row window over a 400-token prompt exceeds."""
+    import refreekv
+
+    eng = serve_engine(path)
+    eng.max_probe_bytes = eng.probe_bytes(32, 400)
+    return Served(eng, refreekv.make("full"), "tiny", api_key=HOSTILE_KEY, max_body_mb=0.25)
+
+
+def post(s, body, path="/completions", raw=None, headers=None, timeout=60, key=HOSTILE_KEY):
+    """POST a JSON body (or raw bytes) to the server's /v1 route with the key."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {key}", **(headers or {})}
+    if raw is not None:
+        return httpx.post(
+            s.url + path, content=raw, headers={**h, "content-type": "application/json"}, timeout=timeout
+        )
+    return httpx.post(s.url + path, json=body, headers=h, timeout=timeout)

@@ -9,14 +9,14 @@ import time
 import httpx
 import pytest
 import torch
-from helpers import Served, serve_engine
+from helpers import HOSTILE_KEY, Served, hostile_server, post, serve_engine
 
 import refreekv
 from engine.sampling import Sampling
 from engine.tokenizer import stop_prefix
 from weights.errors import UserError
 
-KEY = "sk-hostile"
+KEY = HOSTILE_KEY
 
 
 @refreekv.register("boom-hostile")
@@ -29,19 +29,8 @@ class Boom(refreekv.Policy):
 
 @pytest.fixture(scope="module")
 def served(chat_tiny):
-    eng = serve_engine(chat_tiny)
-    eng.max_probe_bytes = eng.probe_bytes(32, 400)  # a 64-row probe over 400 tokens is too much
-    with Served(eng, refreekv.make("full"), "tiny", api_key=KEY, max_body_mb=0.25) as s:
+    with hostile_server(chat_tiny) as s:
         yield s
-
-
-def post(s, body, path="/completions", raw=None, headers=None, timeout=60):
-    h = {"Authorization": f"Bearer {KEY}", **(headers or {})}
-    if raw is not None:
-        return httpx.post(
-            s.url + path, content=raw, headers={**h, "content-type": "application/json"}, timeout=timeout
-        )
-    return httpx.post(s.url + path, json=body, headers=h, timeout=timeout)
 
 
 def refused(r, status=400, param=None, words=""):

@@ -8,27 +8,17 @@ import time
 
 import httpx
 import pytest
-from helpers import Served, greedy, serve_engine
+from helpers import HOSTILE_KEY, Served, greedy, hostile_server, post, serve_engine
 
 import refreekv
 
-KEY = "sk-hostile-load"
+KEY = HOSTILE_KEY
 
 
 @pytest.fixture(scope="module")
 def served(chat_tiny):
-    eng = serve_engine(chat_tiny)
-    eng.max_probe_bytes = eng.probe_bytes(32, 400)  # a 64-row probe over 400 tokens is too much
-    with Served(eng, refreekv.make("full"), "tiny", api_key=KEY, max_body_mb=0.25) as s:
+    with hostile_server(chat_tiny) as s:
         yield s
-
-
-def post(s, body, path="/completions", raw=None):
-    h = {"Authorization": f"Bearer {KEY}"}
-    if raw is not None:
-        h["content-type"] = "application/json"
-        return httpx.post(s.url + path, content=raw, headers=h, timeout=60)
-    return httpx.post(s.url + path, json=body, headers=h, timeout=60)
 
 
 def solo(eng, ids, n):

@@ -38,9 +38,8 @@ import httpx
 import torch
 
 import refreekv
-from bench.common import SHAPES, append_results, build_engine, git_commit, log, run_meta, write_shape_dir
-from bench.load.throughput import label, workload
-from engine.kv import page_bytes
+from bench.common import SHAPES, append_results, git_commit, log, run_meta
+from bench.load.throughput import label, setup
 from engine.sampling import Sampling
 from weights.errors import UserError
 
@@ -332,42 +331,6 @@ def parse_args(argv):
     if not a.rate > 0:
         raise UserError(f"--rate must be > 0, got {a.rate}")
     return a
-
-
-def setup(a):
-    """The engine with bench/load/throughput.py's pool sizing, and the workload. Returns
-    (engine, label, pool GiB, prompts, kinds)."""
-    from weights.config import load_config
-    from weights.resolve import resolve
-
-    if a.shape:
-        import tempfile
-
-        c = load_config(write_shape_dir(SHAPES[a.shape], Path(tempfile.mkdtemp()) / "cfg"))
-    else:
-        c = load_config(resolve(a.model))
-    cuda = (a.device or "").startswith("cuda") or (a.device is None and torch.cuda.is_available())
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
-    pages = -(-a.pool_tokens // a.page_size) * c.n_layers * c.n_kv_heads
-    kv_gib = pages * page_bytes(a.page_size, c.head_dim, dtype) / 2**30
-    src = argparse.Namespace(
-        model=a.model, shape=a.shape, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
-    )
-    eng, name = build_engine(
-        src,
-        max_length=a.max_tokens + a.new_tokens,
-        kv_memory=kv_gib,
-        page_size=a.page_size,
-        max_seqs=a.max_seqs,
-    )
-    if a.shape:
-        eng.eos = set()  # random weights: every request makes its max_tokens
-    prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=not a.shape)
-    try:
-        eng.check_fits(prompts, a.new_tokens)
-    except UserError as e:
-        raise UserError(f"{e} (here: raise --pool-tokens, or lower --max-tokens / --new-tokens)") from None
-    return eng, name, kv_gib, prompts, kinds
 
 
 def main(argv=None):

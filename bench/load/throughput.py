@@ -34,8 +34,18 @@ from pathlib import Path
 import torch
 
 import refreekv
-from bench.common import append_results, build_engine, floats, git_commit, log, policy_label, run_meta
-from engine.kv import page_bytes
+from bench.common import (
+    SHAPES,
+    append_results,
+    build_engine,
+    floats,
+    git_commit,
+    log,
+    policy_label,
+    run_meta,
+    write_shape_dir,
+)
+from engine.kv import page_bytes, seq_pages
 from engine.sampling import Sampling
 from weights.errors import UserError
 
@@ -256,6 +266,43 @@ def parse_args(argv):
     return a
 
 
+def setup(a):
+    """The engine on a --pool-tokens pool (that many full-cache tokens per (layer, KV head) row: the
+    pool, not --max-seqs, is the limit) and the workload, checked to fit. Returns (engine, label,
+    pool GiB, prompts, kinds). bench/load/serve.py builds its engine and workload here too."""
+    from weights.config import load_config
+    from weights.resolve import resolve
+
+    if a.shape:
+        import tempfile
+
+        c = load_config(write_shape_dir(SHAPES[a.shape], Path(tempfile.mkdtemp()) / "cfg"))
+    else:
+        c = load_config(resolve(a.model))
+    cuda = (a.device or "").startswith("cuda") or (a.device is None and torch.cuda.is_available())
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
+    pages = seq_pages(a.pool_tokens, c.n_layers, c.n_kv_heads, a.page_size)
+    kv_gib = pages * page_bytes(a.page_size, c.head_dim, dtype) / 2**30
+    src = argparse.Namespace(
+        model=a.model, shape=a.shape, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
+    )
+    eng, name = build_engine(
+        src,
+        max_length=a.max_tokens + a.new_tokens,
+        kv_memory=kv_gib,
+        page_size=a.page_size,
+        max_seqs=a.max_seqs,
+    )
+    if a.shape:
+        eng.eos = set()  # random weights: every request makes its max_tokens
+    prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=not a.shape)
+    try:
+        eng.check_fits(prompts, a.new_tokens)
+    except UserError as e:
+        raise UserError(f"{e} (here: raise --pool-tokens, or lower --max-tokens / --new-tokens)") from None
+    return eng, name, kv_gib, prompts, kinds
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     commit = git_commit()  # at the start: the code this run imported
@@ -263,41 +310,7 @@ def main(argv=None):
         a = parse_args(argv)
         if a.threads:
             torch.set_num_threads(a.threads)
-        from weights.config import load_config
-        from weights.resolve import resolve
-
-        if a.shape:
-            import tempfile
-
-            from bench.common import SHAPES, write_shape_dir
-
-            c = load_config(write_shape_dir(SHAPES[a.shape], Path(tempfile.mkdtemp()) / "cfg"))
-        else:
-            c = load_config(resolve(a.model))
-        dtype = (
-            getattr(torch, a.dtype)
-            if a.dtype
-            else (
-                torch.bfloat16
-                if (a.device or "").startswith("cuda") or (a.device is None and torch.cuda.is_available())
-                else torch.float32
-            )
-        )
-        pages = -(-a.pool_tokens // a.page_size) * c.n_layers * c.n_kv_heads
-        kv_gib = pages * page_bytes(a.page_size, c.head_dim, dtype) / 2**30
-        a.seed_model = a.seed
-        eng, name = build_engine(
-            argparse.Namespace(
-                model=a.model, shape=a.shape, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
-            ),
-            max_length=a.max_tokens + a.new_tokens,
-            kv_memory=kv_gib,
-            page_size=a.page_size,
-            max_seqs=a.max_seqs,
-        )
-        if a.shape:
-            eng.eos = set()
-        prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=not a.shape)
+        eng, name, kv_gib, prompts, kinds = setup(a)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
