@@ -217,7 +217,8 @@ def test_real_models_every_policy_equals_the_dense_store(name):
     (1) every policy fanned out from one prefill per prompt through a pool that holds about one
     prompt's fan-out at a time; (2) full and ReFreeKV alone through a pool of about two sequences,
     long enough answers that running sequences outgrow it and get preempted. Every sequence's
-    tokens and kept counts equal the dense store's (tests/dense_reference.py)."""
+    tokens and kept counts equal the dense store's (tests/dense_reference.py). The 0.5B model
+    takes the first three prompts only: its dense reference is what costs CI's time."""
     from weights.bundled import ensure_bundled
 
     eng = Engine(str(ensure_bundled(name)), device="cpu", max_seqs=28, page_size=4, load=False)
@@ -231,7 +232,7 @@ def test_real_models_every_policy_equals_the_dense_store(name):
             (600, "calls"),
             (450, "class"),
             (350, "continue"),
-        ]
+        ][: 6 if name.startswith("smollm") else 3]
     ]
     prompts = [eng.encode(f"{d}\n\nExplain this text in detail, step by step.") for d in docs]
     # pages of the longest, whole

@@ -129,24 +129,21 @@ def test_4_prompts_times_n_is_capped_and_a_full_server_answers_429(chat_tiny):
     with Served(eng, refreekv.make("full"), "tiny", max_choices=8, max_queued=8) as s:
         r = httpx.post(s.url + "/completions", json={"prompt": [[5, 6]] * 3, "n": 3}, timeout=30)
         refused(r, 400, "prompt", "9 sequences; this server takes at most 8")
-        # eight long requests hold the server; the ninth is told to come back
+        # the engine thread is held, so eight requests stay queued; the ninth is told to come back
+        entered, gate = threading.Event(), threading.Event()
+        s.worker.inbox.put(("call", lambda: (entered.set(), gate.wait(60)), lambda result: None))
+        assert entered.wait(30)
         out = []
-        ts = [
-            threading.Thread(
-                target=lambda: out.append(
-                    httpx.post(
-                        s.url + "/completions", json={"prompt": [5, 6, 7], "max_tokens": 200}, timeout=120
-                    )
-                )
-            )
-            for _ in range(8)
-        ]
+        body = {"prompt": [5, 6, 7], "max_tokens": 8}
+        send = lambda: out.append(httpx.post(s.url + "/completions", json=body, timeout=120))
+        ts = [threading.Thread(target=send) for _ in range(8)]
         for t in ts:
             t.start()
         t0 = time.time()
         while s.worker.outstanding < 8 and time.time() - t0 < 30:
             time.sleep(0.01)
         r = httpx.post(s.url + "/completions", json={"prompt": [5], "max_tokens": 2}, timeout=30)
+        gate.set()
         refused(r, 429, None, "retry shortly")
         assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
         for t in ts:
