@@ -17,9 +17,12 @@ Host state (the allocator; the host hands out pages, so it never reads the devic
   them are 0, and the device table equals h_table.
 """
 
+from typing import NamedTuple
+
 import torch
 
-from engine.kernels.attention import paged_decode_torch, paged_decode_triton, use_triton
+from engine.kernels import attention
+from engine.kernels.attention import use_triton
 from weights.errors import UserError
 
 
@@ -36,6 +39,16 @@ def row_pages(n_tokens, page_size: int):
 def seq_pages(n_tokens: int, n_layers: int, n_kv_heads: int, page_size: int) -> int:
     """Pages a sequence whose every (layer, KV head) row holds n tokens owns."""
     return n_layers * n_kv_heads * row_pages(n_tokens, page_size)
+
+
+class DecodeStep(NamedTuple):
+    """What one decode step's layers share, built once by PagedKV.begin_decode."""
+
+    page: torch.Tensor  # [L, B, Hkv] int64: the page of each row's new token
+    at: torch.Tensor  # [L, B, Hkv] int64: its place in the page
+    pages: torch.Tensor | None  # [L, B, Hkv, span] int64: the pages the PyTorch attention reads
+    mask: torch.Tensor | None  # [L, B, Hkv, 1, span * page_size] additive (0 live, -inf not)
+    empty: torch.Tensor | None  # [L, B, Hkv, 1, 1] rows with nothing live (their output is 0)
 
 
 class PagedKV:
@@ -84,7 +97,6 @@ class PagedKV:
         self._free = torch.arange(n_pages, 0, -1, dtype=torch.int32)  # a stack: the top is the end
         self.n_free = n_pages
         self.triton = use_triton(dev)  # decode attention: the Triton kernel, or PyTorch (reads `span` pages)
-        self._attn = paged_decode_triton if self.triton else paged_decode_torch
 
     # ----------------------------------------------------------------------------- host allocator
     def pages_for(self, n_tokens):
@@ -217,7 +229,9 @@ class PagedKV:
 
     # ------------------------------------------------------------------------- device (compiled)
     def _flat(self, page: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Where token t of a row sits in the flat k / v / pos buffers, given its page."""
+        """Where token t of a row sits in the flat k / v / pos buffers, given its page (reads; the
+        steps' writes index k[page, t % page_size] itself: written through a flat view, a compiled
+        step would copy the whole pool for each write)."""
         return page.long() * self.ps + t % self.ps
 
     def write_prompt(
@@ -227,11 +241,11 @@ class PagedKV:
         live up to lens[b] (padding lands past the length or in the trash page)."""
         B, H, N, D = k.shape
         t = torch.arange(N, device=k.device)
-        page = self.table[layer, slots].gather(-1, (t // self.ps).expand(B, H, N))
-        flat = self._flat(page, t).reshape(-1)
-        self.k.view(-1, D)[flat] = k.reshape(-1, D)
-        self.v.view(-1, D)[flat] = v.reshape(-1, D)
-        self.pos.view(-1)[flat] = t.int().expand(B * H, N).reshape(-1)
+        page = self.table[layer, slots].gather(-1, (t // self.ps).expand(B, H, N)).long()  # [B, Hkv, N]
+        at = t % self.ps
+        self.k[page, at] = k
+        self.v[page, at] = v
+        self.pos[page, at] = t.int()
         self.lengths[layer, slots] = lens[:, None].int()
 
     def write_packed(
@@ -239,36 +253,60 @@ class PagedKV:
     ):
         """Prefill, packed: token t of k, v [Hkv, T, D] goes to slot owner[t] at position pos[t]
         in every KV head's row (each row owns pages for its prompt)."""
-        H, T, D = k.shape
+        H = k.shape[0]
         heads = torch.arange(H, device=k.device)
-        page = self.table[layer, owner[:, None], heads[None], (pos // self.ps)[:, None]]  # [T, Hkv]
-        flat = self._flat(page, pos[:, None]).reshape(-1)
-        self.k.view(-1, D)[flat] = k.transpose(0, 1).reshape(-1, D)
-        self.v.view(-1, D)[flat] = v.transpose(0, 1).reshape(-1, D)
-        self.pos.view(-1)[flat] = pos[:, None].expand(T, H).reshape(-1).int()
+        page = self.table[layer, owner[:, None], heads[None], (pos // self.ps)[:, None]].long()  # [T, Hkv]
+        at = (pos % self.ps)[:, None]
+        self.k[page, at] = k.transpose(0, 1)  # [T, Hkv, D], written from the strided view
+        self.v[page, at] = v.transpose(0, 1)
+        self.pos[page, at] = pos[:, None].int()
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Decode: write one token per slot [B, Hkv, 1, D] at each row's own length (slots [0, B))."""
-        B, H, _, D = k.shape
-        ln = self.lengths[layer, :B]
-        page = self.table[layer, :B].gather(-1, (ln // self.ps).long()[..., None])[..., 0]
-        flat = self._flat(page, ln).reshape(-1)
-        self.k.view(-1, D)[flat] = k.reshape(-1, D)
-        self.v.view(-1, D)[flat] = v.reshape(-1, D)
-        self.pos.view(-1)[flat] = self.next_pos[:B, None].expand(B, H).reshape(-1).int()
-        self.lengths[layer, :B] += self.live[:B, None]
+    def begin_decode(self, B: int, windows: tuple, span=None) -> DecodeStep:
+        """Decode, once per step for every layer (slots [0, B)): where each row's new token goes,
+        its position written, every row's length advanced by the slot's live flag, and (PyTorch
+        attention) the pages read and the masks. windows: each layer's window (0: none)."""
+        # compiled, a slice [:, :B] of the pool's state would be contiguous for B == max_seqs
+        # alone (a program of its own): rows are read with index_select (a fresh contiguous tensor)
+        # and the lengths advance whole (live is 0 past the batch)
+        rows = torch.arange(B, device=self.device)
+        ln = self.lengths.index_select(1, rows)  # [L, B, Hkv]
+        page = self.table.gather(-1, (ln // self.ps).long()[..., None])[..., 0].long()
+        at = (ln % self.ps).long()
+        self.pos[page, at] = self.next_pos[:B, None].int()
+        self.lengths += self.live[:, None]
+        if self.triton:
+            return DecodeStep(page, at, None, None, None)
+        ln += self.live[:B, None]
+        pages = self.table.index_select(1, rows)
+        if span is not None:
+            pages = pages.index_select(3, torch.arange(span, device=self.device))
+        pages = pages.long()
+        wins = None
+        if any(windows):
+            wins = torch.tensor([w or attention.NO_WINDOW for w in windows], device=self.device)
+        mask, empty = attention.decode_masks(self.pos, pages, ln, self.next_pos[:B], wins, self.k.dtype)
+        return DecodeStep(page, at, pages, mask, empty)
 
-    def save_query(self, layer: int, q: torch.Tensor):
-        """Decode: keep q [B, H, D] (slots [0, B)) as each slot's query at its position."""
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: DecodeStep):
+        """Decode: write one token per slot [B, Hkv, 1, D] where begin_decode placed it."""
+        page, at = step.page[layer], step.at[layer]
+        self.k[page, at] = k[:, :, 0]
+        self.v[page, at] = v[:, :, 0]
+
+    def save_queries(self, q: torch.Tensor):
+        """Decode: keep q [L, B, H, D] (slots [0, B)) as each slot's query at its position."""
         if self.W:
-            B = q.shape[0]
+            B = q.shape[1]
             at = self.next_pos[:B] % self.W
-            self.queries[layer, torch.arange(B, device=q.device), at] = q
+            self.queries[:, torch.arange(B, device=q.device), at] = q
 
-    def attend(self, layer: int, q: torch.Tensor, window=None, span=None) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, window, step: DecodeStep) -> torch.Tensor:
         """Decode attention of q [B, H, D] (slots [0, B)) over each row's live tokens."""
+        if not self.triton:
+            pages, mask, empty = step.pages[layer], step.mask[layer], step.empty[layer]
+            return attention.paged_decode_layer(q, self.k, self.v, pages, mask, empty)
         B = q.shape[0]
-        return self._attn(
+        return attention.paged_decode_triton(
             q,
             self.k,
             self.v,
@@ -277,7 +315,6 @@ class PagedKV:
             self.lengths[layer, :B],
             self.next_pos[:B],
             window,
-            span,
         )
 
     def compact(self, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor):

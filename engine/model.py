@@ -23,16 +23,17 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
-        h = x.float()
+        h = x.float()  # no copy in fp32
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 def rotate(x, cos, sin):
     """HF rotate-half RoPE in fp32; cos/sin broadcast against x [..., D]."""
-    xf = x.float()
+    xf = x.float()  # no copy in fp32
     x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    out = xf * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -43,15 +44,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
     def qkv(self, x, cos, sin, fast=None):
+        """x [B, T, dim], cos/sin [B or T, .., 1, D] -> q [B, H, T, D], k, v [B, Hkv, T, D]; q and k
+        rotated in one go (they are adjacent in the fused projection)."""
         B, T, _ = x.shape
-        c = self.c
-        q, k, v = linear(self.wqkv, x, fast).split(
-            [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1
-        )
-        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
-        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        H, hkv, D = self.c.n_heads, self.c.n_kv_heads, self.c.head_dim
+        y = linear(self.wqkv, x, fast)  # [B, T, (H + 2 Hkv) D]
+        qk = rotate(y[..., : (H + hkv) * D].view(B, T, H + hkv, D), cos, sin)
+        v = y[..., (H + hkv) * D :].view(B, T, hkv, D)
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
 
     def out(self, o, fast=None):  # [B, H, T, D] -> [B, T, dim]
         B, H, T, D = o.shape
@@ -164,7 +164,7 @@ class Transformer(nn.Module):
         a third value: the final normed hidden states [B, N, dim] (prompt logprobs are computed
         from them a chunk at a time, never as B x N x V logits)."""
         c, (B, N) = self.c, tokens.shape
-        cos, sin = self.cos[:N], self.sin[:N]
+        cos, sin = self.cos[:N, None], self.sin[:N, None]  # [N, 1, D]
         x = self.embed(tokens)
         ar = torch.arange(N, device=tokens.device)
         w = probe_rows
@@ -213,7 +213,7 @@ class Transformer(nn.Module):
         lens_t = torch.tensor(lens, device=dev)
         # [T] each token's position in its prompt
         pos = torch.cat([torch.arange(n, device=dev) for n in lens])
-        cos, sin = self.cos[pos], self.sin[pos]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [T, 1, D]
         x = self.embed(tokens)[None]  # [1, T, dim]
         ar = torch.arange(N, device=dev)
         w = probe_rows
@@ -279,17 +279,21 @@ class Transformer(nn.Module):
         page and advance nothing. `span` (pages, or None) bounds what the PyTorch attention reads."""
         B = tokens.shape[0]
         pos = kv.next_pos[:B]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-        x = self.embed(tokens)[:, None]
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
+        x = self.embed(tokens)[:, None]  # [B, 1, dim]
         fast = self.gemv if self.gemv is not None and B <= GEMV_ROWS else None
+        windows = self.c.layer_windows
+        step = kv.begin_decode(B, windows, span)  # what every layer shares: built once
+        queries = []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin, fast)
-            kv.append(i, k, v)
-            kv.save_query(i, q[:, :, 0])
-            o = kv.attend(i, q[:, :, 0], self.c.layer_windows[i], span)
+            kv.append(i, k, v, step)
+            queries.append(q[:, :, 0])
+            o = kv.attend(i, q[:, :, 0], windows[i], step)  # [B, H, D]
             x = x + self._sum(layer.attn.out(o[:, :, None], fast))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x), fast))
-        kv.next_pos[:B] += kv.live[:B]
+        kv.save_queries(torch.stack(queries))
+        kv.next_pos += kv.live  # 0 past the batch: a whole-buffer add, no slice to specialise on
         return self._logits(self.norm(x[:, 0]), fast)
 
 

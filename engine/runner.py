@@ -22,7 +22,9 @@ class Runner:
         self.compiled = compiled
         # eager prefill packs the prompts end to end (no padding, attention per prompt); compiled
         # prefill keeps right-padded static shapes (REFREEKV_PREFILL=padded forces those eagerly too)
-        self.packed = not compiled and os.environ.get("REFREEKV_PREFILL", "packed") != "padded"
+        self.packed = (
+            not (compiled and self.cuda) and os.environ.get("REFREEKV_PREFILL", "packed") != "padded"
+        )
         self.decode_step, self.prefill_step = _decode_step, _prefill_step
         if compiled:
             self._compile()
@@ -44,9 +46,16 @@ class Runner:
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         # module-level wrappers, not the no_grad-decorated methods themselves: the decorator's inner
         # function would be one code object (one cache, one recompile budget) for both
+        # the pool's sizes are fixed: static, so only the batch and the pages read (span) are symbolic
+        # (dynamic=True alone would make every size of every input symbolic, KV heads included)
+        kv = self.kv
+        for t in (kv.k, kv.v, kv.pos, kv.table, kv.lengths, kv.next_pos, kv.live, kv.queries):
+            torch._dynamo.mark_static(t)
         mode = "reduce-overhead" if self.cuda else None
         self.decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=True, mode=mode)
-        if not self.config.sliding_window:  # the windowed prefill loops over query chunks: compiled,
+        if (
+            self.cuda and not self.config.sliding_window
+        ):  # the windowed prefill loops over query chunks: compiled,
             # it would specialise on the prompt length (one program per length); eager it is matmul-bound
             self.prefill_step = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
 
@@ -62,7 +71,10 @@ class Runner:
         toks = tokens if nb == n else torch.cat([tokens, tokens.new_zeros(nb - n)])
         # the PyTorch attention reads `span` pages; under CUDA graphs a changing host value would
         # re-record per span, so there it reads the whole table (a debugging path on GPUs)
-        span = None if kv.triton or (self.cuda and self.compiled) else max(1, int(kv.h_pages[:, :n].max()))
+        # (at least 2: compiled, a span of 1 would be a program of its own; the extra page is masked)
+        span = None
+        if not (kv.triton or (self.cuda and self.compiled)):
+            span = min(max(2, int(kv.h_pages[:, :n].max())), kv.table.shape[-1])
         return self.decode_step(self.model, toks, kv, span)[:n]
 
     def prefill(self, prompts: list[list[int]], slots: list[int], rows: int, hidden: bool, note=None):

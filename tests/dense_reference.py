@@ -23,7 +23,10 @@ class DenseKV:
         self.pos[layer, :, :, :n] = torch.arange(n)
         self.lengths[layer] = lens[:, None]
 
-    def append(self, layer, k, v):
+    def begin_decode(self, B, windows, span=None):
+        """The paged pool builds what a step's layers share here; the oracle does each layer alone."""
+
+    def append(self, layer, k, v, step=None):
         """One new token per sequence [B, Hkv, 1, D] at each row's own length."""
         B, H = k.shape[:2]
         bi = torch.arange(B, device=k.device)[:, None].expand(B, H)
@@ -34,18 +37,17 @@ class DenseKV:
         self.pos[layer].index_put_((bi, hi, slot), self.next_pos[:, None].expand(B, H))
         self.lengths[layer] += 1
 
-    def save_query(self, layer, q):
+    def save_queries(self, q):
         """The paged pool keeps decode queries for re-plans during decoding; the oracle never re-plans."""
 
-    def attend(self, layer, q, window=None, span=None):
-        """q [B, H, D] over each row's live slots, reading [0, span) (span in tokens; None: all)."""
+    def attend(self, layer, q, window=None, step=None):
+        """q [B, H, D] over each row's live slots (a bool mask, every slot read)."""
         B, H, D = q.shape
         hkv = self.k.shape[2]
-        span = span or self.k.shape[3]
-        k, v = self.k[layer, :, :, :span], self.v[layer, :, :, :span]
-        live = torch.arange(span, device=q.device) < self.lengths[layer][..., None]
+        k, v = self.k[layer], self.v[layer]
+        live = torch.arange(k.shape[2], device=q.device) < self.lengths[layer][..., None]
         if window:
-            live &= (self.next_pos[:, None, None] - self.pos[layer, :, :, :span]) < window
+            live &= (self.next_pos[:, None, None] - self.pos[layer]) < window
         o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), k, v, attn_mask=live[:, :, None, :])
         return o.reshape(B, H, D)
 

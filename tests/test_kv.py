@@ -100,9 +100,13 @@ class PoolMachine(RuleBasedStateMachine):
         B = data.draw(st.integers(n, kv.S))  # a CUDA-graph bucket: rows past n are padding
         kv.set_live(live)
         ids = self._ids((L, B, H))
+        step = kv.begin_decode(B, [None] * L)
         for l in range(L):
             kv.append(
-                l, ids[l, :, :, None, None].expand(B, H, 1, D), -ids[l, :, :, None, None].expand(B, H, 1, D)
+                l,
+                ids[l, :, :, None, None].expand(B, H, 1, D),
+                -ids[l, :, :, None, None].expand(B, H, 1, D),
+                step,
             )
         for q, lv in zip(sched.running, live):
             if lv:

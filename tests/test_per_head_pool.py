@@ -76,9 +76,10 @@ def test_compacted_per_head_plan_equals_masked_attention(L, B, n_kv, group, step
         K, V = torch.cat([K, newK], 3), torch.cat([V, newV], 3)
         keep = torch.cat([keep, torch.ones(L, B, n_kv, 1, dtype=torch.bool)], 3)
         assert kv.grow([True] * B) == 0
+        step = kv.begin_decode(B, [window] * L)
         for l in range(L):
-            kv.append(l, newK[l], newV[l])
-            got = kv.attend(l, q[l], window)
+            kv.append(l, newK[l], newV[l], step)
+            got = kv.attend(l, q[l], window, step)
             visible = keep[l].clone()
             if window:
                 visible &= ((lt + t)[:, None] - kpos[:, : N + t + 1] < window)[:, None]

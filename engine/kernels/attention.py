@@ -16,6 +16,8 @@ Two implementations with one contract:
   tests it).
 - `paged_decode_torch`: plain PyTorch (gather the first `span` pages of each row, masked SDPA).
   The CPU path and the oracle in tests; `span` (pages, known on the host) bounds what it reads.
+  A decode step builds what every layer shares once (`decode_masks`: the additive masks of all
+  layers in one go) and runs `paged_decode_layer` per layer (the gather and SDPA alone).
 """
 
 import math
@@ -31,19 +33,69 @@ except ImportError:  # CPU installs without triton: the PyTorch path only
     triton = None
 
 
-def paged_decode_torch(q, k, v, pos, table, lengths, qpos, window=None, span=None):
+NO_WINDOW = 2**62  # a window no position difference reaches
+
+
+def decode_masks(pos, pages, lengths, qpos, windows=None, dtype=torch.float32):
+    """The masks of every layer's decode attention, built at once (they need no query):
+    pages [L, B, Hkv, span] the pages each row reads (int64), lengths [L, B, Hkv], qpos [B],
+    windows [L] (int64, NO_WINDOW for a full layer) or None -> (mask [L, B, Hkv, 1, span * ps]
+    additive in `dtype`: 0 live, -inf not; empty [L, B, Hkv, 1, 1] rows with nothing live)."""
+    L, B, hkv, span = pages.shape
+    n = span * pos.shape[1]
+    live = torch.arange(n, device=pages.device) < lengths[..., None]  # [L, B, Hkv, n]
+    if windows is not None:
+        kpos = pos.index_select(0, pages.reshape(-1)).view(L, B, hkv, n)
+        live &= (qpos[:, None, None] - kpos) < windows[:, None, None, None]
+    mask = torch.zeros(live.shape, dtype=dtype, device=pages.device).masked_fill_(~live, float("-inf"))
+    return mask[..., None, :], ~live.any(-1)[..., None, None]
+
+
+def paged_decode_layer(q, k, v, pages, mask, empty):
+    """One layer: q [B, H, D] over the pages [B, Hkv, span] (int64) of k, v [pages, ps, D], with
+    this layer's mask [B, Hkv, 1, n] and empty [B, Hkv, 1, 1] from decode_masks -> [B, H, D].
+    Under torch.compile it is one opaque operator: inductor would lower the page gather to a scalar
+    loop (an index computation and a bounds check per element, 7x slower than index_select's copy
+    of whole pages on the CPU)."""
+    if torch.compiler.is_compiling():
+        return _paged_decode_op(q, k, v, pages, mask, empty)
+    return _paged_decode_layer(q, k, v, pages, mask, empty)
+
+
+def _paged_decode_layer(q, k, v, pages, mask, empty):
     B, H, D = q.shape
-    hkv, ps = table.shape[1], k.shape[1]
-    pages = table if span is None else table[:, :, :span]
+    hkv, ps = pages.shape[1], k.shape[1]
     n = pages.shape[-1] * ps
-    flat = pages.reshape(-1).long()  # index_select on whole pages: the cheapest gather on the CPU
+    flat = pages.reshape(-1)  # index_select on whole pages: the cheapest gather on the CPU
     keys = k.view(k.shape[0], ps * D).index_select(0, flat).view(B, hkv, n, D)
     vals = v.view(v.shape[0], ps * D).index_select(0, flat).view(B, hkv, n, D)
-    live = torch.arange(n, device=q.device) < lengths[..., None]  # [B, Hkv, n]
-    if window:
-        live &= (qpos[:, None, None] - pos.index_select(0, flat).view(B, hkv, n)) < window
-    o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), keys, vals, attn_mask=live[:, :, None, :])
-    return torch.where(live.any(-1)[..., None, None], o, 0.0).reshape(B, H, D)  # a row with nothing live: 0
+    o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), keys, vals, attn_mask=mask)
+    return o.masked_fill(empty, 0.0).reshape(B, H, D)  # a row with nothing live: 0
+
+
+@torch.library.custom_op("refreekv::paged_decode_layer", mutates_args=())
+def _paged_decode_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pages: torch.Tensor,
+    mask: torch.Tensor,
+    empty: torch.Tensor,
+) -> torch.Tensor:
+    return _paged_decode_layer(q, k, v, pages.contiguous(), mask, empty)
+
+
+@_paged_decode_op.register_fake
+def _(q, k, v, pages, mask, empty):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def paged_decode_torch(q, k, v, pos, table, lengths, qpos, window=None, span=None):
+    """One layer's decode attention in plain PyTorch (the contract above; the tests' oracle)."""
+    pages = (table if span is None else table[:, :, :span]).long()
+    windows = None if not window else torch.tensor([window], device=q.device)
+    mask, empty = decode_masks(pos, pages[None], lengths[None], qpos, windows, q.dtype)
+    return paged_decode_layer(q, k, v, pages, mask[0], empty[0])
 
 
 if triton is not None:
