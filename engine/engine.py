@@ -15,9 +15,10 @@ policy, one result per pair); `forced` feeds given tokens instead of sampling (t
 
 The decode step never waits for the host: step t+1 is queued before the tokens of step t are read
 back, and the pages a step needs are handed out by the host beforehand (it knows every row's
-length). compile=True (CUDA only) compiles the step with CUDA graphs, one recording per batch-size
-bucket; it is off by default until a GPU run shows it right (the first H200 run failed it:
-bench/RESULTS.md, "First GPU run").
+length). compile=True compiles the decode step (engine/runner.py; on CUDA with CUDA graphs, one
+recording per batch-size bucket); it is off by default: on the CPU its warm-up costs minutes, and
+on CUDA it waits for a GPU run that shows it right (the first H200 run failed it: bench/RESULTS.md,
+"First GPU run").
 """
 
 import time

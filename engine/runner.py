@@ -1,11 +1,13 @@
 """The model on its device: the paged pool, the prefill and decode steps (compiled or eager) and the
 device helpers the core shares. Below the core: it knows nothing of requests or policies.
 
-Compiled (CUDA only, opt-in): the decode step with the batch symbolic (dynamic=True) and CUDA graphs,
-one recording per batch-size bucket (a power of two), the page tables and lengths static inputs;
-prefill with dynamic prompt length and batch but no CUDA graphs (one program per probe width, i.e.
-per policy). Policies' plans run eagerly: once per admitted batch, a few dozen small ops, and a
-researcher's Python control flow would otherwise recompile per prompt length.
+Compiled (opt-in): the decode step with the batch and the pages read symbolic (dynamic=True, the
+pool's state static inputs), no graph breaks (fullgraph); on CUDA with CUDA graphs, one recording
+per batch-size bucket (a power of two), and prefill with dynamic prompt length and batch (one
+program per probe width, i.e. per policy). On the CPU only the decode step is compiled: a compiled
+prefill measured slower than eager's packed, matmul-bound one (bench/RESULTS.md). Policies' plans
+run eagerly: once per admitted batch, a few dozen small ops, and a researcher's Python control flow
+would otherwise recompile per prompt length.
 """
 
 import os

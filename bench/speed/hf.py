@@ -103,7 +103,12 @@ def measure(eng, hf, mode, prompts: list[list[int]], new: int) -> dict:
         from transformers import CompileConfig
 
         hf.generation_config.cache_implementation = "static"
-        hf.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        if is_cuda(dev):
+            config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        else:  # transformers compiles on CUDA alone unless told (a private flag); no CUDA graphs here
+            config = CompileConfig(fullgraph=True, mode="default")
+            config._compile_all_devices = True
+        hf.generation_config.compile_config = config
     else:
         hf.generation_config.cache_implementation = None
     g0, _ = dynamo_counts()
