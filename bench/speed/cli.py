@@ -338,7 +338,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--batches", type=ints, help="batch sizes of the batch and hf sections (default 16)")
     p.add_argument("--batch-prompt", type=int, help="batch section prompt length (default 4096)")
-    p.add_argument("--budgets", type=floats, help="batch section forced budgets (default 0.5,0.25)")
+    p.add_argument(
+        "--budgets",
+        type=lambda s: [] if s == "none" else floats(s),
+        help="batch section forced budgets, or none: full KV alone (default 0.5,0.25)",
+    )
     p.add_argument(
         "--policies",
         type=names(tuple(refreekv.available())),
