@@ -14,6 +14,7 @@
 #   bash bench/gpu.sh hf           # bench/speed/cli.py's transformers rows (eager + static compile) on the same weights
 #   bash bench/gpu.sh anchor       # the team's transformers anchor script, copied into out/anchors/ (ignored) and
 #                                  # carried with the call (device tool: carry ["out/anchors"]): the same-run anchor
+#   bash bench/gpu.sh rows         # bench/rows.sh: the CPU table's rows (ours eager / compiled, transformers eager / static compile)
 #   bash bench/gpu.sh throughput   # bench/load/throughput.py, 7B shape, forced budgets 100/50/25%, transformers static batching
 #   bash bench/gpu.sh all [--quick] [STAGE...]   # bench/gpu_all.sh: the whole GPU run in one call (see there)
 set -uo pipefail
@@ -43,6 +44,8 @@ case "${1:-}" in
   hf)
     python -m bench.speed --compile --sections speed,hf --policies full --prompt-lens 512,8192 --json "$OUT/speed-hf.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/speed-hf.log" ;;
+  rows)
+    bash bench/rows.sh --shape qwen2.5-7b --device cuda --out "$OUT" --md "$MD" ;;
   anchor)
     [ -f out/anchors/hf_baseline.py ] || { echo "copy the anchor script to out/anchors/hf_baseline.py and carry out/anchors" >&2; exit 2; }
     python out/anchors/hf_baseline.py eager static-compile 2>&1 | tee "$OUT/anchor.log" ;;
@@ -56,6 +59,6 @@ case "${1:-}" in
     shift
     exec bash bench/gpu_all.sh "$@" ;;
   *)
-    echo "usage: bash bench/gpu.sh all [--quick] [STAGE...]|tests|kernel|gemv|gemv-tuned|speed|speed-gemv|hf|anchor|throughput" >&2
+    echo "usage: bash bench/gpu.sh all [--quick] [STAGE...]|tests|kernel|gemv|gemv-tuned|speed|speed-gemv|hf|rows|anchor|throughput" >&2
     exit 2 ;;
 esac

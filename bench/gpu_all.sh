@@ -27,7 +27,7 @@ for arg in "$@"; do
     *) STAGES+=("$arg") ;;
   esac
 done
-ALL=(env tests diag kernel speed-eager speed serve throughput hf prefill gemv speed-gemv)
+ALL=(env tests diag kernel speed-eager speed serve throughput hf prefill gemv speed-gemv rows)
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL[@]}")
 START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-480}))
@@ -117,6 +117,10 @@ for s in "${STAGES[@]}"; do
       # the Triton GEMV path end to end at batch 1 (REFREEKV_GEMV=triton): same rows as `speed`
       REFREEKV_GEMV=triton stage speed-gemv 120 "${P[@]}" bench.speed --compile --sections speed,floor \
         --policies full --prompt-lens 512 --new-tokens 64 --json "$LOGS/speed-gemv.json" --results-md "$MD" ;;
+    rows)
+      # issue 27's rows, as on the CPU: ours eager + transformers eager / static-compile, then ours
+      # compiled; batch 1 at 512 and 2048, batch 8 at 512 (bench/rows.sh)
+      stage rows "$(q 300 150)" bash bench/rows.sh --shape qwen2.5-7b --device cuda --out "$LOGS" --md "$MD" ;;
     anchor)
       [ -f out/anchors/hf_baseline.py ] && stage anchor 200 python out/anchors/hf_baseline.py eager static-compile ;;
     *)

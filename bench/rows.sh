@@ -5,7 +5,7 @@
 # (its warm-up is in its JSON: compile_warmup_s, graphs_compiled_*). Sections go to --results-md.
 #
 #   OMP_NUM_THREADS=1 bash bench/rows.sh --model smollm2-135m-instruct --device cpu --dtype float32 --md bench/RESULTS.md
-#   bash bench/rows.sh --shape qwen2.5-0.5b --device cuda --md "$OUT/RESULTS-gpu.md"      # bench/gpu.sh rows
+#   bash bench/rows.sh --shape qwen2.5-7b --device cuda --md "$OUT/RESULTS-gpu.md"        # bench/gpu.sh rows
 #
 # Options: SRC (--model M | --shape S), --device, --dtype, --md FILE, --out DIR (logs, JSON; default /tmp).
 set -uo pipefail

@@ -111,8 +111,10 @@ def add_engine_flags(p):
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the decode step (default: off). CPU: inductor, decode only (MEASURED); "
-        "CUDA: prefill too and CUDA graphs (its first H200 run failed its tests: bench/RESULTS.md)",
+        help="torch.compile the decode step (default: off). CPU: the decode step only, a warm-up of "
+        "~80-90 s (SmolLM2-135M), then decode at batch 1 1.06x eager on 1 thread and 1.15x on 2, but "
+        "0.87-0.97x at batch 8 (bench/RESULTS.md). CUDA: prefill too and CUDA graphs (its first H200 "
+        "run failed its tests)",
     )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
