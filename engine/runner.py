@@ -55,10 +55,10 @@ class Runner:
             torch._dynamo.mark_static(t)
         mode = "reduce-overhead" if self.cuda else None
         self.decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=True, mode=mode)
-        if (
-            self.cuda and not self.config.sliding_window
-        ):  # the windowed prefill loops over query chunks: compiled,
-            # it would specialise on the prompt length (one program per length); eager it is matmul-bound
+        # prefill on CUDA only (on the CPU eager's packed prefill is faster), and not windowed: the
+        # windowed prefill loops over query chunks, so compiled it would specialise on the prompt
+        # length (one program per length); eager it is matmul-bound
+        if self.cuda and not self.config.sliding_window:
             self.prefill_step = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
 
     # ------------------------------------------------------------------------------- the steps
