@@ -227,6 +227,19 @@ class PagedKV:
     def owned(self, slot: int) -> int:
         return int(self.h_pages[:, slot].sum())
 
+    def read(self, layer: int, slots: torch.Tensor, n: int):
+        """The first n slots of the rows of `slots` [B] in one layer, as they sit in the pool: k, v
+        [B, Hkv, n, D] (pool dtype) and positions [B, Hkv, n]. Slots past a row's length hold
+        whatever their page holds (the trash page past the owned ones): callers mask by length."""
+        npg = self.pages_for(n)
+        flat = self.table[layer, slots, :, :npg].reshape(-1).long()  # [B * Hkv * npg]
+        B, ps, D = slots.shape[0], self.ps, self.D
+
+        def rows(buf, *tail):
+            return buf.index_select(0, flat).view(B, self.H, npg * ps, *tail)[:, :, :n]
+
+        return rows(self.k, D), rows(self.v, D), rows(self.pos)
+
     # ------------------------------------------------------------------------- device (compiled)
     def _flat(self, page: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Where token t of a row sits in the flat k / v / pos buffers, given its page (reads; the

@@ -23,6 +23,7 @@ import math
 import torch
 
 import refreekv
+from engine.model import rotate
 
 PROBE_BYTES = 2**30  # sequences re-planned in one policy call: their fp32 probe within this
 
@@ -66,6 +67,42 @@ def _this_rank(runner, keep: torch.Tensor):
     return local, counts[..., :heads], counts[..., heads:]
 
 
+class PoolRows:
+    """A probe's reader (refreekv.Probe.keys / values): one layer's K or V of the probed rows,
+    read from the pool on each call, fp32, every KV head (gathered from the ranks under tensor
+    parallelism: every rank's policy makes the same calls), zeroed past each row's length.
+    slots [B] the rows' pool slots, lens [L, B, Hkv] their lengths, pos [L, B, Hkv, N] the
+    positions of their slots (for rope=False: the rotation undone)."""
+
+    def __init__(self, runner, slots: torch.Tensor, width: int, lens: torch.Tensor, pos: torch.Tensor):
+        self.runner, self.slots, self.width, self.lens, self.pos = runner, slots, width, lens, pos
+
+    def __call__(self, layer: int, what: str, rope: bool) -> torch.Tensor:
+        runner = self.runner
+        k, v, _ = runner.kv.read(layer, self.slots, self.width)
+        x = _every_head(runner, (k if what == "k" else v).float(), 1)  # [B, Hkv, N, D]
+        real = torch.arange(self.width, device=x.device) < self.lens[layer][..., None]
+        x = x * real[..., None]
+        if what == "k" and not rope:
+            cos, sin = runner.model.cos, runner.model.sin  # [max positions, D], YaRN-scaled
+            at = self.pos[layer].clamp(min=0)
+            x = rotate(x, cos[at], -sin[at]) / cos[0, 0] ** 2  # R(-p) R(p) = 1, scaled by att^2
+        return x
+
+
+def _every_head(runner, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t with this rank's KV heads along dim -> every KV head once (tensor parallel: gathered from
+    the ranks; with fewer KV heads than ranks each is replicated on `every` ranks in a row)."""
+    tp = runner.tp
+    if not tp.on:
+        return t
+    t = tp.gather(t, dim)
+    every = tp.world // runner.config.n_kv_heads
+    if every > 1:
+        t = t.index_select(dim, torch.arange(0, t.shape[dim], every, device=t.device))
+    return t
+
+
 # ----------------------------------------------------------------------- at the prefill -> decode
 def prune_admitted(runner, batch, probe, lens_l: list[int]):
     """Plan every sequence of an admitted batch on the prefill probe and compact the pool: each
@@ -86,7 +123,12 @@ def prune_admitted(runner, batch, probe, lens_l: list[int]):
         attn = None
         if pol.probe_rows:
             attn = probe[..., probe.shape[-2] - pol.probe_rows :, :].index_select(1, sel)
-        pr = refreekv.Probe(attn, lens.index_select(0, sel), c.n_layers, c.n_kv_heads, N)
+        plens = lens.index_select(0, sel)
+        slots = runner.dev_long([batch[b][0].slot for b in rows])
+        row_lens = plens[None, :, None].expand(c.n_layers, -1, c.n_kv_heads)
+        slot_pos = torch.arange(N, device=runner.dev).expand(c.n_layers, 1, 1, N)  # slot j = position j
+        reader = PoolRows(runner, slots, N, row_lens, slot_pos)
+        pr = refreekv.Probe(attn, plens, c.n_layers, c.n_kv_heads, N, reader)
         real = pr.real[None, :, None].expand(c.n_layers, -1, c.n_kv_heads, -1)
         k, _ = _ask(pol, "plan", pr, real, members)
         for seq in members:
@@ -168,8 +210,7 @@ def decode_probe(runner, seqs, rows: int) -> refreekv.DecodeProbe:
         at = qpos.clamp(min=0) % W
         attn = torch.empty(L, B, H, rows, N, device=dev)
         for layer in range(L):
-            flat = tab[layer].reshape(-1).long()
-            keys = kv.k.view(-1, ps * D).index_select(0, flat).view(B, Hkv, npg * ps, D)[:, :, :N].float()
+            keys = kv.read(layer, sl, N)[0].float()  # [B, Hkv, N, D]
             query = kv.queries[layer, sl[:, None], at].float()  # [B, rows, H, D]
             query = query.permute(0, 2, 1, 3).reshape(B, Hkv, G * rows, D)
             s = (query @ keys.transpose(-1, -2) / math.sqrt(D)).view(B, Hkv, G, rows, N)
@@ -181,14 +222,11 @@ def decode_probe(runner, seqs, rows: int) -> refreekv.DecodeProbe:
                 mask = mask & (qp - p < win)
             s = s.masked_fill(~mask, float("-inf"))
             attn[layer] = torch.softmax(s, -1).nan_to_num(0.0).view(B, H, rows, N)
-    tp = runner.tp
-    if tp.on:  # every query and KV head: each policy plans exactly as on one process
-        attn = None if attn is None else tp.gather(attn, 2)
-        lens, pos = tp.gather(lens, 2), tp.gather(pos, 2)
-        every = tp.world // runner.config.n_kv_heads
-        if every > 1:  # fewer KV heads than ranks: each is replicated on `every` ranks in a row
-            lens, pos = lens[:, :, ::every], pos[:, :, ::every]
-    return refreekv.DecodeProbe(attn, lens, pos, seen, prompt, queries, runner.config.n_kv_heads)
+    if runner.tp.on:  # every query and KV head: each policy plans exactly as on one process
+        attn = None if attn is None else runner.tp.gather(attn, 2)
+    lens, pos = _every_head(runner, lens, 2), _every_head(runner, pos, 2)
+    reader = PoolRows(runner, sl, N, lens, pos)
+    return refreekv.DecodeProbe(attn, lens, pos, seen, prompt, queries, runner.config.n_kv_heads, reader)
 
 
 def _chunks(runner, members) -> list[list]:

@@ -18,18 +18,48 @@ import pkgutil
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from weights.errors import UserError
 
 
+class _Rows:
+    """Lazy per-layer access to the probed rows' keys and values as they sit in the KV pool (mixed
+    into Probe and DecodeProbe). Each call reads one layer from the pool: nothing is cached, so a
+    method that walks the layers holds one layer at a time (a 7B at 32k tokens: 64 MiB of fp32
+    keys per layer and batch row, never all layers at once). A policy that calls neither costs
+    nothing: the pool is read only here."""
+
+    def keys(self, layer: int, rope: bool = True) -> torch.Tensor:
+        """[B, Hkv, N, D] fp32 keys of one layer's rows, slot j of a row being its j-th token (its
+        position: `positions` / `pos`); 0 past each row's length. rope=True: as stored (post-RoPE,
+        what the attention reads); rope=False: rotated back to the projection's output (pre-RoPE,
+        what methods that score keys across positions, like Expected Attention, start from)."""
+        return self._read(layer, "k", rope)
+
+    def values(self, layer: int) -> torch.Tensor:
+        """[B, Hkv, N, D] fp32 values of one layer's rows; 0 past each row's length."""
+        return self._read(layer, "v", True)
+
+    def _read(self, layer: int, what: str, rope: bool) -> torch.Tensor:
+        if self.reader is None:
+            raise RuntimeError(
+                "this probe has no KV pool behind it (built by hand): keys / values unavailable"
+            )
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        return self.reader(layer, what, rope)
+
+
 @dataclass
-class Probe:
+class Probe(_Rows):
     attn: torch.Tensor | None  # [L, B, H, w, N] fp32 softmax rows of the last w real queries (rows before
     #                            the prompt start are 0); None when the policy asked for probe_rows = 0
     lens: torch.Tensor  # [B] prompt lengths; key slots >= lens[b] are padding
     n_layers: int
     n_kv_heads: int
     width: int  # N, the padded prompt length
+    reader: object = None  # reader(layer, "k" | "v", rope) -> [B, Hkv, N, D] fp32: see keys(), values()
 
     @property
     def positions(self) -> torch.Tensor:  # [N] slot index = absolute position of each prompt key
@@ -46,7 +76,7 @@ class Probe:
 
 
 @dataclass
-class DecodeProbe:
+class DecodeProbe(_Rows):
     """A decode-time re-plan's view of B running sequences: every (layer, sequence, KV head) row as
     it stands, slot j of a row being its j-th live token in position order (the survivors of the
     prompt and of earlier re-plans, then the generated tokens)."""
@@ -61,6 +91,7 @@ class DecodeProbe:
     prompt: torch.Tensor  # [B] prompt lengths
     queries: torch.Tensor  # [B] real query rows of attn (the last queries[b] of the w)
     n_kv_heads: int
+    reader: object = None  # as Probe.reader: each row's live slots in slot order (positions: pos)
 
     @property
     def n_layers(self) -> int:
@@ -98,7 +129,12 @@ class Policy:
     @property
     def decodes(self) -> bool:
         """Prunes during decoding: defines replan and has a trigger."""
-        return hasattr(self, "replan") and bool(self.interval or self.on_pressure)
+        return prunes_decoding(type(self)) and bool(self.interval or self.on_pressure)
+
+
+def prunes_decoding(cls) -> bool:
+    """The policy class defines replan (a subclass may set it to None: it prunes the prompt only)."""
+    return getattr(cls, "replan", None) is not None
 
 
 POLICIES: dict[str, type[Policy]] = {}
@@ -129,7 +165,7 @@ def knobs(name: str) -> list[str]:
     cls = POLICIES[name]
     params = inspect.signature(cls.__init__).parameters.values()
     own = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return own + list(DECODE_KNOBS) if hasattr(cls, "replan") else own
+    return own + list(DECODE_KNOBS) if prunes_decoding(cls) else own
 
 
 def make(name: str, **kwargs) -> Policy:
@@ -139,7 +175,7 @@ def make(name: str, **kwargs) -> Policy:
     takes = knobs(name)
     bad = [k for k in kwargs if k not in takes]
     if bad:
-        decodes = hasattr(POLICIES[name], "replan")
+        decodes = prunes_decoding(POLICIES[name])
         extra = " (it does not prune during decoding)" if bad[0] in DECODE_KNOBS and not decodes else ""
         raise UserError(
             f"KV policy {name!r} has no knob {bad[0]!r}{extra}; it takes: {', '.join(takes) or 'nothing'}"
@@ -206,6 +242,47 @@ def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) ->
     ).indices  # ties: later slot first
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=s.device).expand_as(order))
     return (rank < k[..., None]) & eligible
+
+
+def rows_of(probe):
+    """(lens, slot index [N], real) of a Probe (lens [1, B, 1], real [1, B, 1, N]: the prompt's
+    slots) or a DecodeProbe (lens [L, B, Hkv], real [L, B, Hkv, N]: each row's live slots), shaped
+    to broadcast against a plan [L, B, Hkv, N]: one method body serves plan and replan."""
+    if isinstance(probe, DecodeProbe):
+        return probe.lens, probe.slots, probe.real
+    return probe.lens[None, :, None], probe.positions, probe.real[None, :, None]
+
+
+def row_budget(budget: float, probe) -> torch.Tensor:
+    """Tokens each row keeps, [1, B, 1]: budget_tokens of the prompt at prefill, decode_budget of
+    the tokens seen while decoding (a row never keeps more than it holds: top_k_mask stops there)."""
+    if isinstance(probe, DecodeProbe):
+        return decode_budget(budget, probe)[None, :, None]
+    return budget_tokens(budget, probe.lens)[None, :, None]
+
+
+POOLINGS = ("max", "avg")
+
+
+def pool_slots(scores: torch.Tensor, eligible: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    """Scores [..., N] pooled along the slots over the eligible ones only (stride 1, same padding):
+    "max" treats the others as -inf, "avg" as 0 and always divides by the kernel (F.avg_pool1d's
+    count_include_pad, as SnapKV's and kvpress's code pool a slice that ends before the window)."""
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pooling == "max":
+        flat = flat.masked_fill(~eligible.expand(shape).reshape(flat.shape), -math.inf)
+        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        flat = flat.masked_fill(~eligible.expand(shape).reshape(flat.shape), 0.0)
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    return out.view(shape)
+
+
+def check_choice(name: str, value, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def kv_head_scores(attn: torch.Tensor, n_kv_heads: int) -> torch.Tensor:

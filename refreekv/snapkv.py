@@ -2,40 +2,52 @@
 
 The last `window` prompt queries (the observation window, default 8) vote: a key's score is its
 attention summed over the window rows and over the query heads of the KV head's group (GQA),
-max-pooled along the keys (kernel 7, stride 1, same padding) so neighbours of an important key
-survive with it. Pooling runs over the non-window keys only (window and padding slots count as
--inf), as in the original, which pools attn[..., :-window].
+pooled along the keys (kernel 7, stride 1, same padding) so neighbours of an important key
+survive with it. Pooling runs over the non-window keys only, as in the original, which pools
+attn[..., :-window].
+
+`pooling` picks the family whose published numbers a reader reproduces:
+- "max" (default): max-pooling, the window and padding slots counting as -inf. KVCache-Factory's
+  run scripts (run_longbench.py, run_ruler.py, run_needle_in_haystack.py) pass maxpool.
+- "avg": average pooling with the window and padding slots counting as 0 and the divisor always
+  the kernel (F.avg_pool1d's default). SnapKV's reference code and NVIDIA kvpress use it (kvpress
+  0.5: kernel 5, window 64, scores averaged over the window rows and the group's query heads: the
+  same order as our sums). With "avg", ours and kvpress's SnapKVPress rank keys alike.
 
 Budget (see budget_tokens): k tokens per (layer, sequence, KV head): the window itself (the last
 min(window, n) tokens) is always kept, and the remaining k - window slots go to the top pooled
 scores among the older tokens, per KV head (ties: the more recent key). A budget smaller than
 the window keeps only the last k tokens. Every layer is pruned unless listed in `protected`
-(default none).
+(default none). kvpress counts k = int(n * (1 - compression_ratio)) (floor), ours
+ceil(budget * n): at budget = 1 - compression_ratio the two differ by at most one token per row.
 
 During decoding (`interval=N`: SnapKV-D, the R-KV-style re-plan) the window is the last `window`
 decode queries and each row keeps k = decode_budget(budget, seen) slots: its last `window` and the
 top pooled scores among the older ones (prompt survivors and generated tokens alike).
+
+`scores(probe)` ([L, B, Hkv, N]: +inf on the window, the pooled score on older slots, -inf past
+a row) is what wrappers such as AdaKV and PyramidKV allocate over.
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 from refreekv import (
     MAX_KERNEL,
-    DecodeProbe,
+    POOLINGS,
     Policy,
-    Probe,
-    budget_tokens,
     check_budget,
+    check_choice,
     check_count,
     check_layers,
     check_rows,
-    decode_budget,
     kv_head_scores,
+    pool_slots,
     protect,
     register,
+    row_budget,
+    rows_of,
     top_k_mask,
 )
 
@@ -43,41 +55,33 @@ from refreekv import (
 @register("snapkv")
 class SnapKV(Policy):
     def __init__(
-        self, budget: float = 0.5, window: int = 8, kernel: int = 7, protected: tuple[int, ...] = ()
+        self,
+        budget: float = 0.5,
+        window: int = 8,
+        kernel: int = 7,
+        pooling: str = "max",
+        protected: tuple[int, ...] = (),
     ):
         self.kernel = check_count("kernel", kernel, 1, MAX_KERNEL)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd number (same padding), got {kernel}")
         self.budget, self.probe_rows = check_budget(budget), check_rows("window", window)
+        self.pooling = check_choice("pooling", pooling, POOLINGS)
         self.protected = check_layers(protected)
 
-    def plan(self, probe: Probe):
-        k = budget_tokens(self.budget, probe.lens)  # [B]
-        win = probe.lens.clamp(max=self.probe_rows)  # window slots of each sequence
-        kw = torch.minimum(win, k)  # window slots kept (all of them unless k < window)
-        pos = probe.positions
-        real = probe.real[None, :, None]  # [1, B, 1, N]
-        older = real & (pos < (probe.lens - win)[None, :, None, None])
-        heavy = self.heavy(probe, older, (k - kw)[None, :, None])
-        return protect(
-            heavy | (real & (pos >= (probe.lens - kw)[None, :, None, None])), probe, self.protected
-        )
+    def scores(self, probe) -> torch.Tensor:
+        """[L, B, Hkv, N]: +inf on each row's last `window` slots, the pooled window attention on
+        the older ones, -inf past the row (a Probe or a DecodeProbe)."""
+        lens, j, real = rows_of(probe)
+        win = lens.clamp(max=self.probe_rows)
+        older = real & (j < (lens - win)[..., None])
+        votes = kv_head_scores(probe.attn, probe.n_kv_heads)  # [L, B, Hkv, N]
+        pooled = pool_slots(votes, older, self.kernel, self.pooling)
+        s = torch.where(older, pooled, -math.inf)
+        return torch.where(real & ~older, math.inf, s)
 
-    def heavy(self, probe, older: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """The n top slots among `older` (broadcast to [L, B, Hkv, N]) by the window's attention
-        (summed over its rows and each KV head's query heads), max-pooled along the slots."""
-        scores = kv_head_scores(probe.attn, probe.n_kv_heads).masked_fill(~older, -math.inf)
-        L, B, Hkv, N = scores.shape
-        pooled = F.max_pool1d(scores.reshape(-1, 1, N), self.kernel, stride=1, padding=self.kernel // 2)
-        return top_k_mask(pooled.view(L, B, Hkv, N), older, n)
-
-    def replan(self, probe: DecodeProbe):
-        k = decode_budget(self.budget, probe)[None, :, None]  # [1, B, 1]
-        win = probe.lens.clamp(max=self.probe_rows)  # [L, B, Hkv]
-        kw = torch.minimum(win, k)
-        j = probe.slots
-        real = probe.real
-        older = real & (j < (probe.lens - win)[..., None])
-        heavy = self.heavy(probe, older, k - kw)
-        keep = heavy | (real & (j >= (probe.lens - kw)[..., None]))
+    def plan(self, probe):
+        keep = top_k_mask(self.scores(probe), rows_of(probe)[2], row_budget(self.budget, probe))
         return protect(keep, probe, self.protected)
+
+    replan = plan

@@ -26,6 +26,9 @@ POLICIES = [
     # pruning during decoding: the probe gathered over ranks, each rank compacting its own heads
     ("refreekv", {"threshold": 0.2, "protected": [0], "interval": 6}),
     ("snapkv", {"budget": 0.4, "interval": 5, "on_pressure": True}),
+    # keys read from the pool (each rank's heads, gathered), at prefill and while decoding
+    ("knorm", {"budget": 0.4, "interval": 5}),
+    ("adakv", {"budget": 0.4}),
 ]
 PROMPT_LENS = (37, 12, 60, 25, 44)
 RUNNER = """
