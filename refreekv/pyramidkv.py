@@ -12,7 +12,9 @@ tokens (always kept), layer l of L keeps (`shape`):
 - "kvpress" (NVIDIA kvpress 0.5's PyramidKVPress, floats, the window inside the layer budget):
   lo = k / beta, hi = 2 k - lo; if hi >= n - w then hi = n - w and lo = 2 k - hi; unless
   n >= hi >= lo >= w (then every layer keeps k), layer l keeps round(hi - l (hi - lo) / (L - 1)).
-Each layer's count is clamped to [w, n]. Layers in `protected` keep everything. No pruning during
+Each layer's count is clamped to [w, n]. On short prompts the factory's integer step can round
+to 0 (hi - lo < L - 1): every layer then keeps w + hi, up to twice SnapKV's selected tokens (the
+CLI's budget line shows it); "kvpress" keeps the average at k. Layers in `protected` keep everything. No pruning during
 decoding: the paper defines the pyramid for the prompt only.
 """
 

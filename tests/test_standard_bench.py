@@ -441,3 +441,46 @@ def test_gsm8k_errors(monkeypatch, tmp_path):
     with pytest.raises(UserError) as e:
         gsm8k.load()
     assert "\n" not in str(e.value) and "openai/gsm8k" in str(e.value) and "--data-dir" in str(e.value)
+
+
+def test_policies_flag_names_every_method():
+    from bench.standard.cli import DEFAULT_POLICIES, label, parse_policies
+
+    pols = parse_policies(
+        "full,snapkv:0.2,snapkv:budget=0.2/pooling=avg,pyramidkv:0.5,adakv:budget=0.2/scorer=tova,twilight"
+    )
+    assert [label(p) for p in pols] == [
+        "full",
+        "snapkv 20%",
+        "snapkv 20% avg",
+        "pyramidkv 50%",
+        "adakv 20% tova",
+        "twilight T=0.01",
+    ]
+    assert [label(p) for p in parse_policies(DEFAULT_POLICIES)][:3] == [
+        "full",
+        "refreekv T=0.01",
+        "refreekv T=0.01 mass",
+    ]
+
+
+def test_a_bad_policy_is_one_line_before_the_model_loads(capsys):
+    from bench.standard.cli import main
+
+    assert (
+        main(
+            [
+                "--suite",
+                "ruler",
+                "--out",
+                "/nonexistent/x.jsonl",
+                "--model",
+                "/nonexistent",
+                "--policies",
+                "snapkv:pooling=mean",
+            ]
+        )
+        != 0
+    )
+    err = capsys.readouterr().err
+    assert "pooling must be one of" in err and "Traceback" not in err

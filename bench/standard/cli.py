@@ -33,22 +33,41 @@ from bench.common import log, policy_label
 from engine.sampling import Sampling
 from weights.errors import UserError
 
-POLICIES = [
-    ("full", {}),
-    ("refreekv", {}),
-    ("refreekv", {"metric": "mass"}),
-    ("streaming", {"budget": 0.5}),
-    ("streaming", {"budget": 0.2}),
-    ("h2o", {"budget": 0.5}),
-    ("h2o", {"budget": 0.2}),
-    ("snapkv", {"budget": 0.5}),
-    ("snapkv", {"budget": 0.2}),
-]
 WITHIN = 0.99  # the threshold-free claim: each task within 1% of the full cache
 
 
+DEFAULT_POLICIES = "full,refreekv,refreekv:metric=mass," + ",".join(
+    f"{n}:{b}" for n in ("streaming", "h2o", "snapkv") for b in (0.5, 0.2)
+)
+
+
+def parse_policies(spec: str) -> list:
+    """`NAME[:BUDGET | :KNOB=VALUE[/KNOB=VALUE...]]`, comma-separated (values read as JSON where
+    they parse: `adakv:0.2`, `snapkv:budget=0.5/pooling="avg"`, `twilight:p=0.99`) -> policies."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, knobs = item.partition(":")
+        kw = {}
+        for part in filter(None, knobs.split("/")):
+            key, eq, value = part.partition("=")
+            if not eq:
+                key, value = "budget", part
+            try:
+                kw[key] = json.loads(value)
+            except json.JSONDecodeError:
+                kw[key] = value
+        out.append(refreekv.make(name, **kw))  # UserError in the user's words on a bad name or knob
+    if not out:
+        raise UserError("--policies names no policy")
+    return out
+
+
 def label(p) -> str:
-    return policy_label(p) + (" mass" if getattr(p, "metric", "l2") == "mass" else "")
+    extra = {"metric": "l2", "pooling": "max", "shape": "factory", "safeguard": "adakv", "heads": "layer"}
+    tags = [str(getattr(p, k)) for k, default in extra.items() if getattr(p, k, default) != default]
+    if p.name == "adakv" and p.scorer != "snapkv":
+        tags.append(p.scorer)
+    return " ".join([policy_label(p)] + tags)
 
 
 # ------------------------------------------------------------------------------- samples
@@ -322,6 +341,12 @@ def main(argv=None):
     p.add_argument("--server", help="a running engine.serve (http://host:port) instead of an engine here")
     p.add_argument("--out", help="JSONL of per-sample results (appended; reruns skip what is there)")
     p.add_argument("--report", help="print the table of this JSONL (and append it to --results-md)")
+    p.add_argument(
+        "--policies",
+        default=DEFAULT_POLICIES,
+        help="NAME[:BUDGET | :KNOB=VALUE/...] comma list, e.g. full,snapkv:0.2,pyramidkv:0.2,adakv:0.2,"
+        "cake:0.2,tova:0.2,knorm:0.2,twilight,snapkv:budget=0.2/pooling=avg (default: %(default)s)",
+    )
     p.add_argument("--results-md")
     p.add_argument("--plot", metavar="PNG", help="with --report: score vs budget per task, drawn here")
     a = p.parse_args(argv)
@@ -340,11 +365,11 @@ def main(argv=None):
         if not a.suite or not a.out:
             raise UserError("--suite and --out are needed (or --report FILE)")
         a.lengths = [int(x) for x in a.lengths.split(",")]
+        policies = parse_policies(a.policies)  # before the model loads: a bad name fails at once
         from engine.engine import Engine
 
-        eng = Engine(a.model, device=a.device, max_seqs=len(POLICIES) * 2)
+        eng = Engine(a.model, device=a.device, max_seqs=len(policies) * 2)
         items = {"ruler": ruler_items, "longbench": longbench_items, "gsm8k": gsm8k_items}[a.suite](eng, a)
-        policies = [refreekv.make(n, **kw) for n, kw in POLICIES]
         run(eng, items, policies, Path(a.out), a.server)
         rows = [json.loads(x) for x in Path(a.out).read_text().splitlines() if x.strip()]
         print(report(rows))
