@@ -14,8 +14,8 @@ tokens (always kept), layer l of L keeps (`shape`):
   n >= hi >= lo >= w (then every layer keeps k), layer l keeps round(hi - l (hi - lo) / (L - 1)).
 Each layer's count is clamped to [w, n]. On short prompts the factory's integer step can round
 to 0 (hi - lo < L - 1): every layer then keeps w + hi, up to twice SnapKV's selected tokens (the
-CLI's budget line shows it); "kvpress" keeps the average at k. Layers in `protected` keep everything. No pruning during
-decoding: the paper defines the pyramid for the prompt only.
+CLI's budget line shows it); "kvpress" keeps the average at k. Layers in `protected` keep
+everything. No pruning during decoding: the paper defines the pyramid for the prompt only.
 """
 
 import torch
