@@ -106,8 +106,6 @@ class Bench:
         """Two Engine.generate runs of B prompts of n tokens (warm-up, measured); the row of stats."""
         eng = self.eng
         prompts = random_prompts(eng, B, n, seed)
-        # one prefill batch: decode runs all B at once
-        eng.max_prefill_tokens = max(eng.max_prefill_tokens, B * n)
         s = Sampling(max_new_tokens=new)
         g0, _ = dynamo_counts()
         eng.generate(prompts, policy, s)
@@ -116,6 +114,10 @@ class Bench:
         res = eng.generate(prompts, policy, s)
         g2, skips = dynamo_counts()
         st, first = eng.stats, res[0].stats
+        if first["batch"] != B or st["peak_concurrent"] != B:  # the rows below would not be batch B's
+            raise RuntimeError(
+                f"batch {B} x {n} was not prefilled and decoded as one batch ({first['batch']} at once)"
+            )
         steps = st["step_ms"]
         med = statistics.median(steps) if steps else float("nan")
         flops, exact = prefill_flops(eng.model, eng.config, B, n)
@@ -399,8 +401,17 @@ def main(argv=None):
         longest = (
             max(a.prompt_lens + a.scaling_lens * ("scaling" in a.sections) + [a.batch_prompt]) + a.new_tokens
         )
+        # one prefill batch per measured run: every batch row decodes all B at once from its first step
+        batch_tokens = (
+            max(a.batches + [1]) * a.batch_prompt if "batch" in a.sections or "hf" in a.sections else 0
+        )
         eng, label = build_engine(
-            a, max_length=longest, kv_memory=a.kv_memory, page_size=a.page_size, max_seqs=max(a.batches + [1])
+            a,
+            max_length=longest + (a.page_size or 16),  # a page of slack per row: admission reserves one
+            kv_memory=a.kv_memory,
+            page_size=a.page_size,
+            max_seqs=max(a.batches + [1]),
+            max_prefill_tokens=max(batch_tokens, *a.prompt_lens) or None,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
