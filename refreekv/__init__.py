@@ -314,15 +314,20 @@ def check_flag(name: str, v) -> bool:
     return v
 
 
-def check_threshold(threshold) -> float:
+def check_share(name: str, value, of: str = "the attention") -> float:
+    """A share in [0, 1] (of the attention, unless `of` says what): past 1 it means nothing more
+    than 1. ValueError naming it otherwise (NaN and inf included)."""
     try:
-        t = float(threshold)
+        t = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
-    # a share of the attention: past 1 it means nothing more than 1
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
     if not (math.isfinite(t) and 0 <= t <= 1):
-        raise ValueError(f"threshold must be in [0, 1] (a share of the attention), got {threshold!r}")
+        raise ValueError(f"{name} must be in [0, 1] (a share of {of}), got {value!r}")
     return t
+
+
+def check_threshold(threshold) -> float:
+    return check_share("threshold", threshold)
 
 
 MAX_TOKENS = 2**31 - 1  # a token count no context reaches (sinks, recent, budgets, intervals)

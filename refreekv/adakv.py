@@ -27,6 +27,7 @@ from refreekv import (
     POLICIES,
     Policy,
     check_choice,
+    check_share,
     protect,
     register,
     row_budget,
@@ -63,12 +64,7 @@ class AdaKV(Policy):
     ):
         check_choice("scorer", scorer, SCORERS)
         self.safeguard = check_choice("safeguard", safeguard, ("adakv", "kvpress"))
-        try:
-            self.alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1] (a share of each head's even budget), got {alpha!r}")
+        self.alpha = check_share("alpha", alpha, "each head's even budget")
         # TOVA per KV head: a score its layer's heads share leaves nothing to move between them
         knobs = {
             "snapkv": dict(window=window, kernel=kernel, pooling=pooling),

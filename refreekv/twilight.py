@@ -12,18 +12,13 @@ universal T = 1%. Twilight itself selects per query head and per decode step for
 frees the pages at once. The last prompt token is always kept.
 """
 
-from refreekv import register
+from refreekv import check_share, register
 from refreekv.refreekv_topp import ReFreeKVTopP
 
 
 @register("twilight")
 class Twilight(ReFreeKVTopP):
     def __init__(self, p: float = 0.99, rows: int = 1, protected: tuple[int, ...] = ()):
-        try:
-            p = float(p)
-        except (TypeError, ValueError):
-            raise ValueError(f"p must be a number in [0, 1], got {p!r}") from None
-        if not 0 <= p <= 1:
-            raise ValueError(f"p must be in [0, 1] (a share of the attention), got {p!r}")
+        p = check_share("p", p)
         super().__init__(threshold=1 - p, sinks=0, rows=rows, protected=protected)
         self.p = p
