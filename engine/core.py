@@ -38,7 +38,7 @@ from weights.errors import UserError
 class Core:
     """runner: the model, pool and steps below (engine/runner.py); tokenizer: for the text;
     check(prompt, policies, sampling, forced): the engine's check of a request (Engine.check_request);
-    probe_fits(rows, longest, batch): whether an admitted batch's prefill probe fits its bound;
+    probe_fits(rows, longest, batch, stats): whether an admitted batch's prefill probe fits its bound;
     eos: the token ids that end a sequence."""
 
     def __init__(self, runner, tokenizer, check, max_seqs: int, max_prefill_tokens: int, probe_fits, eos):
@@ -73,7 +73,8 @@ class Core:
         """Queue a prompt (token ids) with its policy (or a list: one sequence per policy, each pruned
         by its own) and its sampling. Everything that could make it fail later is checked here:
         a UserError names what is wrong and nothing is queued."""
-        policies = list(policy) if isinstance(policy, (list, tuple)) else [policy]
+        fan = isinstance(policy, (list, tuple))  # a list, even of one: keys (rid, j)
+        policies = list(policy) if fan else [policy]
         if not policies:
             raise UserError("no KV policy given")
         for p in policies:
@@ -94,7 +95,7 @@ class Core:
         for j, pol in enumerate(policies):
             seq = Sequence(rid, j, list(prompt), pol, list(forced or []))
             seq.sampling, seq.seed = sampling, seed % 2**64
-            seq.key = (rid, j) if len(policies) > 1 else rid
+            seq.key = (rid, j) if fan else rid
             seq.detok, seq.text, seq.shown, seq.lp = Detok(self.tokenizer), "", 0, []
             seq.logprobs = [] if sampling.logprobs is not None else None
             group.append(seq)

@@ -83,6 +83,9 @@ def test_fan_out_equals_one_policy_at_a_time_and_sequences_finish_apart(tiny_ckp
                 and fan[i][j].stats["kept_per_head"] == alone[i].stats["kept_per_head"]
             )
     assert len({n for n, _ in trace.at.values()}) > 2  # sequences ended after different numbers of tokens
+    # a list of one policy is a fan-out of one: results[i][0] (it crashed on its keys once)
+    one = eng.generate(prompts, policies[-1:], Sampling(max_new_tokens=20))
+    assert [r[0].tokens for r in one] == [fan[i][-1].tokens for i in range(len(prompts))]
 
 
 def test_teacher_forcing_reproduces_full_sequence_logits(tiny_ckpts):
