@@ -29,7 +29,8 @@ def admit(runner, batch, probe_rows: int, note=None):
     t0 = time.perf_counter()
     hook = None if note is None else (lambda i, n: note(i, n, sum(map(len, prompts))))
     slots = [g[0].slot for g in batch]
-    logits, probe, states, where = runner.prefill(prompts, slots, rows, bool(scoring), hook)
+    stats = any(seq.policy.query_stats for seq in seqs)
+    logits, probe, states, where, moments = runner.prefill(prompts, slots, rows, bool(scoring), hook, stats)
     for b in scoring:
         ids, start = where[b]
         n = len(prompts[b])
@@ -37,7 +38,8 @@ def admit(runner, batch, probe_rows: int, note=None):
     del states
     runner.sync()
     t1 = time.perf_counter()
-    keep, kept_all, peak = pruning.prune_admitted(runner, batch, probe, [len(p) for p in prompts])
+    keep, kept_all, peak = pruning.prune_admitted(runner, batch, probe, [len(p) for p in prompts], moments)
+    del moments
     runner.sync()
     t2 = time.perf_counter()
     evicted = _evicted(runner, batch, probe, keep) if rows else None

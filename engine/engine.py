@@ -197,7 +197,7 @@ class Engine(Limits):
             self.check_request,
             self.max_seqs,
             self.max_prefill_tokens,
-            lambda rows, n, batch: self.probe_bytes(rows, n, batch) <= self.max_probe_bytes,
+            lambda rows, n, batch, stats: self.probe_bytes(rows, n, batch, stats) <= self.max_probe_bytes,
             self._eos,
         )
         return self

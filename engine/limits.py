@@ -10,6 +10,7 @@ decode_window, max_probe_bytes)."""
 import torch
 
 from engine.kv import page_bytes, row_pages, seq_pages
+from engine.model import MOMENT_HEAD
 from weights.errors import UserError
 
 CPU_KV_GIB = 2.0  # default pool on CPU
@@ -54,10 +55,12 @@ class Limits:
         pages = sum(seq_pages(n, c.n_layers, c.n_kv_heads, self.page_size) + rows for n in lengths)
         return min(CPU_KV_GIB, self.pool_gib(pages))
 
-    def probe_bytes(self, rows: int, prompt_len: int, batch: int = 1) -> int:
-        """The prefill probe of `batch` prompts padded to prompt_len: [L, B, H, rows, N] fp32."""
+    def probe_bytes(self, rows: int, prompt_len: int, batch: int = 1, stats: bool = False) -> int:
+        """The prefill probe of `batch` prompts padded to prompt_len: [L, B, H, rows, N] fp32, and with
+        `stats` their query moments (engine/model.py query_moments: [L, B, H, D x D + 9 D] fp32)."""
         c = self.config
-        return c.n_layers * batch * c.n_heads * rows * prompt_len * 4
+        moments = c.head_dim * (c.head_dim + 1 + MOMENT_HEAD) if stats else 0
+        return c.n_layers * batch * c.n_heads * (rows * prompt_len + moments) * 4
 
     def max_new_fitting(self, n: int) -> int:
         """The most new tokens a prompt of n tokens can ask for: within the context and, alone in

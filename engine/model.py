@@ -4,7 +4,9 @@ Two entry points, both writing into the paged KV pool (engine/kv.py):
   prefill(tokens [B, N] right-padded, lens [B], slots [B]) -> last-token logits, per-layer probe
   decode(tokens [B])  (the sequences in pool slots [0, B))  -> next-token logits
 The probe is what pruning policies see: each layer's attention of the last `probe_rows`
-prompt queries over all prompt keys ([L, B, H, w, N], fp32), never the N x N matrix.
+prompt queries over all prompt keys ([L, B, H, w, N], fp32), never the N x N matrix; and, for the
+policies that model future queries (Expected Attention), the moments of every prompt query before
+RoPE (`moments`: sums, never the queries themselves).
 """
 
 import math
@@ -127,6 +129,22 @@ def causal_mask(q_pos, k_pos, window):
     return (d >= 0) & (d < window) if window else d >= 0
 
 
+MOMENT_HEAD = 8  # the first queries of each prompt kept apart: query statistics may leave out this many
+
+
+def query_moments(c: ModelConfig, batch: int, device=None) -> tuple:
+    """Zeroed buffers that prefill(moments=...) fills: per layer, prompt and query head, the sum of
+    the pre-RoPE queries [L, B, H, D], the sum of their outer products [L, B, H, D, D] and the first
+    MOMENT_HEAD queries [L, B, H, MOMENT_HEAD, D] (zero past a prompt's end). Any suffix's mean and
+    covariance follows (refreekv.Probe.query_stats); the size does not grow with the prompt."""
+    L, H, D = c.n_layers, c.n_heads, c.head_dim
+    return (
+        torch.zeros(L, batch, H, D, device=device),
+        torch.zeros(L, batch, H, D, D, device=device),
+        torch.zeros(L, batch, H, MOMENT_HEAD, D, device=device),
+    )
+
+
 class Transformer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -153,7 +171,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def prefill(
-        self, tokens, lens, kv, slots, probe_rows: int = 1, all_logits: bool = False, hidden: bool = False
+        self,
+        tokens,
+        lens,
+        kv,
+        slots,
+        probe_rows: int = 1,
+        all_logits: bool = False,
+        hidden: bool = False,
+        moments=None,
     ):
         """Run right-padded prompts [B, N] (row b real up to lens[b]) and write their K/V into the
         pool slots `slots` [B] (whose rows own pages for their prompts).
@@ -162,7 +188,8 @@ class Transformer(nn.Module):
         all_logits), probe [L, B, H, w, N] fp32 attention of the last w real queries of each
         row (rows before the prompt start are zero), or None when probe_rows == 0. hidden=True adds
         a third value: the final normed hidden states [B, N, dim] (prompt logprobs are computed
-        from them a chunk at a time, never as B x N x V logits)."""
+        from them a chunk at a time, never as B x N x V logits). `moments` (see query_moments), when
+        given, is filled in place with each layer's query moments."""
         c, (B, N) = self.c, tokens.shape
         cos, sin = self.cos[:N, None], self.sin[:N, None]  # [N, 1, D]
         x = self.embed(tokens)
@@ -184,6 +211,8 @@ class Transformer(nn.Module):
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if w:
                 probe[i] = self._probe(q, k, rows.clamp(min=0), rmasks[win])
+            if moments is not None:
+                self._moments(moments, i, q, cos.transpose(0, 1), sin.transpose(0, 1), ar < lens[:, None])
         kv.next_pos[slots] = lens
         if hidden or all_logits:
             x = self.norm(x)
@@ -196,7 +225,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def prefill_packed(
-        self, tokens, lens: list[int], kv, slots, probe_rows: int = 1, hidden: bool = False, progress=None
+        self,
+        tokens,
+        lens: list[int],
+        kv,
+        slots,
+        probe_rows: int = 1,
+        hidden: bool = False,
+        progress=None,
+        moments=None,
     ):
         """prefill() for prompts packed end to end: tokens [T] (T = sum(lens), no padding), lens
         on the host. Embedding, projections and MLP run on the T real tokens only; attention and
@@ -237,6 +274,9 @@ class Transformer(nn.Module):
                     probe[i, b, ..., :n] = self._probe(
                         qb, kb, rows[b : b + 1].clamp(min=0), rmasks[win][b : b + 1, ..., :n]
                     )[0]
+                if moments is not None:
+                    cb, sb = (t[starts[b] : starts[b + 1]].transpose(0, 1) for t in (cos, sin))
+                    self._moments(moments, i, qb, cb, sb, None, b)
             x = x + self._sum(layer.attn.out(torch.cat(outs, 2)))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if progress is not None:
@@ -261,6 +301,18 @@ class Transformer(nn.Module):
     def _sum(self, x):
         """Row-parallel outputs (o_proj, down_proj) summed over tensor-parallel ranks."""
         return x if self.tp is None else self.tp.all_reduce(x)
+
+    def _moments(self, moments, layer, q, cos, sin, real, b=None):
+        """Add one layer's queries q [B, H, N, D] (post-RoPE; cos/sin [1, N, D] rotated them; real
+        [B, N] or None: all real) to `moments` at `layer` (and batch row b when q is one prompt)."""
+        s1, s2, head = (m[layer] if b is None else m[layer, b : b + 1] for m in moments)
+        pre = rotate(q.float(), cos, -sin) / self.cos[0, 0] ** 2  # R(-p) R(p) = att^2 (YaRN)
+        if real is not None:
+            pre = pre * real[:, None, :, None]
+        s1 += pre.sum(2)
+        s2 += pre.transpose(-1, -2) @ pre
+        n = min(head.shape[2], pre.shape[2])
+        head[:, :, :n] = pre[:, :, :n]
 
     def _probe(self, q, k, rows, rmask):
         """Softmax attention (fp32) of the query rows [B, w] over all keys: [B, H, w, N]."""

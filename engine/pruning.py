@@ -23,7 +23,7 @@ import math
 import torch
 
 import refreekv
-from engine.model import rotate
+from engine.model import rope_attention_factor, rope_inv_freq, rotate
 
 PROBE_BYTES = 2**30  # sequences re-planned in one policy call: their fp32 probe within this
 
@@ -77,6 +77,15 @@ class PoolRows:
     def __init__(self, runner, slots: torch.Tensor, width: int, lens: torch.Tensor, pos: torch.Tensor):
         self.runner, self.slots, self.width, self.lens, self.pos = runner, slots, width, lens, pos
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's (cos, sin) at positions [n] -> [n, D] each, as they rotate queries and keys
+        (YaRN's attention factor included): x_rotated = x * cos + rotate_half(x) * sin."""
+        c = self.runner.model.c  # the tables' own formula, at any position (future ones too)
+        freqs = positions.float()[:, None] * rope_inv_freq(c).to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        att = rope_attention_factor(c)
+        return emb.cos() * att, emb.sin() * att
+
     def __call__(self, layer: int, what: str, rope: bool) -> torch.Tensor:
         runner = self.runner
         k, v, _ = runner.kv.read(layer, self.slots, self.width)
@@ -104,8 +113,9 @@ def _every_head(runner, t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------- at the prefill -> decode
-def prune_admitted(runner, batch, probe, lens_l: list[int]):
-    """Plan every sequence of an admitted batch on the prefill probe and compact the pool: each
+def prune_admitted(runner, batch, probe, lens_l: list[int], moments=None):
+    """Plan every sequence of an admitted batch on the prefill probe (and the prompts' query
+    moments, for the policies that read query statistics) and compact the pool: each
     fork's kept tokens are copied into its own pages, then each source is compacted in place and
     its emptied pages freed. Returns (keep over every KV head [L, S, Hkv, N] in slot order, kept
     counts of every head [L, S, Hkv], the pool's pages in use before compaction)."""
@@ -128,7 +138,10 @@ def prune_admitted(runner, batch, probe, lens_l: list[int]):
         row_lens = plens[None, :, None].expand(c.n_layers, -1, c.n_kv_heads)
         slot_pos = torch.arange(N, device=runner.dev).expand(c.n_layers, 1, 1, N)  # slot j = position j
         reader = PoolRows(runner, slots, N, row_lens, slot_pos)
-        pr = refreekv.Probe(attn, plens, c.n_layers, c.n_kv_heads, N, reader)
+        stats = None
+        if pol.query_stats:
+            stats = (*(m.index_select(1, sel) for m in moments), plens)
+        pr = refreekv.Probe(attn, plens, c.n_layers, c.n_kv_heads, N, reader, stats)
         real = pr.real[None, :, None].expand(c.n_layers, -1, c.n_kv_heads, -1)
         k, _ = _ask(pol, "plan", pr, real, members)
         for seq in members:
@@ -181,8 +194,9 @@ def start(seq):
     seq.stats.pop("replans", None)
 
 
-def decode_probe(runner, seqs, rows: int) -> refreekv.DecodeProbe:
-    """The DecodeProbe of running sequences (rows: query rows the policy reads, <= W)."""
+def decode_probe(runner, seqs, rows: int, stats: bool = False) -> refreekv.DecodeProbe:
+    """The DecodeProbe of running sequences (rows: query rows the policy reads, <= W; stats: the
+    moments of their last decode queries, for query_stats)."""
     kv, c = runner.kv, runner.local
     L, Hkv, H, D, ps, W = kv.L, kv.H, c.n_heads, kv.D, kv.ps, kv.W
     G = H // Hkv
@@ -224,9 +238,29 @@ def decode_probe(runner, seqs, rows: int) -> refreekv.DecodeProbe:
             attn[layer] = torch.softmax(s, -1).nan_to_num(0.0).view(B, H, rows, N)
     if runner.tp.on:  # every query and KV head: each policy plans exactly as on one process
         attn = None if attn is None else runner.tp.gather(attn, 2)
+    moments = _decode_moments(runner, sl, seen, (seen - prompt).clamp(max=W)) if stats else None
     lens, pos = _every_head(runner, lens, 2), _every_head(runner, pos, 2)
     reader = PoolRows(runner, sl, N, lens, pos)
-    return refreekv.DecodeProbe(attn, lens, pos, seen, prompt, queries, runner.config.n_kv_heads, reader)
+    return refreekv.DecodeProbe(
+        attn, lens, pos, seen, prompt, queries, runner.config.n_kv_heads, reader, moments
+    )
+
+
+def _decode_moments(runner, sl, seen, count) -> tuple:
+    """engine/model.py's query moments of the last count[b] <= W decode queries of each slot (the
+    query ring: post-RoPE, position p at p % W), every query head; no first queries kept apart."""
+    kv = runner.kv
+    ar = torch.arange(kv.W, device=seen.device)
+    qpos = seen[:, None] - kv.W + ar  # [B, W] the ring's positions, oldest first
+    real = ar >= (kv.W - count)[:, None]
+    q = kv.queries[:, sl[:, None], qpos.clamp(min=0) % kv.W].float()  # [L, B, W, H, D]
+    cos, sin = (t[qpos.clamp(min=0)][None, :, :, None] for t in (runner.model.cos, runner.model.sin))
+    pre = rotate(q, cos, -sin) / runner.model.cos[0, 0] ** 2 * real[None, :, :, None, None]
+    pre = pre.transpose(2, 3)  # [L, B, H, W, D]
+    if runner.tp.on:  # every query head, as the prefill's probe
+        pre = runner.tp.gather(pre, 2)
+    head = pre.new_zeros(*pre.shape[:3], 0, pre.shape[-1])
+    return pre.sum(3), pre.transpose(-1, -2) @ pre, head, count
 
 
 def _chunks(runner, members) -> list[list]:
@@ -250,7 +284,7 @@ def replan(runner, seqs, pressure: bool = False) -> tuple[int, list]:
     failed = []
     for members in [ch for group in _by_policy(seqs) for ch in _chunks(runner, group)]:
         pol = members[0].policy
-        pr = decode_probe(runner, members, min(pol.probe_rows, kv.W))
+        pr = decode_probe(runner, members, min(pol.probe_rows, kv.W), pol.query_stats)
         keep, ok = _ask(pol, "replan", pr, pr.real, members, " while decoding")
         if not ok:
             failed += members

@@ -15,6 +15,7 @@ import os
 import torch
 
 from engine.kernels.attention import pow2
+from engine.model import query_moments
 
 
 class Runner:
@@ -79,17 +80,23 @@ class Runner:
             span = min(max(2, int(kv.h_pages[:, :n].max())), kv.table.shape[-1])
         return self.decode_step(self.model, toks, kv, span)[:n]
 
-    def prefill(self, prompts: list[list[int]], slots: list[int], rows: int, hidden: bool, note=None):
+    def prefill(
+        self, prompts: list[list[int]], slots: list[int], rows: int, hidden: bool, note=None, stats=False
+    ):
         """Prefill prompts into the pages of their slots: (last-token logits [B, V], the probe
-        [L, B, H, rows, N] over every query head or None, and with `hidden` the final hidden
-        states [T, dim] with each prompt's (token ids, first row) in them). note(layers_done,
+        [L, B, H, rows, N] over every query head or None, with `hidden` the final hidden states
+        [T, dim] with each prompt's (token ids, first row) in them, and with `stats` the prompts'
+        query moments over every query head (engine/model.py query_moments) or None). note(layers_done,
         layers) follows a long eager prefill."""
         lens_l = [len(p) for p in prompts]
         B, N, dev = len(prompts), max(lens_l), self.dev
         src = torch.tensor(slots, device=dev)
+        moments = query_moments(self.model.c, B, dev) if stats else None
         if self.packed:  # eager: the prompts end to end, no padding
             flat = torch.tensor([t for p in prompts for t in p], device=dev)
-            logits, probe, *states = self.model.prefill_packed(flat, lens_l, self.kv, src, rows, hidden, note)
+            logits, probe, *states = self.model.prefill_packed(
+                flat, lens_l, self.kv, src, rows, hidden, note, moments
+            )
             starts = [sum(lens_l[:b]) for b in range(B)]
             where = [(flat, starts[b]) for b in range(B)]
         else:  # right-padded to the longest prompt (static shapes)
@@ -98,12 +105,15 @@ class Runner:
                 tokens[b, : lens_l[b]] = torch.tensor(p)
             tokens = tokens.to(dev)
             lens = torch.tensor(lens_l, device=dev)
-            logits, probe, states = self.prefill_step(self.model, tokens, lens, self.kv, src, rows, hidden)
+            logits, probe, states = self.prefill_step(
+                self.model, tokens, lens, self.kv, src, rows, hidden, moments
+            )
             states = [] if states is None else [states.flatten(0, 1)]
             where = [(tokens.flatten(), b * N) for b in range(B)]
-        if self.tp.on and probe is not None:
-            probe = self.tp.gather(probe, 2)  # every query head: each policy plans as on one process
-        return logits, probe, (states[0] if states else None), where
+        if self.tp.on:  # every query head: each policy plans as on one process
+            probe = None if probe is None else self.tp.gather(probe, 2)
+            moments = None if moments is None else tuple(self.tp.gather(m, 2) for m in moments)
+        return logits, probe, (states[0] if states else None), where, moments
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head over hidden states [n, dim] (prompt log-probabilities)."""
@@ -131,8 +141,8 @@ def _decode_step(model, tokens, kv, span):
     return model.decode(tokens, kv, span)
 
 
-def _prefill_step(model, tokens, lens, kv, slots, probe_rows, hidden=False):
-    """(logits, probe, hidden states or None)."""
+def _prefill_step(model, tokens, lens, kv, slots, probe_rows, hidden=False, moments=None):
+    """(logits, probe, hidden states or None); `moments` filled in place when given."""
     if hidden:
-        return model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows, hidden=True)
-    return (*model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows), None)
+        return model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows, hidden=True, moments=moments)
+    return (*model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows, moments=moments), None)

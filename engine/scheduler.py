@@ -29,9 +29,9 @@ class Scheduler:
         self.kv, self.max_seqs, self.max_prefill_tokens = kv, min(max_seqs, kv.S), max_prefill_tokens
         self.free = free or (lambda: kv.n_free)  # tensor parallel: the least free pages of any rank
         self.padded = True  # prefill pads a batch to its longest prompt (False: packed, real tokens only)
-        # probe_fits(rows, longest prompt, batch): the batch's attention probe stays within its
+        # probe_fits(rows, longest prompt, batch, query stats): the batch's probe stays within its
         # bound (Engine.probe_bytes and max_probe_bytes; every prompt is padded to the longest)
-        self.probe_fits = lambda rows, n, batch: True
+        self.probe_fits = lambda rows, n, batch, stats: True
         self.probe_rows = 0  # at least this many probe rows for everyone (the core's evicted-mass stats)
         self.waiting: deque[list[Sequence]] = deque()
         self.running: list[Sequence] = []
@@ -49,7 +49,7 @@ class Scheduler:
         """Groups to prefill now (one batch, within the padded prefill budget); their
         sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
         kv, batch, longest, tokens, pages, seqs = self.kv, [], 0, 0, 0, len(self.running)
-        wide = self.probe_rows
+        wide, stats = self.probe_rows, False
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
         while self.waiting:
@@ -60,7 +60,8 @@ class Scheduler:
             if batch and work > self.max_prefill_tokens:
                 break
             rows = max([wide] + [getattr(seq.policy, "probe_rows", 0) for seq in group])
-            if batch and not self.probe_fits(rows, max(longest, n), len(batch) + 1):
+            needs = stats or any(getattr(seq.policy, "query_stats", False) for seq in group)
+            if batch and not self.probe_fits(rows, max(longest, n), len(batch) + 1, needs):
                 break
             if seqs + k > self.max_seqs:
                 break
@@ -73,7 +74,7 @@ class Scheduler:
             self.waiting.popleft()
             batch.append(group)
             longest, tokens, pages, seqs = max(longest, n), tokens + n, pages + need, seqs + k
-            wide = rows
+            wide, stats = rows, needs
         slot = len(self.running)
         for group in batch:
             for seq in group:

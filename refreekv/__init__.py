@@ -41,6 +41,36 @@ class _Rows:
         """[B, Hkv, N, D] fp32 values of one layer's rows; 0 past each row's length."""
         return self._read(layer, "v", True)
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's rotary tables at any positions [n] (future ones included): (cos, sin), each
+        [n, D], as the model rotates a vector x at position p: x * cos[p] + rotate_half(x) * sin[p]
+        (rotate_half(x) = cat(-x2, x1); YaRN's attention factor is in both)."""
+        if self.reader is None:
+            raise RuntimeError("this probe has no model behind it (built by hand): rope unavailable")
+        return self.reader.rope(positions)
+
+    def query_stats(self, layer: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean [B, H, D] and covariance [B, H, D, D] (divided by the count, as kvpress does) of one
+        layer's queries before RoPE, per query head: at prefill every prompt query from position
+        `skip` on (skip <= MOMENT_HEAD = 8: Expected Attention leaves the first, sink, queries
+        out), while decoding the last decode queries the engine keeps (up to decode_window; skip
+        must be 0). Only for a policy with query_stats = True: the prefill then sums the moments,
+        [L, B, H, D, D] fp32 per batch whatever the prompts' lengths; nothing is kept after."""
+        if self.moments is None:
+            raise RuntimeError("query_stats needs a policy with query_stats = True (and a model behind it)")
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        s1, s2, head = (m[layer] for m in self.moments[:3])
+        counts = self.moments[3]  # [B] queries summed per row
+        if not 0 <= skip <= head.shape[2]:
+            raise ValueError(f"skip must be in [0, {head.shape[2]}] here, got {skip}")
+        real = torch.arange(skip, device=head.device) < counts[:, None]  # [B, skip]
+        first = head[:, :, :skip] * real[:, None, :, None]  # [B, H, skip, D]
+        count = (counts - real.sum(1)).clamp(min=1).to(s1.dtype)[:, None, None]  # [B, 1, 1]
+        mean = (s1 - first.sum(2)) / count
+        second = (s2 - first.transpose(-1, -2) @ first) / count[..., None]
+        return mean, second - mean[..., :, None] * mean[..., None, :]
+
     def _read(self, layer: int, what: str, rope: bool) -> torch.Tensor:
         if self.reader is None:
             raise RuntimeError(
@@ -60,6 +90,8 @@ class Probe(_Rows):
     n_kv_heads: int
     width: int  # N, the padded prompt length
     reader: object = None  # reader(layer, "k" | "v", rope) -> [B, Hkv, N, D] fp32: see keys(), values()
+    moments: tuple | None = None  # query moments (engine/model.py query_moments) + counts [B], for a
+    #                               policy with query_stats = True: see query_stats()
 
     @property
     def positions(self) -> torch.Tensor:  # [N] slot index = absolute position of each prompt key
@@ -92,6 +124,7 @@ class DecodeProbe(_Rows):
     queries: torch.Tensor  # [B] real query rows of attn (the last queries[b] of the w)
     n_kv_heads: int
     reader: object = None  # as Probe.reader: each row's live slots in slot order (positions: pos)
+    moments: tuple | None = None  # as Probe.moments, of the last decode queries (query_stats())
 
     @property
     def n_layers(self) -> int:
@@ -113,6 +146,7 @@ class DecodeProbe(_Rows):
 class Policy:
     name = "?"
     probe_rows = 1  # how many of the last prompt queries the policy needs (0: no probe at all)
+    query_stats = False  # True: the prefill sums the query moments the Probe's query_stats() reads
     # decode-time pruning (policies that define replan): re-plan every `interval` generated tokens
     # (0: never), and when the pool runs short before preempting anyone (on_pressure)
     interval = 0

@@ -420,7 +420,7 @@ def test_decode_probe_keys_are_transformers_cache(tmp_path):
             )
 
 
-NEW = ["knorm", "tova", "pyramidkv", "adakv", "cake", "twilight"]
+NEW = ["knorm", "tova", "pyramidkv", "adakv", "cake", "twilight", "expected-attention"]
 
 
 @pytest.fixture(scope="module")
@@ -460,7 +460,7 @@ def test_each_method_frees_pages_end_to_end(tiny, name):
         assert r.stats["pages_after_pruning"] < f.stats["pages_after_pruning"]
 
 
-@pytest.mark.parametrize("name", ["knorm", "tova", "adakv"])
+@pytest.mark.parametrize("name", ["knorm", "tova", "adakv", "expected-attention"])
 def test_methods_prune_during_decoding(tiny, name):
     from engine.sampling import Sampling
 

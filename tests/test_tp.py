@@ -29,6 +29,7 @@ POLICIES = [
     # keys read from the pool (each rank's heads, gathered), at prefill and while decoding
     ("knorm", {"budget": 0.4, "interval": 5}),
     ("adakv", {"budget": 0.4}),
+    ("expected-attention", {"budget": 0.4, "interval": 5}),
 ]
 PROMPT_LENS = (37, 12, 60, 25, 44)
 RUNNER = """
