@@ -46,6 +46,13 @@ def test_ruler_through_the_engine_is_resumable(tiny_ckpts, tmp_path):
     eng.generate = lambda *x, **k: calls.append(1) or inner(*x, **k)
     standard.run(eng, items, policies, out)  # everything is there: nothing runs again
     assert not calls and len(out.read_text().splitlines()) == 8
+    # a method added later runs alone: one call per sample with only the new policy
+    seen = []
+    eng.generate = lambda prompts, pols, *x, **k: seen.append(len(pols)) or inner(prompts, pols, *x, **k)
+    standard.run(eng, items, policies + [refreekv.make("knorm", budget=0.5)], out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert seen == [1] * len(items) and len(rows) == 12
+    assert sorted(r["policy"] for r in rows).count("knorm 50%") == len(items)
     # a gold answer scores 100 under RULER's metric, a miss 0
     assert standard.sample_score(items[0], " " + items[0]["gold"][0]) == 100.0
     assert standard.sample_score(items[0], "nothing") == 0.0
@@ -76,7 +83,9 @@ def test_report_is_table_2_with_the_threshold_free_verdict():
     lines = table.splitlines()
     assert lines[2] == "| t1 | 2 | 75.0 | 75.0 (50%) | 50.0 (25%) |"
     assert lines[3] == "| t2 | 2 | 80.0 | 79.8 (50%) | 80.0 (25%) |"  # 79.75 >= 0.99 x 80
-    assert lines[4] == "| within 1% of full on every task | | | yes | no |"
+    # the field's one number per method: the mean over the task rows, score and budget
+    assert lines[4] == "| average of the 2 tasks | | 77.5 | 77.4 (50%) | 65.0 (25%) |"
+    assert lines[5] == "| within 1% of full on every task | | | yes | no |"
 
 
 def test_report_groups_longbench_by_task_with_its_length_buckets():
@@ -103,4 +112,5 @@ def test_report_groups_longbench_by_task_with_its_length_buckets():
         "| qa LongBench-E 4-8k | 1 | 40.0 | 20.0 (50%) |",
         "| qa LongBench-E 8k+ | 1 | 60.0 | 60.0 (50%) |",
     ]
-    assert lines[6] == "| within 1% of full on every task | | | no |"
+    assert lines[6] == "| average of the 1 tasks | | 66.7 | 60.0 (50%) |"  # the buckets are not tasks
+    assert lines[7] == "| within 1% of full on every task | | | no |"
