@@ -66,9 +66,10 @@ class ReFreeKVUnion(Policy):
 
     def plan(self, probe: Probe):
         L, B, H, w, N = probe.attn.shape
-        votes = probe.attn.double().unflatten(2, (probe.n_kv_heads, -1)).sum(3)  # [L, B, Hkv, w, N]
         pos, lens = probe.positions, probe.lens[:, None]  # [N], [B, 1]
         real = probe.real[None, :, None, None]  # [1, B, 1, 1, N]
+        votes = probe.attn.double().unflatten(2, (probe.n_kv_heads, -1)).sum(3)  # [L, B, Hkv, w, N]
+        votes = torch.where(real, votes, 0.0)  # padding is no one's mass
         kept = (pos < self.sinks) | (pos >= lens - w)  # sinks and the window: [B, N]
         cand = real & ~kept[None, :, None, None]
         if self.kernel > 1:  # a key's neighbours vote with it (SnapKV's max-pooling)

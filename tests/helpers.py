@@ -379,11 +379,6 @@ budgets = st.one_of(
 )
 
 
-budgets = st.one_of(
-    st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7, 0.9, 1.0]), st.integers(2, 40)
-)
-
-
 SERVE_KEY = "sk-test"
 
 
