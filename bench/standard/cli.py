@@ -381,6 +381,11 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device")
     p.add_argument("--raw", action="store_true", help="no chat template")
+    p.add_argument(
+        "--kv-memory",
+        type=float,
+        help="GiB of KV pool (default: the engine's); a fan-out holds every policy's copy of the prompt",
+    )
     p.add_argument("--server", help="a running engine.serve (http://host:port) instead of an engine here")
     p.add_argument("--out", help="JSONL of per-sample results (appended; reruns skip what is there)")
     p.add_argument("--report", help="print the table of this JSONL (and append it to --results-md)")
@@ -411,7 +416,9 @@ def main(argv=None):
         policies = parse_policies(a.policies)  # before the model loads: a bad name fails at once
         from engine.engine import Engine
 
-        eng = Engine(a.model, device=a.device, max_seqs=len(policies) * 2)
+        if a.kv_memory is not None and not a.kv_memory > 0:
+            raise UserError(f"--kv-memory must be a number of GiB > 0, got {a.kv_memory}")
+        eng = Engine(a.model, device=a.device, max_seqs=len(policies) * 2, kv_memory=a.kv_memory)
         items = {"ruler": ruler_items, "longbench": longbench_items, "gsm8k": gsm8k_items}[a.suite](eng, a)
         run(eng, items, policies, Path(a.out), a.server)
         rows = [json.loads(x) for x in Path(a.out).read_text().splitlines() if x.strip()]
