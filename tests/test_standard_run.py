@@ -114,3 +114,25 @@ def test_report_groups_longbench_by_task_with_its_length_buckets():
     ]
     assert lines[6] == "| average of the 1 tasks | | 66.7 | 60.0 (50%) |"  # the buckets are not tasks
     assert lines[7] == "| within 1% of full on every task | | | no |"
+
+
+def test_leaderboard_averages_and_plot(tmp_path):
+    """The summary picture's numbers: per policy the mean over task rows of (budget, score); a
+    fixed budget is one curve per method (its knobs kept apart), a threshold-free policy a point."""
+    rows = []
+    for task, scores in (("a", (100, 60, 20, 90)), ("b", (50, 40, 0, 50))):
+        for policy, budget, score in zip(
+            ("full", "snapkv 50%", "snapkv 20% avg", "refreekv T=0.01"), (1.0, 0.5, 0.2, 0.75), scores
+        ):
+            rows.append(
+                dict(suite="ruler", task=task, length=1024, idx=0, policy=policy, score=score, budget=budget)
+            )
+    avg = standard.averages(rows)
+    assert (
+        avg["full"] == (1.0, 75.0)
+        and avg["snapkv 50%"] == (0.5, 50.0)
+        and avg["refreekv T=0.01"] == (0.75, 70.0)
+    )
+    assert [standard.method_of(p) for p in avg] == [None, "snapkv", "snapkv avg", None]
+    standard.summary_plot(rows, tmp_path / "s.png", "t")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -323,6 +323,66 @@ def report(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n" + verdict + "\n"
 
 
+def averages(rows: list[dict]) -> dict:
+    """Per policy, (mean KV budget, mean score) over the task rows of the table (the mean of each
+    (task, length)'s mean, as the table's average row; LongBench-E buckets left out)."""
+    cells: dict = {}
+    for r in rows:
+        length = r["length"] if r["suite"] == "ruler" else ""
+        cells.setdefault(r["policy"], {}).setdefault((r["suite"], r["task"], length), []).append(r)
+    out = {}
+    for p, per in cells.items():
+        means = [
+            (sum(r["budget"] or 0 for r in rs) / len(rs), sum(r["score"] for r in rs) / len(rs))
+            for rs in per.values()
+        ]
+        out[p] = tuple(sum(x) / len(means) for x in zip(*means))
+    return out
+
+
+def method_of(policy: str) -> str | None:
+    """"snapkv 20% avg" -> "snapkv avg" (a fixed-budget method, one curve); None for full and the
+    threshold-free policies (one point each)."""
+    words = policy.split()
+    if len(words) < 2 or not words[1].endswith("%"):
+        return None
+    return " ".join(words[:1] + words[2:])
+
+
+def summary_plot(rows: list[dict], path: Path, title: str) -> None:
+    """The field's one picture, as kvpress's leaderboard draws it: average score against the
+    compression ratio (1 - mean KV budget), one line per fixed-budget method through its budgets and
+    the full cache (ratio 0), one star per threshold-free policy, a dashed line at full's score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    avg = averages(rows)
+    full = avg.get("full")
+    fig, ax = plt.subplots(figsize=(9, 6))
+    curves: dict = {}
+    for p, (b, s) in avg.items():
+        m = method_of(p)
+        if m is not None:
+            curves.setdefault(m, []).append((1 - b, s))
+    for m, pts in sorted(curves.items()):
+        pts = sorted(pts + ([(0.0, full[1])] if full else []))
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=m)
+    for p, (b, s) in avg.items():
+        if p != "full" and method_of(p) is None:
+            ax.plot([1 - b], [s], marker="*", markersize=14, linestyle="", label=p)
+    if full:
+        ax.axhline(full[1], color="grey", linestyle="--", linewidth=1, label="full")
+    ax.set_xlabel("compression ratio (1 - mean KV budget)")
+    ax.set_ylabel("average score")
+    ax.set_xlim(-0.02, 1.0)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Score vs mean KV budget, one panel per (task, length): each fixed-budget method a line through
     its budgets and full's 100%, each threshold-free policy a point (it chooses its own budget)."""
@@ -396,15 +456,21 @@ def main(argv=None):
         "cake:0.2,tova:0.2,knorm:0.2,twilight,snapkv:budget=0.2/pooling=avg (default: %(default)s)",
     )
     p.add_argument("--results-md")
-    p.add_argument("--plot", metavar="PNG", help="with --report: score vs budget per task, drawn here")
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="with --report: average score vs compression ratio per method (kvpress's leaderboard) "
+        "here, and score vs budget per task in PNG-tasks.png",
+    )
     a = p.parse_args(argv)
     try:
         if a.report:
             rows = [json.loads(x) for x in Path(a.report).read_text().splitlines() if x.strip()]
             table = report(rows)
             print(table)
-            if a.plot:
-                plot(rows, Path(a.plot), Path(a.report).stem)
+            if a.plot:  # the leaderboard's picture, and beside it one panel per task
+                summary_plot(rows, Path(a.plot), Path(a.report).stem)
+                plot(rows, Path(a.plot).with_name(Path(a.plot).stem + "-tasks.png"), Path(a.report).stem)
             if a.results_md:
                 from bench.common import append_results
 
