@@ -76,6 +76,8 @@ class AdaKV(Policy):
         self.budget, self.protected = self.inner.budget, self.inner.protected
         self.probe_rows = self.inner.probe_rows
         self.scorer = scorer
+        # the knobs as given (the window and pooling mean something to the snapkv scorer only)
+        self.window, self.kernel, self.pooling = window, kernel, pooling
 
     def plan(self, probe):
         s = self.inner.scores(probe)  # [L, B, Hkv, N]

@@ -341,7 +341,7 @@ def averages(rows: list[dict]) -> dict:
 
 
 def method_of(policy: str) -> str | None:
-    """"snapkv 20% avg" -> "snapkv avg" (a fixed-budget method, one curve); None for full and the
+    """ "snapkv 20% avg" -> "snapkv avg" (a fixed-budget method, one curve); None for full and the
     threshold-free policies (one point each)."""
     words = policy.split()
     if len(words) < 2 or not words[1].endswith("%"):
