@@ -123,6 +123,17 @@ def windowed_attention(q, k, v, window: int, chunk: int = 256):
     return torch.cat(outs, 2)
 
 
+def prefix_attention(q, k, v, first: int, window: int):
+    """A chunk's queries q [B, H, n, D] at positions [first, first + n) over its row's keys k, v
+    [B, Hkv, first + n, D] (the prefix and the chunk): causal, within the window (0: none)."""
+    n, total = q.shape[2], k.shape[2]
+    mask = causal_mask(
+        torch.arange(first, first + n, device=q.device), torch.arange(total, device=q.device), window
+    )
+    k, v = _sdpa_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def causal_mask(q_pos, k_pos, window):
     """Boolean [.., Tq, Tk]: key visible to query (causal, optionally within a sliding window)."""
     d = q_pos[..., :, None] - k_pos[..., None, :]
@@ -234,32 +245,45 @@ class Transformer(nn.Module):
         hidden: bool = False,
         progress=None,
         moments=None,
+        prefix: list[int] | None = None,
     ):
         """prefill() for prompts packed end to end: tokens [T] (T = sum(lens), no padding), lens
         on the host. Embedding, projections and MLP run on the T real tokens only; attention and
         the probe run prompt by prompt. One 8k prompt batched with fifty short ones costs 8k + 50
-        short rows, not 51 x 8k. Returns what prefill() returns (probe [L, B, H, w, max(lens)]),
+        short rows, not 51 x 8k. Returns what prefill() returns (probe [L, B, H, w, max(total)]),
         with hidden states [T, dim] (prompt b's rows at offsets sum(lens[:b]) onwards). Eager:
         the per-prompt slices are host ints (compiled, prefill() keeps its static shapes).
-        progress(layers_done, layers) is called after each layer (long prefills on a CPU)."""
+        progress(layers_done, layers) is called after each layer (long prefills on a CPU).
+
+        Prefill over a paged prefix (chunked prefill, a cached prefix): with `prefix`, prompt b's
+        first prefix[b] tokens already sit in its slot's rows and tokens holds the next lens[b]
+        (positions prefix[b] on); each chunk attends to its row's keys in the pool and its own. The
+        probe spans every key of the prompt so far, its rows being the chunk's last w queries (rows
+        before the chunk are zero: the caller makes a prompt's last chunk at least w long), and
+        `moments` add up over the chunks."""
         c, dev = self.c, tokens.device
-        B, N = len(lens), max(lens)
+        first = prefix or [0] * len(lens)
+        total = [f + n for f, n in zip(first, lens)]  # each prompt's tokens after this call
+        B, N = len(lens), max(total)
         starts = [0]
         for n in lens:
             starts.append(starts[-1] + n)
-        lens_t = torch.tensor(lens, device=dev)
+        total_t = torch.tensor(total, device=dev)
         # [T] each token's position in its prompt
-        pos = torch.cat([torch.arange(n, device=dev) for n in lens])
+        pos = torch.cat([torch.arange(f, f + n, device=dev) for f, n in zip(first, lens)])
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [T, 1, D]
         x = self.embed(tokens)[None]  # [1, T, dim]
         ar = torch.arange(N, device=dev)
         w = probe_rows
         if w:
-            rows = lens_t[:, None] - w + torch.arange(w, device=dev)  # [B, w] absolute positions
-            real = (rows >= 0)[..., None] & (ar < lens_t[:, None, None])
+            rows = total_t[:, None] - w + torch.arange(w, device=dev)  # [B, w] absolute positions
+            # rows before the chunk (or the prompt) start are zero: a prompt's last chunk holds its w
+            real = (rows >= torch.tensor(first, device=dev)[:, None])[..., None] & (
+                ar < total_t[:, None, None]
+            )
             rmasks = {win: causal_mask(rows, ar, win) & real for win in set(c.layer_windows)}
             probe = torch.zeros(c.n_layers, B, c.n_heads, w, N, device=dev)
-        owner = slots.repeat_interleave(lens_t)  # [T] the slot each token is written to
+        owner = slots.repeat_interleave(torch.tensor(lens, device=dev))  # [T] the slot of each token
         for i, layer in enumerate(self.layers):
             win = c.layer_windows[i]
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)  # [1, H, T, D]
@@ -267,22 +291,29 @@ class Transformer(nn.Module):
             outs = []
             for b, n in enumerate(lens):
                 qb, kb, vb = (t[:, :, starts[b] : starts[b + 1]] for t in (q, k, v))
-                outs.append(
-                    windowed_attention(qb, kb, vb, win) if win and n > win else causal_attention(qb, kb, vb)
-                )
+                if first[b]:  # the row's keys so far, this chunk's included, from the pool
+                    kb, vb, _ = kv.read(i, slots[b : b + 1], total[b])
+                    outs.append(prefix_attention(qb, kb, vb, first[b], win))
+                else:
+                    outs.append(
+                        windowed_attention(qb, kb, vb, win)
+                        if win and n > win
+                        else causal_attention(qb, kb, vb)
+                    )
                 if w:
-                    probe[i, b, ..., :n] = self._probe(
-                        qb, kb, rows[b : b + 1].clamp(min=0), rmasks[win][b : b + 1, ..., :n]
+                    at = (rows[b : b + 1] - first[b]).clamp(min=0)  # the probed queries within the chunk
+                    probe[i, b, ..., : total[b]] = self._probe(
+                        qb, kb, at, rmasks[win][b : b + 1, ..., : total[b]]
                     )[0]
                 if moments is not None:
                     cb, sb = (t[starts[b] : starts[b + 1]].transpose(0, 1) for t in (cos, sin))
-                    self._moments(moments, i, qb, cb, sb, None, b)
+                    self._moments(moments, i, qb, cb, sb, None, b, first[b])
             x = x + self._sum(layer.attn.out(torch.cat(outs, 2)))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if progress is not None:
                 progress(i + 1, c.n_layers)
-        kv.lengths[:, slots] = lens_t[None, :, None].int()
-        kv.next_pos[slots] = lens_t
+        kv.lengths[:, slots] = total_t[None, :, None].int()
+        kv.next_pos[slots] = total_t
         x = x[0]
         ends = torch.tensor(starts[1:], device=dev) - 1
         if hidden:
@@ -302,22 +333,25 @@ class Transformer(nn.Module):
         """Row-parallel outputs (o_proj, down_proj) summed over tensor-parallel ranks."""
         return x if self.tp is None else self.tp.all_reduce(x)
 
-    def _moments(self, moments, layer, q, cos, sin, real, b=None):
+    def _moments(self, moments, layer, q, cos, sin, real, b=None, first: int = 0):
         """Add one layer's queries q [B, H, N, D] (post-RoPE; cos/sin [1, N, D] rotated them; real
-        [B, N] or None: all real) to `moments` at `layer` (and batch row b when q is one prompt)."""
+        [B, N] or None: all real) to `moments` at `layer` (and batch row b when q is one prompt, its
+        queries from position `first` on)."""
         s1, s2, head = (m[layer] if b is None else m[layer, b : b + 1] for m in moments)
         pre = rotate(q.float(), cos, -sin) / self.cos[0, 0] ** 2  # R(-p) R(p) = att^2 (YaRN)
         if real is not None:
             pre = pre * real[:, None, :, None]
         s1 += pre.sum(2)
         s2 += pre.transpose(-1, -2) @ pre
-        n = min(head.shape[2], pre.shape[2])
-        head[:, :, :n] = pre[:, :, :n]
+        n = min(head.shape[2] - first, pre.shape[2])
+        if n > 0:  # the first MOMENT_HEAD queries of the prompt, by position
+            head[:, :, first : first + n] = pre[:, :, :n]
 
     def _probe(self, q, k, rows, rmask):
-        """Softmax attention (fp32) of the query rows [B, w] over all keys: [B, H, w, N]."""
-        B, H, N, D = q.shape
-        hkv, w = k.shape[1], rows.shape[1]
+        """Softmax attention (fp32) of the query rows [B, w] (indices into q) over all keys k [B, Hkv,
+        N, D]: [B, H, w, N]."""
+        B, H, _, D = q.shape
+        hkv, w, N = k.shape[1], rows.shape[1], k.shape[2]
         qr = q.gather(2, rows[:, None, :, None].expand(B, H, w, D)).float()
         # GQA: groups folded into rows
         s = qr.view(B, hkv, -1, D) @ k.float().transpose(-1, -2) / math.sqrt(D)
