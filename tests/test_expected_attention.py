@@ -241,3 +241,27 @@ def test_expected_attention_matches_loops(L, heads, lens, budget, sink, future, 
                 if k - sinks < len(order) and s[order[k - sinks - 1]] - s[order[k - sinks]] < 1e-6:
                     continue  # a near tie at the cut: fp32 and the float64 loops may order it either way
                 assert got == set(range(sinks)) | set(order[: k - sinks])
+
+
+def test_query_moments_count_in_the_probe_bound(tmp_path):
+    """The moments a prefill sums for Expected Attention are held to the probe's bound: two prompts
+    whose moments fit one at a time are prefilled one at a time, with the same tokens."""
+    from helpers import write_tiny
+
+    from engine.engine import Engine
+    from engine.sampling import Sampling
+
+    eng = Engine(str(write_tiny("llama", tmp_path / "m")), device="cpu", page_size=4)
+    c = eng.config
+    one = eng.probe_bytes(0, 40, 1, stats=True)
+    assert one == c.n_layers * c.n_heads * c.head_dim * (c.head_dim + 9) * 4  # [L, H, D x D + 9 D] fp32
+    assert eng.probe_bytes(0, 40, 2, stats=True) == 2 * one and eng.probe_bytes(0, 40, 2) == 0
+    prompts = [list(range(3, 40)), list(range(50, 80))]
+    pol = refreekv.make("expected-attention", budget=0.5)
+    together = eng.generate(prompts, pol, Sampling(max_new_tokens=4))
+    assert [r.stats["batch"] for r in together] == [2, 2]
+    eng.max_probe_bytes = one  # one fits, two do not
+    apart = eng.generate(prompts, pol, Sampling(max_new_tokens=4))
+    assert [r.stats["batch"] for r in apart] == [1, 1]
+    assert [r.tokens for r in apart] == [r.tokens for r in together]
+    assert [r.stats["kept_per_head"] for r in apart] == [r.stats["kept_per_head"] for r in together]
