@@ -172,13 +172,10 @@ class Transformer(nn.Module):
 
     def setup_rope(self, max_len: int, device=None):
         """Precompute fp32 cos/sin for positions [0, max_len) (not a parameter: built after loading)."""
-        inv = rope_inv_freq(self.c).to(device)
-        freqs = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = rope_tables(self.c, torch.arange(max_len, device=device))
         # buffers, not plain attributes: compiled graphs then read them in place (no per-replay copy)
-        att = rope_attention_factor(self.c)  # YaRN scales cos and sin (the attention temperature); else 1
-        self.register_buffer("cos", emb.cos() * att, persistent=False)
-        self.register_buffer("sin", emb.sin() * att, persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     @torch.no_grad()
     def prefill(
@@ -338,7 +335,7 @@ class Transformer(nn.Module):
         [B, N] or None: all real) to `moments` at `layer` (and batch row b when q is one prompt, its
         queries from position `first` on)."""
         s1, s2, head = (m[layer] if b is None else m[layer, b : b + 1] for m in moments)
-        pre = rotate(q.float(), cos, -sin) / self.cos[0, 0] ** 2  # R(-p) R(p) = att^2 (YaRN)
+        pre = unrotate(q, cos, sin, self.cos[0, 0])
         if real is not None:
             pre = pre * real[:, None, :, None]
         s1 += pre.sum(2)
@@ -415,6 +412,20 @@ def rope_inv_freq(c: ModelConfig):
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = torch.where(medium, mid, scaled)
     return inv.float()
+
+
+def rope_tables(c: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (cos, sin) [n, D] at positions [n], YaRN's attention factor included (it scales both)."""
+    freqs = positions.float()[:, None] * rope_inv_freq(c).to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    att = rope_attention_factor(c)
+    return emb.cos() * att, emb.sin() * att
+
+
+def unrotate(x, cos, sin, att):
+    """x rotated back to before RoPE (cos/sin the tables that rotated it, att = their factor: R(-p) R(p)
+    = att^2), in fp32."""
+    return rotate(x.float(), cos, -sin) / att**2
 
 
 def rope_attention_factor(c: ModelConfig) -> float:

@@ -23,7 +23,7 @@ import math
 import torch
 
 import refreekv
-from engine.model import rope_attention_factor, rope_inv_freq, rotate
+from engine.model import rope_tables, unrotate
 
 PROBE_BYTES = 2**30  # sequences re-planned in one policy call: their fp32 probe within this
 
@@ -80,11 +80,7 @@ class PoolRows:
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's (cos, sin) at positions [n] -> [n, D] each, as they rotate queries and keys
         (YaRN's attention factor included): x_rotated = x * cos + rotate_half(x) * sin."""
-        c = self.runner.model.c  # the tables' own formula, at any position (future ones too)
-        freqs = positions.float()[:, None] * rope_inv_freq(c).to(positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        att = rope_attention_factor(c)
-        return emb.cos() * att, emb.sin() * att
+        return rope_tables(self.runner.model.c, positions)  # the tables' own formula, at any position
 
     def __call__(self, layer: int, what: str, rope: bool) -> torch.Tensor:
         runner = self.runner
@@ -95,7 +91,7 @@ class PoolRows:
         if what == "k" and not rope:
             cos, sin = runner.model.cos, runner.model.sin  # [max positions, D], YaRN-scaled
             at = self.pos[layer].clamp(min=0)
-            x = rotate(x, cos[at], -sin[at]) / cos[0, 0] ** 2  # R(-p) R(p) = 1, scaled by att^2
+            x = unrotate(x, cos[at], sin[at], cos[0, 0])
         return x
 
 
@@ -255,7 +251,7 @@ def _decode_moments(runner, sl, seen, count) -> tuple:
     real = ar >= (kv.W - count)[:, None]
     q = kv.queries[:, sl[:, None], qpos.clamp(min=0) % kv.W].float()  # [L, B, W, H, D]
     cos, sin = (t[qpos.clamp(min=0)][None, :, :, None] for t in (runner.model.cos, runner.model.sin))
-    pre = rotate(q, cos, -sin) / runner.model.cos[0, 0] ** 2 * real[None, :, :, None, None]
+    pre = unrotate(q, cos, sin, runner.model.cos[0, 0]) * real[None, :, :, None, None]
     pre = pre.transpose(2, 3)  # [L, B, H, W, D]
     if runner.tp.on:  # every query head, as the prefill's probe
         pre = runner.tp.gather(pre, 2)

@@ -313,6 +313,25 @@ def pool_slots(scores: torch.Tensor, eligible: torch.Tensor, kernel: int, poolin
     return out.view(shape)
 
 
+def top_p_sets(scores: torch.Tensor, cand: torch.Tensor, threshold: float) -> torch.Tensor:
+    """scores [..., N] (>= 0), cand [..., N] the evictable slots -> [..., N] True where a slot is
+    evicted: candidates lowest first (ties: the earlier slot), while the evicted mass stays <=
+    threshold x the row's total (every slot's score counted). threshold 0 evicts nothing."""
+    total = scores.sum(-1, keepdim=True)
+    order = torch.sort(torch.where(cand, scores, math.inf), dim=-1, stable=True).indices
+    mass = torch.where(cand, scores, 0.0).gather(-1, order).cumsum(-1)
+    gone = (mass <= threshold * total) & cand.gather(-1, order) & (threshold > 0)
+    return torch.zeros_like(gone).scatter_(-1, order, gone)
+
+
+def check_kernel(kernel) -> int:
+    """A pooling kernel: odd (same padding), in [1, MAX_KERNEL]."""
+    k = check_count("kernel", kernel, 1, MAX_KERNEL)
+    if k % 2 == 0:
+        raise ValueError(f"kernel must be an odd number (same padding), got {kernel}")
+    return k
+
+
 def check_choice(name: str, value, choices: tuple) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

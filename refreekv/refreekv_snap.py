@@ -26,8 +26,8 @@ from refreekv import (
     check_threshold,
     protect,
     register,
+    top_p_sets,
 )
-from refreekv.refreekv_union import top_p_sets
 from refreekv.snapkv import SnapKV
 
 

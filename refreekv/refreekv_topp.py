@@ -20,7 +20,17 @@ import math
 
 import torch
 
-from refreekv import Policy, Probe, check_count, check_layers, check_rows, check_threshold, protect, register
+from refreekv import (
+    Policy,
+    Probe,
+    check_count,
+    check_layers,
+    check_rows,
+    check_threshold,
+    protect,
+    register,
+    top_p_sets,
+)
 
 
 def head_mass(attn: torch.Tensor, lens: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -52,10 +62,6 @@ class ReFreeKVTopP(Policy):
         pos, lens = probe.positions, probe.lens[:, None]
         real = probe.real[None, :, None]
         cand = real & (pos >= self.sinks) & (pos < lens - 1)[None, :, None]
-        total = torch.where(real, s, 0.0).sum(-1, keepdim=True)
-        order = torch.sort(
-            torch.where(cand, s, math.inf), dim=-1, stable=True
-        ).indices  # lowest first, older first
-        mass = torch.where(cand, s, 0.0).gather(-1, order).cumsum(-1)  # evicted mass after each eviction
-        evict = (mass <= self.threshold * total) & cand.expand_as(s).gather(-1, order) & (self.threshold > 0)
-        return protect(real & ~torch.zeros_like(evict).scatter_(-1, order, evict), probe, self.protected)
+        # lowest first, older first, while the evicted mass stays <= T of the row's (sinks included)
+        evict = top_p_sets(torch.where(real, s, 0.0), cand.expand_as(s), self.threshold)
+        return protect(real & ~evict, probe, self.protected)

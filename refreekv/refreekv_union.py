@@ -13,40 +13,21 @@ the kept share follows how many keys each window query needs to hold 1 - T of it
 T = 0 keeps everything; layers in `protected` (default 0 and 1, as `refreekv`) are never pruned.
 """
 
-import math
-
 import torch
 
 from refreekv import (
-    MAX_KERNEL,
     Policy,
     Probe,
     check_count,
+    check_kernel,
     check_layers,
     check_rows,
     check_threshold,
     pool_slots,
     protect,
     register,
+    top_p_sets,
 )
-
-
-def top_p_sets(scores: torch.Tensor, cand: torch.Tensor, threshold: float) -> torch.Tensor:
-    """scores [..., N] (float64, >= 0), cand [..., N] the evictable slots -> [..., N] True where a
-    slot is evicted: candidates lowest first (ties: older), while the evicted mass stays <= T of
-    the row's total (every slot's score counted)."""
-    total = scores.sum(-1, keepdim=True)
-    order = torch.sort(torch.where(cand, scores, math.inf), dim=-1, stable=True).indices
-    mass = torch.where(cand, scores, 0.0).gather(-1, order).cumsum(-1)
-    gone = (mass <= threshold * total) & cand.gather(-1, order) & (threshold > 0)
-    return torch.zeros_like(gone).scatter_(-1, order, gone)
-
-
-def check_kernel(kernel) -> int:
-    k = check_count("kernel", kernel, 1, MAX_KERNEL)
-    if k % 2 == 0:
-        raise ValueError(f"kernel must be an odd number (same padding), got {kernel}")
-    return k
 
 
 @register("refreekv-union")

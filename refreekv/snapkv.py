@@ -34,12 +34,11 @@ import math
 import torch
 
 from refreekv import (
-    MAX_KERNEL,
     POOLINGS,
     Policy,
     check_budget,
     check_choice,
-    check_count,
+    check_kernel,
     check_layers,
     check_rows,
     kv_head_scores,
@@ -62,9 +61,7 @@ class SnapKV(Policy):
         pooling: str = "max",
         protected: tuple[int, ...] = (),
     ):
-        self.kernel = check_count("kernel", kernel, 1, MAX_KERNEL)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd number (same padding), got {kernel}")
+        self.kernel = check_kernel(kernel)
         self.budget, self.probe_rows = check_budget(budget), check_rows("window", window)
         self.pooling = check_choice("pooling", pooling, POOLINGS)
         self.protected = check_layers(protected)
