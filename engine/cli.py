@@ -108,6 +108,14 @@ def add_engine_flags(p):
         help="tokens per KV page, a power of two from 1 to 256 (default 16)",
     )
     p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        metavar="N",
+        help="chunked prefill: tokens one step processes, decode rows first, then chunks of prompts "
+        "(a long prompt never stalls running streams); at least --max-seqs, or 0 to prefill prompts "
+        "whole (default 256 on CPU, 2048 on GPU: bench/RESULTS.md)",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -153,6 +161,7 @@ def engine_from_args(a):
         a.kv_memory,
         a.max_seqs,
         a.page_size,
+        max_batched_tokens=a.max_batched_tokens,
         load=False,
         tp=a.tp,
     )
@@ -262,7 +271,8 @@ def set_threads(n: int | None):
         torch.set_num_threads(n)
 
 
-ARGS = ("max_new_tokens", "kv_memory", "max_seqs", "page_size", "max_length")  # named by the engine
+# named by the engine
+ARGS = ("max_new_tokens", "kv_memory", "max_seqs", "page_size", "max_length", "max_batched_tokens")
 
 
 def in_flags(e: UserError) -> str:

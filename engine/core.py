@@ -11,10 +11,13 @@ the benches), `engine/serve/` (one thread owns the core; HTTP handlers only talk
 One step queues the next decode step of the running batch before it reads the previous step's
 tokens back (the device never waits for the host; a sequence whose last token turns out to be EOS
 costs one wasted row), then accepts those tokens (streaming, stop strings, EOS, limits), finishes
-sequences (their pages go back at once), admits and prefills waiting requests whose prompts fit,
-prunes them with their own policies, and hands out the pages the next step needs, preempting the
-newest sequence when there are none. Sequences keep slots [0, n) of the pool in order; the tokens
-of the next step are gathered into that order on the device.
+sequences (their pages go back at once), prefills what the token budget leaves after the decode
+rows (chunked prefill: the rest of a long prompt, then the next waiting ones whose prompts fit, the
+last perhaps in part; without a budget whole prompts), prunes each prompt that is whole with its
+sequences' own policies, and hands out the pages the next step needs, preempting the newest
+sequence when there are none. Running sequences keep slots [0, n) of the pool in order (a prompt
+being prefilled holds slots at the top); the tokens of the next step are gathered into that order
+on the device.
 
 Sampling is per request and vectorised over the batch (engine/sampling.py): a seeded request's
 draws depend on its seed, its own logits and its token index only, never on its neighbours.
@@ -39,17 +42,30 @@ class Core:
     """runner: the model, pool and steps below (engine/runner.py); tokenizer: for the text;
     check(prompt, policies, sampling, forced): the engine's check of a request (Engine.check_request);
     probe_fits(rows, longest, batch, stats): whether an admitted batch's prefill probe fits its bound;
-    eos: the token ids that end a sequence."""
+    eos: the token ids that end a sequence; max_batched_tokens: the tokens one step processes, decode
+    rows and prefill chunks together (0: prompts are prefilled whole, within max_prefill_tokens)."""
 
-    def __init__(self, runner, tokenizer, check, max_seqs: int, max_prefill_tokens: int, probe_fits, eos):
+    def __init__(
+        self,
+        runner,
+        tokenizer,
+        check,
+        max_seqs: int,
+        max_prefill_tokens: int,
+        probe_fits,
+        eos,
+        max_batched_tokens: int = 0,
+    ):
         self.runner, self.kv, self.tokenizer, self.check, self.eos = runner, runner.kv, tokenizer, check, eos
         tp = runner.tp
-        free = (lambda: tp.host_min(runner.kv.n_free)) if tp.on else None
-        self.sched = Scheduler(runner.kv, max_seqs, max_prefill_tokens, free)
+        free = (lambda: tp.host_min(runner.kv.available)) if tp.on else None
+        self.sched = Scheduler(runner.kv, max_seqs, max_prefill_tokens, free, max_batched_tokens)
         self.sched.padded = not runner.packed
         self.sched.probe_fits = probe_fits
         self.on_logits = None  # research hook: on_logits(keys, steps, logits [n, V])
-        self.prefill_progress = None  # progress(layers_done, layers, prompt_tokens) during an eager prefill
+        # progress(layers_done, layers, prompt tokens, of them prefilled before, this forward's tokens)
+        # after each layer of an eager prefill forward
+        self.prefill_progress = None
         self._next_id = 0
         self._groups: dict[int, list[Sequence]] = {}  # live requests by id
         self.cur_seqs: list[Sequence] = []  # the running batch whose chosen tokens are `cur`
@@ -110,7 +126,7 @@ class Core:
         group = self._groups.get(rid)
         if group is None:
             return False
-        self.sched.drop(group)
+        self.sched.drop(group)  # waiting, or being prefilled: its slots and pages go back here
         running = any(seq.slot >= 0 for seq in group)
         for seq in group:
             if seq.done:  # a fork that already finished keeps its result
@@ -153,12 +169,19 @@ class Core:
 
     @property
     def waiting(self) -> int:
-        return sum(len(g) for g in self.sched.waiting)
+        """Sequences admitted by no one yet, or whose prompt is being prefilled."""
+        return sum(len(g) for g in self.sched.waiting) + sum(len(pf.group) for pf in self.sched.prefilling)
+
+    @property
+    def prefill_pending(self) -> int:
+        """Prompt tokens still to prefill (waiting requests and the rest of those being prefilled)."""
+        return self.sched.pending_tokens
 
     def reset(self):
         """Forget every request and give every page back (after an error or an interrupt)."""
         self.kv.reset()
         self.sched.waiting.clear()
+        self.sched.prefilling.clear()
         self.sched.running.clear()
         self._groups.clear()
         self.updates = {}  # what the failed step had gathered goes with it
@@ -206,7 +229,8 @@ class Core:
             self._replan(due)
         # where each running sequence's next input is: `new` (the step just queued), then `firsts`
         index = {id(seq): i for i, seq in enumerate(cur_seqs)} if new is not None else {}
-        firsts = self._admit(index, 0 if new is None else len(cur_seqs))
+        rows = 0 if new is None else len(cur_seqs)  # this step's decode batch
+        firsts = self._prefill(index, rows, rows)
         self._grow()
         self._next_inputs([t for t in (new, firsts) if t is not None], index)
 
@@ -234,20 +258,23 @@ class Core:
                 self.finish(seq)
         return freed
 
-    def _admit(self, index: dict, offset: int):
-        """Admit, prefill and prune what fits; their first tokens (None: nobody admitted)."""
+    def _prefill(self, index: dict, offset: int, decode_rows: int):
+        """This step's prefill work (whole prompts or chunks, within the token budget left by the
+        decode_rows); the first tokens of the prompts it completed, pruned (None: none)."""
         sched = self.sched
-        batch = sched.admit()
-        if not batch:
-            if not sched.running and sched.waiting:  # add_request's check rules this out
+        work = sched.schedule(decode_rows)
+        if not work:
+            if not sched.running and not sched.prefilling and sched.waiting:  # add_request rules this out
                 raise RuntimeError("scheduler stalled with an empty pool")
             return None
         try:
-            out = admit(self.runner, batch, self.probe_rows, self.prefill_progress)
+            out = admit(self.runner, work, self.probe_rows, sched.prefilled, self.prefill_progress)
         except Exception as e:  # noqa: BLE001 - out of memory in the probe, a kernel, ...
             if self.runner.tp.on:  # the ranks must stay in step: the driver resets them all
                 raise
-            self._fail_admission(batch, e)
+            self._fail_admission([pf.group for pf, _ in work], e)
+            return None
+        if out is None:  # chunks only: no prompt is whole yet
             return None
         logits, admitted, peak, budgets = out
         self.w["peak_pages"] = max(self.w["peak_pages"], peak)
@@ -310,13 +337,14 @@ class Core:
             self.ready.record()
 
     def _fail_admission(self, batch, error: Exception):
-        """An admitted batch whose prefill or pruning raised: its requests end with reason "error"
-        and give their pages back; the running sequences were not touched (prefill writes only
+        """Groups whose prefill or pruning raised: their requests end with reason "error" and give
+        their slots and pages back; the running sequences were not touched (prefill writes only
         the admitted slots' pages) and go on."""
         kind = type(error).__name__
-        for group in reversed(batch):  # the admitted slots are the last ones: release from the end
-            for seq in reversed(group):
-                if seq.slot >= 0:
+        for group in batch:
+            self.sched.drop(group)  # still being prefilled: out, with its slots, pages and held pages
+            for seq in group:
+                if seq.slot >= 0:  # prefilled, failed in pruning
                     self.kv.release(seq.slot)
                     seq.slot = -1
                 seq.reason = "error"

@@ -16,7 +16,7 @@ def summary(st: dict, per_rank: bool = False) -> str:
         f"prompt {st['prompt_tokens']} tok | KV budget {100 * st['budget']:.1f}% | "
         f"pages {st['pages_after_prefill']} -> {st['pages_after_pruning']}"
         f"{' per rank' if per_rank else ''} | "
-        f"prefill {st['prefill_s'] * 1e3:.0f} ms | prune {st['prune_s'] * 1e3:.1f} ms | "
+        f"prefill {st['prefill_s'] * 1e3:.0f} ms{_chunks(st)} | prune {st['prune_s'] * 1e3:.1f} ms | "
         f"{st['new_tokens']} new tok at {st['decode_tok_s']:.1f} tok/s"
     )
     if st.get("replans") and "final_kept" in st:
@@ -26,6 +26,11 @@ def summary(st: dict, per_rank: bool = False) -> str:
             f"({100 * kept / seen:.1f}%), peak {st['peak_pages']} pages"
         )
     return line
+
+
+def _chunks(st: dict) -> str:
+    n = st.get("prefill_chunks", 1)
+    return f" in {n} chunks" if n > 1 else ""
 
 
 class Progress:
@@ -60,21 +65,25 @@ class Progress:
 
 
 class PrefillNote:
-    """A line when a CPU prefill of more than PREFILL_NOTE tokens starts, then one every few seconds."""
+    """A line when a CPU prefill of more than PREFILL_NOTE prompt tokens starts (prompts prefilled
+    whole or in chunks), then one every few seconds and one at its end."""
 
     def __init__(self):
         self.t0 = self.last = 0.0
 
-    def __call__(self, done, layers, tokens):
+    def __call__(self, done, layers, tokens, before=0, chunk=None):
+        """After layer `done` of `layers` of a forward over `chunk` tokens of prompts of `tokens`
+        tokens in all, `before` of them prefilled by earlier forwards."""
         if tokens <= PREFILL_NOTE:
             return
+        chunk = tokens - before if chunk is None else chunk
         now = time.monotonic()
-        if done == 1:
+        if done == 1 and before == 0:
             self.t0 = self.last = now
             say(f"prefilling {tokens} prompt tokens on the CPU ({layers} layers): the first text follows it")
-        elif now - self.last > PROGRESS_S or done == layers:
+        elif now - self.last > PROGRESS_S or (done == layers and before + chunk == tokens):
             self.last = now
-            say(f"prefill: {done}/{layers} layers in {now - self.t0:.0f} s")
+            say(f"prefill: {before + chunk * done // layers}/{tokens} tokens in {now - self.t0:.0f} s")
 
 
 def write_outputs(a, results: list):

@@ -39,6 +39,10 @@ from weights.errors import UserError
 
 PROBE_GIB = 2.0  # the prefill probe of one admitted batch (a request alone must fit it too)
 MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone outgrow any pool
+# chunked prefill's default token budget per step (decode rows + prefill chunks), measured:
+# bench/RESULTS.md "Chunked prefill"
+BATCHED_TOKENS_CPU = 256
+BATCHED_TOKENS_CUDA = 2048
 
 
 class Engine(Limits):
@@ -56,6 +60,7 @@ class Engine(Limits):
         max_seqs: int | None = None,
         page_size: int = 16,
         max_prefill_tokens: int | None = None,
+        max_batched_tokens: int | None = None,
         load: bool = True,
         tp: int | None = None,
         decode_window: int = 8,
@@ -77,6 +82,8 @@ class Engine(Limits):
         self.page_size, self.kv_memory = page_size, kv_memory
         self.max_seqs = max_seqs or (64 if self.cuda else 16)
         self.max_prefill_tokens = max_prefill_tokens or (16384 if self.cuda else 4096)
+        # chunked prefill: the tokens one step processes, decode rows first (0: prompts whole)
+        self._max_batched_tokens = self._batched(max_batched_tokens)
         # the prefill's attention probe ([L, B, H, rows, N] fp32): an admitted batch stays within
         # it, and a request whose probe alone would not is refused (check_policy)
         self.max_probe_bytes = PROBE_GIB * 2**30
@@ -94,6 +101,20 @@ class Engine(Limits):
         self.stats: dict = {}  # the last generate() call's workload figures
         if load:
             self.load()
+
+    @property
+    def max_batched_tokens(self) -> int:
+        """Tokens one step processes, decode rows first, then chunks of prompts (0: whole prompts)."""
+        return self._max_batched_tokens
+
+    @max_batched_tokens.setter
+    def max_batched_tokens(self, tokens: int):
+        """Change the budget between workloads (while nothing is prefilled); checked as at start."""
+        if self.core is not None and self.core.sched.prefilling:
+            raise RuntimeError("max_batched_tokens changes only while no prompt is being prefilled")
+        self._max_batched_tokens = self._batched(tokens)
+        if self.core is not None:
+            self.core.sched.max_batched_tokens = self._max_batched_tokens
 
     @property
     def eos(self) -> set:
@@ -142,6 +163,17 @@ class Engine(Limits):
             )
         if decode_window < 1:
             raise UserError(f"decode_window must be >= 1, got {decode_window}", "decode_window")
+
+    def _batched(self, tokens: int | None) -> int:
+        if tokens is None:
+            return max(BATCHED_TOKENS_CUDA if self.cuda else BATCHED_TOKENS_CPU, self.max_seqs)
+        if tokens < 0 or 0 < tokens < self.max_seqs:
+            raise UserError(
+                f"max_batched_tokens must be 0 (prompts prefilled whole) or at least max_seqs "
+                f"({self.max_seqs}): a step decodes up to max_seqs rows before any prefill, got {tokens}",
+                "max_batched_tokens",
+            )
+        return tokens
 
     def _context(self, max_length: int | None) -> int:
         if max_length is not None and max_length < 2:
@@ -199,6 +231,7 @@ class Engine(Limits):
             self.max_prefill_tokens,
             lambda rows, n, batch, stats: self.probe_bytes(rows, n, batch, stats) <= self.max_probe_bytes,
             self._eos,
+            self.max_batched_tokens,
         )
         return self
 

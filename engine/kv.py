@@ -96,6 +96,7 @@ class PagedKV:
         self.h_len = torch.zeros(L, S, H, dtype=torch.int64)
         self._free = torch.arange(n_pages, 0, -1, dtype=torch.int32)  # a stack: the top is the end
         self.n_free = n_pages
+        self.held = 0  # free pages promised (to the forks of a prompt being prefilled): not available
         self.triton = use_triton(dev)  # decode attention: the Triton kernel, or PyTorch (reads `span` pages)
 
     # ----------------------------------------------------------------------------- host allocator
@@ -110,6 +111,11 @@ class PagedKV:
     @property
     def used(self) -> int:
         return self.n_pages - self.n_free
+
+    @property
+    def available(self) -> int:
+        """Free pages not held for anyone."""
+        return self.n_free - self.held
 
     def _alloc(self, k: int) -> torch.Tensor:
         assert k <= self.n_free, (k, self.n_free)
@@ -173,6 +179,7 @@ class PagedKV:
             if self.h_pages[:, slot].any() or self.h_len[:, slot].any():
                 self.release(slot)
         self.live.zero_()
+        self.held = 0
 
     def move(self, src: int, dst: int) -> None:
         """Move a sequence from slot src to the empty slot dst (keeps running slots contiguous)."""
@@ -186,12 +193,21 @@ class PagedKV:
         self.next_pos[dst], self.live[dst] = self.next_pos[src], self.live[src]
         self.table[:, src], self.lengths[:, src], self.live[src] = 0, 0, 0
 
+    def swap(self, a: int, b: int) -> None:
+        """Exchange the sequences of slots a and b (everything move carries)."""
+        ab, ba = [a, b], [b, a]
+        for t in (self.h_table, self.h_pages, self.h_len, self.table, self.lengths, self.queries):
+            if t.dim() > 1:
+                t[:, ab] = t[:, ba]
+        for t in (self.next_pos, self.live):
+            t[ab] = t[ba]
+
     def shortage(self, live: list[bool]) -> int:
         """Pages missing for the next decode step of the slots [0, len(live)) marked live (0: it fits)."""
         n = len(live)
         grows = torch.tensor(live, dtype=torch.bool)[None, :, None]
         full = (self.h_len[:, :n] >= self.h_pages[:, :n] * self.ps) & grows  # rows whose last page is full
-        return max(0, int(full.sum()) - self.n_free)
+        return max(0, int(full.sum()) - self.available)
 
     def grow(self, live: list[bool]) -> int:
         """Reserve room for one more token in every row of the slots [0, len(live)) marked live
@@ -202,8 +218,8 @@ class PagedKV:
         ln, pg = self.h_len[:, :n], self.h_pages[:, :n]
         full = (ln >= pg * self.ps) & grows  # rows whose last page is full
         k = int(full.sum())
-        if k > self.n_free:
-            return k - self.n_free
+        if k > self.available:
+            return k - self.available
         if k:
             l, s, h = full.nonzero(as_tuple=True)
             ids = self._alloc(k)
@@ -248,18 +264,30 @@ class PagedKV:
         return page.long() * self.ps + t % self.ps
 
     def write_prompt(
-        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lens: torch.Tensor,
+        first=None,
     ):
         """Prefill: write right-padded prompts' K/V [B, Hkv, N, D] into the slots' pages; row b is
-        live up to lens[b] (padding lands past the length or in the trash page)."""
+        live up to lens[b] (padding lands past the length or in the trash page). first [B] or None:
+        the rows already hold that many tokens (a chunk after a paged prefix) and this goes after."""
         B, H, N, D = k.shape
         t = torch.arange(N, device=k.device)
-        page = self.table[layer, slots].gather(-1, (t // self.ps).expand(B, H, N)).long()  # [B, Hkv, N]
+        if first is not None:
+            t = (first[:, None] + t)[:, None]  # [B, 1, N] positions
+        cols = (t // self.ps).clamp(max=self.P - 1).expand(B, H, N)
+        page = self.table[layer, slots].gather(-1, cols).long()  # [B, Hkv, N]
+        if first is not None:  # padding past the table goes to the trash page
+            page = torch.where(t < self.P * self.ps, page, 0)
         at = t % self.ps
         self.k[page, at] = k
         self.v[page, at] = v
         self.pos[page, at] = t.int()
-        self.lengths[layer, slots] = lens[:, None].int()
+        self.lengths[layer, slots] = (lens if first is None else first + lens)[:, None].int()
 
     def write_packed(
         self, layer: int, owner: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -284,6 +312,9 @@ class PagedKV:
         rows = torch.arange(B, device=self.device)
         ln = self.lengths.index_select(1, rows)  # [L, B, Hkv]
         page = self.table.gather(-1, (ln // self.ps).long()[..., None])[..., 0].long()
+        # rows that do not advance (a CUDA-graph bucket's padding, which may be a slot still being
+        # prefilled) write into the trash page
+        page = page * self.live.index_select(0, rows)[None, :, None].long()
         at = (ln % self.ps).long()
         self.pos[page, at] = self.next_pos[:B, None].int()
         self.lengths += self.live[:, None]

@@ -188,6 +188,9 @@ class Transformer(nn.Module):
         all_logits: bool = False,
         hidden: bool = False,
         moments=None,
+        prefix=None,
+        ends=None,
+        width: int | None = None,
     ):
         """Run right-padded prompts [B, N] (row b real up to lens[b]) and write their K/V into the
         pool slots `slots` [B] (whose rows own pages for their prompts).
@@ -197,31 +200,62 @@ class Transformer(nn.Module):
         row (rows before the prompt start are zero), or None when probe_rows == 0. hidden=True adds
         a third value: the final normed hidden states [B, N, dim] (prompt logprobs are computed
         from them a chunk at a time, never as B x N x V logits). `moments` (see query_moments), when
-        given, is filled in place with each layer's query moments."""
+        given, is filled in place with each layer's query moments.
+
+        A chunk of longer prompts (chunked prefill, a cached prefix): `ends` [B] is each prompt's
+        whole length (the probe's rows are its last w queries; those outside this chunk are zero, so
+        the chunks' probes add up) and, with `prefix` [B], row b's first prefix[b] tokens already
+        sit in its slot's rows: tokens hold positions prefix[b] on, attend to the pool's keys and
+        the probe spans `width` = max(prefix + lens) keys."""
         c, (B, N) = self.c, tokens.shape
-        cos, sin = self.cos[:N, None], self.sin[:N, None]  # [N, 1, D]
-        x = self.embed(tokens)
-        ar = torch.arange(N, device=tokens.device)
+        dev = tokens.device
+        ar = torch.arange(N, device=dev)
+        if prefix is None:
+            first, K = torch.zeros_like(lens), N
+            cos, sin = self.cos[:N, None], self.sin[:N, None]  # [N, 1, D]
+            qpos = ar[None]  # [1, N]
+        else:
+            first, K = prefix, width
+            qpos = first[:, None] + ar  # [B, N]; padding may run past the table: clamped
+            at = qpos.clamp(max=self.cos.shape[0] - 1)
+            cos, sin = self.cos[at][:, :, None], self.sin[at][:, :, None]  # [B, N, 1, D]
+        total = first + lens
+        kar = torch.arange(K, device=dev)
+        if prefix is not None:  # the keys each query sees in the pool (causal, windowed), per window
+            inside = kar < total[:, None, None]
+            amasks = {win: causal_mask(qpos, kar, win) & inside for win in set(c.layer_windows)}
         w = probe_rows
         if w:
-            rows = lens[:, None] - w + torch.arange(w, device=tokens.device)  # [B, w] absolute positions
-            real = (rows >= 0)[..., None] & (ar < lens[:, None, None])
-            # per window size
-            rmasks = {win: causal_mask(rows, ar, win) & real for win in set(c.layer_windows)}
-            probe = torch.empty(c.n_layers, B, c.n_heads, w, N, device=tokens.device)
+            ends = total if ends is None else ends
+            rows = ends[:, None] - w + torch.arange(w, device=dev)  # [B, w] absolute positions
+            real = (rows >= first[:, None]) & (rows < total[:, None])  # the probed queries in this chunk
+            real = real[..., None] & (kar < total[:, None, None])
+            rmasks = {win: causal_mask(rows, kar, win) & real for win in set(c.layer_windows)}
+            at_rows = (rows - first[:, None]).clamp(0, N - 1)  # their indices in the chunk
+            probe = torch.empty(c.n_layers, B, c.n_heads, w, K, device=dev)
+        x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             win = c.layer_windows[i]
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)
-            kv.write_prompt(i, slots, k, v, lens)
-            # a window at least as long as the prompt is plain causal attention
-            o = windowed_attention(q, k, v, win) if win and N > win else causal_attention(q, k, v)
+            kv.write_prompt(i, slots, k, v, lens, prefix)
+            if prefix is not None:  # the row's keys so far, this chunk's included, from the pool
+                k, v, _ = kv.read(i, slots, K)
+                kk, vv = _sdpa_kv(q, k, v)
+                o = F.scaled_dot_product_attention(
+                    q, kk, vv, attn_mask=amasks[win][:, None], enable_gqa=kk.shape[1] != q.shape[1]
+                )
+            elif win and N > win:
+                o = windowed_attention(q, k, v, win)
+            else:  # a window at least as long as the prompt is plain causal attention
+                o = causal_attention(q, k, v)
             x = x + self._sum(layer.attn.out(o))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if w:
-                probe[i] = self._probe(q, k, rows.clamp(min=0), rmasks[win])
+                probe[i] = self._probe(q, k, at_rows, rmasks[win])
             if moments is not None:
-                self._moments(moments, i, q, cos.transpose(0, 1), sin.transpose(0, 1), ar < lens[:, None])
-        kv.next_pos[slots] = lens
+                cq, sq = cos.transpose(-2, -3), sin.transpose(-2, -3)  # [1 or B, 1, N, D]
+                self._moments(moments, i, q, cq, sq, qpos.expand(B, N), ar < lens[:, None])
+        kv.next_pos[slots] = total
         if hidden or all_logits:
             x = self.norm(x)
             last = x if all_logits else x[torch.arange(B, device=x.device), lens - 1]
@@ -243,6 +277,7 @@ class Transformer(nn.Module):
         progress=None,
         moments=None,
         prefix: list[int] | None = None,
+        ends: list[int] | None = None,
     ):
         """prefill() for prompts packed end to end: tokens [T] (T = sum(lens), no padding), lens
         on the host. Embedding, projections and MLP run on the T real tokens only; attention and
@@ -255,9 +290,9 @@ class Transformer(nn.Module):
         Prefill over a paged prefix (chunked prefill, a cached prefix): with `prefix`, prompt b's
         first prefix[b] tokens already sit in its slot's rows and tokens holds the next lens[b]
         (positions prefix[b] on); each chunk attends to its row's keys in the pool and its own. The
-        probe spans every key of the prompt so far, its rows being the chunk's last w queries (rows
-        before the chunk are zero: the caller makes a prompt's last chunk at least w long), and
-        `moments` add up over the chunks."""
+        probe spans every key of the prompt so far; its rows are the last w queries of the whole
+        prompt (`ends` [B]: each prompt's whole length; default the end of this chunk), those outside
+        this chunk being zero, so the chunks' probes add up, as the `moments` do."""
         c, dev = self.c, tokens.device
         first = prefix or [0] * len(lens)
         total = [f + n for f, n in zip(first, lens)]  # each prompt's tokens after this call
@@ -266,6 +301,7 @@ class Transformer(nn.Module):
         for n in lens:
             starts.append(starts[-1] + n)
         total_t = torch.tensor(total, device=dev)
+        ends_t = torch.tensor(ends or total, device=dev)
         # [T] each token's position in its prompt
         pos = torch.cat([torch.arange(f, f + n, device=dev) for f, n in zip(first, lens)])
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [T, 1, D]
@@ -273,11 +309,10 @@ class Transformer(nn.Module):
         ar = torch.arange(N, device=dev)
         w = probe_rows
         if w:
-            rows = total_t[:, None] - w + torch.arange(w, device=dev)  # [B, w] absolute positions
-            # rows before the chunk (or the prompt) start are zero: a prompt's last chunk holds its w
-            real = (rows >= torch.tensor(first, device=dev)[:, None])[..., None] & (
-                ar < total_t[:, None, None]
-            )
+            rows = ends_t[:, None] - w + torch.arange(w, device=dev)  # [B, w] absolute positions
+            # the probed queries in this chunk; the others (and those before the prompt) are zero
+            real = (rows >= torch.tensor(first, device=dev)[:, None]) & (rows < total_t[:, None])
+            real = real[..., None] & (ar < total_t[:, None, None])
             rmasks = {win: causal_mask(rows, ar, win) & real for win in set(c.layer_windows)}
             probe = torch.zeros(c.n_layers, B, c.n_heads, w, N, device=dev)
         owner = slots.repeat_interleave(torch.tensor(lens, device=dev))  # [T] the slot of each token
@@ -298,13 +333,13 @@ class Transformer(nn.Module):
                         else causal_attention(qb, kb, vb)
                     )
                 if w:
-                    at = (rows[b : b + 1] - first[b]).clamp(min=0)  # the probed queries within the chunk
+                    at = (rows[b : b + 1] - first[b]).clamp(0, n - 1)  # the probed queries within the chunk
                     probe[i, b, ..., : total[b]] = self._probe(
                         qb, kb, at, rmasks[win][b : b + 1, ..., : total[b]]
                     )[0]
                 if moments is not None:
                     cb, sb = (t[starts[b] : starts[b + 1]].transpose(0, 1) for t in (cos, sin))
-                    self._moments(moments, i, qb, cb, sb, None, b, first[b])
+                    self._moments(moments, i, qb, cb, sb, pos[None, starts[b] : starts[b + 1]], b=b)
             x = x + self._sum(layer.attn.out(torch.cat(outs, 2)))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if progress is not None:
@@ -312,11 +347,11 @@ class Transformer(nn.Module):
         kv.lengths[:, slots] = total_t[None, :, None].int()
         kv.next_pos[slots] = total_t
         x = x[0]
-        ends = torch.tensor(starts[1:], device=dev) - 1
+        lasts = torch.tensor(starts[1:], device=dev) - 1
         if hidden:
             x = self.norm(x)
-            return self._logits(x[ends]), (probe if w else None), x
-        return self._logits(self.norm(x[ends])), (probe if w else None)
+            return self._logits(x[lasts]), (probe if w else None), x
+        return self._logits(self.norm(x[lasts])), (probe if w else None)
 
     def _logits(self, x, fast=None):
         """fp32 logits over the whole vocabulary (tensor parallel with a split head: each rank's
@@ -330,19 +365,19 @@ class Transformer(nn.Module):
         """Row-parallel outputs (o_proj, down_proj) summed over tensor-parallel ranks."""
         return x if self.tp is None else self.tp.all_reduce(x)
 
-    def _moments(self, moments, layer, q, cos, sin, real, b=None, first: int = 0):
-        """Add one layer's queries q [B, H, N, D] (post-RoPE; cos/sin [1, N, D] rotated them; real
-        [B, N] or None: all real) to `moments` at `layer` (and batch row b when q is one prompt, its
-        queries from position `first` on)."""
+    def _moments(self, moments, layer, q, cos, sin, positions, real=None, b=None):
+        """Add one layer's queries q [B, H, N, D] (post-RoPE; cos/sin broadcast against q rotated
+        them) at `positions` [B, N] (real [B, N] or None: all real) to `moments` at `layer` (and
+        batch row b when q is one prompt)."""
         s1, s2, head = (m[layer] if b is None else m[layer, b : b + 1] for m in moments)
         pre = unrotate(q, cos, sin, self.cos[0, 0])
+        first = (positions[..., None] == torch.arange(head.shape[2], device=q.device)).float()  # [B, N, 8]
         if real is not None:
             pre = pre * real[:, None, :, None]
+            first = first * real[..., None]
         s1 += pre.sum(2)
         s2 += pre.transpose(-1, -2) @ pre
-        n = min(head.shape[2] - first, pre.shape[2])
-        if n > 0:  # the first MOMENT_HEAD queries of the prompt, by position
-            head[:, :, first : first + n] = pre[:, :, :n]
+        head += torch.einsum("bnk,bhnd->bhkd", first, pre)  # the first MOMENT_HEAD queries, by position
 
     def _probe(self, q, k, rows, rmask):
         """Softmax attention (fp32) of the query rows [B, w] (indices into q) over all keys k [B, Hkv,

@@ -81,21 +81,34 @@ class Runner:
         return self.decode_step(self.model, toks, kv, span)[:n]
 
     def prefill(
-        self, prompts: list[list[int]], slots: list[int], rows: int, hidden: bool, note=None, stats=False
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        rows: int,
+        hidden: bool,
+        note=None,
+        stats=False,
+        prefix: list[int] | None = None,
+        ends: list[int] | None = None,
     ):
         """Prefill prompts into the pages of their slots: (last-token logits [B, V], the probe
         [L, B, H, rows, N] over every query head or None, with `hidden` the final hidden states
         [T, dim] with each prompt's (token ids, first row) in them, and with `stats` the prompts'
         query moments over every query head (engine/model.py query_moments) or None). note(layers_done,
-        layers) follows a long eager prefill."""
+        layers) follows a long eager prefill. Chunks of longer prompts: prompt b goes after the
+        prefix[b] tokens its rows already hold, and its whole prompt is ends[b] tokens long (the
+        probe's rows are its last queries, those of this chunk filled; engine/model.py)."""
         lens_l = [len(p) for p in prompts]
         B, N, dev = len(prompts), max(lens_l), self.dev
+        first = prefix if prefix and any(prefix) else None
+        total = [f + n for f, n in zip(prefix or [0] * B, lens_l)]
+        ends = ends if ends and ends != total else None
         src = torch.tensor(slots, device=dev)
         moments = query_moments(self.model.c, B, dev) if stats else None
         if self.packed:  # eager: the prompts end to end, no padding
             flat = torch.tensor([t for p in prompts for t in p], device=dev)
             logits, probe, *states = self.model.prefill_packed(
-                flat, lens_l, self.kv, src, rows, hidden, note, moments
+                flat, lens_l, self.kv, src, rows, hidden, note, moments, first, ends
             )
             starts = [sum(lens_l[:b]) for b in range(B)]
             where = [(flat, starts[b]) for b in range(B)]
@@ -105,8 +118,13 @@ class Runner:
                 tokens[b, : lens_l[b]] = torch.tensor(p)
             tokens = tokens.to(dev)
             lens = torch.tensor(lens_l, device=dev)
+            chunk = dict(
+                prefix=None if first is None else torch.tensor(first, device=dev),
+                ends=None if ends is None else torch.tensor(ends, device=dev),
+                width=max(total),
+            )
             logits, probe, states = self.prefill_step(
-                self.model, tokens, lens, self.kv, src, rows, hidden, moments
+                self.model, tokens, lens, self.kv, src, rows, hidden, moments, **chunk
             )
             states = [] if states is None else [states.flatten(0, 1)]
             where = [(tokens.flatten(), b * N) for b in range(B)]
@@ -141,8 +159,10 @@ def _decode_step(model, tokens, kv, span):
     return model.decode(tokens, kv, span)
 
 
-def _prefill_step(model, tokens, lens, kv, slots, probe_rows, hidden=False, moments=None):
-    """(logits, probe, hidden states or None); `moments` filled in place when given."""
-    if hidden:
-        return model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows, hidden=True, moments=moments)
-    return (*model.prefill(tokens, lens, kv, slots, probe_rows=probe_rows, moments=moments), None)
+def _prefill_step(model, tokens, lens, kv, slots, probe_rows, hidden=False, moments=None, **chunk):
+    """(logits, probe, hidden states or None); `moments` filled in place when given; `chunk`:
+    prefix / ends / width of a chunk of longer prompts (engine/model.py prefill)."""
+    out = model.prefill(
+        tokens, lens, kv, slots, probe_rows=probe_rows, hidden=hidden, moments=moments, **chunk
+    )
+    return out if hidden else (*out, None)

@@ -1,39 +1,49 @@
-"""Continuous batching over the paged pool: who runs, who waits, who makes room.
+"""Continuous batching over the paged pool: who runs, who is prefilled, who waits, who makes room.
 
 A request is a *group*: one prompt prefilled once and pruned by one or more policies, each
 result a Sequence of its own (fan-out: "prefill once, try several policies"). Running sequences
 occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is one batch.
 
-- admit: take waiting groups in order while the running set stays within max_seqs, the prefill's
-  work (batch x its longest prompt when padded, the prompts' tokens when packed) stays within
-  max_prefill_tokens, its attention probe within max_probe_bytes, and
-  the free pages hold every admitted prompt whole (prefill writes it all before pruning shrinks it), with
-  one page per row of every sequence, running or admitted, left over so that the next step can
-  grow without preempting (a sequence just admitted is otherwise the first to go).
+- schedule: the prefill work of one step, a list of (Prefill, tokens). With a token budget
+  (`max_batched_tokens`, chunked prefill) a step's decode rows come first and prefill chunks fill
+  the rest: the prompts already being prefilled first, then waiting groups in order, the last one
+  taking what is left (so at most one prompt is ever half prefilled). Without one, whole prompts
+  are admitted while the prefill's work (batch x its longest prompt when padded, the prompts'
+  tokens when packed) stays within max_prefill_tokens. Either way the forward's attention probe
+  stays within its bound, the sequences within max_seqs, and a group is admitted only when the free
+  pages hold its prompt whole (pages for all of it are reserved at once, so a half-prefilled prompt
+  never waits for pages) plus one page per row of every sequence (the next step's growth).
+- A group being prefilled holds slots from the top of the pool, apart from the running batch;
+  `start` moves its sequences to the end of the running batch once they are pruned.
 - finish: a sequence that stops frees all its pages at once; the last running sequence moves
   into its slot.
-- preempt: when a decode step finds no free page, the most recently admitted sequence gives
-  back every page and goes back to the head of the queue. It keeps the tokens it produced and
-  replays them as forced tokens when it is admitted again (greedy recomputation gives the same
-  cache; nothing already streamed is streamed twice).
+- preempt: when a decode step finds no free page, the most recently admitted running sequence
+  gives back every page and goes back to the head of the queue. It keeps the tokens it produced
+  and replays them as forced tokens when it is admitted again (greedy recomputation gives the same
+  cache; nothing already streamed is streamed twice). A prompt being prefilled is never preempted.
 """
 
 from collections import deque
 
 from engine.kv import PagedKV
-from engine.sequence import Sequence
+from engine.sequence import Prefill, Sequence
 
 
 class Scheduler:
-    def __init__(self, kv: PagedKV, max_seqs: int, max_prefill_tokens: int, free=None):
+    def __init__(
+        self, kv: PagedKV, max_seqs: int, max_prefill_tokens: int, free=None, max_batched_tokens: int = 0
+    ):
         self.kv, self.max_seqs, self.max_prefill_tokens = kv, min(max_seqs, kv.S), max_prefill_tokens
-        self.free = free or (lambda: kv.n_free)  # tensor parallel: the least free pages of any rank
+        # tokens one step processes, decode rows and prefill chunks together (0: whole prompts)
+        self.max_batched_tokens = max_batched_tokens
+        self.free = free or (lambda: kv.available)  # tensor parallel: the least free pages of any rank
         self.padded = True  # prefill pads a batch to its longest prompt (False: packed, real tokens only)
         # probe_fits(rows, longest prompt, batch, query stats): the batch's probe stays within its
         # bound (Engine.probe_bytes and max_probe_bytes; every prompt is padded to the longest)
         self.probe_fits = lambda rows, n, batch, stats: True
         self.probe_rows = 0  # at least this many probe rows for everyone (the core's evicted-mass stats)
         self.waiting: deque[list[Sequence]] = deque()
+        self.prefilling: list[Prefill] = []  # admitted, prompt not yet whole in the pool (in order)
         self.running: list[Sequence] = []
         self._admitted = 0
         self.preemptions = 0
@@ -43,52 +53,113 @@ class Scheduler:
         self.waiting.append(group)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
-    def admit(self) -> list[list[Sequence]]:
-        """Groups to prefill now (one batch, within the padded prefill budget); their
-        sources (fork 0) get pages for the whole prompt, and every sequence a slot after the running."""
-        kv, batch, longest, tokens, pages, seqs = self.kv, [], 0, 0, 0, len(self.running)
-        wide, stats = self.probe_rows, False
+    @property
+    def pending_tokens(self) -> int:
+        """Prompt tokens not yet prefilled (waiting requests and the rest of those being prefilled)."""
+        return sum(p.left for p in self.prefilling) + sum(len(g[0].prompt) for g in self.waiting)
+
+    def rows_of(self, group: list[Sequence]) -> int:
+        """Probe rows a group's prefill needs (its policies', at least the core's)."""
+        return max([self.probe_rows] + [getattr(seq.policy, "probe_rows", 0) for seq in group])
+
+    # ------------------------------------------------------------------------------- admission
+    def schedule(self, decode_rows: int = 0) -> list[tuple[Prefill, int]]:
+        """This step's prefill work: (prompt being prefilled, tokens to prefill now), in order.
+        decode_rows: the rows of this step's decode batch (they come out of the token budget)."""
+        chunked = self.max_batched_tokens > 0
+        cap = self.max_batched_tokens - decode_rows if chunked else self.max_prefill_tokens
+        work: list[tuple[Prefill, int]] = []
+        for pf in self.prefilling:
+            take = self._take(work, pf.left, cap, chunked)
+            if take < 1:
+                return work
+            work.append((pf, take))
+        kv = self.kv
+        seqs = len(self.running) + sum(len(pf.group) for pf in self.prefilling)
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
+        pages = 0
         while self.waiting:
             group = self.waiting[0]
             n, k = len(group[0].prompt), len(group)
-            # padded to the longest, or packed
-            work = (len(batch) + 1) * max(longest, n) if self.padded else tokens + n
-            if batch and work > self.max_prefill_tokens:
+            take = self._take(work, n, cap, chunked)
+            if take < 1 or (not chunked and take < n):
                 break
-            rows = max([wide] + [getattr(seq.policy, "probe_rows", 0) for seq in group])
-            needs = stats or any(getattr(seq.policy, "query_stats", False) for seq in group)
-            if batch and not self.probe_fits(rows, max(longest, n), len(batch) + 1, needs):
+            if work and not self._probe_fits(work, group, take):
                 break
             if seqs + k > self.max_seqs:
                 break
             need = k * kv.seq_pages(n)  # the prompt whole, and room to copy its kept part into each fork
             reserve = row_pages * (seqs + k)  # the next step of every sequence, this group's included
-            if pages + need + reserve > free and (seqs or batch):  # alone in an empty pool it always goes
+            if pages + need + reserve > free and (seqs or work):  # alone in an empty pool it always goes
                 # (Engine checks that it fits there at its largest)
                 self.waits += 1
                 break
             self.waiting.popleft()
-            batch.append(group)
-            longest, tokens, pages, seqs = max(longest, n), tokens + n, pages + need, seqs + k
-            wide, stats = rows, needs
-        slot = len(self.running)
-        for group in batch:
-            for seq in group:
-                seq.slot, seq.order = slot, self._admitted
-                seq.n_chosen = seq.n_accepted = 0
-                slot += 1
-            self._admitted += 1
-            kv.assign(group[0].slot, len(group[0].prompt))
-        return batch
+            work.append((self._admit(group), take))
+            pages, seqs = pages + need, seqs + k
+        return work
+
+    def _take(self, work, left: int, cap: int, chunked: bool) -> int:
+        """Tokens of a prompt with `left` to prefill that this step's forward can still take (its work
+        within cap: the padded batch x longest, or the packed tokens; the first prompt of an
+        unchunked step always goes whole)."""
+        if not chunked and not work:
+            return left
+        if self.padded:
+            longest = max([t for _, t in work], default=0)
+            take = min(left, cap // (len(work) + 1))
+            return take if (len(work) + 1) * max(longest, take) <= cap else 0
+        return min(left, cap - sum(t for _, t in work))
+
+    def _probe_fits(self, work, group, take: int) -> bool:
+        """Whether the forward's probe stays within its bound with this group's chunk in it."""
+        rows = max([self.rows_of(group)] + [self.rows_of(pf.group) for pf, _ in work])
+        stats = any(getattr(seq.policy, "query_stats", False) for pf, _ in work for seq in pf.group)
+        stats = stats or any(getattr(seq.policy, "query_stats", False) for seq in group)
+        keys = max([take] + [pf.done + t for pf, t in work])  # the widest row of keys so far
+        return self.probe_fits(rows, keys, len(work) + 1, stats)
+
+    def _admit(self, group: list[Sequence]) -> Prefill:
+        """A group leaves the queue: its sequences take free slots from the top of the pool, its
+        source's rows pages for the whole prompt, and pages for the forks' copies are held."""
+        kv, n = self.kv, len(group[0].prompt)
+        used = set(range(len(self.running))) | {seq.slot for pf in self.prefilling for seq in pf.group}
+        free_slots = [s for s in range(kv.S - 1, -1, -1) if s not in used]
+        for seq, slot in zip(group, free_slots):
+            seq.slot, seq.order = slot, self._admitted
+            seq.n_chosen = seq.n_accepted = 0
+        self._admitted += 1
+        kv.assign(group[0].slot, n)
+        pf = Prefill(group, held=(len(group) - 1) * kv.seq_pages(n))
+        kv.held += pf.held
+        self.prefilling.append(pf)
+        return pf
+
+    def prefilled(self, pf: Prefill):
+        """A prompt is whole in the pool: its forks may now take the pages held for them."""
+        self.prefilling.remove(pf)
+        self.kv.held -= pf.held
+        pf.held = 0
 
     def start(self, seqs: list[Sequence]):
-        """Admitted sequences, prefilled and pruned, join the running batch (in slot order)."""
+        """Prefilled and pruned sequences join the running batch, in order: each moves to the slot
+        after the running ones (trading places with a sequence still being prefilled there)."""
+        waiting = list(seqs)  # to be placed: a later one may hold the slot an earlier one goes to
         for seq in seqs:
-            assert seq.slot == len(self.running)
+            waiting.remove(seq)
+            dst = len(self.running)
+            if seq.slot != dst:
+                held = [s for pf in self.prefilling for s in pf.group] + waiting
+                there = [s for s in held if s.slot == dst]
+                if there:
+                    self.kv.swap(seq.slot, dst)
+                    there[0].slot = seq.slot
+                else:
+                    self.kv.move(seq.slot, dst)
+                seq.slot = dst
             self.running.append(seq)
 
     def _remove(self, seq: Sequence):
@@ -101,9 +172,16 @@ class Scheduler:
         seq.slot = -1
 
     def drop(self, group: list[Sequence]):
-        """Take a request's sequences out of the queue (an abort; running ones are finished apart)."""
+        """Take a request's sequences out of the queue, or out of prefill with their slots and
+        pages (an abort or a failed prefill; running ones are finished apart)."""
         ids = {id(seq) for seq in group}
         self.waiting = deque(g for g in self.waiting if not any(id(seq) in ids for seq in g))
+        for pf in [pf for pf in self.prefilling if any(id(seq) in ids for seq in pf.group)]:
+            self.prefilled(pf)
+            for seq in pf.group:
+                if seq.slot >= 0:
+                    self.kv.release(seq.slot)
+                    seq.slot = -1
 
     def finish(self, seq: Sequence):
         seq.done = True

@@ -86,3 +86,28 @@ class Update:
         """The text shown after the first `since` characters: a stream's next piece, in time
         proportional to the piece (not to the output)."""
         return self.full[since : self.shown]
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A group admitted and being prefilled, chunk by chunk (engine/admission.py): its source
+    (group[0]) owns pages for the whole prompt; pages for the forks' copies are held until pruning.
+    What pruning and prompt log-probabilities need from earlier chunks is carried here."""
+
+    group: list  # the Sequences: one prompt, one per policy
+    held: int = 0  # pages held for the forks (PagedKV.held)
+    done: int = 0  # prompt tokens in the pool so far
+    chunks: int = 0  # forwards its prompt went through
+    seconds: float = 0.0  # wall time of those forwards
+    probe: object = None  # [L, 1, H, rows, n] the probe's rows of earlier chunks (rows outside are 0)
+    moments: tuple | None = None  # the query moments so far (engine/model.py query_moments, batch 1)
+    last_h: object = None  # [dim] the final hidden state of the last token so far (prompt logprobs)
+    logprobs: list | None = None  # prompt log-probabilities so far, when asked for
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.group[0].prompt
+
+    @property
+    def left(self) -> int:
+        return len(self.group[0].prompt) - self.done

@@ -17,7 +17,8 @@ class DenseKV:
         self.pos, self.lengths = z(shape[:4], torch.int64), z(shape[:3], torch.int64)
         self.next_pos, self.live = z(batch, torch.int64), z(batch, torch.int64) + 1
 
-    def write_prompt(self, layer, slots, k, v, lens):
+    def write_prompt(self, layer, slots, k, v, lens, first=None):
+        assert first is None, "the oracle prefills whole prompts"
         n = k.shape[2]
         self.k[layer, :, :, :n], self.v[layer, :, :, :n] = k, v
         self.pos[layer, :, :, :n] = torch.arange(n)

@@ -225,14 +225,19 @@ def gib(pages, c, page_size, dtype=torch.float32):
     return pages * page_bytes(page_size, c.head_dim, dtype) / 2**30
 
 
-def small_engine(path, pages_per_row, page_size=4, max_seqs=4):
+def small_engine(path, pages_per_row, page_size=4, max_seqs=4, **kw):
     """An engine whose pool holds `pages_per_row` pages for each (layer, KV head) row."""
     from weights.config import load_config
 
     c = load_config(path)
     pages = pages_per_row * c.n_layers * c.n_kv_heads
     return Engine(
-        str(path), device="cpu", kv_memory=gib(pages, c, page_size), max_seqs=max_seqs, page_size=page_size
+        str(path),
+        device="cpu",
+        kv_memory=gib(pages, c, page_size),
+        max_seqs=max_seqs,
+        page_size=page_size,
+        **kw,
     )
 
 

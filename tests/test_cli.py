@@ -81,6 +81,10 @@ def test_3_oversized_counts_are_one_line_each(tiny):
     one_line_error(
         run_cli("--model", tiny, "--prompt", "hi", "--kv-memory", "100000"), "more than this machine's"
     )
+    one_line_error(
+        run_cli("--model", tiny, "--prompt", "hi", "--max-seqs", "8", "--max-batched-tokens", "5"),
+        "--max-batched-tokens must be 0 (prompts prefilled whole) or at least --max-seqs (8)",
+    )
     r = run_cli("--model", tiny, "--prompt", "hi", "--raw", "--kv-memory", "8", "--max-new-tokens", "4")
     assert r.returncode == 0 and "--kv-memory 8 GiB capped to" in r.stderr, r.stderr
 

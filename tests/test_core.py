@@ -113,12 +113,15 @@ def test_abort_gives_the_pages_back_at_once_and_the_rest_run_on(tiny_ckpts):
 def test_padded_prefill_work_is_bounded(tiny_ckpts):
     """Padded prefill (the compiled path's static shapes) pads a batch to its longest prompt: one
     long prompt among many short ones must not make every row long. Every padded prefill's B x N
-    stays within max_prefill_tokens; packed prefill counts real tokens."""
+    stays within max_prefill_tokens; packed prefill counts real tokens. (Whole prompts: the chunked
+    step's bound is tests/test_chunked_prefill.py's.)"""
     path = tiny_ckpts["llama", False]
     ps = prompts(5, (300,) + (10,) * 12 + (120, 15))
     out = {}
     for packed in (False, True):
-        eng = Engine(str(path), device="cpu", kv_memory=0.1, max_seqs=16, max_prefill_tokens=400)
+        eng = Engine(
+            str(path), device="cpu", kv_memory=0.1, max_seqs=16, max_prefill_tokens=400, max_batched_tokens=0
+        )
         eng.eos = set()
         eng.runner.packed = packed
         eng.core.sched.padded = not packed

@@ -63,9 +63,12 @@ def test_1_probe_widths_and_snapkv_kernel_are_bounded(served):
     assert ok.status_code == 200
 
 
-def test_1_an_admitted_batch_keeps_its_probe_within_the_bound(chat_tiny):
-    """Two prompts whose probes fit one at a time are prefilled one at a time."""
+@pytest.mark.parametrize("budget", [0, 512])
+def test_1_an_admitted_batch_keeps_its_probe_within_the_bound(chat_tiny, budget):
+    """Two prompts whose probes fit one at a time are prefilled one at a time (whole, or as
+    chunks of a step's token budget that holds both)."""
     eng = serve_engine(chat_tiny)
+    eng.max_batched_tokens = budget
     prompts = [[7] * 200, [9] * 180]
     pol = refreekv.make("snapkv", budget=0.5, window=16)
     together = eng.generate(prompts, pol, Sampling(max_new_tokens=3))

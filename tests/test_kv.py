@@ -27,15 +27,23 @@ L, H, D = 2, 2, 4
 
 
 class PoolMachine(RuleBasedStateMachine):
-    """Admit / prefill / compact / append / finish / preempt in any order. Every token written
-    carries a unique id (K = id, V = -id, pos = id), and a shadow list per (sequence, layer, KV head)
-    says which ids the row must hold, in order."""
+    """Admit / prefill (whole or chunk by chunk) / compact / append / finish / preempt / abort in
+    any order. Every token written carries a unique id (K = id, V = -id, pos = id), and a shadow
+    list per (sequence, layer, KV head) says which ids the row must hold, in order; a prompt being
+    prefilled holds slots apart from the running batch, which decode steps (padded past the batch
+    into those slots) must never touch."""
 
-    @initialize(ps=st.sampled_from([1, 2, 4, 8]), pages=st.integers(30, 160), forks=st.integers(1, 2))
-    def setup(self, ps, pages, forks):
+    @initialize(
+        ps=st.sampled_from([1, 2, 4, 8]),
+        pages=st.integers(30, 160),
+        forks=st.integers(1, 2),
+        budget=st.sampled_from([0, 4, 5, 13]),
+    )
+    def setup(self, ps, pages, forks, budget):
         self.kv = PagedKV(L, H, D, pages, ps, max_seqs=4, max_len=64)
-        self.sched = Scheduler(self.kv, 4, max_prefill_tokens=48)
+        self.sched = Scheduler(self.kv, 4, max_prefill_tokens=48, max_batched_tokens=budget)
         self.forks, self.uid, self.shadow, self.next, self.retired = forks, 0, {}, {}, []
+        self.ids = {}  # a prompt being prefilled: the ids of every token it will hold
 
     def _ids(self, shape):
         n = math.prod(shape)
@@ -49,24 +57,37 @@ class PoolMachine(RuleBasedStateMachine):
         assume(self.forks * self.kv.seq_pages(n + 8) <= self.kv.n_pages)
         self.sched.add([Sequence(0, j, [1] * n, policy=None) for j in range(self.forks)])
 
-    @rule(data=st.data())
-    def admit_prefill_prune(self, data):
-        kv = self.kv
-        for grp in self.sched.admit():
-            src, n = grp[0].slot, len(grp[0].prompt)
-            ids = self._ids((L, 1, H, n))
-            for l in range(L):  # prefill (padded to a longer batch width: the padding must land harmlessly)
+    @rule(data=st.data(), decoding=st.integers(0, 3))
+    def prefill_prune(self, data, decoding):
+        """One step's prefill work: each chunk written after what its rows hold; a prompt that is
+        whole is pruned (forks copied, the source compacted) and starts running."""
+        kv, sched = self.kv, self.sched
+        work = sched.schedule(min(decoding, len(sched.running)))
+        if sched.max_batched_tokens:
+            assert sum(t for _, t in work) + min(decoding, len(sched.running)) <= sched.max_batched_tokens
+        for pf, take in work:
+            src, n, first = pf.group[0].slot, len(pf.prompt), pf.done
+            if id(pf) not in self.ids:
+                self.ids[id(pf)] = self._ids((L, 1, H, n))
+            ids = self.ids[id(pf)][..., first : first + take]
+            for l in range(L):  # padded past the chunk: the padding must land harmlessly
                 pad = torch.cat([ids[l], torch.full((1, H, 3), -7.0)], -1)
                 kv.write_prompt(
                     l,
                     torch.tensor([src]),
-                    pad[..., None].expand(1, H, n + 3, D),
-                    -pad[..., None].expand(1, H, n + 3, D),
-                    torch.tensor([n]),
+                    pad[..., None].expand(1, H, take + 3, D),
+                    -pad[..., None].expand(1, H, take + 3, D),
+                    torch.tensor([take]),
+                    torch.tensor([first]) if first else None,
                 )
+            pf.done += take
+            kv.next_pos[src] = pf.done  # as the model's prefill does
+            if pf.left:
+                continue
+            grp, ids = pf.group, self.ids.pop(id(pf))
+            sched.prefilled(pf)
             flags = st.lists(st.booleans(), min_size=L * H * n, max_size=L * H * n)
             keeps = [torch.tensor(data.draw(flags)).view(L, 1, H, n) for _ in grp]
-            kv.next_pos[src] = n  # as the model's prefill does
             for j, q in enumerate(grp[1:], 1):
                 kv.assign(q.slot, keeps[j].sum(-1)[:, 0])
                 kv.compact(torch.tensor([src]), torch.tensor([q.slot]), keeps[j])
@@ -82,7 +103,15 @@ class PoolMachine(RuleBasedStateMachine):
                     for l in range(L)
                 ]
                 self.next[id(q)] = n
-            self.sched.start(grp)
+            sched.start(grp)
+
+    @precondition(lambda self: self.sched.prefilling)
+    @rule()
+    def abort_prefilling(self):
+        pf = self.sched.prefilling[0]
+        self.sched.drop(pf.group)
+        self.ids.pop(id(pf))
+        self.retired += pf.group
 
     @precondition(lambda self: self.sched.running)
     @rule(data=st.data())
@@ -153,10 +182,31 @@ class PoolMachine(RuleBasedStateMachine):
         assert ((kv.h_table > 0) == (col < kv.h_pages[..., None])).all()
         assert torch.equal(kv.table, kv.h_table), "device page table differs from the host's"
         n = len(self.sched.running)
-        assert kv.h_pages[:, n:].sum() == 0, "a slot no sequence runs in owns pages"
-        assert kv.lengths[:, n:].sum() == 0 and kv.live[n:].sum() == 0
-        assert all(q.slot == -1 for q in self.retired if q not in self.sched.running)
+        sources = [pf.group[0].slot for pf in self.sched.prefilling]
+        idle = [s for s in range(n, kv.S) if s not in sources]
+        assert kv.h_pages[:, idle].sum() == 0, "a slot no sequence runs in or is prefilled into owns pages"
+        assert kv.lengths[:, idle].sum() == 0 and kv.live[n:].sum() == 0
+        prefilling = [q for pf in self.sched.prefilling for q in pf.group]
+        placed = self.sched.running + prefilling  # (a preempted sequence comes back)
+        assert all(q.slot == -1 for q in self.retired if q not in placed)
         assert [q.slot for q in self.sched.running] == list(range(n))
+        slots = [q.slot for q in prefilling]
+        assert len(set(slots)) == len(slots) and min(slots, default=n) >= n, "prefill slots overlap"
+        held = sum((len(pf.group) - 1) * kv.seq_pages(len(pf.prompt)) for pf in self.sched.prefilling)
+        assert kv.held == held <= kv.n_free, "pages held for the forks of prompts being prefilled"
+
+    @invariant()
+    def prompts_being_prefilled_hold_their_chunks(self):
+        kv = self.kv
+        for pf in self.sched.prefilling:
+            src, m = pf.group[0].slot, pf.done
+            assert kv.next_pos[src] == m and (kv.lengths[:, src] == m).all()
+            t = torch.arange(m)
+            for l in range(L):
+                for h in range(H):
+                    page = kv.table[l, src, h, t // kv.ps].long()
+                    assert kv.k[page, t % kv.ps, 0].tolist() == self.ids[id(pf)][l, 0, h, :m].tolist()
+                    assert kv.pos[page, t % kv.ps].tolist() == t.tolist()
 
     @invariant()
     def rows_hold_their_tokens(self):
@@ -176,7 +226,7 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 TestPool = PoolMachine.TestCase
-TestPool.settings = settings(max_examples=examples(60), stateful_step_count=25, deadline=None)
+TestPool.settings = settings(max_examples=examples(200), stateful_step_count=25, deadline=None)
 
 
 def masked_attention(q, keys, vals, visible):

@@ -231,6 +231,15 @@ def test_models_health_and_metrics(served):
         and after["refreekv_requests_running"] == 0
     )
     assert 0 < after["refreekv_kv_budget_mean"] <= 1
+    assert after["refreekv_prefill_tokens_pending"] == 0
+    # a prompt past the step's token budget (256 here) is prefilled in chunks, and says so
+    r = httpx.post(
+        served.url + "/completions",
+        json={"prompt": [5 + i % 200 for i in range(300)], "max_tokens": 2, "kv": "full"},
+        headers=h,
+        timeout=60,
+    ).json()
+    assert r["choices"][0]["kv"]["prefill_chunks"] == 2
 
 
 def _metrics(s) -> dict:

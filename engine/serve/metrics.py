@@ -2,7 +2,8 @@
 
 METRICS = [  # name, type, help, snapshot key
     ("refreekv_requests_running", "gauge", "Sequences in the running batch", "running"),
-    ("refreekv_requests_waiting", "gauge", "Sequences waiting for admission", "waiting"),
+    ("refreekv_requests_waiting", "gauge", "Sequences waiting for admission or being prefilled", "waiting"),
+    ("refreekv_prefill_tokens_pending", "gauge", "Prompt tokens not yet prefilled", "prefill_pending"),
     ("refreekv_kv_pages_used", "gauge", "KV pool pages in use", "pages_used"),
     ("refreekv_kv_pages_free", "gauge", "KV pool pages free", "pages_free"),
     ("refreekv_kv_pages_total", "gauge", "KV pool pages", "pages_total"),

@@ -14,6 +14,7 @@ def kv_stats(result) -> dict:
             "prompt_tokens",
             "pages_after_prefill",
             "pages_after_pruning",
+            "prefill_chunks",
             "preempted",
             "kept_per_head",
             # pruning during decoding ("interval" / "on_pressure" in the kv object)

@@ -220,6 +220,7 @@ class Worker:
         return dict(
             running=core.running,
             waiting=core.waiting,
+            prefill_pending=core.prefill_pending,
             pages_used=kv.used,
             pages_free=kv.n_free,
             pages_total=kv.n_pages,

@@ -1,0 +1,227 @@
+"""Chunked prefill: a step's token budget (max_batched_tokens) is spent on the decode rows first and
+on chunks of prompts after, so a long prompt never freezes the streams already running; and a prompt
+prefilled in chunks is, to its policy and its sequences, the prompt prefilled in one piece: the same
+probe (attention rows, keys and values in the pool, query statistics), the same kept counts, the
+same greedy tokens and prompt log-probabilities, on the three families and both bundled models,
+packed and padded, under preemption and with fan-out."""
+
+import pytest
+import torch
+from conftest import real_text
+from helpers import examples, small_engine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import refreekv
+from engine.engine import Engine
+from engine.sampling import Sampling
+from weights.errors import UserError
+
+POLICIES = {
+    "refreekv": dict(threshold=0.2),
+    "snapkv": dict(budget=0.5, window=4),
+    "h2o": dict(budget=0.4),
+    "streaming": dict(budget=0.5),
+    "expected-attention": dict(budget=0.5),
+    "full": {},
+}
+
+
+class Watch(refreekv.Policy):
+    """Plans with another policy and records, per prompt, what the probe showed it: the attention
+    rows, every layer's keys and values as they sit in the pool after prefill, the query stats."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self.probe_rows, self.query_stats = inner.probe_rows, inner.query_stats
+        self.seen = []  # per prompt, in the order they were planned
+
+    def plan(self, probe):
+        L = probe.n_layers
+        keys = [probe.keys(layer) for layer in range(L)]
+        values = [probe.values(layer) for layer in range(L)]
+        stats = [probe.query_stats(layer, 0) for layer in range(L)] if self.query_stats else None
+        for b, n in enumerate(probe.lens.tolist()):
+            self.seen.append(
+                dict(
+                    attn=None if probe.attn is None else probe.attn[:, b, ..., :n].clone(),
+                    keys=torch.stack([k[b, :, :n] for k in keys]),
+                    values=torch.stack([v[b, :, :n] for v in values]),
+                    stats=None if stats is None else [(m[b], c[b]) for m, c in stats],
+                )
+            )
+        return self.inner.plan(probe)
+
+
+def run(path, prompts, policy, budget, page_size=4, padded=False, new=6):
+    """(results, the Watch, the engine) of greedy generation with a token budget per step (0:
+    prompts whole); padded: the right-padded prefill of the compiled path, run eagerly."""
+    eng = Engine(
+        str(path), device="cpu", kv_memory=0.05, max_seqs=4, page_size=page_size, max_batched_tokens=budget
+    )
+    eng.runner.packed, eng.core.sched.padded = not padded, padded
+    watch = Watch(policy)
+    out = eng.generate(prompts, watch, Sampling(max_new_tokens=new))
+    return out, watch, eng
+
+
+def assert_same_probe(whole, chunked):
+    assert len(whole.seen) == len(chunked.seen)
+    for a, b in zip(whole.seen, chunked.seen):
+        if a["attn"] is not None:
+            w = min(a["attn"].shape[-2], b["attn"].shape[-2])  # a batch may read more rows
+            torch.testing.assert_close(b["attn"][..., -w:, :], a["attn"][..., -w:, :], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b["keys"], a["keys"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b["values"], a["values"], atol=1e-5, rtol=1e-4)
+        for (m1, c1), (m2, c2) in zip(a["stats"] or [], b["stats"] or []):
+            torch.testing.assert_close(m2, m1, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(c2, c1, atol=1e-4, rtol=1e-3)
+
+
+@settings(max_examples=examples(10), deadline=None)
+@given(data=st.data())
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2-window"])
+def test_chunked_equals_whole(tiny_ckpts, family, data):
+    """Budgets from max_seqs to past the prompts, page sizes, policies, packed and padded."""
+    lens = data.draw(st.lists(st.integers(1, 45), min_size=1, max_size=3), label="prompt lengths")
+    budget = data.draw(st.integers(4, 60), label="max_batched_tokens")
+    page_size = data.draw(st.sampled_from([1, 4, 16]), label="page size")
+    name = data.draw(st.sampled_from(sorted(POLICIES)), label="policy")
+    padded = data.draw(st.booleans(), label="padded")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in lens]
+    path = tiny_ckpts[family, False]
+    policy = refreekv.make(name, **POLICIES[name])
+    whole, w1, _ = run(path, prompts, policy, 0, page_size, padded)
+    chunked, w2, eng = run(path, prompts, policy, budget, page_size, padded)
+    for a, b in zip(whole, chunked):
+        assert b.tokens == a.tokens
+        assert b.stats["kept_per_head"] == a.stats["kept_per_head"]
+        assert b.stats["pages_after_prefill"] == a.stats["pages_after_prefill"]
+        assert b.stats["pages_after_pruning"] == a.stats["pages_after_pruning"]
+        assert b.stats["prefill_chunks"] >= 1
+    assert_same_probe(w1, w2)
+    if max(lens) > budget:  # a prompt longer than a step's budget took several chunks
+        assert max(r.stats["prefill_chunks"] for r in chunked) > 1
+    assert eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
+
+
+def test_no_step_exceeds_the_budget_and_streams_keep_flowing(tiny_ckpts):
+    """A 300-token prompt arrives while a stream decodes: every step processes at most the budget
+    (decode rows + prefill chunk tokens), and the stream gets a token in every one of them."""
+    eng = Engine(
+        str(tiny_ckpts["llama", False]), device="cpu", max_seqs=4, page_size=4, max_batched_tokens=24
+    )
+    eng.eos = set()
+    core, runner = eng.core, eng.runner
+    seen = []  # tokens of each forward in the current step
+    prefill, decode = runner.prefill, runner.decode
+
+    def count_prefill(prompts, *a, **k):
+        seen.append(sum(map(len, prompts)))
+        return prefill(prompts, *a, **k)
+
+    def count_decode(tokens):
+        seen.append(tokens.shape[0])
+        return decode(tokens)
+
+    runner.prefill, runner.decode = count_prefill, count_decode
+    policy = refreekv.make("snapkv", budget=0.5, window=4)
+    stream = core.add_request(list(range(5, 25)), policy, Sampling(max_new_tokens=60))
+    for _ in range(3):
+        core.step()
+    long = core.add_request([7 + i % 200 for i in range(300)], policy, Sampling(max_new_tokens=4))
+    chunks, pending = 0, []
+    while core.group(long)[0].slot < 0 or core.sched.prefilling:
+        seen.clear()
+        pending.append(core.prefill_pending)
+        updates = core.step()
+        assert sum(seen) <= 24, f"a step processed {sum(seen)} tokens"
+        assert any(u.key == stream and u.tokens for u in updates), "the running stream froze"
+        chunks += 1
+    assert chunks >= 300 // 24 and pending[0] == 300 and pending == sorted(pending, reverse=True)
+    while core.busy():
+        core.step()
+    assert eng.kv.n_free == eng.kv.n_pages
+
+
+def test_under_preemption(tiny_ckpts):
+    """A pool that holds two of five sequences: preemptions, replays, chunks, the same tokens."""
+    path = tiny_ckpts["qwen2", False]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (30, 9, 41, 17, 25)]
+    outs = []
+    for budget in (0, 4, 7):
+        eng = small_engine(path, pages_per_row=24, page_size=4, max_batched_tokens=budget)
+        res = eng.generate(prompts, refreekv.make("refreekv", threshold=0.2), Sampling(max_new_tokens=40))
+        assert eng.stats["preemptions"] > 0
+        assert eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
+        outs.append([r.tokens for r in res])
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+def test_prompt_logprobs_and_fan_out(tiny_ckpts):
+    """Echo scoring over chunks (each chunk scores its first token from the last hidden state of
+    the one before) and a prompt pruned by two policies: as in one piece."""
+    path = tiny_ckpts["mistral", False]
+    prompts = [[3 + (i * 7) % 250 for i in range(53)], list(range(10, 31))]
+    s = Sampling(max_new_tokens=3, prompt_logprobs=2)
+    pols = [refreekv.make("refreekv", threshold=0.2), refreekv.make("snapkv", budget=0.3, window=4)]
+    res = []
+    for budget in (0, 5):
+        eng = Engine(
+            str(path), device="cpu", kv_memory=0.05, max_seqs=4, page_size=4, max_batched_tokens=budget
+        )
+        res.append(eng.generate(prompts, pols, s))
+    for whole, chunked in zip(*res):
+        for a, b in zip(whole, chunked):
+            assert b.tokens == a.tokens and b.stats["kept_per_head"] == a.stats["kept_per_head"]
+            assert [t for t, _, _ in b.prompt_logprobs] == [t for t, _, _ in a.prompt_logprobs]
+            assert b.prompt_logprobs[0][1] is None and len(b.prompt_logprobs) == len(a.prompt_logprobs)
+            for (_, x, tx), (_, y, ty) in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+                assert y == pytest.approx(x, abs=1e-4) and tx.keys() == ty.keys()
+    assert res[1][0][0].stats["prefill_chunks"] > 1
+
+
+def test_abort_mid_prefill_gives_every_page_back(tiny_ckpts):
+    eng = Engine(str(tiny_ckpts["llama", False]), device="cpu", max_seqs=4, page_size=4, max_batched_tokens=8)
+    core = eng.core
+    pols = [refreekv.make("full"), refreekv.make("streaming", budget=0.5)]  # a source and a fork
+    rid = core.add_request(list(range(3, 90)), pols, Sampling(max_new_tokens=5))
+    core.step()
+    core.step()
+    assert core.sched.prefilling and eng.kv.held > 0 and core.prefill_pending == 87 - 16
+    assert core.abort(rid)
+    assert not core.busy() and eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
+    ended = core.step()  # the aborted sequences' results go out with the next step
+    assert sorted(u.key for u in ended) == [(rid, 0), (rid, 1)]
+    assert all(u.result.finish_reason == "abort" for u in ended)
+    out = eng.generate([list(range(3, 90))], pols, Sampling(max_new_tokens=5))  # the engine goes on
+    assert out[0][0].stats["prefill_chunks"] == -(-87 // 8)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_bundled_models(name):
+    """Real weights, real text: a 64-token budget equals prompts prefilled whole."""
+    from weights.bundled import ensure_bundled
+
+    path = ensure_bundled(name)
+    res = []
+    for budget in (0, 64):
+        eng = Engine(str(path), device="cpu", max_seqs=4, max_batched_tokens=budget)
+        prompts = [eng.encode(real_text(1400)), eng.encode(real_text(500, "for"))]
+        pols = [refreekv.make("refreekv"), refreekv.make("snapkv", budget=0.5)]
+        res.append(eng.generate(prompts, pols, Sampling(max_new_tokens=12)))
+    for whole, chunked in zip(*res):
+        for a, b in zip(whole, chunked):
+            assert b.tokens == a.tokens and b.stats["kept_per_head"] == a.stats["kept_per_head"]
+    assert res[1][0][0].stats["prefill_chunks"] > 1
+
+
+def test_budget_is_checked_in_the_users_words(tiny_ckpts):
+    path = str(tiny_ckpts["llama", False])
+    with pytest.raises(UserError, match=r"max_batched_tokens must be 0 .* at least max_seqs \(8\)"):
+        Engine(path, device="cpu", max_seqs=8, max_batched_tokens=5, load=False)
+    with pytest.raises(UserError, match="max_batched_tokens"):
+        Engine(path, device="cpu", max_batched_tokens=-1, load=False)
+    assert Engine(path, device="cpu", max_seqs=300, load=False).max_batched_tokens == 300
