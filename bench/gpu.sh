@@ -15,6 +15,7 @@
 #   bash bench/gpu.sh anchor       # the team's transformers anchor script, copied into out/anchors/ (ignored) and
 #                                  # carried with the call (device tool: carry ["out/anchors"]): the same-run anchor
 #   bash bench/gpu.sh rows         # bench/rows.sh: the CPU table's rows (ours eager / compiled, transformers eager / static compile)
+#   bash bench/gpu.sh chunks       # bench/chunks.py: prefill tok/s per chunked-prefill token budget, 7B shape, one 8k prompt
 #   bash bench/gpu.sh throughput   # bench/load/throughput.py, 7B shape, forced budgets 100/50/25%, transformers static batching
 #   bash bench/gpu.sh all [--quick] [STAGE...]   # bench/gpu_all.sh: the whole GPU run in one call (see there)
 set -uo pipefail
@@ -53,12 +54,15 @@ case "${1:-}" in
     python -m bench.throughput --shape qwen2.5-7b --device cuda --compile --budgets 1,0.5,0.25 --requests 64 --new-tokens 128 \
       --pool-tokens 60000 --max-seqs 64 --hf static-compile --hf-batch 16 --json "$OUT/throughput-7b.json" \
       --results-md "$MD" 2>&1 | tee "$OUT/throughput.log" ;;
+  chunks)
+    python -m bench.chunks --shape qwen2.5-7b --device cuda --prompt 8192 --budgets 0,512,1024,2048,4096 \
+      --json "$OUT/chunks.json" --results-md "$MD" 2>&1 | tee "$OUT/chunks.log" ;;
   all)
     # every stage in one call, correctness first, each under its own limit and all under one
     # deadline (DEADLINE_S, default 480): what does not fit is named in summary.txt, not run
     shift
     exec bash bench/gpu_all.sh "$@" ;;
   *)
-    echo "usage: bash bench/gpu.sh all [--quick] [STAGE...]|tests|kernel|gemv|gemv-tuned|speed|speed-gemv|hf|rows|anchor|throughput" >&2
+    echo "usage: bash bench/gpu.sh all [--quick] [STAGE...]|tests|kernel|gemv|gemv-tuned|speed|speed-gemv|hf|rows|anchor|chunks|throughput" >&2
     exit 2 ;;
 esac

@@ -27,7 +27,7 @@ for arg in "$@"; do
     *) STAGES+=("$arg") ;;
   esac
 done
-ALL=(env tests diag kernel speed-eager speed serve throughput hf prefill gemv speed-gemv rows)
+ALL=(env tests diag kernel speed-eager speed serve chunks throughput hf prefill gemv speed-gemv rows)
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL[@]}")
 START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-480}))
@@ -107,7 +107,12 @@ for s in "${STAGES[@]}"; do
     serve)
       stage serve "$(q 150 100)" "${P[@]}" bench.serve "${SEVEN[@]}" --rate 4 --requests "$(q 48 24)" \
         --min-tokens 500 --max-tokens 2000 --new-tokens 32 --pool-tokens 30000 --offline-check \
+        --long 3 --max-batched-tokens "$(q 0,2048 2048)" --policies full,refreekv \
         --json "$LOGS/serve.json" --results-md "$MD" ;;
+    chunks)
+      # chunked prefill's cost: prefill tok/s per token budget against whole prompts (issue 29)
+      stage chunks 90 "${P[@]}" bench.chunks --shape qwen2.5-7b --device cuda --prompt 8192 \
+        --budgets 0,512,1024,2048,4096 --json "$LOGS/chunks.json" --results-md "$MD" ;;
     prefill)
       stage prefill 90 "${P[@]}" bench.prefill --shape qwen2.5-7b --device cuda --long "$(q 8192 4096)" \
         --n-short 50 --reps 1 --results-md "$MD" ;;

@@ -9,8 +9,10 @@ launched at its arrival time). Arrivals
 are Poisson at --rate requests/s (seeded exponential gaps, the first at t = 0); every policy gets
 the same schedule and prompts: bench.throughput's real texts as token ids to /v1/completions,
 max_tokens --new-tokens, temperature 0, streamed with usage. Policies, per request through the
-`kv` field: full, refreekv (T = 1%), refreekv metric="mass", snapkv 50%. The pool holds
---pool-tokens full-cache tokens per (layer, KV head) row (as bench/load/throughput.py sizes it).
+`kv` field: full, refreekv (T = 1%), refreekv metric="mass", snapkv 50% (--policies picks some).
+The pool holds --pool-tokens full-cache tokens per (layer, KV head) row (as bench/load/throughput.py
+sizes it). --long N makes N of the prompts, spread evenly, 4-8x longer than the others' mean;
+--max-batched-tokens 0,256 runs every policy once per chunked-prefill budget (0: prompts whole).
 
 Per policy: TTFT p50/p99 (send to the first chunk with text, or to the final chunk if none had
 any), inter-token latency p50/p99 (gaps between successive content chunks: one chunk is what one
@@ -43,12 +45,12 @@ from bench.load.throughput import label, setup
 from engine.sampling import Sampling
 from weights.errors import UserError
 
-KV = [
-    {"policy": "full"},
-    {"policy": "refreekv"},
-    {"policy": "refreekv", "metric": "mass"},
-    {"policy": "snapkv", "budget": 0.5},
-]
+KV = {
+    "full": {"policy": "full"},
+    "refreekv": {"policy": "refreekv"},
+    "refreekv-mass": {"policy": "refreekv", "metric": "mass"},
+    "snapkv": {"policy": "snapkv", "budget": 0.5},
+}
 POLL_S = 0.05
 RATIO = 0.9  # --offline-check: server tok/s >= RATIO x offline tok/s
 
@@ -257,6 +259,7 @@ def fmt(x, spec: str) -> str:
 def render(rows: list[dict]) -> str:
     head = [
         "policy",
+        "max batched tok",
         "rate req/s",
         "n",
         "mean budget",
@@ -279,6 +282,7 @@ def render(rows: list[dict]) -> str:
             + " | ".join(
                 [
                     r["policy"],
+                    str(r.get("max_batched_tokens") or "whole prompts"),
                     "all at t=0" if r["rate"] is None else f"{r['rate']:g}",
                     n,
                     fmt(budget, ".1f") + "%",
@@ -316,6 +320,16 @@ def parse_args(argv):
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-seqs", type=int, default=64)
     p.add_argument("--offline-check", action="store_true", help="also compare with engine.run_batch (full)")
+    p.add_argument(
+        "--long", type=int, default=0, help="prompts 4-8x longer than the others' mean (spread evenly)"
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=lambda x: [int(v) for v in x.split(",")],
+        help="chunked-prefill budgets to run every policy at, e.g. 0,256 "
+        "(0: whole prompts; default: the engine's)",
+    )
+    p.add_argument("--policies", default=",".join(KV), help=f"some of {', '.join(KV)} (default all)")
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -330,6 +344,12 @@ def parse_args(argv):
         raise UserError("--requests and --new-tokens must be >= 1")
     if not a.rate > 0:
         raise UserError(f"--rate must be > 0, got {a.rate}")
+    a.policies = a.policies.split(",")
+    bad = [x for x in a.policies if x not in KV]
+    if bad:
+        raise UserError(f"--policies: unknown {bad[0]!r}; choose from {', '.join(KV)}")
+    if not 0 <= a.long <= a.requests:
+        raise UserError("--long must be in [0, --requests]")
     return a
 
 
@@ -362,8 +382,14 @@ def main(argv=None):
             for p in prompts
         ]
 
+    specs = [KV[x] for x in a.policies]
+    budgets = a.max_batched_tokens or [eng.max_batched_tokens]
+    for b in budgets:  # every budget checked before anything runs
+        eng.max_batched_tokens = b
+    eng.max_batched_tokens = budgets[0]
+
     def warm():  # compile (if on) and first-call costs, outside every timing
-        for spec in KV:
+        for spec in specs:
             pol = policy_of(spec)
             eng.warmup(pol)
             eng.generate(prompts[:2], pol, Sampling(max_new_tokens=2))
@@ -373,26 +399,32 @@ def main(argv=None):
     if a.offline_check:  # offline first: the engine takes one driver at a time
         log("[serve] offline check: engine.run_batch ...")
         parser = RequestParser(eng, served, refreekv.make("full"), eng.context)
-        check = dict(offline=offline(eng, parser, bodies(KV[0], stream=False)))
+        check = dict(offline=offline(eng, parser, bodies(KV["full"], stream=False)))
     rows = []
     with Server(eng, served, warm) as srv:
         if a.offline_check:
             log("[serve] offline check: the server, every request at t=0 ...")
-            run = drive_apart(srv.root, bodies(KV[0]), [0.0] * len(prompts))
-            check["server"] = summarize(label(policy_of(KV[0])), None, run)
+            run = drive_apart(srv.root, bodies(KV["full"]), [0.0] * len(prompts))
+            check["server"] = summarize(label(policy_of(KV["full"])), None, run)
+            check["server"]["max_batched_tokens"] = eng.max_batched_tokens
             check["ratio"] = check["server"]["tok_s"] / check["offline"]["tok_s"]
             check["met"] = check["ratio"] >= RATIO
             rows.append(dict(check["server"], policy=check["server"]["policy"] + " (offline check)"))
-        for spec in KV:
-            log(f"[serve] {label(policy_of(spec))} at {a.rate:g} req/s ...")
-            run = drive_apart(srv.root, bodies(spec), arrivals)
-            r = summarize(label(policy_of(spec)), a.rate, run)
-            rows.append(r)
-            first_error = f": {r['errors'][0]}" if r["errors"] else ""
-            log(
-                f"[serve]   TTFT p50 {fmt(r['ttft_p50_ms'], '.0f')} ms, {r['tok_s']:.1f} tok/s, "
-                f"peak running {r['peak_running']}; {len(r['errors'])} errors{first_error}"
-            )
+        for budget in budgets:
+            eng.max_batched_tokens = budget  # the engine is idle between runs
+            for spec in specs:
+                log(f"[serve] {label(policy_of(spec))} at {a.rate:g} req/s, max batched tokens {budget} ...")
+                run = drive_apart(srv.root, bodies(spec), arrivals)
+                r = summarize(label(policy_of(spec)), a.rate, run)
+                r["max_batched_tokens"] = budget
+                rows.append(r)
+                first_error = f": {r['errors'][0]}" if r["errors"] else ""
+                log(
+                    f"[serve]   TTFT p50 {fmt(r['ttft_p50_ms'], '.0f')} ms, ITL p50 / p99 "
+                    f"{fmt(r['itl_p50_ms'], '.0f')} / {fmt(r['itl_p99_ms'], '.0f')} ms, "
+                    f"{r['tok_s']:.1f} tok/s, "
+                    f"peak running {r['peak_running']}; {len(r['errors'])} errors{first_error}"
+                )
     res = dict(
         **run_meta(eng, name, commit, "bench.serve", argv, kv_gib),
         rate=a.rate,
@@ -414,6 +446,7 @@ def main(argv=None):
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     if a.results_md:
+        longs = f"; {a.long} of them 4-8x the mean of the others" if a.long else ""
         append_results(
             Path(a.results_md),
             (
@@ -421,7 +454,8 @@ def main(argv=None):
                 f"- device: {res['device']}, dtype {res['dtype']}; commit `{commit}`\n"
                 f"- command: `{res['command']}`\n"
                 f"- workload: {len(prompts)} requests, Poisson arrivals at {a.rate:g} req/s, prompts "
-                f"{min(pt)}-{max(pt)} tokens (mean {sum(pt) / len(pt):.0f}), {a.new_tokens} new tokens each, "
+                f"{min(pt)}-{max(pt)} tokens (mean {sum(pt) / len(pt):.0f}{longs}), "
+                f"{a.new_tokens} new tokens each, "
                 f"streaming; pool {eng.kv.n_pages} pages of {eng.page_size} tokens ({kv_gib:.2f} GiB), "
                 f"max {a.max_seqs} sequences\n\n" + text + "\n"
             ),

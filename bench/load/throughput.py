@@ -49,16 +49,22 @@ from engine.kv import page_bytes, seq_pages
 from engine.sampling import Sampling
 from weights.errors import UserError
 
+LONG_FACTOR = (4, 8)  # a long prompt of a mixed workload, against the mean of the others
 ASKS = {
     "doc": "What is this text about? Answer in two sentences.",
     "code": "Explain what this code does, briefly.",
 }
 
 
-def workload(eng, n: int, lo: int, hi: int, seed: int, real: bool) -> tuple[list[list[int]], list[str]]:
-    """n prompts of lengths uniform in [lo, hi] tokens and their kinds."""
+def workload(
+    eng, n: int, lo: int, hi: int, seed: int, real: bool, long: int = 0
+) -> tuple[list[list[int]], list[str]]:
+    """n prompts of lengths uniform in [lo, hi] tokens and their kinds; `long` of them, spread
+    evenly, 4-8x the mean of [lo, hi] instead (LONG_FACTOR)."""
     rng = random.Random(f"throughput:{seed}")
     lengths = [rng.randint(lo, hi) for _ in range(n)]
+    for j in range(long):
+        lengths[j * n // long + n // (2 * long)] = round(rng.uniform(*LONG_FACTOR) * (lo + hi) / 2)
     if not real:
         g = torch.Generator().manual_seed(seed)
         return [
@@ -75,7 +81,7 @@ def workload(eng, n: int, lo: int, hi: int, seed: int, real: bool) -> tuple[list
         body_tokens = k - (len(m.tok(ASKS[src])) + 40 if chat else 0)
         text, _ = m.doc_text(rng, body_tokens) if src == "doc" else m.code_text(rng, body_tokens)
         ids = eng.encode(f"{text}\n\n{ASKS[src]}", chat=True) if chat else eng.tokenizer.encode(text)
-        prompts.append(ids[:hi])
+        prompts.append(ids[: max(k, hi)])
         kinds.append(f"{src}/{'chat' if chat else 'raw'}")
     return prompts, kinds
 
@@ -286,16 +292,18 @@ def setup(a):
     src = argparse.Namespace(
         model=a.model, shape=a.shape, device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed
     )
+    long = getattr(a, "long", 0)  # bench/load/serve.py's mix of a few long prompts
+    longest = round(LONG_FACTOR[1] * (a.min_tokens + a.max_tokens) / 2) if long else 0
     eng, name = build_engine(
         src,
-        max_length=a.max_tokens + a.new_tokens,
+        max_length=max(a.max_tokens, longest) + a.new_tokens,
         kv_memory=kv_gib,
         page_size=a.page_size,
         max_seqs=a.max_seqs,
     )
     if a.shape:
         eng.eos = set()  # random weights: every request makes its max_tokens
-    prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, real=not a.shape)
+    prompts, kinds = workload(eng, a.requests, a.min_tokens, a.max_tokens, a.seed, not a.shape, long)
     try:
         eng.check_fits(prompts, a.new_tokens)
     except UserError as e:

@@ -412,6 +412,7 @@ def main(argv=None):
             page_size=a.page_size,
             max_seqs=max(a.batches + [1]),
             max_prefill_tokens=max(batch_tokens, *a.prompt_lens) or None,
+            max_batched_tokens=0,  # prompts prefilled whole: these rows time one prefill
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -112,15 +112,15 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="ours compiled (beside ours eager)")
     p.add_argument("--no-hf", action="store_true")
     a = p.parse_args(argv)
-    eng = Engine(a.model, "cpu", "float32", max_seqs=max(8, a.batch))
+    # the whole batch in one unchunked prefill (the scheduler reads these when the engine is built)
+    whole = dict(max_prefill_tokens=max(4096, a.batch * a.prompt), max_batched_tokens=0)
+    eng = Engine(a.model, "cpu", "float32", max_seqs=max(8, a.batch), **whole)
     eng.eos = set()
     prompts = random_prompts(eng, a.batch, a.prompt, 0)
-    eng.max_prefill_tokens = max(eng.max_prefill_tokens, a.batch * a.prompt)
     runs = {"ours eager": (_ours(eng, prompts, a.new), _ours(eng, prompts, 1))}
     if a.compile:
-        ceng = Engine(a.model, "cpu", "float32", max_seqs=max(8, a.batch), compile=True)
+        ceng = Engine(a.model, "cpu", "float32", max_seqs=max(8, a.batch), compile=True, **whole)
         ceng.eos = set()
-        ceng.max_prefill_tokens = eng.max_prefill_tokens
         t0 = time.perf_counter()
         ceng.warmup(refreekv.make("full"))
         print(f"compile warm-up {time.perf_counter() - t0:.1f} s")

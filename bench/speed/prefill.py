@@ -57,7 +57,7 @@ def main(argv=None):
         a.model = "smollm2-135m-instruct"
     # eager: both layouts run through the same (uncompiled) model; compiled prefill is padded only
     src = argparse.Namespace(model=a.model, shape=a.shape, device=a.device, dtype=None, compile=False, seed=0)
-    eng, name = build_engine(src, max_seqs=n, kv_memory=2.0, max_prefill_tokens=10**9)
+    eng, name = build_engine(src, max_seqs=n, kv_memory=2.0, max_prefill_tokens=10**9, max_batched_tokens=0)
     g = torch.Generator().manual_seed(0)
     V = min(eng.config.vocab_size, 32000)
     prompts = [torch.randint(100, V, (a.long,), generator=g).tolist()]
