@@ -73,8 +73,13 @@ def admit(runner, work, at_least: int, prefilled, note=None):
             done.append(b)
     if not done:
         return None
+    cache = runner.kv.cache
     for b in done:
         prefilled(pfs[b])
+        pf = pfs[b]
+        if pf.insert:  # its full blocks, before pruning touches its rows
+            top = pf.group[0].sampling.prompt_logprobs
+            cache.insert(pf.prompt, pf.group[0].slot, pf.logprobs, top, pf.block_h)
     probe, moments = _gather(runner, [pfs[b] for b in done], done, probe, moments)
     finished = [pfs[b] for b in done]
     seqs, peak, budgets = _prune(runner, finished, probe, moments, len(work), at_least)
@@ -164,6 +169,7 @@ def _prune(runner, pfs, probe, moments, forward: int, at_least: int):
                 budget=budget,
                 prefill_s=pfs[b].seconds,
                 prefill_chunks=pfs[b].chunks,
+                cached_tokens=pfs[b].cached,
                 prune_s=t2 - t1,
                 batch=forward,
                 pages_after_prefill=pages_prefill[b],
@@ -191,10 +197,14 @@ def _evicted(runner, batch, probe, keep) -> torch.Tensor:
 
 def chunk_logprobs(runner, pf, h, ids):
     """Add the log-probabilities of a chunk's tokens (given the ones before them) and the top ones
-    to pf.logprobs, from the chunk's final hidden states h [n, dim] and the last one before it
-    (pf.last_h), a chunk of positions at a time (never n x V at once)."""
+    to pf.logprobs, from the chunk's final hidden states h [n, dim] (prompt positions from pf.done
+    on) and the last one before it (pf.last_h), a chunk of positions at a time (never n x V at
+    once). The states of the tokens that end a page-sized block are kept for the prefix cache."""
     k = pf.group[0].sampling.prompt_logprobs
     last = h[-1].clone()
+    ps = runner.kv.ps
+    for p in range(-(-(pf.done + 1) // ps) * ps - 1, pf.done + h.shape[0], ps):  # blocks' last tokens
+        pf.block_h[p // ps] = h[p - pf.done].clone()
     if pf.logprobs is None:  # the first token has nothing before it
         pf.logprobs = [(int(ids[0]), None, None)]
         before, after = h[:-1], ids[1:]

@@ -113,7 +113,17 @@ def add_engine_flags(p):
         metavar="N",
         help="chunked prefill: tokens one step processes, decode rows first, then chunks of prompts "
         "(a long prompt never stalls running streams); at least --max-seqs, or 0 to prefill prompts "
-        "whole (default 256 on CPU, 2048 on GPU: bench/RESULTS.md)",
+        "whole (default: 0 for generate and run_batch; the server 128 on CPU, 2048 on GPU: "
+        "bench/RESULTS.md)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep prompts' full page-sized blocks in the KV pool for the next prompt that starts with "
+        "them (a shared system prompt, a multiple-choice context): only the rest is prefilled, and "
+        "pruning copies a request's kept tokens off the shared pages (default: on for the server, "
+        "off for generate and run_batch)",
     )
     p.add_argument(
         "--compile",
@@ -164,6 +174,7 @@ def engine_from_args(a):
         max_batched_tokens=a.max_batched_tokens,
         load=False,
         tp=a.tp,
+        prefix_cache=bool(a.prefix_cache),
     )
 
 

@@ -32,6 +32,7 @@ from engine.kernels.attention import pow2
 from engine.kernels.gemv import gemv, use_gemv
 from engine.kv import PagedKV
 from engine.limits import Limits
+from engine.prefix import PrefixCache
 from engine.runner import Runner
 from engine.sampling import Sampling
 from engine.tokenizer import Tokenizer
@@ -41,8 +42,13 @@ PROBE_GIB = 2.0  # the prefill probe of one admitted batch (a request alone must
 MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone outgrow any pool
 # chunked prefill's default token budget per step (decode rows + prefill chunks), measured:
 # bench/RESULTS.md "Chunked prefill"
-BATCHED_TOKENS_CPU = 256
-BATCHED_TOKENS_CUDA = 2048
+# the server's token budget per step (chunked prefill; bench/RESULTS.md, "Chunked prefill"): on
+# CPU the chunk that keeps a running stream's p99 gap near 4x its median at ~1.4x the time to
+# first token; on CUDA vLLM's online default, not yet measured here. Offline (the CLI, run_batch,
+# the Python API) prompts are prefilled whole unless asked: no stream waits there, and chunks
+# only cost prefill throughput.
+SERVE_BATCHED_TOKENS_CPU = 128
+SERVE_BATCHED_TOKENS_CUDA = 2048
 
 
 class Engine(Limits):
@@ -64,6 +70,7 @@ class Engine(Limits):
         load: bool = True,
         tp: int | None = None,
         decode_window: int = 8,
+        prefix_cache: bool = False,
     ):
         """Cheap checks and the tokenizer first; `load=False` stops there (call load() later), so
         a caller can check its prompts before the weights are read."""
@@ -84,6 +91,10 @@ class Engine(Limits):
         self.max_prefill_tokens = max_prefill_tokens or (16384 if self.cuda else 4096)
         # chunked prefill: the tokens one step processes, decode rows first (0: prompts whole)
         self._max_batched_tokens = self._batched(max_batched_tokens)
+        if prefix_cache and self.tp.on:
+            raise UserError("the prefix cache does not run with tensor parallelism yet", "prefix_cache")
+        # full page-sized blocks of prompts stay in the pool for the next prompt that starts with them
+        self.use_prefix_cache = bool(prefix_cache)
         # the prefill's attention probe ([L, B, H, rows, N] fp32): an admitted batch stays within
         # it, and a request whose probe alone would not is refused (check_policy)
         self.max_probe_bytes = PROBE_GIB * 2**30
@@ -101,6 +112,11 @@ class Engine(Limits):
         self.stats: dict = {}  # the last generate() call's workload figures
         if load:
             self.load()
+
+    @property
+    def serving_batched_tokens(self) -> int:
+        """The token budget the server runs with unless told (see SERVE_BATCHED_TOKENS_*)."""
+        return max(SERVE_BATCHED_TOKENS_CUDA if self.cuda else SERVE_BATCHED_TOKENS_CPU, self.max_seqs)
 
     @property
     def max_batched_tokens(self) -> int:
@@ -166,7 +182,7 @@ class Engine(Limits):
 
     def _batched(self, tokens: int | None) -> int:
         if tokens is None:
-            return max(BATCHED_TOKENS_CUDA if self.cuda else BATCHED_TOKENS_CPU, self.max_seqs)
+            return 0
         if tokens < 0 or 0 < tokens < self.max_seqs:
             raise UserError(
                 f"max_batched_tokens must be 0 (prompts prefilled whole) or at least max_seqs "
@@ -222,6 +238,8 @@ class Engine(Limits):
             c.n_heads,
             self.decode_window,
         )
+        if self.use_prefix_cache:
+            PrefixCache(self.kv)  # kv.cache
         self.runner = Runner(self.model, self.kv, self.config, c, self.tp, self.dev, self.compiled)
         self.core = Core(
             self.runner,

@@ -20,6 +20,9 @@ def workload(core, groups) -> dict:
         sequences=len(seqs),
         policies=sorted({seq.policy.name for seq in seqs}),
         new_tokens=new_tokens,
+        # prompt tokens of the requests, and those found in the prefix cache (not prefilled)
+        prompt_tokens=sum(len(grp[0].prompt) for grp in groups),
+        cached_tokens=sum(grp[0].stats.get("cached_tokens", 0) for grp in groups),
         steps=steps,
         wall_s=wall,
         tok_s=new_tokens / wall if wall else 0.0,

@@ -1,8 +1,9 @@
 """The paged KV pool: allocated once, shared by every layer, KV head and sequence.
 
 The pool is cut into pages of `page_size` tokens holding K (post-RoPE), V and each token's
-absolute position. A page belongs to one (layer, slot, KV head) row; one free list serves every
-row, so a page freed by pruning in one layer of one sequence can go to any row of any sequence.
+absolute position. A page serves one (layer, KV head) row of a sequence (with the prefix cache, the
+same row of several sequences that start with the same tokens); one free list serves every row,
+so a page freed by pruning in one layer of one sequence can go to any row of any sequence.
 A sequence occupies a slot; its rows have their own lengths (pruning is per layer and KV head).
 
 Device state (read by the compiled steps, updated in place, fixed addresses):
@@ -13,8 +14,10 @@ Device state (read by the compiled steps, updated in place, fixed addresses):
         what a decode-time re-plan (engine/pruning.py) reads outside the compiled step.
 Host state (the allocator; the host hands out pages, so it never reads the device back):
   h_table, h_pages (pages owned per row), h_len (each row's length once the queued steps ran),
-  and the free stack. Invariant: a row owns exactly ceil(h_len / page_size) pages, entries past
-  them are 0, and the device table equals h_table.
+  the free stack and ref, each page's holders: the rows whose tables hold it and the prefix
+  cache (engine/prefix.py). Invariants: a row holds exactly ceil(h_len / page_size) pages, entries
+  past them are 0, and the device table equals h_table; a page is free exactly when ref is 0; a
+  page with ref > 1 is never written (PagedKV.compact copies a row's kept tokens off it).
 """
 
 from typing import NamedTuple
@@ -96,6 +99,8 @@ class PagedKV:
         self.h_len = torch.zeros(L, S, H, dtype=torch.int64)
         self._free = torch.arange(n_pages, 0, -1, dtype=torch.int32)  # a stack: the top is the end
         self.n_free = n_pages
+        self.ref = torch.zeros(n_pages + 1, dtype=torch.int32)  # holders of each page (0: free)
+        self.cache = None  # the prefix cache (engine/prefix.py) that holds pages too, if any
         self.held = 0  # free pages promised (to the forks of a prompt being prefilled): not available
         self.triton = use_triton(dev)  # decode attention: the Triton kernel, or PyTorch (reads `span` pages)
 
@@ -114,18 +119,31 @@ class PagedKV:
 
     @property
     def available(self) -> int:
-        """Free pages not held for anyone."""
-        return self.n_free - self.held
+        """Free pages not held for anyone, and the prefix cache's unused pages (evicted on demand)."""
+        return self.n_free - self.held + (self.cache.evictable() if self.cache else 0)
 
     def _alloc(self, k: int) -> torch.Tensor:
+        if k > self.n_free - self.held and self.cache:  # unused cached blocks go before held pages
+            self.cache.evict(k - self.n_free + self.held)
         assert k <= self.n_free, (k, self.n_free)
         self.n_free -= k
-        return self._free[self.n_free : self.n_free + k].clone()
+        ids = self._free[self.n_free : self.n_free + k].clone()
+        self.ref[ids.long()] = 1
+        return ids
 
     def _release(self, ids: torch.Tensor):
-        k = ids.numel()
-        self._free[self.n_free : self.n_free + k] = ids.reshape(-1)
-        self.n_free += k
+        """Drop one reference to each page of ids (distinct); those no one holds are free again."""
+        self.ref_pages(ids, -1)
+
+    def ref_pages(self, ids: torch.Tensor, by: int):
+        """Add `by` (+1 or -1) to the holders of each page of ids (distinct); free the unheld."""
+        ids = ids.reshape(-1).long()
+        self.ref[ids] += by
+        if by < 0:
+            gone = ids[self.ref[ids] == 0].int()
+            k = gone.numel()
+            self._free[self.n_free : self.n_free + k] = gone
+            self.n_free += k
 
     def _h2d(self, dst: torch.Tensor, src: torch.Tensor):
         """Host -> device without waiting for the device (pinned staging on CUDA)."""
@@ -137,14 +155,22 @@ class PagedKV:
     def _push(self, slot: int):
         self._h2d(self.table[:, slot], self.h_table[:, slot])
 
-    def assign(self, slot: int, lengths) -> None:
-        """Give an empty slot's rows pages for `lengths` tokens (an int, or [L, Hkv] per row)."""
+    def assign(self, slot: int, lengths, shared: torch.Tensor | None = None) -> None:
+        """Give an empty slot's rows pages for `lengths` tokens (an int, or [L, Hkv] per row).
+        shared [L, Hkv, c]: the rows' first c pages are these (a cached prefix: referenced, not
+        copied); the rest are fresh."""
         ln = torch.as_tensor(lengths, dtype=torch.int64).expand(self.L, self.H)
         assert self.h_pages[:, slot].sum() == 0, f"slot {slot} is not empty"
         need = self.pages_for(ln)
-        ids = self._alloc(int(need.sum()))
-        owned = torch.arange(self.P) < need[..., None]  # [L, Hkv, P]
+        c = 0 if shared is None else shared.shape[-1]
+        if c:  # referenced first: allocating may evict unused cached blocks
+            self.ref_pages(shared, 1)
+        ids = self._alloc(int(need.sum()) - c * self.L * self.H)
+        cols = torch.arange(self.P)
+        owned = (cols >= c) & (cols < need[..., None])  # [L, Hkv, P]
         self.h_table[:, slot][owned] = ids  # row-major: each row's pages in order
+        if c:
+            self.h_table[:, slot, :, :c] = shared
         self.h_pages[:, slot], self.h_len[:, slot] = need, ln
         self._push(slot)
 
@@ -361,20 +387,60 @@ class PagedKV:
             window,
         )
 
-    def compact(self, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor):
+    def compact(self, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor, own=None):
         """Keep the prompt slots marked in keep [L, B, Hkv, N] of the sequences in slots `src`,
         moved to the front of the rows of slots `dst` in order (dst == src: in place; otherwise
-        dst rows must own pages for keep.sum(-1) tokens). Gathers before it scatters, layer by layer."""
+        dst rows must own pages for keep.sum(-1) tokens). Gathers before it scatters, layer by layer.
+        In place, a shared page (a cached prefix) is never written: the row's kept tokens from its
+        first evicted one on go to fresh pages (from its first token on, for the rows of the slots
+        in `own`: they will re-plan while decoding), and the row drops its reference."""
         ps, D = self.ps, self.D
         N = keep.shape[-1]
         j = torch.arange(N, device=keep.device)
+        src_table = dst_table = self.table
+        if self.cache is not None and torch.equal(src, dst):
+            src_table, dst_table = self._unshare(dst.tolist(), keep, own or ())
         for layer in range(self.L):
             # [B, Hkv, N] source of slot j
             order = torch.argsort((~keep[layer]).to(torch.int8), dim=-1, stable=True)
-            s_flat = self._flat(self.table[layer, src].gather(-1, order // ps), order).reshape(-1)
-            d_tab = self.table[layer, dst]
+            s_flat = self._flat(src_table[layer, src].gather(-1, order // ps), order).reshape(-1)
+            d_tab = dst_table[layer, dst]
             d_flat = self._flat(d_tab.gather(-1, (j // ps).expand_as(order)), j).reshape(-1)
             for buf in (self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)):
                 buf[d_flat] = buf[s_flat]
             self.lengths[layer, dst] = keep[layer].sum(-1).int()
         self.next_pos[dst] = self.next_pos[src]
+
+    def _unshare(self, slots: list[int], keep: torch.Tensor, own) -> torch.Tensor:
+        """Before an in-place compaction of `slots` (keep [L, B, Hkv, N]): each row's shared pages
+        from its first evicted token's page up to its kept length are replaced by fresh ones (the
+        row drops its reference; from page 0 for the slots in `own`). Returns the tables the
+        compaction reads through (the old pages) and writes through: fresh pages where they
+        replace shared ones, the trash page for the other shared pages (the kept tokens already
+        there, or tokens past the kept length)."""
+        tab = self.h_table[:, slots]  # [L, B, Hkv, P]
+        shared = (self.ref[tab.long()] > 1) & (tab > 0)
+        if not shared.any():
+            return self.table, self.table
+        old = self.table.clone()
+        evicted = ~keep.cpu()
+        N = keep.shape[-1]
+        first = torch.where(evicted.any(-1), evicted.int().argmax(-1), N)  # [L, B, Hkv]
+        for b, slot in enumerate(slots):
+            if slot in own:
+                first[:, b] = 0
+        cols = torch.arange(self.P)
+        kept = self.pages_for(keep.sum(-1).cpu())[..., None]
+        fresh = shared & (cols >= first[..., None] // self.ps) & (cols < kept)
+        ids = self._alloc(int(fresh.sum()))
+        write = tab.clone()
+        write[shared] = 0
+        write[fresh] = ids
+        self._release(tab[fresh])
+        tab[fresh] = ids
+        self.h_table[:, slots] = tab
+        out = old.clone()
+        out[:, slots] = write.to(self.device)
+        for slot in slots:
+            self._push(slot)
+        return old, out

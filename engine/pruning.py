@@ -155,7 +155,8 @@ def prune_admitted(runner, batch, probe, lens_l: list[int], moments=None):
             local.index_select(1, idx),
         )
     peak = kv.used  # the prompts and the forks' copies, before compaction
-    kv.compact(src, src, local.index_select(1, runner.dev_long([at[id(g[0])] for g in batch])))
+    own = [g[0].slot for g in batch if g[0].policy.decodes]  # they re-plan: no shared page in their rows
+    kv.compact(src, src, local.index_select(1, runner.dev_long([at[id(g[0])] for g in batch])), own)
     for g in batch:
         kv.trim(g[0].slot, kept[:, at[id(g[0])]])
     return keep, kept_all, peak

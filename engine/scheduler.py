@@ -25,6 +25,8 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
 
 from collections import deque
 
+import torch
+
 from engine.kv import PagedKV
 from engine.sequence import Prefill, Sequence
 
@@ -84,21 +86,34 @@ class Scheduler:
         while self.waiting:
             group = self.waiting[0]
             n, k = len(group[0].prompt), len(group)
-            take = self._take(work, n, cap, chunked)
-            if take < 1 or (not chunked and take < n):
+            blocks = self._match(group)  # a cached prefix: in the pool already
+            if blocks is None:
+                blocks = []
+            elif self._sharing_pending(group, len(blocks)):
+                break  # what it shares with a prompt being prefilled is cached once that is whole
+            cached = len(blocks) * kv.ps
+            take = self._take(work, n - cached, cap, chunked)
+            if take < 1 or (not chunked and take < n - cached):
                 break
             if work and not self._probe_fits(work, group, take):
                 break
             if seqs + k > self.max_seqs:
                 break
-            need = k * kv.seq_pages(n)  # the prompt whole, and room to copy its kept part into each fork
+            # the prompt whole and room to copy its kept part into each fork; with the cache, room to
+            # copy it off the shared pages (its full blocks: found in the cache or cached now)
+            cow = kv.L * kv.H * (n // kv.ps) if kv.cache is not None else 0
+            need = k * kv.seq_pages(n) + cow
             reserve = row_pages * (seqs + k)  # the next step of every sequence, this group's included
-            if pages + need + reserve > free and (seqs or work):  # alone in an empty pool it always goes
-                # (Engine checks that it fits there at its largest)
-                self.waits += 1
-                break
+            if pages + need + reserve > free:
+                if seqs or work:
+                    self.waits += 1
+                    break
+                # alone in an empty pool it always goes (Engine checks that it fits there at its
+                # largest), without the cache if the pool cannot hold the prompt twice
+                blocks, cow = [], 0
+                take = self._take(work, n, cap, chunked)
             self.waiting.popleft()
-            work.append((self._admit(group), take))
+            work.append((self._admit(group, blocks, cow), take))
             pages, seqs = pages + need, seqs + k
         return work
 
@@ -122,9 +137,45 @@ class Scheduler:
         keys = max([take] + [pf.done + t for pf, t in work])  # the widest row of keys so far
         return self.probe_fits(rows, keys, len(work) + 1, stats)
 
-    def _admit(self, group: list[Sequence]) -> Prefill:
+    def _match(self, group: list[Sequence]) -> list | None:
+        """The cached blocks a group's prompt starts with (engine/prefix.py). The probe's rows are
+        queries the prefill computes, so at least that many tokens (and one) are left to prefill;
+        a policy that reads every prompt query's statistics prefills the whole prompt (None: the
+        group does not use the cache)."""
+        cache = self.kv.cache
+        if cache is None or any(seq.policy.query_stats for seq in group):
+            return None
+        prompt = group[0].prompt
+        top = group[0].sampling.prompt_logprobs
+        return cache.match(prompt, self._matchable(group), top)
+
+    def _matchable(self, group) -> int:
+        return len(group[0].prompt) - max(self.rows_of(group), 1)
+
+    def _sharing_pending(self, group, found: int) -> bool:
+        """Whether a prompt starts with more full blocks of a prompt being prefilled (whose blocks
+        are cached once it is whole) than the cache gave it: then it waits for that one (the
+        continuations of one multiple-choice context, sent at once, prefill it once)."""
+        prompt, ps = group[0].prompt, self.kv.ps
+        limit = self._matchable(group)
+        for pf in self.prefilling:
+            if not pf.insert:
+                continue
+            other = pf.prompt
+            common = 0
+            for a, b in zip(prompt[:limit], other):
+                if a != b:
+                    break
+                common += 1
+            if common // ps > found:
+                return True
+        return False
+
+    def _admit(self, group: list[Sequence], blocks: list, cow: int) -> Prefill:
         """A group leaves the queue: its sequences take free slots from the top of the pool, its
-        source's rows pages for the whole prompt, and pages for the forks' copies are held."""
+        source's rows pages for the whole prompt (a cached prefix's referenced, the rest fresh),
+        and pages for the forks' copies and for copying the kept part off shared pages (cow: 0 when
+        the prompt goes without the cache) are held."""
         kv, n = self.kv, len(group[0].prompt)
         used = set(range(len(self.running))) | {seq.slot for pf in self.prefilling for seq in pf.group}
         free_slots = [s for s in range(kv.S - 1, -1, -1) if s not in used]
@@ -132,8 +183,17 @@ class Scheduler:
             seq.slot, seq.order = slot, self._admitted
             seq.n_chosen = seq.n_accepted = 0
         self._admitted += 1
-        kv.assign(group[0].slot, n)
+        shared = torch.stack([blk.pages for blk in blocks], -1) if blocks else None  # [L, Hkv, c]
+        kv.assign(group[0].slot, n, shared)
         pf = Prefill(group, held=(len(group) - 1) * kv.seq_pages(n))
+        if cow:
+            kv.cache.take(blocks, n)
+            pf.done = pf.cached = len(blocks) * kv.ps
+            pf.held += cow
+            pf.insert = True
+            if blocks and group[0].sampling.prompt_logprobs is not None:
+                pf.logprobs = [e for blk in blocks for e in blk.logprobs]
+                pf.last_h = blocks[-1].last_h
         kv.held += pf.held
         self.prefilling.append(pf)
         return pf

@@ -97,12 +97,15 @@ class Prefill:
     group: list  # the Sequences: one prompt, one per policy
     held: int = 0  # pages held for the forks (PagedKV.held)
     done: int = 0  # prompt tokens in the pool so far
+    cached: int = 0  # of them, found in the prefix cache (not prefilled)
+    insert: bool = False  # its full blocks go into the prefix cache once it is whole
     chunks: int = 0  # forwards its prompt went through
     seconds: float = 0.0  # wall time of those forwards
     probe: object = None  # [L, 1, H, rows, n] the probe's rows of earlier chunks (rows outside are 0)
     moments: tuple | None = None  # the query moments so far (engine/model.py query_moments, batch 1)
     last_h: object = None  # [dim] the final hidden state of the last token so far (prompt logprobs)
     logprobs: list | None = None  # prompt log-probabilities so far, when asked for
+    block_h: dict = field(default_factory=dict)  # {block: [dim]} its last token's final state (logprobs)
 
     @property
     def prompt(self) -> list[int]:

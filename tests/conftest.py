@@ -52,10 +52,11 @@ def chat_tiny(tiny_ckpts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(chat_tiny):
-    """An engine on chat_tiny, the server tests' oracle (one per module)."""
+    """An engine on chat_tiny, the server tests' oracle (one per module): the prefix cache off, so
+    the server (on) is checked against the engine without it."""
     from helpers import serve_engine
 
-    return serve_engine(chat_tiny)
+    return serve_engine(chat_tiny, prefix_cache=False)
 
 
 @pytest.fixture(scope="module")

@@ -178,13 +178,15 @@ class Served:
         self.thread.join(30)
 
     def idle(self, timeout=30.0):
-        """Wait until the engine thread has nothing in flight and every page is back."""
+        """Wait until the engine thread has nothing in flight and every page is back (free, or held
+        by the prefix cache alone)."""
         import time
 
         t0 = time.time()
         while time.time() - t0 < timeout:
             snap = self.worker.snapshot
-            if snap["running"] == 0 and snap["waiting"] == 0 and snap["pages_free"] == snap["pages_total"]:
+            back = snap["pages_free"] + snap["cache_pages"] == snap["pages_total"]
+            if snap["running"] == 0 and snap["waiting"] == 0 and back:
                 return snap
             time.sleep(0.05)
         raise AssertionError(f"the engine did not go idle: {self.worker.snapshot}")
@@ -388,8 +390,12 @@ SERVE_KEY = "sk-test"
 
 
 def serve_engine(path, **kw):
-    """An engine for the server's tests: CPU, a 0.05 GiB pool, 8 sequences at once."""
-    return Engine(str(path), device="cpu", **{"kv_memory": 0.05, "max_seqs": 8, **kw})
+    """An engine for the server's tests, as `python -m engine.serve` builds it (the serving token
+    budget, the prefix cache on): CPU, a 0.05 GiB pool, 8 sequences at once."""
+    eng = Engine(str(path), device="cpu", **{"kv_memory": 0.05, "max_seqs": 8, "prefix_cache": True, **kw})
+    if "max_batched_tokens" not in kw:
+        eng.max_batched_tokens = eng.serving_batched_tokens
+    return eng
 
 
 def greedy(eng, ids, n, policy=None):

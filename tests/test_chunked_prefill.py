@@ -224,4 +224,5 @@ def test_budget_is_checked_in_the_users_words(tiny_ckpts):
         Engine(path, device="cpu", max_seqs=8, max_batched_tokens=5, load=False)
     with pytest.raises(UserError, match="max_batched_tokens"):
         Engine(path, device="cpu", max_batched_tokens=-1, load=False)
-    assert Engine(path, device="cpu", max_seqs=300, load=False).max_batched_tokens == 300
+    offline = Engine(path, device="cpu", max_seqs=300, load=False)
+    assert offline.max_batched_tokens == 0 and offline.serving_batched_tokens == 300

@@ -26,7 +26,7 @@ LAYERS = [
     ("core", ["engine.core", "engine.scheduler", "engine.admission", "engine.pruning"]),
     ("runner", ["engine.runner"]),
     ("model", ["engine.model", "engine.tp"]),
-    ("kv", ["engine.kv"]),
+    ("kv", ["engine.kv", "engine.prefix"]),
     ("kernels", ["engine.kernels"]),
     # what every layer above may read: the state, the text side, the sampler, the policies
     ("shared", ["engine.sequence", "engine.sampling", "engine.tokenizer", "refreekv"]),

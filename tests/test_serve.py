@@ -227,19 +227,29 @@ def test_models_health_and_metrics(served):
     assert after["refreekv_requests_total"] == before["refreekv_requests_total"] + 1
     assert after["refreekv_generation_tokens_total"] > before["refreekv_generation_tokens_total"]
     assert (
-        after["refreekv_kv_pages_free"] == after["refreekv_kv_pages_total"]
+        after["refreekv_kv_pages_free"] + after["refreekv_prefix_cache_pages"]
+        == after["refreekv_kv_pages_total"]
         and after["refreekv_requests_running"] == 0
     )
     assert 0 < after["refreekv_kv_budget_mean"] <= 1
     assert after["refreekv_prefill_tokens_pending"] == 0
-    # a prompt past the step's token budget (256 here) is prefilled in chunks, and says so
-    r = httpx.post(
-        served.url + "/completions",
-        json={"prompt": [5 + i % 200 for i in range(300)], "max_tokens": 2, "kv": "full"},
-        headers=h,
-        timeout=60,
-    ).json()
-    assert r["choices"][0]["kv"]["prefill_chunks"] == 2
+    # a prompt past the step's token budget (the server's, 128 on CPU) is prefilled in chunks, and
+    # says so; the same prompt again finds its full blocks in the prefix cache
+    prompt = [5 + i % 200 for i in range(300)]
+    kvs = []
+    for _ in range(2):
+        r = httpx.post(
+            served.url + "/completions",
+            json={"prompt": prompt, "max_tokens": 2, "kv": "full"},
+            headers=h,
+            timeout=60,
+        ).json()
+        kvs.append(r["choices"][0]["kv"])
+    assert kvs[0]["prefill_chunks"] == 3 and kvs[0]["cached_tokens"] == 0
+    assert kvs[1]["prefill_chunks"] == 1 and kvs[1]["cached_tokens"] == 288  # 18 pages of 16, 12 left
+    served.idle()
+    m = _metrics(served)
+    assert m["refreekv_prefix_cache_pages"] > 0 and m["refreekv_prefix_cache_hit_tokens_total"] >= 288
 
 
 def _metrics(s) -> dict:

@@ -116,7 +116,8 @@ async def scrape(client, root) -> dict:
 
 async def poll(client, root, done: asyncio.Event, peak: dict) -> dict:
     """Max running and waiting sequences on /metrics until `done` is set and the engine is idle
-    (nothing running or waiting, every page back); returns the last scrape."""
+    (nothing running or waiting, every page back: free or held by the prefix cache alone); returns
+    the last scrape."""
     while True:
         m = await scrape(client, root)
         peak["running"] = max(peak["running"], int(m["refreekv_requests_running"]))
@@ -124,7 +125,7 @@ async def poll(client, root, done: asyncio.Event, peak: dict) -> dict:
         if (
             done.is_set()
             and m["refreekv_requests_running"] == m["refreekv_requests_waiting"] == 0
-            and m["refreekv_kv_pages_free"] == m["refreekv_kv_pages_total"]
+            and m["refreekv_kv_pages_free"] + m["refreekv_prefix_cache_pages"] == m["refreekv_kv_pages_total"]
         ):
             return m
         await asyncio.sleep(POLL_S)
@@ -327,7 +328,7 @@ def parse_args(argv):
         "--max-batched-tokens",
         type=lambda x: [int(v) for v in x.split(",")],
         help="chunked-prefill budgets to run every policy at, e.g. 0,256 "
-        "(0: whole prompts; default: the engine's)",
+        "(0: whole prompts; default: the server's, Engine.serving_batched_tokens)",
     )
     p.add_argument("--policies", default=",".join(KV), help=f"some of {', '.join(KV)} (default all)")
     p.add_argument("--device")
@@ -383,7 +384,7 @@ def main(argv=None):
         ]
 
     specs = [KV[x] for x in a.policies]
-    budgets = a.max_batched_tokens or [eng.max_batched_tokens]
+    budgets = a.max_batched_tokens or [eng.serving_batched_tokens]  # (the server's default)
     for b in budgets:  # every budget checked before anything runs
         eng.max_batched_tokens = b
     eng.max_batched_tokens = budgets[0]

@@ -124,7 +124,11 @@ def main(argv=None):
 
             sock.close()  # rank 0 binds it again
             return spawn(argv, a.tp, module="engine.serve")
+        if a.prefix_cache is None:  # on when serving (not yet with tensor parallelism)
+            a.prefix_cache = not (a.tp and a.tp > 1)
         eng = engine_from_args(a)
+        if a.max_batched_tokens is None:  # serving: a long prompt must not stall the streams
+            eng.max_batched_tokens = eng.serving_batched_tokens
         eng.check_policy(policy)
         eng.load()
         if rank != 0:

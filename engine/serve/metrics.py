@@ -16,6 +16,25 @@ METRICS = [  # name, type, help, snapshot key
         "Mean KV budget after pruning (kept / prompt) over admitted sequences",
         "budget_mean",
     ),
+    ("refreekv_prefix_cache_pages", "gauge", "KV pool pages the prefix cache holds", "cache_pages"),
+    (
+        "refreekv_prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens found in the prefix cache (hit rate: over query tokens)",
+        "cache_hit_tokens",
+    ),
+    (
+        "refreekv_prefix_cache_query_tokens_total",
+        "counter",
+        "Prompt tokens of the requests admitted with the prefix cache on",
+        "cache_query_tokens",
+    ),
+    (
+        "refreekv_prefix_cache_evictions_total",
+        "counter",
+        "Blocks evicted from the prefix cache",
+        "cache_evictions",
+    ),
     ("refreekv_engine_steps_total", "counter", "Engine steps", "steps"),
     ("refreekv_engine_failures_total", "counter", "Engine steps that raised", "failures"),
 ]

@@ -15,6 +15,7 @@ def kv_stats(result) -> dict:
             "pages_after_prefill",
             "pages_after_pruning",
             "prefill_chunks",
+            "cached_tokens",
             "preempted",
             "kept_per_head",
             # pruning during decoding ("interval" / "on_pressure" in the kv object)

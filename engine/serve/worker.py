@@ -217,7 +217,12 @@ class Worker:
     def _metrics(self) -> dict:
         core, kv = self.core, self.core.kv
         t = core.totals
+        cache = kv.cache
         return dict(
+            cache_pages=cache.cached_pages if cache else 0,
+            cache_hit_tokens=cache.hit_tokens if cache else 0,
+            cache_query_tokens=cache.query_tokens if cache else 0,
+            cache_evictions=cache.evictions if cache else 0,
             running=core.running,
             waiting=core.waiting,
             prefill_pending=core.prefill_pending,
