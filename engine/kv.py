@@ -132,14 +132,16 @@ class PagedKV:
         return ids
 
     def _release(self, ids: torch.Tensor):
-        """Drop one reference to each page of ids (distinct); those no one holds are free again."""
+        """Drop one reference per occurrence of a page in ids; those no one holds are free again."""
         self.ref_pages(ids, -1)
 
     def ref_pages(self, ids: torch.Tensor, by: int):
-        """Add `by` (+1 or -1) to the holders of each page of ids (distinct); free the unheld."""
+        """Add `by` (+1 or -1) to the holders of a page per occurrence in ids (one page may occur
+        several times: rows of several sequences sharing it); free the pages no one holds."""
         ids = ids.reshape(-1).long()
-        self.ref[ids] += by
+        self.ref.index_add_(0, ids, torch.full_like(ids, by, dtype=self.ref.dtype))
         if by < 0:
+            ids = ids.unique()
             gone = ids[self.ref[ids] == 0].int()
             k = gone.numel()
             self._free[self.n_free : self.n_free + k] = gone

@@ -140,6 +140,25 @@ def test_fan_out_and_batches_share_the_cache(tiny_ckpts):
     _check_pool(cached)
 
 
+@pytest.mark.parametrize("name", ["snapkv", "refreekv-decoding"])
+def test_a_batch_copies_off_the_same_cached_pages(tiny_ckpts, name):
+    """Several requests of one step hit the same cached blocks and each copies its kept tokens off
+    them: every copy drops one reference (a page counted once per row that held it)."""
+    path = tiny_ckpts["mistral", False]
+    prompts = shared_prompts(5, 4, 33, [2, 7, 4, 5])
+    plain = small_engine(path, 90, max_seqs=4)
+    cached = small_engine(path, 90, max_seqs=4, prefix_cache=True)
+    plain.eos = cached.eos = set()
+    want = plain.generate(prompts, policy(name), Sampling(max_new_tokens=6))
+    cached.generate(prompts[:1], policy("full"), Sampling(max_new_tokens=1))  # the context is cached
+    got = cached.generate(prompts, policy(name), Sampling(max_new_tokens=6))
+    same(got, want)
+    assert all(r.stats["cached_tokens"] >= 28 for r in got)
+    _check_pool(cached)
+    cached.kv.cache.clear()
+    assert cached.kv.n_free == cached.kv.n_pages
+
+
 @settings(max_examples=examples(12), deadline=None)
 @given(
     seed=st.integers(0, 10**6),
@@ -198,16 +217,16 @@ def test_bundled_models(name):
     from weights.bundled import ensure_bundled
 
     path = ensure_bundled(name)
-    system = real_text(1200)
-    questions = ("\nWhat is this about?", "\nSummarise it.", "\nName one fact in it.")
+    system = real_text(800)
+    questions = ("\nWhat is this about?", "\nName one fact in it.")
     out = {}
     for on in (False, True):
         eng = Engine(str(path), device="cpu", max_seqs=2, prefix_cache=on)
         ids = [eng.encode(system + q, chat=False) for q in questions]
-        out[on] = [generate(eng, ids, n, new=8) for n in ("full", "snapkv", "refreekv")]
+        out[on] = [generate(eng, ids, n, new=6) for n in ("snapkv", "refreekv")]
     for a, b in zip(out[True], out[False]):
         same(a, b)
-        assert all(r.stats["cached_tokens"] > 200 for r in a[1:])
+        assert all(r.stats["cached_tokens"] >= 128 for r in a[1:])
 
 
 class CacheMachine(RuleBasedStateMachine):
