@@ -413,7 +413,7 @@ class PagedKV:
             self.lengths[layer, dst] = keep[layer].sum(-1).int()
         self.next_pos[dst] = self.next_pos[src]
 
-    def _unshare(self, slots: list[int], keep: torch.Tensor, own) -> torch.Tensor:
+    def _unshare(self, slots: list[int], keep: torch.Tensor, own) -> tuple[torch.Tensor, torch.Tensor]:
         """Before an in-place compaction of `slots` (keep [L, B, Hkv, N]): each row's shared pages
         from its first evicted token's page up to its kept length are replaced by fresh ones (the
         row drops its reference; from page 0 for the slots in `own`). Returns the tables the

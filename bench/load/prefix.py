@@ -31,7 +31,7 @@ import httpx
 import torch
 
 from bench.common import append_results, build_engine, git_commit, log, run_meta
-from bench.load.serve import KV, Server, drive_apart, pct, policy_of, scrape, summarize
+from bench.load.serve import KV, Server, drive_apart, parse_metrics, pct, policy_of, scrape, summarize
 from bench.load.throughput import label
 from weights.errors import UserError
 
@@ -95,12 +95,7 @@ class PeakPages:
 
 
 def _scrape(client, root) -> dict:
-    out = {}
-    for line in client.get(root + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            k, v = line.split()
-            out[k] = float(v)
-    return out
+    return parse_metrics(client.get(root + "/metrics").text)
 
 
 def run_setting(a, on: bool, prompts: dict, spec: dict) -> dict:

@@ -105,13 +105,18 @@ class Server:
         self.thread.join(30)
 
 
-async def scrape(client, root) -> dict:
+def parse_metrics(text: str) -> dict:
+    """/metrics' Prometheus text as {name: value}."""
     out = {}
-    for line in (await client.get(root + "/metrics")).text.splitlines():
+    for line in text.splitlines():
         if line and not line.startswith("#"):
             k, v = line.split()
             out[k] = float(v)
     return out
+
+
+async def scrape(client, root) -> dict:
+    return parse_metrics((await client.get(root + "/metrics")).text)
 
 
 async def poll(client, root, done: asyncio.Event, peak: dict) -> dict:
