@@ -3,6 +3,8 @@ before pages (one [layers, batch, kv_heads, capacity, head_dim] buffer, rows com
 attention masked to each row's length) and a plain greedy loop over one fixed batch. No pages,
 no queue, no preemption, no pipelining: what the engine must reproduce token for token."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -69,28 +71,41 @@ class DenseKV:
 def dense_generate(model, prompts, policy, max_new, eos=()):
     """Greedy generation of a fixed batch through the dense store: prefill -> plan -> compact ->
     decode, each row stopping at its own EOS. Returns (tokens per prompt, kept [L, B, Hkv])."""
+    return dense_generate_each(model, prompts, [policy], max_new, eos)[0]
+
+
+def dense_generate_each(model, prompts, policies, max_new, eos=()):
+    """dense_generate for each policy, from one prefill (its probe has the most rows any policy
+    reads; each policy gets its last rows, as the engine's fan-out gives them)."""
     c, B, dev = model.c, len(prompts), model.embed.weight.device
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     N = int(lens.max())
     tokens = torch.zeros(B, N, dtype=torch.long)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p)
-    kv = DenseKV(c.n_layers, B, c.n_kv_heads, N + max_new, c.head_dim, model.embed.weight.dtype, dev)
+    prefilled = DenseKV(c.n_layers, B, c.n_kv_heads, N + max_new, c.head_dim, model.embed.weight.dtype, dev)
+    rows = max(p.probe_rows for p in policies)
     logits, probe = model.prefill(
-        tokens.to(dev), lens, kv, torch.arange(B, device=dev), probe_rows=policy.probe_rows
+        tokens.to(dev), lens, prefilled, torch.arange(B, device=dev), probe_rows=rows
     )
-    kv.compact(policy.plan(refreekv.Probe(probe, lens, c.n_layers, c.n_kv_heads, N)))
-    kept = kv.lengths.to("cpu", copy=True)
-    out, done = [[] for _ in range(B)], [False] * B
-    tok = logits.argmax(-1)
-    for step in range(max_new):
-        for b, t in enumerate(tok.tolist()):
-            if not done[b]:
-                if t in eos:
-                    done[b] = True
-                else:
-                    out[b].append(t)
-        if all(done) or step == max_new - 1:
-            break
-        tok = model.decode(tok, kv).argmax(-1)
-    return out, kept
+    results = []
+    for policy in policies:
+        kv = copy.deepcopy(prefilled) if len(policies) > 1 else prefilled
+        w = policy.probe_rows
+        attn = probe[..., rows - w :, :] if w else None
+        kv.compact(policy.plan(refreekv.Probe(attn, lens, c.n_layers, c.n_kv_heads, N)))
+        kept = kv.lengths.to("cpu", copy=True)
+        out, done = [[] for _ in range(B)], [False] * B
+        tok = logits.argmax(-1)
+        for step in range(max_new):
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:
+                    if t in eos:
+                        done[b] = True
+                    else:
+                        out[b].append(t)
+            if all(done) or step == max_new - 1:
+                break
+            tok = model.decode(tok, kv).argmax(-1)
+        results.append((out, kept))
+    return results
