@@ -12,6 +12,7 @@ recorded. Returns the logits its first tokens are chosen from; choosing them is 
 """
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -25,12 +26,28 @@ def probe_rows(group, at_least: int) -> int:
     return max([at_least] + [seq.policy.probe_rows for seq in group])
 
 
+class Forward(NamedTuple):
+    """What one step's prefill forward leaves for the rest of its admission (complete)."""
+
+    work: list  # [(Prefill, tokens)]
+    logits: torch.Tensor  # [B, V] each prompt's last token in the forward
+    probe: torch.Tensor | None
+    moments: tuple | None
+    done: list[int]  # the prompts (indices into work) now whole in the pool
+    decoded: torch.Tensor | None  # a mixed step: the running batch's logits [n, V]
+    error: Exception | None = None  # what failed after a mixed forward (its prompts end with it)
+
+
 def admit(runner, work, at_least: int, prefilled, note=None):
-    """Prefill one step's work [(Prefill, tokens)] and prune every prompt it completes
-    (prefilled(pf) is told first: the pages held for its forks become theirs). Returns None when
-    no prompt was completed, else (logits [S, V] of each completed sequence's first token, the
-    sequences in order, the most pages in use meanwhile, the KV budget of each sequence admitted
-    for the first time)."""
+    """Prefill one step's work [(Prefill, tokens)] and prune every prompt it completes: complete()
+    after forward()."""
+    return complete(runner, forward(runner, work, at_least, note), at_least, prefilled)
+
+
+def forward(runner, work, at_least: int, note=None, decode=None) -> Forward:
+    """The forward of one step's prefill work (with `decode` [n], the running batch's next tokens
+    decoded in it: a mixed step): chunks written into their rows, prompts scored, the probe and
+    moments of unfinished prompts carried."""
     pfs = [pf for pf, _ in work]
     chunks = [pf.prompt[pf.done : pf.done + take] for pf, take in work]
     rows = max(probe_rows(pf.group, at_least) for pf in pfs)
@@ -44,7 +61,7 @@ def admit(runner, work, at_least: int, prefilled, note=None):
         sum(map(len, chunks)),
     )
     hook = None if note is None else (lambda i, n: note(i, n, whole, before, chunk))
-    logits, probe, states, where, moments = runner.prefill(
+    logits, probe, states, where, moments, decoded = runner.prefill(
         chunks,
         [pf.group[0].slot for pf in pfs],
         rows,
@@ -53,26 +70,43 @@ def admit(runner, work, at_least: int, prefilled, note=None):
         stats,
         prefix=[pf.done for pf in pfs],
         ends=[len(pf.prompt) for pf in pfs],
+        decode=decode,
     )
-    for b in scoring:
-        ids, start = where[b]
-        n = len(chunks[b])
-        chunk_logprobs(runner, pfs[b], states[start : start + n], ids[start : start + n])
-    del states
-    runner.sync()
-    t1 = time.perf_counter()
-    done = []
-    for b, (pf, take) in enumerate(work):
-        whole = pf.done == 0 and take == len(pf.prompt)  # one chunk: nothing to carry
-        pf.done += take
-        pf.chunks += 1
-        pf.seconds += t1 - t0
-        if not whole:
-            _carry(pf, b, probe, moments, at_least)
-        if pf.left == 0:
-            done.append(b)
+    try:
+        for b in scoring:
+            ids, start = where[b]
+            n = len(chunks[b])
+            chunk_logprobs(runner, pfs[b], states[start : start + n], ids[start : start + n])
+        del states
+        runner.sync()
+        t1 = time.perf_counter()
+        done = []
+        for b, (pf, take) in enumerate(work):
+            whole = pf.done == 0 and take == len(pf.prompt)  # one chunk: nothing to carry
+            pf.done += take
+            pf.chunks += 1
+            pf.seconds += t1 - t0
+            if not whole:
+                _carry(pf, b, probe, moments, at_least)
+            if pf.left == 0:
+                done.append(b)
+    except Exception as e:  # noqa: BLE001 - out of memory scoring or carrying
+        if decoded is None:
+            raise
+        # the running batch decoded in this forward: its logits stand, and only the prompts fail
+        return Forward([], None, None, None, [], decoded, e)
+    return Forward(work, logits, probe, moments, done, decoded)
+
+
+def complete(runner, fwd: Forward, at_least: int, prefilled):
+    """Prune every prompt the forward completed (prefilled(pf) is told first: the pages held for its
+    forks become theirs). Returns None when it completed none, else (logits [S, V] of each completed
+    sequence's first token, the sequences in order, the most pages in use meanwhile, the KV budget
+    of each sequence admitted for the first time)."""
+    work, logits, probe, moments, done = fwd.work, fwd.logits, fwd.probe, fwd.moments, fwd.done
     if not done:
         return None
+    pfs = [pf for pf, _ in work]
     cache = runner.kv.cache
     for b in done:
         prefilled(pfs[b])

@@ -17,7 +17,9 @@ last perhaps in part; without a budget whole prompts), prunes each prompt that i
 sequences' own policies, and hands out the pages the next step needs, preempting the newest
 sequence when there are none. Running sequences keep slots [0, n) of the pool in order (a prompt
 being prefilled holds slots at the top); the tokens of the next step are gathered into that order
-on the device.
+on the device. With a token budget on an eager model a step is one forward (a mixed step): its
+prefill work is scheduled first and the decode rows run in the chunks' forward, so the weights are
+read once per step; pruning the prompts it completed still comes after the accepted tokens.
 
 Sampling is per request and vectorised over the batch (engine/sampling.py): a seeded request's
 draws depend on its seed, its own logits and its token index only, never on its neighbours.
@@ -29,8 +31,7 @@ import time
 import torch
 
 import refreekv
-from engine import pruning
-from engine.admission import admit
+from engine import admission, pruning
 from engine.sampling import Sampling, choose
 from engine.scheduler import Scheduler
 from engine.sequence import Result, Sequence, Update
@@ -217,7 +218,11 @@ class Core:
     def _step(self):
         sched = self.sched
         cur_seqs = self.cur_seqs
-        new = self._decode(cur_seqs)  # queued before the last step's tokens are read back
+        rows = len(cur_seqs) if any(seq.live for seq in cur_seqs) else 0  # this step's decode batch
+        # chunked and eager: the running batch decodes in the chunks' forward (one read of the weights)
+        mixed = rows > 0 and sched.max_batched_tokens > 0 and self.runner.mixed
+        fwd = self._forward(sched.schedule(rows), self.cur) if mixed else None
+        new = self._decode(cur_seqs, fwd)  # queued before the last step's tokens are read back
         if cur_seqs:  # the tokens that step was fed: emit, stop, finish
             if self.ready is not None:
                 self.ready.synchronize()
@@ -229,19 +234,20 @@ class Core:
             self._replan(due)
         # where each running sequence's next input is: `new` (the step just queued), then `firsts`
         index = {id(seq): i for i, seq in enumerate(cur_seqs)} if new is not None else {}
-        rows = 0 if new is None else len(cur_seqs)  # this step's decode batch
-        firsts = self._prefill(index, rows, rows)
+        firsts = self._admit(fwd, index, rows) if mixed else self._prefill(index, rows, rows)
         self._grow()
         self._next_inputs([t for t in (new, firsts) if t is not None], index)
 
-    def _decode(self, cur_seqs):
-        """Queue the next decode step of the running batch; its chosen tokens (None: nothing to feed)."""
+    def _decode(self, cur_seqs, fwd=None):
+        """Queue the next decode step of the running batch (unless a mixed forward decoded it:
+        fwd.decoded); its chosen tokens (None: nothing to feed)."""
         live = [seq.live for seq in cur_seqs]  # all chosen: it only drains
         if not any(live):
             return None
         w, n = self.w, len(cur_seqs)
         w["launches"].append(time.perf_counter())
-        logits = self.runner.decode(self.cur)
+        decoded = None if fwd is None else fwd.decoded
+        logits = self.runner.decode(self.cur) if decoded is None else decoded
         new = self.choose(logits, cur_seqs, live)
         self.steps += 1
         w["steps"] += 1
@@ -267,12 +273,38 @@ class Core:
             if not sched.running and not sched.prefilling and sched.waiting:  # add_request rules this out
                 raise RuntimeError("scheduler stalled with an empty pool")
             return None
+        return self._admit(self._forward(work), index, offset)
+
+    def _forward(self, work, decode=None):
+        """The prefill forward of a step's work (decoding the running batch too with `decode`); None
+        when there is none or it raised (its groups then end with "error"; the running rows are as
+        they were, and decode alone; or, when it failed after decoding them, their logits stand)."""
+        if not work:
+            return None
+        fwd = None
         try:
-            out = admit(self.runner, work, self.probe_rows, sched.prefilled, self.prefill_progress)
+            fwd = admission.forward(self.runner, work, self.probe_rows, self.prefill_progress, decode)
+            error = fwd.error  # a mixed forward that decoded, then failed its prompts
         except Exception as e:  # noqa: BLE001 - out of memory in the probe, a kernel, ...
+            error = e
+        if error is not None:
             if self.runner.tp.on:  # the ranks must stay in step: the driver resets them all
+                raise error
+            self._fail_admission([pf.group for pf, _ in work], error)
+        return fwd
+
+    def _admit(self, fwd, index: dict, offset: int):
+        """Prune the prompts the forward completed and start their sequences at rows offset on of
+        the next step's inputs; their first tokens (None: none)."""
+        if fwd is None or fwd.error is not None:
+            return None
+        sched = self.sched
+        try:
+            out = admission.complete(self.runner, fwd, self.probe_rows, sched.prefilled)
+        except Exception as e:  # noqa: BLE001 - out of memory in a plan, a policy's bug, ...
+            if self.runner.tp.on:
                 raise
-            self._fail_admission([pf.group for pf, _ in work], e)
+            self._fail_admission([pf.group for pf, _ in fwd.work], e)
             return None
         if out is None:  # chunks only: no prompt is whole yet
             return None

@@ -1,7 +1,9 @@
 """The GQA transformer shared by Llama 3, Mistral and Qwen2.5: RMSNorm, RoPE, SDPA, SwiGLU.
 
-Two entry points, both writing into the paged KV pool (engine/kv.py):
+Three entry points, each writing into the paged KV pool (engine/kv.py); RoPE is engine/rope.py:
   prefill(tokens [B, N] right-padded, lens [B], slots [B]) -> last-token logits, per-layer probe
+  prefill_packed(tokens [T] end to end, lens, slots)    -> the same, without padding (eager); with
+      decode=[Bd] the running slots [0, Bd) decode in the same forward (a mixed step)
   decode(tokens [B])  (the sequences in pool slots [0, B))  -> next-token logits
 The probe is what pruning policies see: each layer's attention of the last `probe_rows`
 prompt queries over all prompt keys ([L, B, H, w, N], fp32), never the N x N matrix; and, for the
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels.gemv import ROWS as GEMV_ROWS
+from engine.rope import rope_tables, rotate, unrotate
 from weights.config import ModelConfig
 
 
@@ -28,14 +31,6 @@ class RMSNorm(nn.Module):
         h = x.float()  # no copy in fp32
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
-
-
-def rotate(x, cos, sin):
-    """HF rotate-half RoPE in fp32; cos/sin broadcast against x [..., D]."""
-    xf = x.float()  # no copy in fp32
-    x1, x2 = xf.chunk(2, dim=-1)
-    out = xf * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -278,6 +273,8 @@ class Transformer(nn.Module):
         moments=None,
         prefix: list[int] | None = None,
         ends: list[int] | None = None,
+        decode=None,
+        span=None,
     ):
         """prefill() for prompts packed end to end: tokens [T] (T = sum(lens), no padding), lens
         on the host. Embedding, projections and MLP run on the T real tokens only; attention and
@@ -292,7 +289,12 @@ class Transformer(nn.Module):
         (positions prefix[b] on); each chunk attends to its row's keys in the pool and its own. The
         probe spans every key of the prompt so far; its rows are the last w queries of the whole
         prompt (`ends` [B]: each prompt's whole length; default the end of this chunk), those outside
-        this chunk being zero, so the chunks' probes add up, as the `moments` do."""
+        this chunk being zero, so the chunks' probes add up, as the `moments` do.
+
+        A mixed step (chunked prefill): `decode` [Bd] are the next tokens of the running slots [0, Bd),
+        decoded in the same forward as decode() would (`span` as there): their rows go first, so the
+        projections and the MLP read the weights once for both, and attention splits (the paged
+        decode attention for them, the prompts' for the chunks). Their logits come first [Bd + B, V]."""
         c, dev = self.c, tokens.device
         first = prefix or [0] * len(lens)
         total = [f + n for f, n in zip(first, lens)]  # each prompt's tokens after this call
@@ -304,8 +306,16 @@ class Transformer(nn.Module):
         ends_t = torch.tensor(ends or total, device=dev)
         # [T] each token's position in its prompt
         pos = torch.cat([torch.arange(f, f + n, device=dev) for f, n in zip(first, lens)])
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [T, 1, D]
         x = self.embed(tokens)[None]  # [1, T, dim]
+        Bd = 0 if decode is None else decode.shape[0]
+        every = pos  # every row's position, the decode rows' first
+        if Bd:  # the decode rows first: [1, Bd + T, dim]
+            step = kv.begin_decode(Bd, c.layer_windows, span)
+            every = torch.cat([kv.next_pos[:Bd].long(), pos])
+            x = torch.cat([self.embed(decode)[None], x], 1)
+            queries = []
+        cos_all, sin_all = self.cos[every][:, None], self.sin[every][:, None]  # [Bd + T, 1, D]
+        cos, sin = cos_all[Bd:], sin_all[Bd:]  # the chunks' [T, 1, D]
         ar = torch.arange(N, device=dev)
         w = probe_rows
         if w:
@@ -318,9 +328,12 @@ class Transformer(nn.Module):
         owner = slots.repeat_interleave(torch.tensor(lens, device=dev))  # [T] the slot of each token
         for i, layer in enumerate(self.layers):
             win = c.layer_windows[i]
-            q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)  # [1, H, T, D]
-            kv.write_packed(i, owner, pos, k[0], v[0])
+            q, k, v = layer.attn.qkv(layer.attn_norm(x), cos_all, sin_all)  # [1, H, Bd + T, D]
             outs = []
+            if Bd:
+                outs.append(self._decode_rows(i, q, k, v, kv, step, queries))
+                q, k, v = (t[:, :, Bd:] for t in (q, k, v))
+            kv.write_packed(i, owner, pos, k[0], v[0])
             for b, n in enumerate(lens):
                 qb, kb, vb = (t[:, :, starts[b] : starts[b + 1]] for t in (q, k, v))
                 if first[b]:  # the row's keys so far, this chunk's included, from the pool
@@ -344,14 +357,30 @@ class Transformer(nn.Module):
             x = x + self._sum(layer.mlp(layer.mlp_norm(x)))
             if progress is not None:
                 progress(i + 1, c.n_layers)
+        if Bd:
+            kv.save_queries(torch.stack(queries))
+            kv.next_pos += kv.live
         kv.lengths[:, slots] = total_t[None, :, None].int()
         kv.next_pos[slots] = total_t
         x = x[0]
-        lasts = torch.tensor(starts[1:], device=dev) - 1
+        lasts = torch.tensor(starts[1:], device=dev) - 1 + Bd
+        if Bd:
+            lasts = torch.cat([torch.arange(Bd, device=dev), lasts])
         if hidden:
             x = self.norm(x)
-            return self._logits(x[lasts]), (probe if w else None), x
+            return self._logits(x[lasts]), (probe if w else None), x[Bd:]
         return self._logits(self.norm(x[lasts])), (probe if w else None)
+
+    def _decode_rows(self, layer, q, k, v, kv, step, queries):
+        """A mixed step's decode rows [0, Bd) of q [1, H, Bd + T, D] and k, v [1, Hkv, Bd + T, D]:
+        their keys and values appended to their slots, their attention over their rows [1, H, Bd, D]
+        (as decode() does); their queries go to `queries`."""
+        Bd = step.page.shape[1]
+        qd = q[0, :, :Bd].transpose(0, 1).contiguous()  # [Bd, H, D]
+        kd, vd = (t[0, :, :Bd].transpose(0, 1)[:, :, None] for t in (k, v))  # [Bd, Hkv, 1, D]
+        kv.append(layer, kd, vd, step)
+        queries.append(qd)
+        return kv.attend(layer, qd, self.c.layer_windows[layer], step).transpose(0, 1)[None]
 
     def _logits(self, x, fast=None):
         """fp32 logits over the whole vocabulary (tensor parallel with a split head: each rank's
@@ -413,70 +442,6 @@ class Transformer(nn.Module):
         kv.save_queries(torch.stack(queries))
         kv.next_pos += kv.live  # 0 past the batch: a whole-buffer add, no slice to specialise on
         return self._logits(self.norm(x[:, 0]), fast)
-
-
-# ------------------------------------------------------------------------------------ RoPE
-def rope_inv_freq(c: ModelConfig):
-    """Rotary inverse frequencies (fp32), with Llama 3.1 frequency scaling when configured."""
-    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
-    s = c.rope_scaling
-    if s and s["rope_type"] == "linear":
-        return (inv / s["factor"]).float()
-    if s and s["rope_type"] == "yarn":  # NTK-by-parts: interpolate the low frequencies, keep the high ones
-        d, base, orig = c.head_dim, c.rope_theta, s["original_max_position_embeddings"]
-
-        # the dimension whose wavelength fits `rotations` turns in the original context
-        def dim_of(rotations):
-            return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        lo, hi = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
-        if s["truncate"]:
-            lo, hi = math.floor(lo), math.ceil(hi)
-        lo, hi = max(lo, 0), min(hi, d - 1)
-        if lo == hi:
-            hi += 0.001
-        ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
-        return (inv / s["factor"] * ramp + inv * (1 - ramp)).float()
-    if s:
-        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
-        inv = torch.where(medium, mid, scaled)
-    return inv.float()
-
-
-def rope_tables(c: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (cos, sin) [n, D] at positions [n], YaRN's attention factor included (it scales both)."""
-    freqs = positions.float()[:, None] * rope_inv_freq(c).to(positions.device)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    att = rope_attention_factor(c)
-    return emb.cos() * att, emb.sin() * att
-
-
-def unrotate(x, cos, sin, att):
-    """x rotated back to before RoPE (cos/sin the tables that rotated it, att = their factor: R(-p) R(p)
-    = att^2), in fp32."""
-    return rotate(x.float(), cos, -sin) / att**2
-
-
-def rope_attention_factor(c: ModelConfig) -> float:
-    """What cos/sin are multiplied by: YaRN's attention temperature, else 1."""
-    s = c.rope_scaling
-    if not s or s["rope_type"] != "yarn":
-        return 1.0
-    if "attention_factor" in s:
-        return s["attention_factor"]
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if s.get("mscale") and s.get("mscale_all_dim"):
-        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
-    return mscale(s["factor"])
 
 
 def load_model(model_dir, device="cpu", dtype=torch.float32, rank: int = 0, world: int = 1):

@@ -23,7 +23,7 @@ import math
 import torch
 
 import refreekv
-from engine.model import rope_tables, unrotate
+from engine.rope import rope_tables, unrotate
 
 PROBE_BYTES = 2**30  # sequences re-planned in one policy call: their fp32 probe within this
 

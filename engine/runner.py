@@ -29,6 +29,10 @@ class Runner:
             not (compiled and self.cuda) and os.environ.get("REFREEKV_PREFILL", "packed") != "padded"
         )
         self.decode_step, self.prefill_step = _decode_step, _prefill_step
+        # chunked prefill decodes the running batch and prefills the chunks in one forward (a mixed
+        # step: the weights read once) when eager and packed; compiled, the decode step keeps its
+        # static shapes (REFREEKV_STEP=apart: two forwards eagerly too, to measure the difference)
+        self.mix = os.environ.get("REFREEKV_STEP", "mixed") != "apart"
         if compiled:
             self._compile()
 
@@ -62,6 +66,11 @@ class Runner:
         if self.cuda and not self.config.sliding_window:
             self.prefill_step = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
 
+    @property
+    def mixed(self) -> bool:
+        """Whether a step with prefill chunks decodes the running batch in the same forward."""
+        return self.mix and self.packed and not self.compiled
+
     # ------------------------------------------------------------------------------- the steps
     def bucket(self, n: int) -> int:
         """The batch a decode step of n sequences runs at (a CUDA-graph bucket when compiled)."""
@@ -72,13 +81,17 @@ class Runner:
         kv, n = self.kv, tokens.shape[0]
         nb = self.bucket(n)
         toks = tokens if nb == n else torch.cat([tokens, tokens.new_zeros(nb - n)])
-        # the PyTorch attention reads `span` pages; under CUDA graphs a changing host value would
-        # re-record per span, so there it reads the whole table (a debugging path on GPUs)
-        # (at least 2: compiled, a span of 1 would be a program of its own; the extra page is masked)
-        span = None
-        if not (kv.triton or (self.cuda and self.compiled)):
-            span = min(max(2, int(kv.h_pages[:, :n].max())), kv.table.shape[-1])
-        return self.decode_step(self.model, toks, kv, span)[:n]
+        return self.decode_step(self.model, toks, kv, self._span(n))[:n]
+
+    def _span(self, n: int) -> int | None:
+        """The pages the PyTorch decode attention reads for slots [0, n). Under CUDA graphs a changing
+        host value would re-record per span, so there it reads the whole table (a debugging path on
+        GPUs). At least 2: compiled, a span of 1 would be a program of its own (the extra page is
+        masked)."""
+        kv = self.kv
+        if kv.triton or (self.cuda and self.compiled):
+            return None
+        return min(max(2, int(kv.h_pages[:, :n].max())), kv.table.shape[-1])
 
     def prefill(
         self,
@@ -90,6 +103,7 @@ class Runner:
         stats=False,
         prefix: list[int] | None = None,
         ends: list[int] | None = None,
+        decode: torch.Tensor | None = None,
     ):
         """Prefill prompts into the pages of their slots: (last-token logits [B, V], the probe
         [L, B, H, rows, N] over every query head or None, with `hidden` the final hidden states
@@ -97,7 +111,11 @@ class Runner:
         query moments over every query head (engine/model.py query_moments) or None). note(layers_done,
         layers) follows a long eager prefill. Chunks of longer prompts: prompt b goes after the
         prefix[b] tokens its rows already hold, and its whole prompt is ends[b] tokens long (the
-        probe's rows are its last queries, those of this chunk filled; engine/model.py)."""
+        probe's rows are its last queries, those of this chunk filled; engine/model.py).
+
+        A mixed step (`self.mixed`): `decode` [n] are the next tokens of the running slots [0, n),
+        decoded in the same forward; their logits [n, V] come sixth. A forward that raises leaves
+        their rows as they were (their lengths restored; what it wrote past them is never read)."""
         lens_l = [len(p) for p in prompts]
         B, N, dev = len(prompts), max(lens_l), self.dev
         first = prefix if prefix and any(prefix) else None
@@ -105,11 +123,25 @@ class Runner:
         ends = ends if ends and ends != total else None
         src = torch.tensor(slots, device=dev)
         moments = query_moments(self.model.c, B, dev) if stats else None
+        if decode is not None and not self.mixed:
+            raise ValueError("decode: only an eager packed prefill runs decode rows (runner.mixed)")
+        decoded = None
         if self.packed:  # eager: the prompts end to end, no padding
             flat = torch.tensor([t for p in prompts for t in p], device=dev)
-            logits, probe, *states = self.model.prefill_packed(
-                flat, lens_l, self.kv, src, rows, hidden, note, moments, first, ends
-            )
+            mixed = {}
+            if decode is not None:
+                mixed = dict(decode=decode, span=self._span(decode.shape[0]))
+                lengths = self.kv.lengths.clone()
+            try:
+                logits, probe, *states = self.model.prefill_packed(
+                    flat, lens_l, self.kv, src, rows, hidden, note, moments, first, ends, **mixed
+                )
+            except Exception:
+                if mixed:
+                    self.kv.lengths.copy_(lengths)
+                raise
+            if mixed:
+                decoded, logits = logits[: decode.shape[0]], logits[decode.shape[0] :]
             starts = [sum(lens_l[:b]) for b in range(B)]
             where = [(flat, starts[b]) for b in range(B)]
         else:  # right-padded to the longest prompt (static shapes)
@@ -131,7 +163,7 @@ class Runner:
         if self.tp.on:  # every query head: each policy plans as on one process
             probe = None if probe is None else self.tp.gather(probe, 2)
             moments = None if moments is None else tuple(self.tp.gather(m, 2) for m in moments)
-        return logits, probe, (states[0] if states else None), where, moments
+        return logits, probe, (states[0] if states else None), where, moments, decoded
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head over hidden states [n, dim] (prompt log-probabilities)."""

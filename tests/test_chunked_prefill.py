@@ -117,9 +117,9 @@ def test_no_step_exceeds_the_budget_and_streams_keep_flowing(tiny_ckpts):
     seen = []  # tokens of each forward in the current step
     prefill, decode = runner.prefill, runner.decode
 
-    def count_prefill(prompts, *a, **k):
-        seen.append(sum(map(len, prompts)))
-        return prefill(prompts, *a, **k)
+    def count_prefill(prompts, *a, decode=None, **k):
+        seen.append(sum(map(len, prompts)) + (0 if decode is None else decode.shape[0]))
+        return prefill(prompts, *a, decode=decode, **k)
 
     def count_decode(tokens):
         seen.append(tokens.shape[0])
@@ -143,6 +143,97 @@ def test_no_step_exceeds_the_budget_and_streams_keep_flowing(tiny_ckpts):
     while core.busy():
         core.step()
     assert eng.kv.n_free == eng.kv.n_pages
+
+
+def steps_of(eng, prompts, policy, new, late=3):
+    """Run prompts[0] alone for `late` steps, then the rest: (tokens of each, the forwards of each
+    step as (prefill chunk tokens, decode rows))."""
+    core, runner = eng.core, eng.runner
+    forwards, prefill, decode = [], runner.prefill, runner.decode
+
+    def spy_prefill(prompts, *a, decode=None, **k):
+        forwards[-1].append((sum(map(len, prompts)), 0 if decode is None else decode.shape[0]))
+        return prefill(prompts, *a, decode=decode, **k)
+
+    def spy_decode(tokens):
+        forwards[-1].append((0, tokens.shape[0]))
+        return decode(tokens)
+
+    runner.prefill, runner.decode = spy_prefill, spy_decode
+    rids = [core.add_request(prompts[0], policy, Sampling(max_new_tokens=new))]
+    out, steps = {}, 0
+    while core.busy() or steps <= late:
+        if steps == late:
+            rids += [core.add_request(p, policy, Sampling(max_new_tokens=new)) for p in prompts[1:]]
+        forwards.append([])
+        for u in core.step():
+            out.setdefault(u.key, []).extend(u.tokens)
+        steps += 1
+    runner.prefill, runner.decode = prefill, decode
+    return [out[r] for r in rids], forwards
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-window"])
+def test_a_step_with_chunks_decodes_in_the_same_forward(tiny_ckpts, family, monkeypatch):
+    """Eager and chunked, the running batch decodes in the chunks' forward: one forward per step
+    (the weights read once), never more tokens than the budget, and the tokens of two forwards per
+    step (REFREEKV_STEP=apart)."""
+    path = tiny_ckpts[family, False]
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (12, 70, 33)]
+    policy = refreekv.make("snapkv", budget=0.5, window=4)
+    outs = []
+    for step in ("mixed", "apart"):
+        monkeypatch.setenv("REFREEKV_STEP", step)
+        eng = Engine(str(path), device="cpu", max_seqs=4, page_size=4, max_batched_tokens=16)
+        eng.eos = set()
+        tokens, forwards = steps_of(eng, prompts, policy, 20)
+        outs.append(tokens)
+        assert all(sum(t + d for t, d in f) <= 16 for f in forwards)
+        mixed = [f for f in forwards if any(t and d for t, d in f)]
+        if step == "mixed":
+            assert len(mixed) >= 70 // 16 and max(map(len, forwards)) == 1
+        else:
+            assert not mixed and max(map(len, forwards)) == 2
+        assert eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
+    assert outs[0] == outs[1] and all(len(t) == 20 for t in outs[0])
+
+
+@pytest.mark.parametrize("where", ["halfway through its layers", "scoring the prompt after it"])
+def test_a_failing_mixed_forward_fails_its_prompt_alone(tiny_ckpts, monkeypatch, where):
+    """The mixed forward fails (halfway through its layers, or after it, scoring the prompt's
+    log-probabilities): the prompt being prefilled ends with "error", and the stream that decoded
+    in it goes on with the tokens it has alone (never decoded twice, never a step lost)."""
+    from engine import admission
+
+    path = str(tiny_ckpts["llama", False])
+    stream = list(range(5, 25))
+    eng = Engine(path, device="cpu", max_seqs=4, page_size=4, max_batched_tokens=12)
+    eng.eos = set()
+    alone = eng.generate([stream], refreekv.make("full"), Sampling(max_new_tokens=30))[0].tokens
+    core = eng.core
+    rid = core.add_request(stream, refreekv.make("full"), Sampling(max_new_tokens=30))
+    for _ in range(3):
+        core.step()
+
+    def boom(*_):
+        raise RuntimeError("a kernel failed")
+
+    if where == "halfway through its layers":
+        core.prefill_progress = lambda done, layers, *_: boom() if done == layers // 2 else None
+    else:
+        monkeypatch.setattr(admission, "chunk_logprobs", boom)
+    bad = core.add_request(
+        list(range(40, 90)), refreekv.make("full"), Sampling(max_new_tokens=5, prompt_logprobs=1)
+    )
+    ends = {}
+    while core.busy():
+        for u in core.step():
+            if u.result is not None:
+                ends[u.key] = u.result
+    assert ends[bad].finish_reason == "error" and "a kernel failed" in ends[bad].error
+    assert ends[rid].finish_reason == "length" and ends[rid].tokens == alone
+    assert eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
 
 
 def test_under_preemption(tiny_ckpts):

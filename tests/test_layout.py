@@ -25,7 +25,7 @@ LAYERS = [
     ("engine", ["engine", "engine.engine", "engine.limits"]),
     ("core", ["engine.core", "engine.scheduler", "engine.admission", "engine.pruning"]),
     ("runner", ["engine.runner"]),
-    ("model", ["engine.model", "engine.tp"]),
+    ("model", ["engine.model", "engine.rope", "engine.tp"]),
     ("kv", ["engine.kv", "engine.prefix"]),
     ("kernels", ["engine.kernels"]),
     # what every layer above may read: the state, the text side, the sampler, the policies

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import run_cli
 
-from engine.model import load_model, rope_inv_freq
+from engine.model import load_model
+from engine.rope import rope_inv_freq
 from weights.config import load_config, parse_config
 from weights.errors import UserError
 
@@ -409,7 +410,7 @@ def test_rope_scaling_equals_transformers(scaling, max_pos):
     import transformers as tf
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from engine.model import rope_attention_factor
+    from engine.rope import rope_attention_factor
 
     shape = dict(
         hidden_size=3584,
