@@ -113,7 +113,7 @@ def add_engine_flags(p):
         metavar="N",
         help="chunked prefill: tokens one step processes, decode rows first, then chunks of prompts "
         "(a long prompt never stalls running streams); at least --max-seqs, or 0 to prefill prompts "
-        "whole (default: 0 for generate and run_batch; the server 128 on CPU, 2048 on GPU: "
+        "whole (default: 0 for generate and run_batch; the server 96 on CPU, 2048 on GPU: "
         "bench/RESULTS.md)",
     )
     p.add_argument(

@@ -42,12 +42,13 @@ PROBE_GIB = 2.0  # the prefill probe of one admitted batch (a request alone must
 MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone outgrow any pool
 # chunked prefill's default token budget per step (decode rows + prefill chunks), measured:
 # bench/RESULTS.md "Chunked prefill"
-# the server's token budget per step (chunked prefill; bench/RESULTS.md, "Chunked prefill"): on
-# CPU the chunk that keeps a running stream's p99 gap near 4x its median at ~1.4x the time to
-# first token; on CUDA vLLM's online default, not yet measured here. Offline (the CLI, run_batch,
+# the server's token budget per step (chunked prefill; bench/RESULTS.md, "Chunked prefill" and "the
+# mixed step"): on CPU, with mixed steps, the budget whose running streams' p99 gap stayed within 3x
+# their median on SmolLM2 (2.4x; 128: 3.6x) for 1.2x the time to first token at a saturated load;
+# on CUDA vLLM's online default, not yet measured here. Offline (the CLI, run_batch,
 # the Python API) prompts are prefilled whole unless asked: no stream waits there, and chunks
 # only cost prefill throughput.
-SERVE_BATCHED_TOKENS_CPU = 128
+SERVE_BATCHED_TOKENS_CPU = 96
 SERVE_BATCHED_TOKENS_CUDA = 2048
 
 
