@@ -44,7 +44,7 @@ MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone ou
 # bench/RESULTS.md "Chunked prefill"
 # the server's token budget per step (chunked prefill; bench/RESULTS.md, "Chunked prefill" and "the
 # mixed step"): on CPU, with mixed steps, the budget whose running streams' p99 gap stayed within 3x
-# their median on SmolLM2 (2.4x; 128: 3.6x) for 1.2x the time to first token at a saturated load;
+# their median on SmolLM2 (2.5x; 128: 3.6x) for 1.2x the time to first token at a saturated load;
 # on CUDA vLLM's online default, not yet measured here. Offline (the CLI, run_batch,
 # the Python API) prompts are prefilled whole unless asked: no stream waits there, and chunks
 # only cost prefill throughput.
