@@ -71,6 +71,19 @@ def linear(layer: nn.Linear, x, fast=None):
     return layer(x) if fast is None else fast(x, layer.weight, layer.bias)
 
 
+ROW_MULTIPLE = 4  # CPU decode projections run on a multiple of this many rows (padded_linear)
+
+
+def padded_linear(x, weight, bias):
+    """F.linear of x [B, 1, dim] with its rows padded with zeros to a multiple of ROW_MULTIPLE: on
+    this CPU's BLAS, 3 rows cost as much as 3 single rows and more than 8 (7 and 11 likewise), while
+    4, 8 and 12 run at about one weight pass (bench/RESULTS.md, F.linear by rows). Each row's result
+    is its own."""
+    B = x.shape[0]
+    rows = torch.cat([x, x.new_zeros(-B % ROW_MULTIPLE, *x.shape[1:])])
+    return F.linear(rows, weight, bias)[:B]
+
+
 class Block(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -429,6 +442,9 @@ class Transformer(nn.Module):
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
         x = self.embed(tokens)[:, None]  # [B, 1, dim]
         fast = self.gemv if self.gemv is not None and B <= GEMV_ROWS else None
+        # (compiled, the batch is never compared here: a guard on its size would recompile)
+        if not torch.compiler.is_compiling() and x.device.type == "cpu" and B > 1 and B % ROW_MULTIPLE:
+            fast = padded_linear
         windows = self.c.layer_windows
         step = kv.begin_decode(B, windows, span)  # what every layer shares: built once
         queries = []
