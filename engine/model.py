@@ -443,7 +443,8 @@ class Transformer(nn.Module):
         x = self.embed(tokens)[:, None]  # [B, 1, dim]
         fast = self.gemv if self.gemv is not None and B <= GEMV_ROWS else None
         # (compiled, the batch is never compared here: a guard on its size would recompile)
-        if not torch.compiler.is_compiling() and x.device.type == "cpu" and B > 1 and B % ROW_MULTIPLE:
+        cpu = fast is None and x.device.type == "cpu"
+        if cpu and not torch.compiler.is_compiling() and B > 1 and B % ROW_MULTIPLE:
             fast = padded_linear
         windows = self.c.layer_windows
         step = kv.begin_decode(B, windows, span)  # what every layer shares: built once
