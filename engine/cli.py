@@ -113,8 +113,17 @@ def add_engine_flags(p):
         metavar="N",
         help="chunked prefill: tokens one step processes, decode rows first, then chunks of prompts "
         "(a long prompt never stalls running streams); at least --max-seqs, or 0 to prefill prompts "
-        "whole (default: 0 for generate and run_batch; the server 96 on CPU, 2048 on GPU: "
-        "bench/RESULTS.md)",
+        "whole (default: 0 for generate and run_batch; the server: on CPU the prefill cap with "
+        "--step-bound 3, on GPU 2048: bench/RESULTS.md)",
+    )
+    p.add_argument(
+        "--step-bound",
+        type=float,
+        metavar="X",
+        help="chunked prefill: a step that prefills costs at most X decode steps of its running batch "
+        "(measured as it runs; a stream's gap between tokens stays within X of a decode step), within "
+        "--max-batched-tokens, which a step with no running stream takes whole; more than 1, or 0 "
+        "for the fixed budget (default: 0; the server 3 on CPU)",
     )
     p.add_argument(
         "--prefix-cache",
@@ -172,6 +181,7 @@ def engine_from_args(a):
         a.max_seqs,
         a.page_size,
         max_batched_tokens=a.max_batched_tokens,
+        step_bound=a.step_bound,
         load=False,
         tp=a.tp,
         prefix_cache=bool(a.prefix_cache),
@@ -283,7 +293,15 @@ def set_threads(n: int | None):
 
 
 # named by the engine
-ARGS = ("max_new_tokens", "kv_memory", "max_seqs", "page_size", "max_length", "max_batched_tokens")
+ARGS = (
+    "max_new_tokens",
+    "kv_memory",
+    "max_seqs",
+    "page_size",
+    "max_length",
+    "max_batched_tokens",
+    "step_bound",
+)
 
 
 def in_flags(e: UserError) -> str:

@@ -75,6 +75,7 @@ class Core:
         self.ready = None
         self.updates: dict[int, Update] = {}
         self.steps = 0  # decode steps so far
+        self.prefilled = 0  # prompt tokens the current step prefills
         self.totals = dict(requests=0, new_tokens=0, budget_sum=0.0, budgets=0)  # since start (for /metrics)
         self.reset_workload()
 
@@ -218,10 +219,12 @@ class Core:
     def _step(self):
         sched = self.sched
         cur_seqs = self.cur_seqs
+        t0 = time.perf_counter()
+        self.prefilled = 0  # prompt tokens this step's forward took (_forward)
         rows = len(cur_seqs) if any(seq.live for seq in cur_seqs) else 0  # this step's decode batch
         # chunked and eager: the running batch decodes in the chunks' forward (one read of the weights)
         mixed = rows > 0 and sched.max_batched_tokens > 0 and self.runner.mixed
-        fwd = self._forward(sched.schedule(rows), self.cur) if mixed else None
+        fwd = self._forward(sched.schedule(rows, len(cur_seqs)), self.cur) if mixed else None
         new = self._decode(cur_seqs, fwd)  # queued before the last step's tokens are read back
         if cur_seqs:  # the tokens that step was fed: emit, stop, finish
             if self.ready is not None:
@@ -234,9 +237,11 @@ class Core:
             self._replan(due)
         # where each running sequence's next input is: `new` (the step just queued), then `firsts`
         index = {id(seq): i for i, seq in enumerate(cur_seqs)} if new is not None else {}
-        firsts = self._admit(fwd, index, rows) if mixed else self._prefill(index, rows, rows)
+        firsts = self._admit(fwd, index, rows) if mixed else self._prefill(index, rows, len(cur_seqs))
         self._grow()
         self._next_inputs([t for t in (new, firsts) if t is not None], index)
+        if sched.budget is not None:  # what this step cost: the next steps' token budgets
+            sched.budget.observe(rows, self.prefilled, time.perf_counter() - t0)
 
     def _decode(self, cur_seqs, fwd=None):
         """Queue the next decode step of the running batch (unless a mixed forward decoded it:
@@ -264,16 +269,17 @@ class Core:
                 self.finish(seq)
         return freed
 
-    def _prefill(self, index: dict, offset: int, decode_rows: int):
-        """This step's prefill work (whole prompts or chunks, within the token budget left by the
-        decode_rows); the first tokens of the prompts it completed, pruned (None: none)."""
+    def _prefill(self, index: dict, rows: int, streams: int):
+        """This step's prefill work (whole prompts or chunks, within the token budget left by its
+        decode rows; its streams: scheduler.schedule); the first tokens of the prompts it completed,
+        pruned (None: none), at rows `rows` on of the next step's inputs."""
         sched = self.sched
-        work = sched.schedule(decode_rows)
+        work = sched.schedule(rows, streams)
         if not work:
             if not sched.running and not sched.prefilling and sched.waiting:  # add_request rules this out
                 raise RuntimeError("scheduler stalled with an empty pool")
             return None
-        return self._admit(self._forward(work), index, offset)
+        return self._admit(self._forward(work), index, rows)
 
     def _forward(self, work, decode=None):
         """The prefill forward of a step's work (decoding the running batch too with `decode`); None
@@ -281,6 +287,7 @@ class Core:
         they were, and decode alone; or, when it failed after decoding them, their logits stand)."""
         if not work:
             return None
+        self.prefilled += sum(t for _, t in work)
         fwd = None
         try:
             fwd = admission.forward(self.runner, work, self.probe_rows, self.prefill_progress, decode)

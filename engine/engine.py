@@ -26,6 +26,7 @@ import time
 import torch
 
 import refreekv
+from engine.budget import StepBudget
 from engine.core import Core
 from engine.figures import workload
 from engine.kernels.attention import pow2
@@ -40,16 +41,16 @@ from weights.errors import UserError
 
 PROBE_GIB = 2.0  # the prefill probe of one admitted batch (a request alone must fit it too)
 MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone outgrow any pool
-# chunked prefill's default token budget per step (decode rows + prefill chunks), measured:
-# bench/RESULTS.md "Chunked prefill"
-# the server's token budget per step (chunked prefill; bench/RESULTS.md, "Chunked prefill" and "the
-# mixed step"): on CPU, with mixed steps, the budget whose running streams' p99 gap stayed within 3x
-# their median on SmolLM2 (2.5x; 128: 3.6x) for 1.2x the time to first token at a saturated load;
-# on CUDA vLLM's online default, not yet measured here. Offline (the CLI, run_batch,
-# the Python API) prompts are prefilled whole unless asked: no stream waits there, and chunks
-# only cost prefill throughput.
+# The server's chunked prefill (bench/RESULTS.md, "Chunked prefill", "the mixed step" and "a step
+# bound"). On CPU a step's tokens adapt to what steps cost (engine/budget.py): a step with chunks
+# takes at most SERVE_STEP_BOUND decode steps of its batch, up to the whole prefill cap when no
+# stream runs; 96 tokens (the fixed budget that kept SmolLM2's p99 gap within 3x its median) until
+# the costs are measured. On CUDA vLLM's online default, fixed, not yet measured here. Offline (the
+# CLI, run_batch, the Python API) prompts are prefilled whole unless asked: no stream waits there,
+# and chunks only cost prefill throughput.
 SERVE_BATCHED_TOKENS_CPU = 96
 SERVE_BATCHED_TOKENS_CUDA = 2048
+SERVE_STEP_BOUND = 3.0
 
 
 class Engine(Limits):
@@ -68,6 +69,7 @@ class Engine(Limits):
         page_size: int = 16,
         max_prefill_tokens: int | None = None,
         max_batched_tokens: int | None = None,
+        step_bound: float | None = None,
         load: bool = True,
         tp: int | None = None,
         decode_window: int = 8,
@@ -92,6 +94,10 @@ class Engine(Limits):
         self.max_prefill_tokens = max_prefill_tokens or (16384 if self.cuda else 4096)
         # chunked prefill: the tokens one step processes, decode rows first (0: prompts whole)
         self._max_batched_tokens = self._batched(max_batched_tokens)
+        # a step with chunks costs at most this many decode steps of its batch (0: the budget alone)
+        self._step_bound = self._bound(step_bound, max_batched_tokens)
+        if self._step_bound and max_batched_tokens is None:  # the bound alone: within the prefill cap
+            self._max_batched_tokens = max(self.max_prefill_tokens, self.max_seqs)
         if prefix_cache and self.tp.on:
             raise UserError("the prefix cache does not run with tensor parallelism yet", "prefix_cache")
         # full page-sized blocks of prompts stay in the pool for the next prompt that starts with them
@@ -114,10 +120,17 @@ class Engine(Limits):
         if load:
             self.load()
 
-    @property
-    def serving_batched_tokens(self) -> int:
-        """The token budget the server runs with unless told (see SERVE_BATCHED_TOKENS_*)."""
-        return max(SERVE_BATCHED_TOKENS_CUDA if self.cuda else SERVE_BATCHED_TOKENS_CPU, self.max_seqs)
+    def serve_defaults(self):
+        """The chunked prefill the server runs with unless told (see SERVE_BATCHED_TOKENS_* and
+        SERVE_STEP_BOUND): on CPU a bound on a step's cost within the prefill cap; on CUDA a fixed
+        budget; with tensor parallelism a fixed budget too (the ranks schedule alike)."""
+        if self.cuda or self.tp.on:
+            self.max_batched_tokens = max(
+                SERVE_BATCHED_TOKENS_CUDA if self.cuda else SERVE_BATCHED_TOKENS_CPU, self.max_seqs
+            )
+        else:
+            self.max_batched_tokens = max(self.max_prefill_tokens, self.max_seqs)
+            self.step_bound = SERVE_STEP_BOUND
 
     @property
     def max_batched_tokens(self) -> int:
@@ -132,6 +145,27 @@ class Engine(Limits):
         self._max_batched_tokens = self._batched(tokens)
         if self.core is not None:
             self.core.sched.max_batched_tokens = self._max_batched_tokens
+            self.core.sched.budget = self._budget()
+
+    @property
+    def step_bound(self) -> float:
+        """With a token budget: a step with prefill chunks costs at most this many decode steps of
+        its running batch, measured as it runs (engine/budget.py); 0: the budget alone."""
+        return self._step_bound
+
+    @step_bound.setter
+    def step_bound(self, bound: float):
+        if self.core is not None and self.core.sched.prefilling:
+            raise RuntimeError("step_bound changes only while no prompt is being prefilled")
+        self._step_bound = self._bound(bound, self._max_batched_tokens)
+        if self.core is not None:
+            self.core.sched.budget = self._budget()
+
+    def _budget(self) -> StepBudget | None:
+        if not self._step_bound or not self._max_batched_tokens:
+            return None
+        start = max(SERVE_BATCHED_TOKENS_CPU, self.max_seqs)  # until a step's costs are measured
+        return StepBudget(self._max_batched_tokens, self._step_bound, start)
 
     @property
     def eos(self) -> set:
@@ -191,6 +225,28 @@ class Engine(Limits):
                 "max_batched_tokens",
             )
         return tokens
+
+    def _bound(self, bound: float | None, tokens: int | None) -> float:
+        """A step bound checked with the token budget it goes with (None: not given)."""
+        if not bound:
+            return 0.0
+        if not bound > 1:
+            raise UserError(
+                f"step_bound must be 0 (the token budget alone) or more than 1 (a step decodes its "
+                f"batch, then prefills), got {bound:g}",
+                "step_bound",
+            )
+        if self.tp.on:
+            raise UserError(
+                "step_bound does not run with tensor parallelism (ranks schedule alike)", "step_bound"
+            )
+        if tokens == 0:
+            raise UserError(
+                "step_bound bounds chunked prefill, but max_batched_tokens 0 prefills prompts whole: "
+                "give a token budget (or none: the prefill cap)",
+                "step_bound",
+            )
+        return float(bound)
 
     def _context(self, max_length: int | None) -> int:
         if max_length is not None and max_length < 2:
@@ -252,6 +308,7 @@ class Engine(Limits):
             self._eos,
             self.max_batched_tokens,
         )
+        self.core.sched.budget = self._budget()
         return self
 
     def encode(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:

@@ -7,7 +7,8 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
 - schedule: the prefill work of one step, a list of (Prefill, tokens). With a token budget
   (`max_batched_tokens`, chunked prefill) a step's decode rows come first and prefill chunks fill
   the rest: the prompts already being prefilled first, then waiting groups in order, the last one
-  taking what is left (so at most one prompt is ever half prefilled). Without one, whole prompts
+  taking what is left (so at most one prompt is ever half prefilled); with a StepBudget the step's
+  tokens are what keeps it within a bound on its cost (engine/budget.py). Without one, whole prompts
   are admitted while the prefill's work (batch x its longest prompt when padded, the prompts'
   tokens when packed) stays within max_prefill_tokens. Either way the forward's attention probe
   stays within its bound, the sequences within max_seqs, and a group is admitted only when the free
@@ -38,6 +39,7 @@ class Scheduler:
         self.kv, self.max_seqs, self.max_prefill_tokens = kv, min(max_seqs, kv.S), max_prefill_tokens
         # tokens one step processes, decode rows and prefill chunks together (0: whole prompts)
         self.max_batched_tokens = max_batched_tokens
+        self.budget = None  # a StepBudget (engine/budget.py): each step's tokens within that cap, by cost
         self.free = free or (lambda: kv.available)  # tensor parallel: the least free pages of any rank
         self.padded = True  # prefill pads a batch to its longest prompt (False: packed, real tokens only)
         # probe_fits(rows, longest prompt, batch, query stats): the batch's probe stays within its
@@ -67,11 +69,15 @@ class Scheduler:
         return max([self.probe_rows] + [getattr(seq.policy, "probe_rows", 0) for seq in group])
 
     # ------------------------------------------------------------------------------- admission
-    def schedule(self, decode_rows: int = 0) -> list[tuple[Prefill, int]]:
+    def schedule(self, decode_rows: int = 0, streams: int = 0) -> list[tuple[Prefill, int]]:
         """This step's prefill work: (prompt being prefilled, tokens to prefill now), in order.
-        decode_rows: the rows of this step's decode batch (they come out of the token budget)."""
+        decode_rows: the rows of this step's decode batch (they come out of the token budget);
+        streams: the sequences whose tokens this step hands out (its decode rows, and those whose
+        last token it reads back: they too wait for the step)."""
         chunked = self.max_batched_tokens > 0
-        cap = self.max_batched_tokens - decode_rows if chunked else self.max_prefill_tokens
+        waiting = max(decode_rows, streams)
+        tokens = self.budget.tokens(waiting) if self.budget is not None else self.max_batched_tokens
+        cap = tokens - decode_rows if chunked else self.max_prefill_tokens
         work: list[tuple[Prefill, int]] = []
         for pf in self.prefilling:
             take = self._take(work, pf.left, cap, chunked)

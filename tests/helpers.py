@@ -393,8 +393,8 @@ def serve_engine(path, **kw):
     """An engine for the server's tests, as `python -m engine.serve` builds it (the serving token
     budget, the prefix cache on): CPU, a 0.05 GiB pool, 8 sequences at once."""
     eng = Engine(str(path), device="cpu", **{"kv_memory": 0.05, "max_seqs": 8, "prefix_cache": True, **kw})
-    if "max_batched_tokens" not in kw:
-        eng.max_batched_tokens = eng.serving_batched_tokens
+    if "max_batched_tokens" not in kw and "step_bound" not in kw:
+        eng.serve_defaults()
     return eng
 
 

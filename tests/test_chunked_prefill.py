@@ -53,13 +53,31 @@ class Watch(refreekv.Policy):
         return self.inner.plan(probe)
 
 
-def run(path, prompts, policy, budget, page_size=4, padded=False, new=6):
+class Varying:
+    """A step budget that gives each step the next of `chunks` prompt tokens (as the step bound's
+    budget, engine/budget.py, does from measured costs): chunk boundaries anywhere."""
+
+    def __init__(self, chunks: list[int]):
+        self.chunks, self.i = chunks, 0
+
+    def tokens(self, rows: int) -> int:
+        self.i += 1
+        return rows + self.chunks[self.i % len(self.chunks)]
+
+    def observe(self, rows, prefilled, seconds):
+        pass
+
+
+def run(path, prompts, policy, budget, page_size=4, padded=False, new=6, varying=None):
     """(results, the Watch, the engine) of greedy generation with a token budget per step (0:
-    prompts whole); padded: the right-padded prefill of the compiled path, run eagerly."""
+    prompts whole; `varying`: each step's prompt tokens in turn, within it); padded: the
+    right-padded prefill of the compiled path, run eagerly."""
     eng = Engine(
         str(path), device="cpu", kv_memory=0.05, max_seqs=4, page_size=page_size, max_batched_tokens=budget
     )
     eng.runner.packed, eng.core.sched.padded = not padded, padded
+    if varying:
+        eng.core.sched.budget = Varying(varying)
     watch = Watch(policy)
     out = eng.generate(prompts, watch, Sampling(max_new_tokens=new))
     return out, watch, eng
@@ -82,9 +100,11 @@ def assert_same_probe(whole, chunked):
 @given(data=st.data())
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2-window"])
 def test_chunked_equals_whole(tiny_ckpts, family, data):
-    """Budgets from max_seqs to past the prompts, page sizes, policies, packed and padded."""
+    """Budgets from max_seqs to past the prompts, or a different one each step (as the step bound
+    sets them), page sizes, policies, packed and padded."""
     lens = data.draw(st.lists(st.integers(1, 45), min_size=1, max_size=3), label="prompt lengths")
     budget = data.draw(st.integers(4, 60), label="max_batched_tokens")
+    varying = data.draw(st.none() | st.lists(st.integers(1, 50), min_size=2, max_size=6), label="per step")
     page_size = data.draw(st.sampled_from([1, 4, 16]), label="page size")
     name = data.draw(st.sampled_from(sorted(POLICIES)), label="policy")
     padded = data.draw(st.booleans(), label="padded")
@@ -93,7 +113,7 @@ def test_chunked_equals_whole(tiny_ckpts, family, data):
     path = tiny_ckpts[family, False]
     policy = refreekv.make(name, **POLICIES[name])
     whole, w1, _ = run(path, prompts, policy, 0, page_size, padded)
-    chunked, w2, eng = run(path, prompts, policy, budget, page_size, padded)
+    chunked, w2, eng = run(path, prompts, policy, budget, page_size, padded, varying=varying)
     for a, b in zip(whole, chunked):
         assert b.tokens == a.tokens
         assert b.stats["kept_per_head"] == a.stats["kept_per_head"]
@@ -101,7 +121,7 @@ def test_chunked_equals_whole(tiny_ckpts, family, data):
         assert b.stats["pages_after_pruning"] == a.stats["pages_after_pruning"]
         assert b.stats["prefill_chunks"] >= 1
     assert_same_probe(w1, w2)
-    if max(lens) > budget:  # a prompt longer than a step's budget took several chunks
+    if max(lens) > budget and not varying:  # a prompt longer than a step's budget took several chunks
         assert max(r.stats["prefill_chunks"] for r in chunked) > 1
     assert eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
 
@@ -236,6 +256,56 @@ def test_a_failing_mixed_forward_fails_its_prompt_alone(tiny_ckpts, monkeypatch,
     assert eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
 
 
+def test_the_step_bound_chunks_by_cost_and_changes_no_token(tiny_ckpts):
+    """With the step bound (the server's CPU default) the steps' chunks come from their measured
+    costs: a prompt arriving beside a running stream is prefilled in chunks of whatever size, and
+    every token is the one whole prefill gives; a prompt arriving at an idle engine goes whole."""
+    path = tiny_ckpts["llama", False]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (30, 400, 90)]
+    policy = refreekv.make("snapkv", budget=0.5, window=4)
+    outs = []
+    for bound in (0, 3):
+        eng = Engine(str(path), device="cpu", max_seqs=4, page_size=4, max_batched_tokens=bound and 512)
+        eng.step_bound = bound
+        eng.eos = set()
+        tokens, forwards = steps_of(eng, prompts, policy, 40)
+        outs.append(tokens)
+        chunks = [t for f in forwards for t, d in f if t]
+        if bound:
+            budget = eng.core.sched.budget
+            assert budget.decode_cost(1) is not None and budget._per_token is not None  # measured
+            assert chunks[0] == 30  # nobody running: whole
+            assert len(chunks) > 2 and max(sum(t + d for t, d in f) for f in forwards) <= 512
+        assert eng.kv.n_free == eng.kv.n_pages and eng.kv.held == 0
+    assert outs[1] == outs[0] and all(len(t) == 40 for t in outs[0])
+
+
+def test_a_stream_waiting_for_its_last_token_bounds_the_step(tiny_ckpts):
+    """A step that decodes nothing but hands a stream its last token is still a step that stream
+    waits for: under the step bound it prefills a chunk, not the whole cap."""
+    eng = Engine(str(tiny_ckpts["llama", False]), device="cpu", max_seqs=4, page_size=4, step_bound=3)
+    eng.eos = set()
+    core, prefill, seen = eng.core, eng.runner.prefill, []
+
+    def spy(prompts, *a, **k):
+        seen.append(sum(map(len, prompts)))
+        return prefill(prompts, *a, **k)
+
+    eng.runner.prefill = spy
+    policy = refreekv.make("full")
+    stream = core.add_request(list(range(5, 25)), policy, Sampling(max_new_tokens=4))
+    while not core.cur_seqs or any(seq.live for seq in core.cur_seqs):
+        core.step()
+    core.add_request([7 + i % 200 for i in range(400)], policy, Sampling(max_new_tokens=2))
+    seen.clear()
+    updates = core.step()
+    assert any(u.key == stream and u.result is not None for u in updates)  # its last token, now
+    assert seen and seen[0] < 400 and eng.max_batched_tokens == 4096  # a chunk, not the cap
+    while core.busy():
+        core.step()
+
+
 def test_under_preemption(tiny_ckpts):
     """A pool that holds two of five sequences: preemptions, replays, chunks, the same tokens."""
     path = tiny_ckpts["qwen2", False]
@@ -316,4 +386,13 @@ def test_budget_is_checked_in_the_users_words(tiny_ckpts):
     with pytest.raises(UserError, match="max_batched_tokens"):
         Engine(path, device="cpu", max_batched_tokens=-1, load=False)
     offline = Engine(path, device="cpu", max_seqs=300, load=False)
-    assert offline.max_batched_tokens == 0 and offline.serving_batched_tokens == 300
+    assert offline.max_batched_tokens == 0 and offline.step_bound == 0
+    offline.serve_defaults()  # the server on CPU: the step bound within the prefill cap
+    assert offline.max_batched_tokens == 4096 and offline.step_bound == 3
+    for bad in (1, 0.5, -2, float("nan")):
+        with pytest.raises(UserError, match=r"step_bound must be 0 .* or more than 1"):
+            Engine(path, device="cpu", step_bound=bad, load=False)
+    with pytest.raises(UserError, match="step_bound bounds chunked prefill, but max_batched_tokens 0"):
+        Engine(path, device="cpu", step_bound=3, max_batched_tokens=0, load=False)
+    bound_alone = Engine(path, device="cpu", step_bound=2.5, max_prefill_tokens=1000, load=False)
+    assert bound_alone.max_batched_tokens == 1000 and bound_alone.step_bound == 2.5

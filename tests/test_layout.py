@@ -23,7 +23,7 @@ LAYERS = [
         ],
     ),
     ("engine", ["engine", "engine.engine", "engine.limits"]),
-    ("core", ["engine.core", "engine.scheduler", "engine.admission", "engine.pruning"]),
+    ("core", ["engine.core", "engine.scheduler", "engine.budget", "engine.admission", "engine.pruning"]),
     ("runner", ["engine.runner"]),
     ("model", ["engine.model", "engine.rope", "engine.tp"]),
     ("kv", ["engine.kv", "engine.prefix"]),

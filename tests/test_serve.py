@@ -17,7 +17,7 @@ from helpers import SERVE_KEY as KEY
 from helpers import Served, greedy, hf_model, serve_engine
 
 import refreekv
-from engine.engine import SERVE_BATCHED_TOKENS_CPU, Engine
+from engine.engine import Engine
 from engine.sampling import Sampling
 
 
@@ -233,8 +233,8 @@ def test_models_health_and_metrics(served):
     )
     assert 0 < after["refreekv_kv_budget_mean"] <= 1
     assert after["refreekv_prefill_tokens_pending"] == 0
-    # a prompt past the step's token budget (the server's, 96 on CPU) is prefilled in chunks, and
-    # says so; the same prompt again finds its full blocks in the prefix cache
+    # a prompt arriving at an idle server is prefilled whole (no stream waits for it: the step
+    # bound's cap), and says so; the same prompt again finds its full blocks in the prefix cache
     prompt = [5 + i % 200 for i in range(300)]
     kvs = []
     for _ in range(2):
@@ -245,7 +245,7 @@ def test_models_health_and_metrics(served):
             timeout=60,
         ).json()
         kvs.append(r["choices"][0]["kv"])
-    assert kvs[0]["prefill_chunks"] == -(-300 // SERVE_BATCHED_TOKENS_CPU) and kvs[0]["cached_tokens"] == 0
+    assert kvs[0]["prefill_chunks"] == 1 and kvs[0]["cached_tokens"] == 0
     assert kvs[1]["prefill_chunks"] == 1 and kvs[1]["cached_tokens"] == 288  # 18 pages of 16, 12 left
     served.idle()
     m = _metrics(served)

@@ -103,7 +103,7 @@ def run_setting(a, on: bool, prompts: dict, spec: dict) -> dict:
     import multiprocessing as mp
 
     eng, name = build_engine(a, kv_memory=a.kv_memory, max_seqs=a.max_seqs, prefix_cache=on)
-    eng.max_batched_tokens = eng.serving_batched_tokens
+    eng.serve_defaults()
     pol = policy_of(spec)
     eng.warmup(pol)
     served = eng.path.name

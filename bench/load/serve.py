@@ -12,7 +12,9 @@ max_tokens --new-tokens, temperature 0, streamed with usage. Policies, per reque
 `kv` field: full, refreekv (T = 1%), refreekv metric="mass", snapkv 50% (--policies picks some).
 The pool holds --pool-tokens full-cache tokens per (layer, KV head) row (as bench/load/throughput.py
 sizes it). --long N makes N of the prompts, spread evenly, 4-8x longer than the others' mean;
---max-batched-tokens 0,256 runs every policy once per chunked-prefill budget (0: prompts whole).
+--max-batched-tokens 0,256,4096:3 runs every policy once per chunked-prefill setting (0: prompts
+whole; N:X the step bound X within N tokens; serve: the server's default, each run's costs
+measured afresh).
 
 Per policy: TTFT p50/p99 (send to the first chunk with text, or to the final chunk if none had
 any), inter-token latency p50/p99 (gaps between successive content chunks: one chunk is what one
@@ -288,7 +290,7 @@ def render(rows: list[dict]) -> str:
             + " | ".join(
                 [
                     r["policy"],
-                    str(r.get("max_batched_tokens") or "whole prompts"),
+                    str(r.get("max_batched_tokens") or "whole prompts"),  # (older JSON: ints)
                     "all at t=0" if r["rate"] is None else f"{r['rate']:g}",
                     n,
                     fmt(budget, ".1f") + "%",
@@ -331,9 +333,10 @@ def parse_args(argv):
     )
     p.add_argument(
         "--max-batched-tokens",
-        type=lambda x: [int(v) for v in x.split(",")],
-        help="chunked-prefill budgets to run every policy at, e.g. 0,256 "
-        "(0: whole prompts; default: the server's, Engine.serving_batched_tokens)",
+        type=lambda x: x.split(","),
+        help="chunked-prefill settings to run every policy at, e.g. 0,256,4096:3: N tokens per step, "
+        "N:X within N tokens a step costs at most X decode steps (--step-bound), 0 prompts whole, "
+        "serve the server's default (the default)",
     )
     p.add_argument("--policies", default=",".join(KV), help=f"some of {', '.join(KV)} (default all)")
     p.add_argument("--device")
@@ -357,6 +360,24 @@ def parse_args(argv):
     if not 0 <= a.long <= a.requests:
         raise UserError("--long must be in [0, --requests]")
     return a
+
+
+def chunking(eng, setting: str) -> str:
+    """Set the engine's chunked prefill from a --max-batched-tokens item; how the tables name it."""
+    if setting == "serve":
+        eng.serve_defaults()
+    else:
+        tokens, _, bound = setting.partition(":")
+        try:
+            eng.step_bound = 0
+            eng.max_batched_tokens = int(tokens)
+            eng.step_bound = float(bound or 0)
+        except ValueError:
+            raise UserError(f"--max-batched-tokens: {setting!r} is not N or N:X") from None
+    if not eng.max_batched_tokens:
+        return "whole prompts"
+    bound = f", bound {eng.step_bound:g}x" if eng.step_bound else ""
+    return f"{eng.max_batched_tokens}{bound}"
 
 
 def main(argv=None):
@@ -389,10 +410,14 @@ def main(argv=None):
         ]
 
     specs = [KV[x] for x in a.policies]
-    budgets = a.max_batched_tokens or [eng.serving_batched_tokens]  # (the server's default)
-    for b in budgets:  # every budget checked before anything runs
-        eng.max_batched_tokens = b
-    eng.max_batched_tokens = budgets[0]
+    budgets = a.max_batched_tokens or ["serve"]
+    try:
+        for b in budgets:  # every setting checked before anything runs
+            chunking(eng, b)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    chunking(eng, budgets[0])
 
     def warm():  # compile (if on) and first-call costs, outside every timing
         for spec in specs:
@@ -417,12 +442,12 @@ def main(argv=None):
             check["met"] = check["ratio"] >= RATIO
             rows.append(dict(check["server"], policy=check["server"]["policy"] + " (offline check)"))
         for budget in budgets:
-            eng.max_batched_tokens = budget  # the engine is idle between runs
             for spec in specs:
-                log(f"[serve] {label(policy_of(spec))} at {a.rate:g} req/s, max batched tokens {budget} ...")
+                setting = chunking(eng, budget)  # the engine is idle between runs; its costs anew
+                log(f"[serve] {label(policy_of(spec))} at {a.rate:g} req/s, max batched tokens {setting} ...")
                 run = drive_apart(srv.root, bodies(spec), arrivals)
                 r = summarize(label(policy_of(spec)), a.rate, run)
-                r["max_batched_tokens"] = budget
+                r["max_batched_tokens"] = setting
                 rows.append(r)
                 first_error = f": {r['errors'][0]}" if r["errors"] else ""
                 log(

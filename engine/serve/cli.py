@@ -127,8 +127,8 @@ def main(argv=None):
         if a.prefix_cache is None:  # on when serving (not yet with tensor parallelism)
             a.prefix_cache = not (a.tp and a.tp > 1)
         eng = engine_from_args(a)
-        if a.max_batched_tokens is None:  # serving: a long prompt must not stall the streams
-            eng.max_batched_tokens = eng.serving_batched_tokens
+        if a.max_batched_tokens is None and a.step_bound is None:  # serving: no stream stalls
+            eng.serve_defaults()
         eng.check_policy(policy)
         eng.load()
         if rank != 0:
