@@ -365,12 +365,14 @@ class PagedKV:
         self.k[page, at] = k[:, :, 0]
         self.v[page, at] = v[:, :, 0]
 
-    def save_queries(self, q: torch.Tensor):
-        """Decode: keep q [L, B, H, D] (slots [0, B)) as each slot's query at its position."""
+    def end_decode(self, q: torch.Tensor):
+        """Decode, after every layer: keep q [L, B, H, D] (slots [0, B)) as each slot's query at its
+        position, and move every live slot on by one position."""
         if self.W:
             B = q.shape[1]
             at = self.next_pos[:B] % self.W
             self.queries[:, torch.arange(B, device=q.device), at] = q
+        self.next_pos += self.live  # 0 past the batch: a whole-buffer add, no slice to specialise on
 
     def attend(self, layer: int, q: torch.Tensor, window, step: DecodeStep) -> torch.Tensor:
         """Decode attention of q [B, H, D] (slots [0, B)) over each row's live tokens."""

@@ -371,8 +371,7 @@ class Transformer(nn.Module):
             if progress is not None:
                 progress(i + 1, c.n_layers)
         if Bd:
-            kv.save_queries(torch.stack(queries))
-            kv.next_pos += kv.live
+            kv.end_decode(torch.stack(queries))
         kv.lengths[:, slots] = total_t[None, :, None].int()
         kv.next_pos[slots] = total_t
         x = x[0]
@@ -456,8 +455,7 @@ class Transformer(nn.Module):
             o = kv.attend(i, q[:, :, 0], windows[i], step)  # [B, H, D]
             x = x + self._sum(layer.attn.out(o[:, :, None], fast))
             x = x + self._sum(layer.mlp(layer.mlp_norm(x), fast))
-        kv.save_queries(torch.stack(queries))
-        kv.next_pos += kv.live  # 0 past the batch: a whole-buffer add, no slice to specialise on
+        kv.end_decode(torch.stack(queries))
         return self._logits(self.norm(x[:, 0]), fast)
 
 

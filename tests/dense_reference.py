@@ -40,8 +40,10 @@ class DenseKV:
         self.pos[layer].index_put_((bi, hi, slot), self.next_pos[:, None].expand(B, H))
         self.lengths[layer] += 1
 
-    def save_queries(self, q):
-        """The paged pool keeps decode queries for re-plans during decoding; the oracle never re-plans."""
+    def end_decode(self, q):
+        """Every live row moves on by one position (the paged pool also keeps the decode queries, for
+        re-plans during decoding; the oracle never re-plans)."""
+        self.next_pos += self.live
 
     def attend(self, layer, q, window=None, step=None):
         """q [B, H, D] over each row's live slots (a bool mask, every slot read)."""
