@@ -123,7 +123,7 @@ def add_engine_flags(p):
         help="chunked prefill: a step that prefills costs at most X decode steps of its running batch "
         "(measured as it runs; a stream's gap between tokens stays within X of a decode step), within "
         "--max-batched-tokens, which a step with no running stream takes whole; more than 1, or 0 "
-        "for the fixed budget (default: 0; the server 3 on CPU)",
+        "for the fixed budget (default: 0; the server 3 on CPU unless --max-batched-tokens is given)",
     )
     p.add_argument(
         "--prefix-cache",
