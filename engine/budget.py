@@ -62,12 +62,14 @@ class StepBudget:
         if rows == 0 or seconds <= 0:
             return  # a prefill alone says nothing of what it costs a stream
         if prefilled == 0:
-            old = self._decode.get(rows)
-            self._decode[rows] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
+            self._decode[rows] = decayed(self._decode.get(rows), seconds)
             return
         d = self.decode_cost(rows)
         if d is None:
             return
-        per_token = max(seconds - d, 0.0) / prefilled
-        old = self._per_token
-        self._per_token = per_token if old is None else DECAY * old + (1 - DECAY) * per_token
+        self._per_token = decayed(self._per_token, max(seconds - d, 0.0) / prefilled)
+
+
+def decayed(mean: float | None, value: float) -> float:
+    """A decayed mean with one more value (the value itself when there is none yet)."""
+    return value if mean is None else DECAY * mean + (1 - DECAY) * value
