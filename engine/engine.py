@@ -128,6 +128,7 @@ class Engine(Limits):
             self.max_batched_tokens = max(
                 SERVE_BATCHED_TOKENS_CUDA if self.cuda else SERVE_BATCHED_TOKENS_CPU, self.max_seqs
             )
+            self.step_bound = 0  # (a bound set before would otherwise stay)
         else:
             self.max_batched_tokens = max(self.max_prefill_tokens, self.max_seqs)
             self.step_bound = SERVE_STEP_BOUND

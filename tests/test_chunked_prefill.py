@@ -389,6 +389,11 @@ def test_budget_is_checked_in_the_users_words(tiny_ckpts):
     assert offline.max_batched_tokens == 0 and offline.step_bound == 0
     offline.serve_defaults()  # the server on CPU: the step bound within the prefill cap
     assert offline.max_batched_tokens == 4096 and offline.step_bound == 3
+    offline.step_bound, offline.max_batched_tokens = 0, 512
+    offline.step_bound = 2
+    offline.cuda = True  # (the check only) on CUDA a fixed budget, and no bound left from before
+    offline.serve_defaults()
+    assert offline.max_batched_tokens == 2048 and offline.step_bound == 0
     for bad in (1, 0.5, -2, float("nan")):
         with pytest.raises(UserError, match=r"step_bound must be 0 .* or more than 1"):
             Engine(path, device="cpu", step_bound=bad, load=False)

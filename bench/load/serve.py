@@ -369,7 +369,6 @@ def chunking(eng, setting: str) -> str:
     else:
         tokens, _, bound = setting.partition(":")
         try:
-            eng.step_bound = 0
             eng.max_batched_tokens = int(tokens)
             eng.step_bound = float(bound or 0)
         except ValueError:
