@@ -6,14 +6,16 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
 
 - schedule: the prefill work of one step, a list of (Prefill, tokens). With a token budget
   (`max_batched_tokens`, chunked prefill) a step's decode rows come first and prefill chunks fill
-  the rest: the prompts already being prefilled first, then waiting groups in order, the last one
-  taking what is left (so at most one prompt is ever half prefilled); with a StepBudget the step's
-  tokens are what keeps it within a bound on its cost (engine/budget.py). Without one, whole prompts
-  are admitted while the prefill's work (batch x its longest prompt when padded, the prompts'
-  tokens when packed) stays within max_prefill_tokens. Either way the forward's attention probe
-  stays within its bound, the sequences within max_seqs, and a group is admitted only when the free
-  pages hold its prompt whole (pages for all of it are reserved at once, so a half-prefilled prompt
-  never waits for pages) plus one page per row of every sequence (the next step's growth).
+  the rest, the prompt due earliest first (its arrival on the prefill clock plus the tokens it has
+  left: a short prompt overtakes a long one being prefilled, which a whole prefill cannot allow, and
+  no prompt waits forever); with a StepBudget the step's tokens are what keeps it within a bound on
+  its cost (engine/budget.py). Without one, whole prompts are admitted in order of arrival while the
+  prefill's work (batch x its longest prompt when padded, the prompts' tokens when packed) stays
+  within max_prefill_tokens. Either way the forward's attention probe stays within its bound, the
+  sequences within max_seqs, and a group is admitted only when the free pages hold its prompt whole
+  (pages for all of it are reserved at once, so a half-prefilled prompt never waits for pages) plus
+  one page per row of every sequence (the next step's growth), and so does every group queued
+  before it.
 - A group being prefilled holds slots from the top of the pool, apart from the running batch;
   `start` moves its sequences to the end of the running batch once they are pruned.
 - finish: a sequence that stops frees all its pages at once; the last running sequence moves
@@ -47,6 +49,7 @@ class Scheduler:
         self.probe_fits = lambda rows, n, batch, stats: True
         self.probe_rows = 0  # at least this many probe rows for everyone (the core's evicted-mass stats)
         self.waiting: deque[list[Sequence]] = deque()
+        self.clock = 0  # prompt tokens prefilled so far (when a prompt is due: _due)
         self.prefilling: list[Prefill] = []  # admitted, prompt not yet whole in the pool (in order)
         self.running: list[Sequence] = []
         self._admitted = 0
@@ -54,6 +57,8 @@ class Scheduler:
         self.waits = 0  # admission rounds where the head of the queue did not fit in the free pages
 
     def add(self, group: list[Sequence]):
+        for seq in group:
+            seq.arrival = self.clock
         self.waiting.append(group)
 
     def busy(self) -> bool:
@@ -74,54 +79,105 @@ class Scheduler:
         decode_rows: the rows of this step's decode batch (they come out of the token budget);
         streams: the sequences whose tokens this step hands out (its decode rows, and those whose
         last token it reads back: they too wait for the step)."""
-        chunked = self.max_batched_tokens > 0
-        waiting = max(decode_rows, streams)
-        tokens = self.budget.tokens(waiting) if self.budget is not None else self.max_batched_tokens
-        cap = tokens - decode_rows if chunked else self.max_prefill_tokens
+        if self.max_batched_tokens > 0:
+            waiting = max(decode_rows, streams)
+            tokens = self.budget.tokens(waiting) if self.budget is not None else self.max_batched_tokens
+            work = self._chunks(tokens - decode_rows)
+        else:
+            work = self._whole()
+        self.clock += sum(t for _, t in work)
+        return work
+
+    def _whole(self) -> list[tuple[Prefill, int]]:
+        """Unchunked: whole prompts in order of arrival while the forward's work stays within
+        max_prefill_tokens (the first always goes)."""
+        cap, work = self.max_prefill_tokens, []
+        for pf in self.prefilling:  # none unless the budget was switched off mid-prompt
+            work.append((pf, pf.left))
+        for group, blocks, cow in self._admissible():
+            left = len(group[0].prompt) - len(blocks) * self.kv.ps
+            take = self._take(work, left, cap, False)
+            if take < left or (work and not self._probe_fits(work, group, take)):
+                break
+            work.append((self._admit(group, blocks, cow), take))
+        return work
+
+    def _chunks(self, cap: int) -> list[tuple[Prefill, int]]:
+        """Chunked: the prompts being prefilled and the waiting groups the pool can admit, the
+        earliest due first (arrival + tokens left: _due), while the step's budget lasts."""
+        fits = self._admissible()
+        found: dict[int, tuple] = {}  # id(group) -> (group, blocks, cow), as far as `fits` went
+
+        def admissible(group):
+            while id(group) not in found:
+                entry = next(fits, None)
+                if entry is None:
+                    return None
+                found[id(entry[0])] = entry
+            return found[id(group)]
+
+        queue = [(self._due(pf.group, pf.left), pf) for pf in self.prefilling]
+        queue += [(self._due(group, len(group[0].prompt)), group) for group in self.waiting]
+        queue.sort(key=lambda entry: entry[0])  # stable: ties go in order of arrival
         work: list[tuple[Prefill, int]] = []
-        for pf in self.prefilling:
-            take = self._take(work, pf.left, cap, chunked)
-            if take < 1:
-                return work
-            work.append((pf, take))
+        for _, item in queue:
+            if isinstance(item, Prefill):
+                take = self._take(work, item.left, cap, True)
+                if take < 1:
+                    break
+                work.append((item, take))
+                continue
+            entry = admissible(item)
+            if entry is None:  # the pool cannot take it yet, nor anyone queued after it
+                continue
+            group, blocks, cow = entry
+            take = self._take(work, len(group[0].prompt) - len(blocks) * self.kv.ps, cap, True)
+            if take < 1 or (work and not self._probe_fits(work, group, take)):
+                break
+            work.append((self._admit(group, blocks, cow), take))
+        return work
+
+    def _due(self, group: list[Sequence], left: int) -> int:
+        """When a prompt is due on the prefill clock (prompt tokens prefilled so far): its arrival
+        plus the tokens it has left. Earliest due first is shortest remaining first among prompts
+        that came together, so a short prompt is not stuck behind a long one being prefilled (a
+        whole prefill cannot be interrupted); and a prompt is overtaken only by prompts that came
+        before the clock had advanced by its length, so none waits forever."""
+        return group[0].arrival + left
+
+    def _admissible(self):
+        """The waiting groups the pool can admit now, in order of arrival, up to the first that does
+        not fit: (group, the cached blocks its prompt starts with, pages to copy off them). A group
+        needs its prompt whole in the free pages plus one page per row of every sequence (the next
+        step's growth), within max_seqs; alone in an empty pool it always goes."""
         kv = self.kv
         seqs = len(self.running) + sum(len(pf.group) for pf in self.prefilling)
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
         pages = 0
-        while self.waiting:
-            group = self.waiting[0]
+        for group in list(self.waiting):
             n, k = len(group[0].prompt), len(group)
             blocks = self._match(group)  # a cached prefix: in the pool already
             if blocks is None:
                 blocks = []
             elif self._sharing_pending(group, len(blocks)):
-                break  # what it shares with a prompt being prefilled is cached once that is whole
-            cached = len(blocks) * kv.ps
-            take = self._take(work, n - cached, cap, chunked)
-            if take < 1 or (not chunked and take < n - cached):
-                break
-            if work and not self._probe_fits(work, group, take):
-                break
+                return  # what it shares with a prompt being prefilled is cached once that is whole
             if seqs + k > self.max_seqs:
-                break
+                return
             # the prompt whole and room to copy its kept part into each fork; with the cache, room to
             # copy it off the shared pages (its full blocks: found in the cache or cached now)
             cow = kv.L * kv.H * (n // kv.ps) if kv.cache is not None else 0
             need = k * kv.seq_pages(n) + cow
             reserve = row_pages * (seqs + k)  # the next step of every sequence, this group's included
             if pages + need + reserve > free:
-                if seqs or work:
+                if seqs:
                     self.waits += 1
-                    break
-                # alone in an empty pool it always goes (Engine checks that it fits there at its
-                # largest), without the cache if the pool cannot hold the prompt twice
+                    return
+                # Engine checks that a prompt fits an empty pool at its largest; without the cache
+                # when the pool cannot hold the prompt twice
                 blocks, cow = [], 0
-                take = self._take(work, n, cap, chunked)
-            self.waiting.popleft()
-            work.append((self._admit(group, blocks, cow), take))
+            yield group, blocks, cow
             pages, seqs = pages + need, seqs + k
-        return work
 
     def _take(self, work, left: int, cap: int, chunked: bool) -> int:
         """Tokens of a prompt with `left` to prefill that this step's forward can still take (its work
@@ -183,6 +239,10 @@ class Scheduler:
         and pages for the forks' copies and for copying the kept part off shared pages (cow: 0 when
         the prompt goes without the cache) are held."""
         kv, n = self.kv, len(group[0].prompt)
+        if self.waiting[0] is group:
+            self.waiting.popleft()
+        else:  # by identity (a group's sequences compare equal to another's with the same fields)
+            self.waiting = deque(g for g in self.waiting if g is not group)
         used = set(range(len(self.running))) | {seq.slot for pf in self.prefilling for seq in pf.group}
         free_slots = [s for s in range(kv.S - 1, -1, -1) if s not in used]
         for seq, slot in zip(group, free_slots):

@@ -14,6 +14,7 @@ class Sequence:
     out: list[int] = field(default_factory=list)  # tokens produced so far (forced and sampled)
     slot: int = -1
     order: int = -1  # admission counter: the highest is preempted first
+    arrival: int = 0  # the scheduler's prefill clock when it was queued (engine/scheduler.py _due)
     n_chosen: int = 0  # tokens chosen on the device in this admission (some not yet read back)
     n_accepted: int = 0  # of those, read back and accepted
     done: bool = False

@@ -83,9 +83,19 @@ def run(path, prompts, policy, budget, page_size=4, padded=False, new=6, varying
     return out, watch, eng
 
 
+def same_prompt(a, b) -> bool:
+    return a["keys"].shape == b["keys"].shape and torch.allclose(a["keys"], b["keys"], atol=1e-4, rtol=1e-3)
+
+
 def assert_same_probe(whole, chunked):
+    """Each prompt's probe in the chunked run is its probe in the whole one (chunks complete prompts
+    in another order than a whole batch: the shortest first)."""
     assert len(whole.seen) == len(chunked.seen)
-    for a, b in zip(whole.seen, chunked.seen):
+    left = list(chunked.seen)
+    for a in whole.seen:
+        i = next((i for i, b in enumerate(left) if same_prompt(a, b)), None)
+        assert i is not None, "a prompt's keys in the pool differ between the whole and chunked runs"
+        b = left.pop(i)
         if a["attn"] is not None:
             w = min(a["attn"].shape[-2], b["attn"].shape[-2])  # a batch may read more rows
             torch.testing.assert_close(b["attn"][..., -w:, :], a["attn"][..., -w:, :], atol=1e-5, rtol=1e-4)
@@ -304,6 +314,79 @@ def test_a_stream_waiting_for_its_last_token_bounds_the_step(tiny_ckpts):
     assert seen and seen[0] < 400 and eng.max_batched_tokens == 4096  # a chunk, not the cap
     while core.busy():
         core.step()
+
+
+def arrivals(eng, schedule, new=2):
+    """Add prompt i at step schedule[i][0] (its tokens schedule[i][1]) and run until all are done:
+    per prompt, (the prompt tokens the engine had prefilled when it came, the step of its first
+    token). The prefill clock is counted here, from the forwards' inputs."""
+    core, prefill = eng.core, eng.runner.prefill
+    clock = [0]
+
+    def spy(prompts, *a, **k):
+        clock[0] += sum(map(len, prompts))
+        return prefill(prompts, *a, **k)
+
+    eng.runner.prefill, eng.eos = spy, set()
+    policy = refreekv.make("full")
+    rids, came, first, step = [], [], {}, 0
+    while len(rids) < len(schedule) or core.busy():
+        for at, prompt in schedule[len(rids) :]:
+            if at > step:
+                break
+            rids.append(core.add_request(prompt, policy, Sampling(max_new_tokens=new)))
+            came.append(clock[0])
+        for u in core.step():
+            if u.tokens:
+                first.setdefault(u.key, step)
+        step += 1
+    eng.runner.prefill = prefill
+    return [(c, first[r]) for c, r in zip(came, rids)]
+
+
+def test_a_short_prompt_overtakes_a_long_one_being_prefilled(tiny_ckpts):
+    """A 20-token prompt arriving while a 300-token one is prefilled 24 tokens a step does not wait
+    for it (a whole prefill would make it): its first token comes a step or two after it came."""
+    eng = Engine(
+        str(tiny_ckpts["llama", False]), device="cpu", max_seqs=4, page_size=4, max_batched_tokens=24
+    )
+    long, short = [7 + i % 200 for i in range(300)], list(range(30, 50))
+    (_, long_first), (_, short_first) = arrivals(eng, [(0, long), (4, short)])
+    assert short_first <= 4 + 2 < long_first
+
+
+def test_a_long_prompt_is_not_starved_by_short_ones(tiny_ckpts):
+    """Short prompts arriving every step, each due before a long prompt's rest, overtake it only
+    until the engine has prefilled the long prompt's length since it came: then it goes first."""
+    eng = Engine(str(tiny_ckpts["llama", False]), device="cpu", max_seqs=8, page_size=4, max_batched_tokens=8)
+    schedule = [(0, list(range(3, 43)))] + [(1 + i, [50 + i] * 8) for i in range(30)]
+    got = arrivals(eng, schedule, new=1)
+    (came_long, long_first), shorts = got[0], got[1:]
+    assert long_first < max(first for _, first in shorts)  # not last: shorts kept coming
+    for came, first in shorts:  # none that came after the clock passed its due overtook it
+        if came >= came_long + 40:
+            assert first >= long_first
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 50), min_size=2, max_size=7),
+    gaps=st.lists(st.integers(0, 3), min_size=7, max_size=7),
+    budget=st.integers(8, 30),
+)
+def test_no_prompt_is_overtaken_by_one_that_came_after_its_due(tiny_ckpts, lens, gaps, budget):
+    """For any arrivals: a prompt that came once the engine had prefilled another's length since
+    that one came never gets its first token before it."""
+    eng = Engine(
+        str(tiny_ckpts["llama", False]), device="cpu", max_seqs=8, page_size=4, max_batched_tokens=budget
+    )
+    at = [sum(gaps[: i + 1]) for i in range(len(lens))]
+    schedule = [(t, [3 + (i * 31 + j * 7) % 250 for j in range(n)]) for i, (t, n) in enumerate(zip(at, lens))]
+    got = arrivals(eng, schedule)
+    for (came_a, first_a), n in zip(got, lens):
+        for came_b, first_b in got:
+            if came_b >= came_a + n:
+                assert first_b >= first_a
 
 
 def test_under_preemption(tiny_ckpts):
