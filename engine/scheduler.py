@@ -94,7 +94,7 @@ class Scheduler:
         cap, work = self.max_prefill_tokens, []
         for pf in self.prefilling:  # none unless the budget was switched off mid-prompt
             work.append((pf, pf.left))
-        for group, blocks, cow in self._admissible():
+        for group, blocks, cow in self._admissible(list(self.waiting)):
             left = len(group[0].prompt) - len(blocks) * self.kv.ps
             take = self._take(work, left, cap, False)
             if take < left or (work and not self._probe_fits(work, group, take)):
@@ -104,21 +104,14 @@ class Scheduler:
 
     def _chunks(self, cap: int) -> list[tuple[Prefill, int]]:
         """Chunked: the prompts being prefilled and the waiting groups the pool can admit, the
-        earliest due first (arrival + tokens left: _due), while the step's budget lasts."""
-        fits = self._admissible()
-        found: dict[int, tuple] = {}  # id(group) -> (group, blocks, cow), as far as `fits` went
-
-        def admissible(group):
-            while id(group) not in found:
-                entry = next(fits, None)
-                if entry is None:
-                    return None
-                found[id(entry[0])] = entry
-            return found[id(group)]
-
-        queue = [(self._due(pf.group, pf.left), pf) for pf in self.prefilling]
-        queue += [(self._due(group, len(group[0].prompt)), group) for group in self.waiting]
-        queue.sort(key=lambda entry: entry[0])  # stable: ties go in order of arrival
+        earliest due first (arrival + tokens left: _due), while the step's budget lasts. The pool
+        admits waiting groups in that order too, up to the first that does not fit."""
+        waiting = [(self._due(group, len(group[0].prompt)), group) for group in self.waiting]
+        waiting.sort(key=lambda entry: entry[0])  # stable: ties go in order of arrival
+        fits = self._admissible([group for _, group in waiting])
+        queue = sorted(
+            [(self._due(pf.group, pf.left), pf) for pf in self.prefilling] + waiting, key=lambda e: e[0]
+        )
         work: list[tuple[Prefill, int]] = []
         for _, item in queue:
             if isinstance(item, Prefill):
@@ -127,8 +120,8 @@ class Scheduler:
                     break
                 work.append((item, take))
                 continue
-            entry = admissible(item)
-            if entry is None:  # the pool cannot take it yet, nor anyone queued after it
+            entry = next(fits, None)  # this group: both lists are in order of due
+            if entry is None:  # the pool cannot take it yet, nor any group due after it
                 continue
             group, blocks, cow = entry
             take = self._take(work, len(group[0].prompt) - len(blocks) * self.kv.ps, cap, True)
@@ -145,17 +138,18 @@ class Scheduler:
         before the clock had advanced by its length, so none waits forever."""
         return group[0].arrival + left
 
-    def _admissible(self):
-        """The waiting groups the pool can admit now, in order of arrival, up to the first that does
-        not fit: (group, the cached blocks its prompt starts with, pages to copy off them). A group
-        needs its prompt whole in the free pages plus one page per row of every sequence (the next
-        step's growth), within max_seqs; alone in an empty pool it always goes."""
+    def _admissible(self, groups: list):
+        """Of the waiting `groups`, in that order, those the pool can admit now, up to the first that
+        does not fit (which so keeps its turn): (group, the cached blocks its prompt starts with,
+        pages to copy off them). A group needs its prompt whole in the free pages plus one page per
+        row of every sequence (the next step's growth), within max_seqs; alone in an empty pool it
+        always goes."""
         kv = self.kv
         seqs = len(self.running) + sum(len(pf.group) for pf in self.prefilling)
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
         free = self.free() if self.waiting else 0
         pages = 0
-        for group in list(self.waiting):
+        for group in groups:
             n, k = len(group[0].prompt), len(group)
             blocks = self._match(group)  # a cached prefix: in the pool already
             if blocks is None:

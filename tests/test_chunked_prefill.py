@@ -355,6 +355,17 @@ def test_a_short_prompt_overtakes_a_long_one_being_prefilled(tiny_ckpts):
     assert short_first <= 4 + 2 < long_first
 
 
+def test_a_short_prompt_is_admitted_past_a_long_one_the_pool_cannot_hold_yet(tiny_ckpts):
+    """The pool admits waiting prompts in order of due too: a 20-token prompt does not wait for the
+    pages a 120-token one queued before it needs (they free only when a running stream ends)."""
+    eng = small_engine(tiny_ckpts["llama", False], pages_per_row=40, page_size=4, max_batched_tokens=24)
+    stream, long, short = list(range(3, 63)), [7 + i % 200 for i in range(120)], list(range(30, 50))
+    (_, stream_first), (_, long_first), (_, short_first) = arrivals(
+        eng, [(0, stream), (3, long), (3, short)], new=30
+    )
+    assert short_first <= 3 + 2 and long_first > stream_first + 30
+
+
 def test_a_long_prompt_is_not_starved_by_short_ones(tiny_ckpts):
     """Short prompts arriving every step, each due before a long prompt's rest, overtake it only
     until the engine has prefilled the long prompt's length since it came: then it goes first."""
