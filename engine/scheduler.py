@@ -14,8 +14,8 @@ occupy pool slots [0, n) in order (running[i].slot == i), so a decode step is on
   within max_prefill_tokens. Either way the forward's attention probe stays within its bound, the
   sequences within max_seqs, and a group is admitted only when the free pages hold its prompt whole
   (pages for all of it are reserved at once, so a half-prefilled prompt never waits for pages) plus
-  one page per row of every sequence (the next step's growth), and so does every group queued
-  before it.
+  one page per row of every sequence (the next step's growth), and so does every group before it
+  (in order of due when chunked, of arrival when whole).
 - A group being prefilled holds slots from the top of the pool, apart from the running batch;
   `start` moves its sequences to the end of the running batch once they are pruned.
 - finish: a sequence that stops frees all its pages at once; the last running sequence moves
