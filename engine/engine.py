@@ -41,13 +41,14 @@ from weights.errors import UserError
 
 PROBE_GIB = 2.0  # the prefill probe of one admitted batch (a request alone must fit it too)
 MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone outgrow any pool
-# The server's chunked prefill (bench/RESULTS.md, "Chunked prefill": "the mixed step" and "the step
-# bound"). On CPU a step's tokens adapt to what steps cost (engine/budget.py): a step with chunks
-# takes at most SERVE_STEP_BOUND decode steps of its batch (the p99 gap stayed within 1.2-3.0x its
-# median on both bundled models, every policy, two loads), the whole prefill cap when no stream
-# waits; 96 tokens until the costs are measured. On CUDA vLLM's online default, fixed, not yet
-# measured here. Offline (the CLI, run_batch, the Python API) prompts are prefilled whole unless
-# asked: no stream waits there, and chunks only cost prefill throughput.
+# The server's chunked prefill (bench/RESULTS.md, "Chunked prefill": "the mixed step", "the step
+# bound" and "the prompt due earliest first"). On CPU a step's tokens adapt to what steps cost
+# (engine/budget.py): a step with chunks takes at most SERVE_STEP_BOUND decode steps of its batch
+# (the p99 gap within 1.2-3.1x its median on both bundled models, every policy, two loads), the
+# whole prefill cap when no stream waits; 96 tokens until the costs are measured. On CUDA vLLM's
+# online default, fixed, not yet measured here. Offline (the CLI, run_batch, the Python API)
+# prompts are prefilled whole unless asked: no stream waits there, and chunks only cost prefill
+# throughput.
 SERVE_BATCHED_TOKENS_CPU = 96
 SERVE_BATCHED_TOKENS_CUDA = 2048
 SERVE_STEP_BOUND = 3.0
