@@ -107,7 +107,7 @@ for s in "${STAGES[@]}"; do
     serve)
       stage serve "$(q 200 130)" "${P[@]}" bench.serve "${SEVEN[@]}" --rate 4 --requests "$(q 48 24)" \
         --min-tokens 500 --max-tokens 2000 --new-tokens 32 --pool-tokens 30000 --offline-check \
-        --long 3 --max-batched-tokens "$(q 0,2048,16384:3 2048,16384:3)" --policies full,refreekv \
+        --long 3 --max-batched-tokens "$(q 0,2048,16384:2.5 2048,16384:2.5)" --policies full,refreekv \
         --json "$LOGS/serve.json" --results-md "$MD" ;;
     chunks)
       # chunked prefill's cost: prefill tok/s per token budget against whole prompts (issue 29)

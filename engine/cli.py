@@ -114,7 +114,7 @@ def add_engine_flags(p):
         help="chunked prefill: tokens one step processes, decode rows first, then chunks of prompts "
         "(a long prompt never stalls running streams); at least --max-seqs, or 0 to prefill prompts "
         "whole (default: 0 for generate and run_batch; the server: on CPU the prefill cap with "
-        "--step-bound 3, on GPU 2048: bench/RESULTS.md)",
+        "--step-bound 2.5, on GPU 2048: bench/RESULTS.md)",
     )
     p.add_argument(
         "--step-bound",

@@ -482,7 +482,7 @@ def test_budget_is_checked_in_the_users_words(tiny_ckpts):
     offline = Engine(path, device="cpu", max_seqs=300, load=False)
     assert offline.max_batched_tokens == 0 and offline.step_bound == 0
     offline.serve_defaults()  # the server on CPU: the step bound within the prefill cap
-    assert offline.max_batched_tokens == 4096 and offline.step_bound == 3
+    assert offline.max_batched_tokens == 4096 and offline.step_bound == 2.5
     offline.step_bound, offline.max_batched_tokens = 0, 512
     offline.step_bound = 2
     offline.cuda = True  # (the check only) on CUDA a fixed budget, and no bound left from before
