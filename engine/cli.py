@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 
 import refreekv
-from engine.engine import MAX_SEQS
+from engine.engine import MAX_SEQS, SERVE_STEP_BOUND
 from engine.sampling import Sampling
 from weights.errors import UserError
 
@@ -114,7 +114,7 @@ def add_engine_flags(p):
         help="chunked prefill: tokens one step processes, decode rows first, then chunks of prompts "
         "(a long prompt never stalls running streams); at least --max-seqs, or 0 to prefill prompts "
         "whole (default: 0 for generate and run_batch; the server: on CPU the prefill cap with "
-        "--step-bound 2.5, on GPU 2048: bench/RESULTS.md)",
+        f"--step-bound {SERVE_STEP_BOUND:g}, on GPU 2048: bench/RESULTS.md)",
     )
     p.add_argument(
         "--step-bound",
@@ -123,7 +123,8 @@ def add_engine_flags(p):
         help="chunked prefill: a step that prefills costs at most X decode steps of its running batch "
         "(measured as it runs; a stream's gap between tokens stays within X of a decode step), within "
         "--max-batched-tokens, which a step with no running stream takes whole; more than 1, or 0 "
-        "for the fixed budget (default: 0; the server 3 on CPU unless --max-batched-tokens is given)",
+        f"for the fixed budget (default: 0; the server {SERVE_STEP_BOUND:g} on CPU unless "
+        "--max-batched-tokens is given)",
     )
     p.add_argument(
         "--prefix-cache",

@@ -45,11 +45,10 @@ MAX_SEQS = 4096  # sequences decoded at once: past this the page tables alone ou
 # bound" and "the prompt due earliest first"). On CPU a step's tokens adapt to what steps cost
 # (engine/budget.py): a step with chunks takes at most SERVE_STEP_BOUND decode steps of its batch
 # (at 2.5 the p99 gap stayed within 1.4-2.7x its median on both bundled models and three policies,
-# with the TTFT p50 0.39-1.14x that of whole prompts; at 3, 1.2-3.1x), the
-# whole prefill cap when no stream waits; 96 tokens until the costs are measured. On CUDA vLLM's
-# online default, fixed, not yet measured here. Offline (the CLI, run_batch, the Python API)
-# prompts are prefilled whole unless asked: no stream waits there, and chunks only cost prefill
-# throughput.
+# with the TTFT p50 0.39-1.14x that of whole prompts; at 3, 1.2-3.1x), the whole prefill cap when
+# no stream waits; 96 tokens until the costs are measured. On CUDA vLLM's online default, fixed,
+# not yet measured here. Offline (the CLI, run_batch, the Python API) prompts are prefilled whole
+# unless asked: no stream waits there, and chunks only cost prefill throughput.
 SERVE_BATCHED_TOKENS_CPU = 96
 SERVE_BATCHED_TOKENS_CUDA = 2048
 SERVE_STEP_BOUND = 2.5

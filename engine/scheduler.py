@@ -147,7 +147,7 @@ class Scheduler:
         kv = self.kv
         seqs = len(self.running) + sum(len(pf.group) for pf in self.prefilling)
         row_pages = kv.L * kv.H  # one page per row: what a sequence may need for its next step
-        free = self.free() if self.waiting else 0
+        free = self.free() if groups else 0
         pages = 0
         for group in groups:
             n, k = len(group[0].prompt), len(group)
